@@ -1,0 +1,204 @@
+"""RMSNorm, RMSNorm fused with the residual add, and the Mamba-2 gated RMSNorm.
+
+One forward and one backward kernel serve all three (constexpr flags switch the
+residual add and the gate). A program normalises one group of one row; statistics
+are fp32 whatever the input dtype, as in ``kernels.reference``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_ops._common import check_row, num_programs, rows, warps
+
+
+@triton.jit
+def _norm_fwd(X, Z, R, W, Y, S, RSTD,
+              stride_x, stride_z, stride_r, stride_y, stride_s,
+              G, NG, eps,
+              HAS_Z: tl.constexpr, HAS_R: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    grp = tl.program_id(1)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < G
+    off = grp * G + cols
+    x = tl.load(X + row * stride_x + off, mask=mask, other=0.0).to(tl.float32)
+    if HAS_R:
+        r = tl.load(R + row * stride_r + off, mask=mask, other=0.0).to(tl.float32)
+        # Round the new stream to its dtype first: the norm sees what the stream holds.
+        s = (r + x).to(S.dtype.element_ty)
+        tl.store(S + row * stride_s + off, s, mask=mask)
+        x = s.to(tl.float32)
+    if HAS_Z:
+        z = tl.load(Z + row * stride_z + off, mask=mask, other=0.0).to(tl.float32)
+        x = x * (z * tl.sigmoid(z))
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / G + eps)
+    tl.store(RSTD + row * NG + grp, rstd)
+    w = tl.load(W + off, mask=mask, other=0.0).to(tl.float32)
+    y = x * rstd * w
+    tl.store(Y + row * stride_y + off, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _norm_bwd(DY, X, Z, W, RSTD, DS, DX, DZ, DW,
+              stride_dy, stride_x, stride_z, stride_ds, stride_dx, stride_dz,
+              M, N, G, NG, rows_per_prog,
+              HAS_Z: tl.constexpr, HAS_DS: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    grp = tl.program_id(1)
+    cols = tl.arange(0, BLOCK)
+    cmask = cols < G
+    off = grp * G + cols
+    w = tl.load(W + off, mask=cmask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(0, rows_per_prog):
+        row = pid.to(tl.int64) * rows_per_prog + i
+        live = row < M
+        mask = cmask & live
+        x = tl.load(X + row * stride_x + off, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row * stride_dy + off, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + row * NG + grp, mask=live, other=0.0)
+        if HAS_Z:
+            z = tl.load(Z + row * stride_z + off, mask=mask, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(z)
+            gate = z * sig
+            h = x * gate
+        else:
+            h = x
+        hhat = h * rstd
+        wdy = w * dy
+        c = tl.sum(hhat * wdy, axis=0) / G
+        dh = (wdy - hhat * c) * rstd
+        dw += dy * hhat
+        if HAS_Z:
+            dz = dh * x * sig * (1.0 + z * (1.0 - sig))
+            tl.store(DZ + row * stride_dz + off, dz.to(DZ.dtype.element_ty), mask=mask)
+            dx = dh * gate
+        else:
+            dx = dh
+        if HAS_DS:
+            dx += tl.load(DS + row * stride_ds + off, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + row * stride_dx + off, dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DW + pid.to(tl.int64) * N + off, dw, mask=cmask)
+
+
+def _forward(x2, z2, r2, weight, eps, group, out_dtype, res_dtype):
+    M, N = x2.shape
+    ng = N // group
+    block = triton.next_power_of_2(group)
+    y = torch.empty((M, N), dtype=out_dtype, device=x2.device)
+    s = torch.empty((M, N), dtype=res_dtype, device=x2.device) if r2 is not None else None
+    rstd = torch.empty((M, ng), dtype=torch.float32, device=x2.device)
+    if M:
+        _norm_fwd[(M, ng)](
+            x2, z2 if z2 is not None else x2, r2 if r2 is not None else x2, weight, y,
+            s if s is not None else y, rstd,
+            x2.stride(0), z2.stride(0) if z2 is not None else 0,
+            r2.stride(0) if r2 is not None else 0, y.stride(0), s.stride(0) if s is not None else 0,
+            group, ng, eps, HAS_Z=z2 is not None, HAS_R=r2 is not None, BLOCK=block,
+            num_warps=warps(block))
+    return y, s, rstd
+
+
+def _backward(dy2, x2, z2, weight, rstd, ds2, group, dx_dtype):
+    M, N = x2.shape
+    ng = N // group
+    block = triton.next_power_of_2(group)
+    dx = torch.empty((M, N), dtype=dx_dtype, device=x2.device)
+    dz = torch.empty((M, N), dtype=z2.dtype, device=x2.device) if z2 is not None else None
+    progs = num_programs(x2.device, M)
+    per = triton.cdiv(M, progs) if M else 0
+    dw = torch.zeros((progs, N), dtype=torch.float32, device=x2.device)
+    if M:
+        _norm_bwd[(progs, ng)](
+            dy2, x2, z2 if z2 is not None else x2, weight, rstd, ds2 if ds2 is not None else dy2,
+            dx, dz if dz is not None else dx, dw,
+            dy2.stride(0), x2.stride(0), z2.stride(0) if z2 is not None else 0,
+            ds2.stride(0) if ds2 is not None else 0, dx.stride(0), dz.stride(0) if dz is not None else 0,
+            M, N, group, ng, per, HAS_Z=z2 is not None, HAS_DS=ds2 is not None, BLOCK=block,
+            num_warps=warps(block))
+    return dx, dz, dw.sum(0).to(weight.dtype)
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        N = x.shape[-1]
+        check_row("rms_norm", N)
+        x2 = rows(x, N)
+        y, _, rstd = _forward(x2, None, None, weight, eps, N, x.dtype, None)
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.shape = x.shape
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        N = x2.shape[1]
+        dx, _, dw = _backward(rows(dy, N), x2, None, weight, rstd, None, N, x2.dtype)
+        return dx.view(ctx.shape), dw, None
+
+
+class _AddRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps):
+        if x.shape != residual.shape:
+            raise ValueError(f"add_rms_norm: x {tuple(x.shape)} and residual "
+                             f"{tuple(residual.shape)} differ")
+        N = x.shape[-1]
+        check_row("add_rms_norm", N)
+        res_dtype = torch.result_type(residual, x)
+        x2, r2 = rows(x, N), rows(residual, N)
+        y, s, rstd = _forward(x2, None, r2, weight, eps, N, res_dtype, res_dtype)
+        ctx.save_for_backward(s, weight, rstd)
+        ctx.meta = (x.shape, x.dtype, residual.dtype)
+        return s.view(x.shape), y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, ds, dy):
+        s, weight, rstd = ctx.saved_tensors
+        shape, xdt, rdt = ctx.meta
+        N = s.shape[1]
+        dx, _, dw = _backward(rows(dy, N), s, None, weight, rstd, rows(ds, N), N, s.dtype)
+        dx = dx.view(shape)
+        return dx.to(xdt), dx.to(rdt), dw, None
+
+
+class _GatedRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, z, weight, eps, group_size):
+        N = x.shape[-1]
+        if z.shape != x.shape or N % group_size:
+            raise ValueError(f"gated_rms_norm: x {tuple(x.shape)}, z {tuple(z.shape)}, "
+                             f"group_size {group_size} do not fit")
+        check_row("gated_rms_norm", group_size)
+        x2, z2 = rows(x, N), rows(z, N)
+        y, _, rstd = _forward(x2, z2, None, weight, eps, group_size, x.dtype, None)
+        ctx.save_for_backward(x2, z2, weight, rstd)
+        ctx.meta = (x.shape, group_size)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, z2, weight, rstd = ctx.saved_tensors
+        shape, group = ctx.meta
+        dx, dz, dw = _backward(rows(dy, x2.shape[1]), x2, z2, weight, rstd, None, group, x2.dtype)
+        return dx.view(shape), dz.view(shape), dw, None, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Triton RMSNorm; same contract as ``kernels.reference.rms_norm``."""
+    return _RMSNorm.apply(x, weight, float(eps))
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """Triton ``(residual + x, rms_norm(residual + x))`` in one pass."""
+    return _AddRMSNorm.apply(x, residual, weight, float(eps))
+
+
+def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float,
+                   group_size: int) -> torch.Tensor:
+    """Triton Mamba-2 gated RMSNorm; same contract as the reference."""
+    return _GatedRMSNorm.apply(x, z, weight, float(eps), int(group_size))

@@ -1,0 +1,80 @@
+"""Sublayer mixers: attention, SwiGLU MLP, and the norms around them.
+
+Written as single-device code. Parallelism is applied from outside (``parallel/``)
+by sharding the named linears; shapes are read from the weights (``view(..., -1, hd)``)
+so a column-sharded projection simply yields fewer local heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import kernels
+from models.config import ModelConfig
+
+
+@dataclass
+class Context:
+    """Per-forward side inputs shared by all sublayers."""
+
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin: [S, hd/2]
+    doc_ids: torch.Tensor | None = None  # [B, S] document index per token
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.rms_norm(x, self.weight, self.eps)
+
+
+def rope_tables(head_dim: int, seq_len: int, theta: float, device=None,
+                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [S, head_dim/2] (fp32) for rotate-half RoPE."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    pos = positions.float() if positions is not None else torch.arange(seq_len, dtype=torch.float32, device=device)
+    freqs = torch.outer(pos, inv_freq)
+    return freqs.cos(), freqs.sin()
+
+
+class Attention(nn.Module):
+    """Causal self-attention with RoPE and grouped-query heads."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hd = cfg.dim_head
+        self.head_dim = hd
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * hd, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * hd, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * hd, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=False)
+        self.use_doc_mask = cfg.doc_mask
+
+    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        B, S, _ = x.shape
+        q = self.wq(x).view(B, S, -1, self.head_dim)
+        k = self.wk(x).view(B, S, -1, self.head_dim)
+        v = self.wv(x).view(B, S, -1, self.head_dim)
+        if ctx.rope is not None:
+            q, k = kernels.apply_rotary(q, k, *ctx.rope)
+        out = kernels.attention(q, k, v, ctx.doc_ids if self.use_doc_mask else None)
+        return self.wo(out.reshape(B, S, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: w_down(silu(w_gate x) * w_up x)."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.w_gate = nn.Linear(d_model, hidden, bias=False)
+        self.w_up = nn.Linear(d_model, hidden, bias=False)
+        self.w_down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx: Context | None = None) -> torch.Tensor:
+        return self.w_down(kernels.swiglu(self.w_gate(x), self.w_up(x)))

@@ -1,0 +1,1 @@
+"""The trainer: config, CLI, data, training loop, checkpoints, metrics, eval, export."""

@@ -1,0 +1,303 @@
+"""Run configuration: a tree of typed dataclasses, loaded from YAML plus dotted overrides.
+
+Unknown keys, wrong types and impossible combinations are rejected before any
+work starts, with a message naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from models.config import ConfigError, ModelConfig
+from parallel.config import ParallelConfig
+from pretrain.errors import UserError
+
+
+@dataclass
+class DatasetSource:
+    path: str = ""  # local MDS directory (holding train/ and val/) or remote URL (s3://, gs://, ...)
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # one dataset (shorthand for a one-entry mixture)
+    mixture: list[DatasetSource] = field(default_factory=list)
+    cache_dir: str = ""  # local cache for remote datasets (default: <run_dir>/data_cache)
+    tokenizer: str = ""  # sentencepiece .model (default: <path>/tokenizer.model)
+    seq_len: int = 256
+    shuffle: bool = True
+    train_split: str = "train"
+    val_split: str = "val"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2  # wsd: fraction of steps spent decaying
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    global_batch: int = 16  # sequences per optimizer step (all data-parallel ranks)
+    micro_batch: int = 0  # sequences per forward on one rank (0: global_batch / dp)
+    seed: int = 0
+    dtype: str = "fp32"  # fp32 | bf16 (autocast compute)
+    activation_checkpointing: str = "off"  # off | full | every_n
+    ac_every: int = 2
+    compile: bool = False
+    deterministic: bool = True
+    eval_every: int = 0  # 0: only at the end
+    eval_batches: int = 8
+    z_loss: float = 0.0
+    fused_loss: bool = False  # chunked LM head + cross-entropy (no full logits)
+    nan_policy: str = "stop"  # stop | skip
+    preempt_grace_s: float = 120.0
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # 0: only at the end
+    keep: int = 3
+    resume: str = "off"  # off | auto | <path to a step_N directory>
+    init_from: str = ""  # weights only (e.g. an imported HF model or an upcycled MoE)
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = "runs/default"
+    log_every: int = 1
+    progress: str = "auto"  # auto | bar | plain | off
+    tensorboard: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> None:
+        try:
+            self.model.validate()
+        except ConfigError as e:
+            raise UserError(str(e)) from None
+        _choice("optim.schedule", self.optim.schedule, ("cosine", "wsd", "constant"))
+        _choice("train.dtype", self.train.dtype, ("fp32", "bf16"))
+        _choice("train.activation_checkpointing", self.train.activation_checkpointing, ("off", "full", "every_n"))
+        _choice("train.nan_policy", self.train.nan_policy, ("stop", "skip"))
+        _choice("parallel.pp_schedule", self.parallel.pp_schedule, ("gpipe", "1f1b", "interleaved_1f1b", "zbv"))
+        _choice("parallel.dp_engine", self.parallel.dp_engine, ("fsdp", "deepspeed"))
+        _choice("parallel.mixed_precision", self.parallel.mixed_precision, ("fp32", "bf16"))
+        _choice("logging.progress", self.logging.progress, ("auto", "bar", "plain", "off"))
+        _positive("train.steps", self.train.steps)
+        _positive("train.global_batch", self.train.global_batch)
+        _positive("data.seq_len", self.data.seq_len)
+        _positive("optim.lr", self.optim.lr)
+        if self.train.ac_every < 1:
+            raise UserError("train.ac_every: must be >= 1")
+        if self.data.seq_len > self.model.max_seq_len:
+            raise UserError(f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        for k in ("tp", "pp", "dp_replicate", "cp", "ep"):
+            if getattr(self.parallel, k) < 1:
+                raise UserError(f"parallel.{k}: must be >= 1")
+        if self.parallel.dp_shard == 0 or self.parallel.dp_shard < -1:
+            raise UserError("parallel.dp_shard: must be >= 1, or -1 for the rest of the world")
+        if not (0.0 < self.optim.decay_fraction <= 1.0):
+            raise UserError("optim.decay_fraction: must be in (0, 1]")
+        for i, src in enumerate(self.data.mixture):
+            if src.weight <= 0:
+                raise UserError(f"data.mixture[{i}].weight: must be positive")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise UserError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
+
+
+def _positive(key: str, value) -> None:
+    if value <= 0:
+        raise UserError(f"{key}: must be positive, got {value}")
+
+
+# ---- building from dicts ------------------------------------------------------------
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    """Check/convert ``value`` to annotation ``tp``; raise UserError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, key)
+    if origin in (list, typing.List):
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", item_tp, v) for i, v in enumerate(value)]
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise UserError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", a, v) for i, (a, v) in enumerate(zip(args, value)))
+    if origin in (typing.Union, types.UnionType):
+        for a in typing.get_args(tp):
+            try:
+                return _coerce(key, a, value)
+            except UserError:
+                continue
+        raise UserError(f"{key}: {value!r} does not fit {tp}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise UserError(f"{key}: expected null")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise UserError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise UserError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass ``cls`` from a (possibly partial) nested dict."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if k not in names:
+            raise UserError(f"{key}: unknown key; allowed: {', '.join(sorted(names))}")
+        kwargs[k] = _coerce(key, hints[k], v)
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    """YAML scalar parsing for override values; anything YAML cannot parse stays a string."""
+    if text == "":
+        return ""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``--a.b.c=value`` (or ``a.b.c=value``) overrides to a nested dict."""
+    for ov in overrides:
+        item = ov[2:] if ov.startswith("--") else ov
+        if "=" not in item:
+            raise UserError(f"override '{ov}': expected --key.path=value")
+        path, raw = item.split("=", 1)
+        keys = path.split(".")
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override '{ov}': '{k}' is not a section")
+        node[keys[-1]] = _parse_scalar(raw)
+    return data
+
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def resolve_config_path(name: str) -> Path:
+    """A path, or the name of a preset in ``configs/`` (with or without .yaml)."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    for cand in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
+        if cand.is_file():
+            return cand
+    raise UserError(f"config file not found: {name}")
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: top level must be a mapping")
+    base = data.pop("base", None)  # presets may extend another preset
+    if base:
+        parent = load_yaml(resolve_config_path(base))
+        data = _merge(parent, data)
+    return data
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None,
+                base: dict | None = None) -> Config:
+    """YAML file (or preset name) + dotted overrides -> validated Config."""
+    data = _merge(base or {}, load_yaml(resolve_config_path(path)) if path else {})
+    data = apply_overrides(data, list(overrides or []))
+    cfg = from_dict(Config, data)
+    cfg.validate()
+    return cfg
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(_plain(cfg.to_dict()), f, sort_keys=False)
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, float) and x == float("inf"):
+        return float("inf")
+    return x

@@ -1,0 +1,294 @@
+"""Training batches from prepared datasets: deterministic, resumable, layout-independent.
+
+Samples are windows of ``seq_len + 1`` tokens cut from the stored blocks (each block of
+``sample_len`` tokens holds ``sample_len // (seq_len + 1)`` of them). Every *global sample
+index* ``g`` maps deterministically to one window:
+
+* mixture: ``g`` picks a source by a seeded choice proportional to the weights. Chunks of
+  ``MIX_CHUNK`` consecutive indices hold each source exactly its (largest-remainder) share,
+  in a seeded random arrangement, so the per-source count before ``g`` is known in O(1);
+* each source walks its own epochs; epoch ``e`` of a source is ``torch.randperm`` over its
+  windows seeded from ``seed + e`` (identity order when shuffling is off).
+
+The global batch of step ``s`` is indices ``[s*G, (s+1)*G)``; data-parallel rank ``r`` of
+``D`` takes the contiguous slice ``[r*G/D, (r+1)*G/D)``. The union over ranks is the same
+for any ``D``, and the state is a single cursor, so a resumed run (with any ``D``)
+continues exactly where the interrupted one stopped.
+
+Labels are the inputs shifted by one; labels at padding (the padded tail of a split's last
+block, see prepare.py) are ``IGNORE_INDEX`` (-100, torch's cross-entropy default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from pretrain.config import DataConfig
+from pretrain.data.store import Dataset, open_dataset, read_block
+from pretrain.errors import UserError
+
+IGNORE_INDEX = -100
+MIX_CHUNK = 4096
+_BLOCK_CACHE = 16
+
+
+def _seed(*parts: int) -> int:
+    """A stable 63-bit seed from integers (independent streams for distinct tuples)."""
+    h = hashlib.blake2b(repr(tuple(int(p) for p in parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+class _Source:
+    """One dataset's split seen as a list of windows."""
+
+    def __init__(self, ds: Dataset, weight: float, split: str, seq_len: int):
+        self.ds, self.weight = ds, weight
+        meta = ds.meta
+        self.sample_len = int(meta["sample_len"])
+        self.window = seq_len + 1
+        self.per_block = self.sample_len // self.window
+        if self.per_block == 0:
+            raise UserError(f"data.seq_len={seq_len} (+1 for the shifted labels) exceeds what the data "
+                            f"holds (sample_len {self.sample_len} in {ds.path}); lower data.seq_len or "
+                            f"re-prepare with --sample-len >= {self.window}")
+        stats = meta["splits"].get(split) or {}
+        blocks, padded = int(stats.get("samples", 0)), int(stats.get("padded_tokens", 0))
+        if blocks == 0:
+            raise UserError(f"{ds.path}: split '{split}' holds no samples")
+        # Windows of the padded last block that still carry at least one real label.
+        real_last = self.sample_len - padded
+        last = sum(1 for j in range(self.per_block) if real_last - j * self.window >= 2)
+        self.n_windows = (blocks - 1) * self.per_block + last
+        if self.n_windows == 0:
+            raise UserError(f"{ds.path}: split '{split}' is too small for data.seq_len={seq_len}")
+        self.store = ds.store(split)
+        self.pad_id = int(meta["pad_id"]) if padded else -1
+
+
+class _Mixture:
+    """Global sample index -> (source, count of that source's earlier samples)."""
+
+    def __init__(self, weights: list[float], seed: int):
+        self.seed = seed
+        w = np.asarray(weights, dtype=np.float64)
+        exact = w / w.sum() * MIX_CHUNK
+        counts = np.floor(exact).astype(np.int64)
+        for i in np.argsort(-(exact - counts), kind="stable")[: MIX_CHUNK - counts.sum()]:
+            counts[i] += 1
+        if (counts == 0).any():
+            raise UserError(f"data.mixture: weight {weights[int(np.argmin(counts))]} is too small "
+                            f"(below 1/{MIX_CHUNK} of the total)")
+        self.counts = counts
+        self.labels = np.repeat(np.arange(len(w)), counts)
+        self._chunk: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def locate(self, g: int) -> tuple[int, int]:
+        if len(self.counts) == 1:
+            return 0, g
+        c, pos = divmod(g, MIX_CHUNK)
+        if self._chunk is None or self._chunk[0] != c:
+            gen = torch.Generator().manual_seed(_seed(self.seed, 0x6D6978, c))
+            labels = self.labels[torch.randperm(MIX_CHUNK, generator=gen).numpy()]
+            rank = np.empty(MIX_CHUNK, dtype=np.int64)
+            for s in range(len(self.counts)):
+                where = labels == s
+                rank[where] = np.arange(int(where.sum()))
+            self._chunk = (c, labels, rank)
+        _, labels, rank = self._chunk
+        s = int(labels[pos])
+        return s, c * int(self.counts[s]) + int(rank[pos])
+
+
+def _sources_of(cfg: DataConfig) -> list[tuple[str, float]]:
+    if cfg.mixture:
+        if cfg.path:
+            raise UserError("data: set data.path or data.mixture, not both")
+        return [(m.path, float(m.weight)) for m in cfg.mixture]
+    return [(cfg.path, 1.0)]
+
+
+class TokenBatches:
+    """Infinite iterator of ``{"input_ids", "labels", "doc_ids"}`` batches for one DP rank.
+
+    Each batch has ``global_batch // dp_size`` rows of ``cfg.seq_len`` tokens (LongTensors).
+    Construct it on every rank in the same order (opening datasets is collective).
+    """
+
+    def __init__(self, cfg: DataConfig, split: str, global_batch: int, dp_rank: int, dp_size: int,
+                 seed: int, cache_dir: str | None = None, eos_id: int | None = None,
+                 doc_ids: bool = True, shuffle: bool | None = None, model_vocab: int | None = None):
+        if global_batch < 1 or dp_size < 1 or global_batch % dp_size:
+            raise UserError(f"train.global_batch={global_batch} must be a positive multiple of the "
+                            f"data-parallel size {dp_size}")
+        if not 0 <= dp_rank < dp_size:
+            raise UserError(f"data-parallel rank {dp_rank} is outside [0, {dp_size})")
+        if cfg.seq_len < 1:
+            raise UserError(f"data.seq_len must be positive, got {cfg.seq_len}")
+        self.cfg, self.split, self.seq_len = cfg, split, cfg.seq_len
+        self.global_batch, self.dp_rank, self.dp_size = global_batch, dp_rank, dp_size
+        self.local_batch = global_batch // dp_size
+        self.seed = int(seed)
+        self.shuffle = cfg.shuffle if shuffle is None else shuffle
+        self.with_doc_ids = doc_ids
+        cache = cache_dir or cfg.cache_dir or None
+        specs = _sources_of(cfg)
+        datasets = [open_dataset(p, cache) for p, _ in specs]
+        _check_compatible(datasets, eos_id, model_vocab)
+        self.sources = [_Source(ds, w, split, cfg.seq_len) for ds, (_, w) in zip(datasets, specs)]
+        self.eos_id = int(datasets[0].meta["eos_id"])
+        self.mixture = _Mixture([w for _, w in specs], self.seed)
+        self.cursor = 0  # global samples consumed
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
+        self._blocks: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._fingerprint = _seed(*[_seed(*p.encode()) for p, _ in specs],
+                                  *[int(w * 1e6) for _, w in specs], cfg.seq_len)
+        first = datasets[0].meta
+        self.meta = {k: v for k, v in first.items() if k not in ("splits", "inputs")}
+        self.meta.update(seq_len=cfg.seq_len, split=split,
+                         windows=sum(s.n_windows for s in self.sources),
+                         sources=[{"path": s.ds.path, "weight": s.weight, "windows": s.n_windows,
+                                   "sample_len": s.sample_len,
+                                   "tokens": s.ds.meta["splits"][split]["tokens"]}
+                                  for s in self.sources])
+
+    # ---- the global order --------------------------------------------------------------
+
+    def _perm(self, s: int, epoch: int) -> np.ndarray:
+        key = (s, epoch)
+        if key not in self._perms:
+            for old in [k for k in self._perms if k[0] == s and k[1] < epoch - 1]:
+                del self._perms[old]  # keep at most the previous epoch (a batch may straddle)
+            gen = torch.Generator().manual_seed(_seed(self.seed + epoch, s))
+            self._perms[key] = torch.randperm(self.sources[s].n_windows, generator=gen).numpy()
+        return self._perms[key]
+
+    def locate(self, g: int) -> tuple[int, int]:
+        """(source, window) of global sample index ``g``."""
+        s, k = self.mixture.locate(g)
+        epoch, pos = divmod(k, self.sources[s].n_windows)
+        return s, (int(self._perm(s, epoch)[pos]) if self.shuffle else pos)
+
+    def window(self, s: int, w: int) -> np.ndarray:
+        """Tokens (seq_len + 1) of window ``w`` of source ``s``."""
+        src = self.sources[s]
+        b, j = divmod(w, src.per_block)
+        key = (s, b)
+        block = self._blocks.get(key)
+        if block is None:
+            block = read_block(src.store, b)
+            self._blocks[key] = block
+            if len(self._blocks) > _BLOCK_CACHE:
+                self._blocks.popitem(last=False)
+        else:
+            self._blocks.move_to_end(key)
+        return block[j * src.window:(j + 1) * src.window]
+
+    def sample(self, g: int) -> np.ndarray:
+        return self.window(*self.locate(g))
+
+    # ---- iteration ---------------------------------------------------------------------
+
+    def batch_at(self, cursor: int) -> dict:
+        """This rank's slice of the global batch starting at global sample ``cursor``."""
+        start = cursor + self.dp_rank * self.local_batch
+        rows, pads = [], set()
+        for g in range(start, start + self.local_batch):
+            s, w = self.locate(g)
+            rows.append(self.window(s, w))
+            pads.add(self.sources[s].pad_id)
+        x = torch.from_numpy(np.stack(rows).astype(np.int64))
+        inputs = x[:, :-1].contiguous()
+        labels = x[:, 1:].contiguous()
+        for pad in pads - {-1}:
+            labels[labels == pad] = IGNORE_INDEX
+        out = {"input_ids": inputs, "labels": labels}
+        if self.with_doc_ids:
+            out["doc_ids"] = doc_ids_of(inputs, self.eos_id)
+        return out
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = self.batch_at(self.cursor)
+        self.cursor += self.global_batch
+        return batch
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_len
+
+    def epochs(self) -> list[float]:
+        """Epochs completed so far per source (for logging)."""
+        if len(self.sources) == 1:
+            return [self.cursor / self.sources[0].n_windows]
+        out = []
+        for s, src in enumerate(self.sources):
+            share = self.mixture.counts[s] / MIX_CHUNK
+            out.append(self.cursor * share / src.n_windows)
+        return out
+
+    # ---- checkpointing -----------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Plain ints, identical on every rank (independent of dp_rank and dp_size)."""
+        return {"cursor": int(self.cursor), "seed": self.seed, "seq_len": self.seq_len,
+                "fingerprint": self._fingerprint}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd.get("fingerprint") != self._fingerprint or sd.get("seq_len") != self.seq_len:
+            raise UserError("loader state in the checkpoint is for other data (data.path, data.mixture "
+                            "or data.seq_len changed); resume with the original data settings")
+        if sd.get("seed") != self.seed:
+            raise UserError(f"loader state was saved with seed {sd.get('seed')}, this run uses "
+                            f"{self.seed}; keep train.seed when resuming")
+        self.cursor = int(sd["cursor"])
+
+
+def doc_ids_of(inputs: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Per-token document index within each row; it increments *after* each EOS."""
+    eos = (inputs == eos_id).long()
+    return eos.cumsum(dim=1) - eos
+
+
+def _check_compatible(datasets: list[Dataset], eos_id: int | None, model_vocab: int | None) -> None:
+    first = datasets[0]
+    for ds in datasets[1:]:
+        for key in ("vocab_size", "eos_id"):
+            if ds.meta[key] != first.meta[key]:
+                raise UserError(f"data.mixture: {key} differs between {first.path} ({first.meta[key]}) "
+                                f"and {ds.path} ({ds.meta[key]}); all sources need one tokenizer")
+    if eos_id is not None and eos_id != first.meta["eos_id"]:
+        raise UserError(f"tokenizer eos_id {eos_id} does not match the data's eos_id "
+                        f"{first.meta['eos_id']} ({first.path})")
+    if model_vocab is not None and first.meta["vocab_size"] > model_vocab:
+        raise UserError(f"data vocab_size {first.meta['vocab_size']} ({first.path}) exceeds "
+                        f"model.vocab_size={model_vocab}")
+
+
+def eval_batches(cfg: DataConfig, split: str, batch: int, n_batches: int, dp_rank: int = 0,
+                 dp_size: int = 1, cache_dir: str | None = None, eos_id: int | None = None,
+                 doc_ids: bool = True) -> list[dict]:
+    """A fixed list of held-out batches (no shuffling, seed 0): the same in every run.
+
+    ``batch`` is the global evaluation batch; with ``dp_size > 1`` each rank gets its slice.
+    Sources smaller than ``batch * n_batches`` windows are cycled.
+    """
+    if n_batches < 1:
+        raise UserError(f"train.eval_batches must be >= 1, got {n_batches}")
+    it = TokenBatches(dataclasses.replace(cfg, shuffle=False), split, batch, dp_rank, dp_size,
+                      seed=0, cache_dir=cache_dir, eos_id=eos_id, doc_ids=doc_ids, shuffle=False)
+    return [next(it) for _ in range(n_batches)]
+
+
+def resolve_tokenizer(cfg: DataConfig, cache_dir: str | None = None) -> str:
+    """``data.tokenizer``, or the first dataset's tokenizer.model (fetched for remotes)."""
+    if cfg.tokenizer:
+        return cfg.tokenizer
+    path = _sources_of(cfg)[0][0]
+    return open_dataset(path, cache_dir or cfg.cache_dir or None).tokenizer_path()

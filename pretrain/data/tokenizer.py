@@ -1,0 +1,143 @@
+"""SentencePiece BPE tokenizer for code and text, trained so that decode(encode(s)) == s.
+
+Ids follow the Llama convention the HF exporter relies on: pad=0, bos=1, eos=2, unk=3,
+then 256 byte-fallback pieces, then learned merges.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import sentencepiece as spm
+
+from pretrain.data.sources import expand_inputs, iter_documents
+from pretrain.errors import UserError
+
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+MIN_VOCAB = 4 + 256 + 16  # specials + byte fallback + a few merges
+_CHUNK_CHARS = 2000  # training "sentences" are multi-line chunks so pieces can learn "\n" + indent
+
+
+def _training_chunks(docs: Iterable[str], max_bytes: int) -> Iterator[str]:
+    """Documents cut at line boundaries into chunks of about _CHUNK_CHARS, up to max_bytes."""
+    seen = 0
+    for doc in docs:
+        buf: list[str] = []
+        size = 0
+        for line in doc.splitlines(keepends=True):
+            if size + len(line) > _CHUNK_CHARS and buf:
+                yield "".join(buf)
+                buf, size = [], 0
+            buf.append(line)
+            size += len(line)
+            seen += len(line.encode("utf-8"))
+            if seen >= max_bytes:
+                break
+        if buf:
+            yield "".join(buf)
+        if seen >= max_bytes:
+            return
+
+
+def train_tokenizer(inputs: list[str] | str, out_prefix: str | os.PathLike, vocab_size: int = 4096,
+                    text_field: str = "text", max_bytes: int = 32 * 1024 * 1024,
+                    input_sentence_size: int = 100_000, num_threads: int = 2,
+                    character_coverage: float = 0.9995) -> Path:
+    """Train a byte-fallback BPE model on ``inputs`` and write ``<out_prefix>.model``.
+
+    Whitespace is kept verbatim (identity normalization, no dummy prefix, whitespace-only
+    pieces allowed), so indentation and newlines round-trip. At most ``max_bytes`` of text
+    and ``input_sentence_size`` sampled chunks are used, which keeps training on ~8 MB of
+    code to a few seconds.
+    """
+    if vocab_size < MIN_VOCAB:
+        raise UserError(f"tokenizer vocab_size must be >= {MIN_VOCAB} (4 specials + 256 bytes + merges), "
+                        f"got {vocab_size}")
+    paths = expand_inputs(inputs)
+    out_prefix = Path(out_prefix)
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_training_chunks(iter_documents(paths, text_field), max_bytes),
+            model_writer=model, model_type="bpe", vocab_size=vocab_size,
+            byte_fallback=True, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID,
+            normalization_rule_name="identity", remove_extra_whitespaces=False,
+            add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True,
+            character_coverage=character_coverage, max_sentence_length=4 * _CHUNK_CHARS + 64,
+            input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
+            num_threads=num_threads, minloglevel=2)
+    except RuntimeError as e:
+        # e.g. "Vocabulary size is too high": the corpus cannot support that many merges
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise UserError(f"tokenizer training failed on {', '.join(map(str, inputs if isinstance(inputs, list) else [inputs]))}: {msg}") from None
+    path = out_prefix.with_name(out_prefix.name + ".model")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(model.getvalue())
+    os.replace(tmp, path)
+    return path
+
+
+class Tokenizer:
+    """A trained sentencepiece model: encode/decode without BOS/EOS (callers add them)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UserError(f"tokenizer model not found: {self.path}")
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            ok = self.sp.Load(str(self.path))
+        except (RuntimeError, OSError) as e:
+            raise UserError(f"{self.path}: not a valid sentencepiece model ({str(e).strip()[:120]})") from None
+        if ok is False or self.sp.get_piece_size() == 0:
+            raise UserError(f"{self.path}: not a valid sentencepiece model")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    @property
+    def bos_id(self) -> int:
+        return self.sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self.sp.eos_id()
+
+    @property
+    def pad_id(self) -> int:
+        return self.sp.pad_id()
+
+    @property
+    def unk_id(self) -> int:
+        return self.sp.unk_id()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
+        return self.sp.encode(list(texts), num_threads=num_threads)
+
+    def decode(self, ids) -> str:
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        return self.sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.id_to_piece(int(i))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Copy the model file to ``path`` (no-op when it already is that file)."""
+        dst = Path(path)
+        if dst.resolve() != self.path.resolve():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.path, dst)
+        return dst
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"

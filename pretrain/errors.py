@@ -1,0 +1,9 @@
+"""User-facing errors: the CLI prints one line and exits with status 2."""
+
+
+class UserError(Exception):
+    """Bad input (config, data, checkpoint). The message names the problem."""
+
+
+EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 3  # checkpoint written after SIGTERM/SIGUSR1; safe to requeue

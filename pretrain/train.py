@@ -1,0 +1,263 @@
+"""The training loop (``pretrain train``)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+import parallel
+from models.transformer import build_model
+from pretrain import checkpoint as ckpt
+from pretrain.config import Config, _plain
+from pretrain.errors import EXIT_PREEMPTED, UserError
+from pretrain.flops import device_peak_flops, train_flops_per_token
+from pretrain.metrics import MetricsWriter, Progress
+from pretrain.optim import build_optimizer, build_scheduler
+
+
+class Preempted(Exception):
+    """Raised after a checkpoint was written because SIGTERM/SIGUSR1 arrived."""
+
+
+class _SignalFlag:
+    """Records SIGTERM/SIGUSR1; the loop checkpoints at the next step boundary."""
+
+    def __init__(self):
+        self.signum = 0
+        self._old = {}
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a test thread)
+                pass
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def restore(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def setup_determinism(cfg: Config) -> None:
+    torch.manual_seed(cfg.train.seed)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def prepare_run_dir(cfg: Config, world) -> Path:
+    """Create the run dir; refuse to silently start over an existing run."""
+    run_dir = Path(cfg.logging.run_dir)
+    if cfg.checkpoint.resume == "off" and ckpt.list_checkpoints(run_dir):
+        raise UserError(f"{run_dir} already holds checkpoints: pass --checkpoint.resume=auto "
+                        f"to continue it, or choose another --logging.run_dir")
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    world.barrier()
+    return run_dir
+
+
+def build_data(cfg: Config, world, run_dir: Path, split: str):
+    from pretrain.data.loader import TokenBatches
+
+    cache = cfg.data.cache_dir or str(run_dir / "data_cache")
+    return TokenBatches(cfg.data, split, cfg.train.global_batch, world.dp_rank, world.dp_size,
+                        seed=cfg.train.seed, cache_dir=cache, doc_ids=cfg.model.doc_mask)
+
+
+def tokenizer_path(cfg: Config) -> str | None:
+    if cfg.data.tokenizer:
+        return cfg.data.tokenizer
+    src = cfg.data.path or (cfg.data.mixture[0].path if cfg.data.mixture else "")
+    cand = Path(src) / "tokenizer.model"
+    return str(cand) if src and cand.is_file() else None
+
+
+def split_micro_batches(batch: dict, micro: int) -> list[dict]:
+    rows = batch["input_ids"].shape[0]
+    micro = micro or rows
+    if rows % micro:
+        raise UserError(f"train.micro_batch: {micro} does not divide the per-rank batch of {rows}")
+    return [{k: v[i:i + micro] for k, v in batch.items()} for i in range(0, rows, micro)]
+
+
+def evaluate(pm, batches) -> float:
+    """Mean held-out token loss over ``batches`` (all data-parallel ranks)."""
+    pm.train(False)
+    total = torch.zeros(2, dtype=torch.float64)
+    for batch in batches:
+        loss_sum, n = pm.eval_loss(batch)
+        total += torch.tensor([float(loss_sum), float(n)], dtype=torch.float64)
+    pm.train(True)
+    pm.world.all_reduce(total)
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def train(cfg: Config) -> dict:
+    """Run training; returns a summary dict (also written to ``<run_dir>/summary.json``)."""
+    world = parallel.init_world(cfg.parallel)
+    try:
+        return _train(cfg, world)
+    finally:
+        parallel.shutdown_world(world)
+
+
+def _train(cfg: Config, world) -> dict:
+    setup_determinism(cfg)
+    run_dir = prepare_run_dir(cfg, world)
+    tcfg = cfg.train
+    config_text = yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False)
+    if world.is_main:
+        (run_dir / "config.yaml").write_text(config_text)
+
+    model = build_model(cfg.model, device=world.device, seed=tcfg.seed)
+    n_params = model.num_params()
+    autocast = torch.bfloat16 if tcfg.dtype == "bf16" else None
+    pm = parallel.parallelize(model, cfg.parallel, world, ac=tcfg.activation_checkpointing,
+                              ac_every=tcfg.ac_every, compile=tcfg.compile, z_loss=tcfg.z_loss,
+                              fused_loss=tcfg.fused_loss, autocast_dtype=autocast)
+    train_data = build_data(cfg, world, run_dir, cfg.data.train_split)
+    if train_data.meta.get("vocab_size", 0) > cfg.model.vocab_size:
+        raise UserError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the data's "
+                        f"vocabulary ({train_data.meta['vocab_size']})")
+    optimizer = build_optimizer(pm.parts, cfg.optim)
+    scheduler = build_scheduler(optimizer, tcfg.steps, cfg.optim)
+
+    step, tokens_seen, nan_skipped = 0, 0, 0
+    resume_from = None
+    if cfg.checkpoint.resume == "auto":
+        resume_from = ckpt.latest_checkpoint(run_dir)
+    elif cfg.checkpoint.resume not in ("off", ""):
+        resume_from = ckpt.resolve_checkpoint_arg(cfg.checkpoint.resume)
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, pm.parts, optimizer, world)
+        step, tokens_seen = state["step"], state["tokens"]
+        nan_skipped = state.get("nan_skipped", 0)
+        scheduler.load_state_dict(state["scheduler"])
+        train_data.load_state_dict(state["data"])
+    elif cfg.checkpoint.init_from:
+        for part in pm.parts:
+            ckpt.load_model_weights(ckpt.resolve_checkpoint_arg(cfg.checkpoint.init_from), part)
+
+    metrics = MetricsWriter(run_dir, cfg.logging.tensorboard and world.is_main,
+                            truncate_after_step=step) if world.is_main else None
+    flops_tok = train_flops_per_token(cfg.model, cfg.data.seq_len)
+    peak = device_peak_flops(world.device)
+    tokens_per_step = tcfg.global_batch * cfg.data.seq_len
+    progress = Progress(tcfg.steps, step, cfg.logging.progress, world.is_main, cfg.logging.log_every)
+    if resume_from is not None:
+        progress.write(f"resumed from {resume_from} (step {step})")
+    tok_path = tokenizer_path(cfg)
+
+    def save(at_step: int) -> Path:
+        state = {"step": at_step, "tokens": tokens_seen, "nan_skipped": nan_skipped,
+                 "scheduler": scheduler.state_dict(), "data": train_data.state_dict()}
+        return ckpt.save_checkpoint(run_dir, at_step, pm.parts, optimizer, state, world,
+                                    config_text, tok_path, cfg.checkpoint.keep)
+
+    flag = _SignalFlag()
+    last_saved = step if resume_from is not None else -1
+    val_loss = None
+    try:
+        while step < tcfg.steps:
+            t0 = time.perf_counter()
+            batch = next(train_data)
+            loss = pm.forward_backward(split_micro_batches(batch, tcfg.micro_batch))
+            loss_val = pm.reduce_loss(loss)
+            grad_norm = float(pm.clip_grad_norm_(cfg.optim.grad_clip))
+            finite = math.isfinite(loss_val) and math.isfinite(grad_norm)
+            if finite:
+                optimizer.step()
+            elif tcfg.nan_policy == "skip":
+                nan_skipped += 1
+            else:
+                raise UserError(f"non-finite loss ({loss_val}) or grad norm ({grad_norm}) at step "
+                                f"{step + 1}; set train.nan_policy=skip to skip such steps")
+            optimizer.zero_grad(set_to_none=True)
+            if finite:
+                pm.after_optimizer_step()
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            step += 1
+            tokens_seen += tokens_per_step
+            dt = time.perf_counter() - t0
+            rec = {"step": step, "loss": loss_val, "lr": lr, "grad_norm": grad_norm,
+                   "tokens": tokens_seen, "tokens_per_sec": tokens_per_step / dt,
+                   "step_time_s": dt, "mfu": (flops_tok * tokens_per_step / dt / (peak * world.world_size))
+                   if peak else None, "memory_mb": peak_memory_mb(world.device), "nan_skipped": nan_skipped}
+            rec.update(pm.step_metrics())
+            if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
+                val_loss = run_eval(cfg, pm, world, run_dir)
+                rec["val_loss"] = val_loss
+            if metrics:
+                metrics.write(rec)
+            progress.update(step, tcfg.steps, rec)
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < tcfg.steps:
+                save(step)
+                last_saved = step
+            if _agreed_signal(flag, world):
+                path = save(step)
+                progress.write(f"signal received: saved {path}; exiting for requeue")
+                raise Preempted(str(path))
+        if last_saved != step:
+            save(step)
+        val_loss = run_eval(cfg, pm, world, run_dir)
+    finally:
+        flag.restore()
+        progress.close()
+        if metrics:
+            metrics.close()
+    summary = {"run_dir": str(run_dir), "steps": step, "tokens": tokens_seen, "params": n_params,
+               "final_train_loss": loss_val if tcfg.steps else None, "val_loss": val_loss,
+               "checkpoint": str(ckpt.latest_checkpoint(run_dir)), "nan_skipped": nan_skipped,
+               "unigram_entropy": train_data.meta.get("unigram_entropy")}
+    if world.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _agreed_signal(flag: _SignalFlag, world) -> bool:
+    """True on every rank if any rank got a preemption signal."""
+    t = torch.tensor([float(flag.signum)], device=world.device)
+    world.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.item() > 0
+
+
+def run_eval(cfg: Config, pm, world, run_dir: Path) -> float | None:
+    from pretrain.data.loader import eval_batches
+
+    try:
+        batches = eval_batches(cfg.data, cfg.data.val_split, cfg.train.global_batch // world.dp_size,
+                               cfg.train.eval_batches, dp_rank=world.dp_rank, dp_size=world.dp_size,
+                               cache_dir=cfg.data.cache_dir or str(run_dir / "data_cache"),
+                               doc_ids=cfg.model.doc_mask)
+    except UserError as e:
+        if world.is_main:
+            print(f"warning: no held-out evaluation: {e}", file=sys.stderr)
+        return None
+    return evaluate(pm, batches)
+
+
+def train_main(cfg: Config) -> int:
+    try:
+        summary = train(cfg)
+    except Preempted:
+        return EXIT_PREEMPTED
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=1))
+    return 0
