@@ -132,7 +132,7 @@ def _load(op: str, backend: str, strict: bool) -> Callable:
     if backend == "triton":
         mod = importlib.import_module(f"kernels.triton_ops.{_TRITON_MODULE[op]}")
         return getattr(mod, op)
-    from kernels.attention import make_flash_attention
+    from kernels.flash import make_flash_attention
     return make_flash_attention(strict)
 
 

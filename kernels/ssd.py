@@ -36,18 +36,22 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _segsum(a: torch.Tensor) -> torch.Tensor:
-    """a [..., T] -> [..., T, T] with out[i, j] = sum_{j<k<=i} a_k (i >= j), -inf above the diagonal.
+def _segsum(a: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """a [..., T] -> [..., T, T] with out[i, j] = sum_{j<k<=i} a_k (i >= j), -inf above the
+    diagonal and where ``exclude`` (broadcastable bool [..., T, T]) is set.
 
-    Summing the masked copies directly (rather than cumsum[i] - cumsum[j]) avoids
-    cancellation when the cumulative decay is large.
+    Summing masked copies (rather than cumsum[i] - cumsum[j]) avoids cancellation when
+    the cumulative decay is large.
     """
     T = a.shape[-1]
     ones = torch.ones(T, T, dtype=torch.bool, device=a.device)
     rep = a.unsqueeze(-1).expand(*a.shape, T)  # [..., k, j] = a_k
     rep = rep.masked_fill(~torch.tril(ones, -1), 0.0)
     out = rep.cumsum(dim=-2)
-    return out.masked_fill(~torch.tril(ones), float("-inf"))
+    drop = ~torch.tril(ones)
+    if exclude is not None:
+        drop = drop | exclude
+    return out.masked_fill(drop, float("-inf"))
 
 
 # ---- chunked (training) form ---------------------------------------------------------
@@ -85,20 +89,20 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, D=None, seq_idx=None, initial_s
     Bc = Bf.view(b, c, Q, G, N)
     Cc = Cf.view(b, c, Q, G, N)
     xdt = xc * dtf.view(b, c, Q, H, 1)
-    a = (dtf * Af).view(b, c, Q, H).permute(0, 3, 1, 2)  # [b, H, c, Q] log-decays
+    a = (dtf * Af).view(b, c, Q, H).transpose(2, 3)  # [b, c, H, Q] log-decays
     a_cs = a.cumsum(-1)
 
     # 1) within each chunk: y_l = sum_{s<=l} C_l.B_s exp(a_{s+1..l}) dt_s x_s
-    decay = torch.exp(_segsum(a))  # [b, H, c, Q, Q]
+    seg_mask = None
     if seg is not None:
-        same = seg.unsqueeze(-1) == seg.unsqueeze(-2)  # [b, c, Q, Q]
-        decay = decay * same.unsqueeze(1)
+        seg_mask = (seg.unsqueeze(-1) != seg.unsqueeze(-2)).unsqueeze(2)  # [b, c, 1, Q, Q]
+    decay = torch.exp(_segsum(a, seg_mask))  # [b, c, H, Q, Q]
     CB = torch.einsum("bclgn,bcsgn->bcgls", Cc, Bc)  # [b, c, G, Q, Q]
-    scores = decay.permute(0, 2, 1, 3, 4).reshape(b, c, G, R, Q, Q) * CB.unsqueeze(3)
+    scores = decay.view(b, c, G, R, Q, Q) * CB.unsqueeze(3)
     y = torch.einsum("bchls,bcshp->bclhp", scores.view(b, c, H, Q, Q), xdt)
 
     # 2) each chunk's own contribution to the state at its end
-    to_end = torch.exp(a_cs[..., -1:] - a_cs).permute(0, 2, 3, 1)  # [b, c, Q, H]
+    to_end = torch.exp(a_cs[..., -1:] - a_cs).transpose(2, 3)  # [b, c, Q, H]
     if seg is not None:
         to_end = to_end * (seg == seg[..., -1:]).unsqueeze(-1)
     xw = (xdt * to_end.unsqueeze(-1)).view(b, c, Q, G, R * P)
@@ -108,18 +112,20 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, D=None, seq_idx=None, initial_s
     init = (initial_state.to(cd) if initial_state is not None
             else torch.zeros(b, H, P, N, dtype=cd, device=x.device))
     states = torch.cat([init.unsqueeze(1), states], dim=1)  # [b, c+1, H, P, N]
-    chunk_decay = torch.exp(_segsum(F.pad(a_cs[..., -1], (1, 0))))  # [b, H, c+1, c+1]
     seg_end = None
+    chunk_mask = None
     if seg is not None:
         # the initial state belongs to run 0, i.e. to the first token's document
         seg_end = F.pad(seg[..., -1], (1, 0))  # [b, c+1]
-        chunk_decay = chunk_decay * (seg_end.unsqueeze(-1) == seg_end.unsqueeze(-2)).unsqueeze(1)
+        chunk_mask = (seg_end.unsqueeze(-1) != seg_end.unsqueeze(-2)).unsqueeze(1)
+    chunk_sums = F.pad(a_cs[..., -1].transpose(1, 2), (1, 0))  # [b, H, c+1]
+    chunk_decay = torch.exp(_segsum(chunk_sums, chunk_mask))  # [b, H, c+1, c+1]
     passed = torch.einsum("bhzc,bchq->bzhq", chunk_decay, states.view(b, c + 1, H, P * N))
     passed = passed.view(b, c + 1, H, P, N)
     prev, final = passed[:, :-1], passed[:, -1]
 
     # 4) contribution of the state entering each chunk
-    from_start = torch.exp(a_cs).permute(0, 2, 3, 1)  # [b, c, Q, H]
+    from_start = torch.exp(a_cs).transpose(2, 3)  # [b, c, Q, H]
     if seg is not None:
         from_start = from_start * (seg == seg_end[:, :-1].unsqueeze(-1)).unsqueeze(-1)
     prev_g = prev.reshape(b, c, G, R * P, N)

@@ -185,9 +185,13 @@ class MoE(nn.Module):
         x_sorted = xt.index_select(0, order // k)
         local_x, local_counts, handle = self.dispatch(x_sorted, counts)
         out = self.combine(self.run_local_experts(local_x, local_counts), handle)
-        # Scatter back to (token, choice) slots; dropped slots stay zero.
-        slots = out.new_zeros(T * k, out.shape[-1]).index_copy(0, order, out)
-        y = (slots.view(T, k, -1) * weights.to(slots.dtype).unsqueeze(-1)).sum(1)
+        # Back to (token, choice) slots (dropped slots zero), then the weighted sum as one bmm.
+        if capacity is None:
+            inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+            slots = out.index_select(0, inverse)
+        else:
+            slots = out.new_zeros(T * k, out.shape[-1]).index_copy(0, order, out)
+        y = torch.bmm(weights.to(slots.dtype).unsqueeze(1), slots.view(T, k, -1)).squeeze(1)
 
         if self.shared_expert is not None:
             s = self.shared_expert(xt)

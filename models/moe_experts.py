@@ -77,13 +77,12 @@ def experts_grouped_mm(x, counts, w_gate, w_up, w_down):
 
 
 def experts_loop(x, counts, w_gate, w_up, w_down):
-    outs, start = [], 0
-    for e, n in enumerate(counts.tolist()):
-        if n == 0:
-            continue
-        xe = x[start:start + n]
-        outs.append(kernels.swiglu(xe @ w_gate[e], xe @ w_up[e]) @ w_down[e])
-        start += n
+    # split/unbind (not slicing per expert) so backward builds each gradient in one piece
+    # instead of one full-size zero tensor per expert.
+    outs = []
+    for xe, wg, wu, wd in zip(x.split(counts.tolist()), w_gate.unbind(0), w_up.unbind(0), w_down.unbind(0)):
+        if xe.shape[0]:
+            outs.append(kernels.swiglu(xe @ wg, xe @ wu) @ wd)
     if not outs:
         return x.new_zeros(x.shape[0], w_down.shape[-1])
     return torch.cat(outs)

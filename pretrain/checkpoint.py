@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,6 +31,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from pretrain.errors import UserError
+from pretrain.faults import maybe_kill
+
+# DCP warns when used without a process group; one process is a supported case here.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 STEP_RE = re.compile(r"^step_(\d+)$")
 FORMAT_VERSION = 1
@@ -87,6 +92,7 @@ def save_checkpoint(run_dir, step: int, parts, optimizer, trainer_state: dict, w
         state["optim"] = _optim_state(parts, optimizer)
     dcp.save(state, checkpoint_id=str(tmp))
     torch.save(_rng_state(), tmp / f"rng_rank{world.rank}.pt")
+    maybe_kill("kill_in_save", step)
     world.barrier()
     if world.is_main:
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
@@ -125,7 +131,7 @@ def load_checkpoint(path: Path, parts, optimizer, world) -> dict:
     meta = json.loads((path / "meta.json").read_text())
     if rng.is_file() and meta.get("world_size") == world.world_size:
         _set_rng_state(torch.load(rng, weights_only=False))
-    return json.loads((path / "trainer_state.json").read_text())
+    return read_trainer_state(path)
 
 
 def load_model_weights(path: Path, model: torch.nn.Module) -> None:
@@ -154,6 +160,14 @@ def check_checkpoint_dir(path: Path) -> None:
     for name in ("trainer_state.json", "config.yaml"):
         if not (path / name).is_file():
             raise UserError(f"checkpoint {path} is missing {name}")
+
+
+def read_trainer_state(path: Path) -> dict:
+    check_checkpoint_dir(Path(path))
+    try:
+        return json.loads((Path(path) / "trainer_state.json").read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"checkpoint {path}: trainer_state.json is corrupt") from None
 
 
 def resolve_checkpoint_arg(arg: str) -> Path:

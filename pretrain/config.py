@@ -144,6 +144,25 @@ def _positive(key: str, value) -> None:
         raise UserError(f"{key}: must be positive, got {value}")
 
 
+# ---- YAML: 1.2-style booleans, so `resume: off` stays the string "off" ----------------
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool",
+                              __import__("re").compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def yaml_load(text_or_stream):
+    return yaml.load(text_or_stream, Loader=_Loader)
+
+
 # ---- building from dicts ------------------------------------------------------------
 
 def _coerce(key: str, tp: Any, value: Any) -> Any:
@@ -218,7 +237,7 @@ def _parse_scalar(text: str) -> Any:
     if text == "":
         return ""
     try:
-        return yaml.safe_load(text)
+        return yaml_load(text)
     except yaml.YAMLError:
         return text
 
@@ -257,7 +276,7 @@ def resolve_config_path(name: str) -> Path:
 def load_yaml(path: str | os.PathLike) -> dict:
     try:
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            data = yaml_load(f) or {}
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     except OSError as e:

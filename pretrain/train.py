@@ -19,6 +19,7 @@ from models.transformer import build_model
 from pretrain import checkpoint as ckpt
 from pretrain.config import Config, _plain
 from pretrain.errors import EXIT_PREEMPTED, UserError
+from pretrain.faults import fault_at, maybe_kill
 from pretrain.flops import device_peak_flops, train_flops_per_token
 from pretrain.metrics import MetricsWriter, Progress
 from pretrain.optim import build_optimizer, build_scheduler
@@ -144,6 +145,11 @@ def _train(cfg: Config, world) -> dict:
         resume_from = ckpt.latest_checkpoint(run_dir)
     elif cfg.checkpoint.resume not in ("off", ""):
         resume_from = ckpt.resolve_checkpoint_arg(cfg.checkpoint.resume)
+    if resume_from is not None and ckpt.read_trainer_state(resume_from).get("weights_only"):
+        # A converted/imported checkpoint (step 0, no optimizer state): start from its weights.
+        for part in pm.parts:
+            ckpt.load_model_weights(resume_from, part)
+        resume_from = None
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, pm.parts, optimizer, world)
         step, tokens_seen = state["step"], state["tokens"]
@@ -177,7 +183,11 @@ def _train(cfg: Config, world) -> dict:
         while step < tcfg.steps:
             t0 = time.perf_counter()
             batch = next(train_data)
+            if fault_at("raise_at_step", step + 1):
+                raise RuntimeError(f"injected fault at step {step + 1}")
             loss = pm.forward_backward(split_micro_batches(batch, tcfg.micro_batch))
+            if fault_at("nan_at_step", step + 1):
+                loss = loss * float("nan")
             loss_val = pm.reduce_loss(loss)
             grad_norm = float(pm.clip_grad_norm_(cfg.optim.grad_clip))
             finite = math.isfinite(loss_val) and math.isfinite(grad_norm)
@@ -207,6 +217,7 @@ def _train(cfg: Config, world) -> dict:
             if metrics:
                 metrics.write(rec)
             progress.update(step, tcfg.steps, rec)
+            maybe_kill("kill_after_step", step)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < tcfg.steps:
                 save(step)
                 last_saved = step

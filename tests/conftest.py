@@ -2,6 +2,30 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """A small real dataset (stdlib source, 512-token BPE) in MDS shards, built once per session."""
+    from pretrain.data.corpus import stdlib_corpus
+    from pretrain.data.prepare import prepare
+    from pretrain.data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_dataset")
+    corpus = stdlib_corpus(root / "corpus.jsonl", max_bytes=400_000)
+    tok = train_tokenizer([str(corpus)], root / "tok", vocab_size=512)
+    prepare([str(corpus)], root / "data", tokenizer=tok, sample_len=132, val_fraction=0.05,
+            workers=1, progress=False)
+    return root / "data"
+
+
+def tiny_overrides(data: Path, run_dir: Path, **extra) -> list[str]:
+    """Overrides turning configs/tiny.yaml into a fast run on ``tiny_dataset``."""
+    ov = {"data.path": str(data), "logging.run_dir": str(run_dir), "logging.progress": "off"}
+    ov.update(extra)
+    return [f"--{k}={v}" for k, v in ov.items()]

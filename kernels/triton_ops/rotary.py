@@ -11,22 +11,24 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_ops._common import warps
+from kernels.triton_ops._common import INTERPRET, warps
 
 
 @triton.jit
 def _rotary(X, COS, SIN, Y,
             sxb, sxs, sxh, syb, sys, syh, scb, scs,
-            S, H, HALF, SIGN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    tok = tl.program_id(0).to(tl.int64)
+            R, S, H, HALF, SIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # A program takes BLOCK_R (token, head) rows; row r is token r // H, head r % H.
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    tok = r // H
+    h = r % H
     b = tok // S
     s = tok % S
-    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
-    d = tl.arange(0, BLOCK_D)[None, :]
     dmask = d < HALF
-    mask = (h < H) & dmask
-    c = tl.load(COS + b * scb + s * scs + d, mask=dmask, other=0.0).to(tl.float32)
-    sn = tl.load(SIN + b * scb + s * scs + d, mask=dmask, other=0.0).to(tl.float32)
+    mask = (r < R) & dmask
+    c = tl.load(COS + b * scb + s * scs + d, mask=mask, other=0.0).to(tl.float32)
+    sn = tl.load(SIN + b * scb + s * scs + d, mask=mask, other=0.0).to(tl.float32)
     if SIGN < 0:
         sn = -sn
     xp = X + b * sxb + s * sxs + h * sxh + d
@@ -37,7 +39,7 @@ def _rotary(X, COS, SIN, Y,
     tl.store(yp + HALF, (x2 * c + x1 * sn).to(Y.dtype.element_ty), mask=mask)
 
 
-def _table(t: torch.Tensor, S: int, half: int):
+def _table(t: torch.Tensor):
     """cos/sin as (tensor, batch stride, seq stride); [S, half] tables broadcast over batch."""
     if t.stride(-1) != 1:
         t = t.contiguous()
@@ -57,12 +59,13 @@ def _rotate(x: torch.Tensor, cos, sin, sign: int) -> torch.Tensor:
     if y.numel() == 0:
         return y
     (c, scb, scs), (sn, _, _) = cos, sin
+    rows = B * S * H
     block_d = triton.next_power_of_2(half)
-    block_h = min(triton.next_power_of_2(H), max(1, 4096 // block_d))
-    _rotary[(B * S, triton.cdiv(H, block_h))](
+    block_r = min(triton.next_power_of_2(rows), max(1, (16384 if INTERPRET else 2048) // block_d))
+    _rotary[(triton.cdiv(rows, block_r),)](
         x, c, sn, y, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
-        scb, scs, S, H, half, SIGN=sign, BLOCK_H=block_h, BLOCK_D=block_d,
-        num_warps=warps(block_h * block_d))
+        scb, scs, rows, S, H, half, SIGN=sign, BLOCK_R=block_r, BLOCK_D=block_d,
+        num_warps=warps(block_r * block_d))
     return y
 
 
@@ -74,7 +77,7 @@ class _Rotary(torch.autograd.Function):
                 or cos.shape[-2] != S or sin.shape != cos.shape:
             raise ValueError(f"apply_rotary: q {tuple(q.shape)}, k {tuple(k.shape)}, "
                              f"cos {tuple(cos.shape)}, sin {tuple(sin.shape)} do not fit")
-        tabs = (_table(cos, S, D // 2), _table(sin, S, D // 2))
+        tabs = (_table(cos), _table(sin))
         ctx.save_for_backward(tabs[0][0], tabs[1][0])
         ctx.strides = (tabs[0][1:], tabs[1][1:])
         return _rotate(q, *tabs, 1), _rotate(k, *tabs, 1)

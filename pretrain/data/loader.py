@@ -226,11 +226,11 @@ class TokenBatches:
     def epochs(self) -> list[float]:
         """Epochs completed so far per source (for logging)."""
         if len(self.sources) == 1:
-            return [self.cursor / self.sources[0].n_windows]
+            return [float(self.cursor / self.sources[0].n_windows)]
         out = []
         for s, src in enumerate(self.sources):
             share = self.mixture.counts[s] / MIX_CHUNK
-            out.append(self.cursor * share / src.n_windows)
+            out.append(float(self.cursor * share / src.n_windows))
         return out
 
     # ---- checkpointing -----------------------------------------------------------------

@@ -212,14 +212,19 @@ def prepare(inputs: list[str] | str, out_dir: str | os.PathLike, tokenizer: str 
     return meta
 
 
-def _claim_out_dir(out: Path, overwrite: bool) -> None:
+def check_out_dir(out: Path, overwrite: bool) -> list[Path]:
+    """What a new dataset in ``out`` would replace; UserError unless ``overwrite``."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
     old = [p for p in (out / "train", out / "val", out / "meta.json") if p.exists()]
     if old and not overwrite:
         raise UserError(f"{out}: already holds a prepared dataset ({old[0].name}); "
                         f"pass --overwrite or choose another --out")
-    for p in old:
+    return old
+
+
+def _claim_out_dir(out: Path, overwrite: bool) -> None:
+    for p in check_out_dir(out, overwrite):
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     out.mkdir(parents=True, exist_ok=True)
 

@@ -61,9 +61,20 @@ def train_tokenizer(inputs: list[str] | str, out_prefix: str | os.PathLike, voca
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
+    input_errors: list[UserError] = []
+
+    def sentences() -> Iterator[str]:
+        # sentencepiece turns exceptions raised by the iterator into a RuntimeError carrying
+        # a traceback; keep ours to re-raise the one-line UserError.
+        try:
+            yield from _training_chunks(iter_documents(paths, text_field), max_bytes)
+        except UserError as e:
+            input_errors.append(e)
+            raise
+
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_training_chunks(iter_documents(paths, text_field), max_bytes),
+            sentence_iterator=sentences(),
             model_writer=model, model_type="bpe", vocab_size=vocab_size,
             byte_fallback=True, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID,
             normalization_rule_name="identity", remove_extra_whitespaces=False,
@@ -71,10 +82,13 @@ def train_tokenizer(inputs: list[str] | str, out_prefix: str | os.PathLike, voca
             character_coverage=character_coverage, max_sentence_length=4 * _CHUNK_CHARS + 64,
             input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
             num_threads=num_threads, minloglevel=2)
-    except RuntimeError as e:
+    except (RuntimeError, UserError) as e:
+        if input_errors:
+            raise input_errors[0] from None
         # e.g. "Vocabulary size is too high": the corpus cannot support that many merges
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise UserError(f"tokenizer training failed on {', '.join(map(str, inputs if isinstance(inputs, list) else [inputs]))}: {msg}") from None
+        names = ", ".join(str(p) for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
+        raise UserError(f"tokenizer training failed on {names}: {msg}") from None
     path = out_prefix.with_name(out_prefix.name + ".model")
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(model.getvalue())

@@ -1,0 +1,96 @@
+"""``pretrain data``: build a corpus, train a tokenizer, prepare MDS shards."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from pretrain.errors import EXIT_USER_ERROR, UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pretrain data", description=__doc__.strip())
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{corpus,tokenizer,prepare}")
+
+    c = sub.add_parser("corpus", help="write the Python stdlib sources as a JSONL corpus",
+                       description="Write the Python standard library's .py files as JSONL "
+                                   "({\"text\": ...} per file), sorted, up to --max-bytes.")
+    c.add_argument("--out", required=True, help="output .jsonl file")
+    c.add_argument("--max-bytes", type=int, default=8 * 1024 * 1024, help="size cap (default 8 MiB)")
+    c.add_argument("--include-tests", action="store_true", help="also take the stdlib's test packages")
+
+    t = sub.add_parser("tokenizer", help="train a sentencepiece BPE tokenizer",
+                       description="Train a byte-fallback BPE sentencepiece model "
+                                   "(pad=0 bos=1 eos=2 unk=3) that round-trips whitespace.")
+    t.add_argument("--input", nargs="+", required=True, help="text/JSONL files, globs or directories")
+    t.add_argument("--out", required=True, help="output prefix (writes PREFIX.model)")
+    t.add_argument("--vocab-size", type=int, default=4096)
+    t.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    t.add_argument("--max-bytes", type=int, default=32 * 1024 * 1024, help="train on at most this much text")
+
+    r = sub.add_parser("prepare", help="tokenize documents into MDS shards (train/ and val/)",
+                       description="Tokenize documents (EOS after each) into fixed blocks of "
+                                   "--sample-len tokens stored as mosaicml-streaming MDS shards, "
+                                   "with meta.json and a copy of the tokenizer.")
+    r.add_argument("--input", nargs="+", required=True, help="text/JSONL(.gz) files, globs or directories")
+    r.add_argument("--out", required=True, help="output dataset directory")
+    g = r.add_mutually_exclusive_group(required=True)
+    g.add_argument("--tokenizer", help="sentencepiece .model to use")
+    g.add_argument("--vocab-size", type=int, help="train a tokenizer of this size on the inputs first")
+    r.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    r.add_argument("--sample-len", type=int, default=2049, help="tokens per stored block")
+    r.add_argument("--val-fraction", type=float, default=0.01, help="documents held out (at least one)")
+    r.add_argument("--workers", type=int, default=2, help="tokenizer processes")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``pretrain data ...``; returns the exit status (2 on bad input)."""
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return _run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def _run(args) -> int:
+    t0 = time.perf_counter()
+    if args.cmd == "corpus":
+        from pretrain.data.corpus import stdlib_corpus
+
+        out = stdlib_corpus(args.out, args.max_bytes, include_tests=args.include_tests)
+        n = sum(1 for _ in open(out, encoding="utf-8"))
+        print(f"wrote {out}: {n} documents, {out.stat().st_size} bytes")
+    elif args.cmd == "tokenizer":
+        from pretrain.data.tokenizer import Tokenizer, train_tokenizer
+
+        path = train_tokenizer(args.input, args.out, args.vocab_size, text_field=args.text_field,
+                               max_bytes=args.max_bytes)
+        print(f"wrote {path} (vocab {Tokenizer(path).vocab_size}) in {time.perf_counter() - t0:.1f}s")
+    else:
+        from pretrain.data.prepare import describe, prepare
+
+        tokenizer = args.tokenizer
+        if tokenizer is None:
+            from pretrain.data.prepare import check_out_dir
+            from pretrain.data.tokenizer import train_tokenizer
+
+            check_out_dir(Path(args.out), args.overwrite)  # fail before spending time training
+            tokenizer = train_tokenizer(args.input, Path(args.out) / "tokenizer", args.vocab_size,
+                                        text_field=args.text_field)
+            print(f"trained {tokenizer} in {time.perf_counter() - t0:.1f}s")
+        meta = prepare(args.input, args.out, tokenizer, text_field=args.text_field,
+                       sample_len=args.sample_len, val_fraction=args.val_fraction,
+                       workers=args.workers, progress=not args.no_progress, overwrite=args.overwrite)
+        print(describe(meta))
+        print(f"wrote {args.out} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
