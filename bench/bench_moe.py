@@ -30,17 +30,29 @@ SHAPES = {
 }
 
 
-def _time(fn, iters: int, warmup: int = 1) -> float:
-    """Fastest of ``iters`` calls: the machine may be shared, and the minimum is the least
-    disturbed estimate of each side (both get the same treatment)."""
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
+def _paired_time(fa, fb, iters: int) -> tuple[float, float]:
+    """Fastest of ``iters`` calls of each, alternating a and b so that load from other
+    processes on a shared machine hits both sides alike."""
+    fa(), fb()  # warm-up
+    ta = tb = float("inf")
     for _ in range(iters):
         t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        fa()
+        t1 = time.perf_counter()
+        fb()
+        t2 = time.perf_counter()
+        ta, tb = min(ta, t1 - t0), min(tb, t2 - t1)
+    return ta, tb
+
+
+def _run(mod, x, backward: bool) -> None:
+    xi = x.detach().requires_grad_(backward)
+    if backward:
+        mod(xi).float().pow(2).mean().backward()
+        mod.zero_grad(set_to_none=True)
+    else:
+        with torch.no_grad():
+            mod(xi)
 
 
 def bench_shape(name: str, d: int, E: int, k: int, h: int, shared: int, tokens: int, iters: int,
@@ -50,21 +62,10 @@ def bench_shape(name: str, d: int, E: int, k: int, h: int, shared: int, tokens: 
     dense = MLP(d, (k + shared) * h)
     for p in dense.parameters():
         torch.nn.init.normal_(p, std=0.02)
-
-    def run(mod, backward: bool):
-        xi = x.detach().requires_grad_(backward)
-        if backward:
-            mod(xi).float().pow(2).mean().backward()
-            mod.zero_grad(set_to_none=True)
-        else:
-            with torch.no_grad():
-                mod(xi)
-
-    base = {bw: _time(lambda: run(dense, bw), iters) for bw in (False, True)}
     print(f"\n{name}: d={d} experts={E} top_k={k} width={h} shared={shared} tokens={tokens} "
           f"(dense hidden {(k + shared) * h})")
-    print(f"  {'impl':<12}{'fwd tok/s':>12}{'ratio':>8}{'fwd+bwd tok/s':>16}{'ratio':>8}")
-    print(f"  {'dense':<12}{tokens / base[False]:>12.0f}{1.0:>8.2f}{tokens / base[True]:>16.0f}{1.0:>8.2f}")
+    print(f"  {'impl':<12}{'dense fwd':>11}{'moe fwd':>10}{'ratio':>7}{'dense f+b':>11}{'moe f+b':>10}{'ratio':>7}"
+          "   (tokens/s)")
     for impl in impls:
         cfg = ModelConfig(d_model=d, n_heads=8, moe=MoEConfig(n_experts=E, top_k=k, ffn_hidden=h,
                                                              n_shared_experts=shared, expert_impl=impl))
@@ -73,15 +74,17 @@ def bench_shape(name: str, d: int, E: int, k: int, h: int, shared: int, tokens: 
             torch.nn.init.normal_(p, std=0.02)
         moe.reset_buffers()
         moe.train()
-        t = {bw: _time(lambda: run(moe, bw), iters) for bw in (False, True)}
-        print(f"  {impl:<12}{tokens / t[False]:>12.0f}{base[False] / t[False]:>8.2f}"
-              f"{tokens / t[True]:>16.0f}{base[True] / t[True]:>8.2f}")
+        row = f"  {impl:<12}"
+        for bw in (False, True):
+            td, tm = _paired_time(lambda: _run(dense, x, bw), lambda: _run(moe, x, bw), iters)
+            row += f"{tokens / td:>11.0f}{tokens / tm:>10.0f}{td / tm:>7.2f}"
+        print(row, flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--impls", default="grouped_mm,loop,bmm")
     ap.add_argument("--shapes", default=",".join(SHAPES))

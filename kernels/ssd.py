@@ -62,7 +62,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, D=None, seq_idx=None, initial_s
 
     Any length works (padded internally to a multiple of the chunk; padding has dt=0,
     so it neither decays nor feeds the state). Returns y [b, L, H, P] in x's dtype,
-    plus the final state [b, H, P, N] (fp32) if ``return_final_state``.
+    plus the final state [b, H, P, N] (fp32, or fp64 for fp64 inputs) if ``return_final_state``.
     """
     b, L, H, P = x.shape
     G, N = B.shape[-2], B.shape[-1]

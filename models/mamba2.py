@@ -103,7 +103,7 @@ class Mamba2Mixer(nn.Module):
         H = n_heads if n_heads is not None else mc.expand * cfg.d_model // mc.head_dim
         if H < 1 or H % mc.n_groups:
             raise ConfigError(f"model.mamba.n_groups: {mc.n_groups} groups do not divide {H} Mamba heads")
-        self.cfg = mc
+        self.mamba_cfg = mc
         self.head_dim, self.d_state, self.n_groups = mc.head_dim, mc.d_state, mc.n_groups
         d_inner, gn = H * mc.head_dim, mc.n_groups * mc.d_state
         D = cfg.d_model
@@ -123,7 +123,7 @@ class Mamba2Mixer(nn.Module):
 
     # ---- initialisation (Mamba-2) ------------------------------------------------------
     def init_param(self, leaf: str, shape, generator):
-        mc = self.cfg
+        mc = self.mamba_cfg
         if leaf == "dt_bias":
             lo, hi = math.log(mc.dt_min), math.log(mc.dt_max)
             dt = torch.exp(torch.rand(shape, generator=generator, dtype=torch.float64) * (hi - lo) + lo)
@@ -140,7 +140,7 @@ class Mamba2Mixer(nn.Module):
     def forward(self, x: torch.Tensor, ctx=None, cache: Mamba2Cache | None = None) -> torch.Tensor:
         """x [B, S, D] -> [B, S, D]. With ``cache``, continue from it and leave the final
         states in it (prefill)."""
-        doc_ids = ctx.doc_ids if ctx is not None and self.cfg.doc_reset else None
+        doc_ids = ctx.doc_ids if ctx is not None and self.mamba_cfg.doc_reset else None
         return self._out(self.mix(x, doc_ids, cache))
 
     def _out(self, y):
@@ -151,7 +151,7 @@ class Mamba2Mixer(nn.Module):
 
     def _dt_A(self, dt):
         dt = F.softplus(dt.float() + self.dt_bias.float())
-        lo, hi = self.cfg.dt_limit
+        lo, hi = self.mamba_cfg.dt_limit
         if lo > 0.0 or hi != float("inf"):
             dt = dt.clamp(lo, hi)
         return dt, -torch.exp(self.A_log.float())
@@ -172,7 +172,7 @@ class Mamba2Mixer(nn.Module):
         H, G = p["x"].shape[-1] // P, p["B"].shape[-1] // N
         dt, A = self._dt_A(p["dt"])
         out = ssd(p["x"].view(b, L, H, P), dt, A, p["B"].view(b, L, G, N), p["C"].view(b, L, G, N),
-                  self.cfg.chunk_size, D=self.D, seq_idx=seq_idx,
+                  self.mamba_cfg.chunk_size, D=self.D, seq_idx=seq_idx,
                   initial_state=cache.ssm if cache is not None else None,
                   return_final_state=cache is not None)
         if cache is not None:

@@ -305,12 +305,12 @@ def moe_total_params(cfg: ModelConfig) -> int:
 
 
 def moe_flops_per_token(cfg: ModelConfig, seq_len: int = 0) -> float:
-    """Forward matmul FLOPs per token of one MoE sublayer (2 per active weight; dropless).
-    ``seq_len`` is unused: the cost does not depend on it."""
+    """Forward matmul FLOPs per token of one MoE sublayer (2 per active weight, plus the
+    top-k weighted-sum bmm; dropless). ``seq_len`` is unused: the cost does not depend on it."""
     m, d, h = cfg.moe, cfg.d_model, expert_width(cfg)
     router = d * m.n_experts
     shared = 3 * d * h * m.n_shared_experts + (d if m.n_shared_experts and m.shared_expert_gate else 0)
-    return 2.0 * (router + m.top_k * 3 * d * h + shared)
+    return 2.0 * (router + m.top_k * 3 * d * h + shared + m.top_k * d)
 
 
 def count_params(cfg: ModelConfig) -> tuple[int, int]:

@@ -1,6 +1,7 @@
-"""Parallelism applied from outside the model: mesh, FSDP2/HSDP, TP+SP, pipeline, experts."""
+"""Parallelism applied from outside the model: mesh, FSDP2/HSDP, TP+SP, pipeline."""
 
-from parallel.apply import parallelize  # noqa: F401
+from parallel.apply import check_layout, parallelize  # noqa: F401
 from parallel.config import ParallelConfig  # noqa: F401
-from parallel.runner import ParallelModel, lm_loss  # noqa: F401
-from parallel.world import World, init_world, shutdown_world  # noqa: F401
+from parallel.runner import ParallelModel, PipelineModel, lm_loss  # noqa: F401
+from parallel.tp import TP_PLANS, TPContext, reduce_sublayer_output, register_tp_plan  # noqa: F401
+from parallel.world import MESH_DIMS, World, build_world, init_world, resolve_layout, shutdown_world  # noqa: F401

@@ -1,7 +1,8 @@
-"""Turn a single-device model into this rank's parallel model.
+"""Turn a single-device (meta) model into this rank's parallel model.
 
-Order (as torchtitan): pipeline split -> tensor/sequence parallel -> activation
-checkpointing -> torch.compile -> FSDP2/replicate.
+Order (as torchtitan): layout checks -> pipeline split -> tensor/sequence parallel ->
+activation checkpointing -> torch.compile -> FSDP2/HSDP/replicate -> materialise and
+initialise (each parameter's shard of its layout-independent full value).
 """
 
 from __future__ import annotations
@@ -9,8 +10,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.config import ConfigError
 from parallel.config import ParallelConfig
-from parallel.runner import ParallelModel
+from parallel.fsdp import apply_data_parallel
+from parallel.head import make_fused_head, route_inputs
+from parallel.init import is_meta, materialize
+from parallel.runner import ParallelModel, PipelineModel
 from parallel.world import World
 
 
@@ -31,13 +36,74 @@ def apply_compile(model: nn.Module) -> None:
         layer.compile(dynamic=False)  # in place: parameter names stay unprefixed
 
 
+def check_layout(model: nn.Module, pcfg: ParallelConfig, world: World) -> None:
+    """Reject a layout the model cannot be divided into (ConfigError naming the key)."""
+    from parallel.pipeline import check_pp
+    from parallel.tp import check_tp
+
+    check_tp(model.cfg, world.tp_size)
+    check_pp(model.cfg, pcfg, world.pp_size)
+    if pcfg.mixed_precision not in ("fp32", "bf16"):
+        raise ConfigError(f"parallel.mixed_precision: '{pcfg.mixed_precision}' is not one of fp32, bf16")
+
+
 def parallelize(model: nn.Module, pcfg: ParallelConfig, world: World, *, ac: str = "off",
                 ac_every: int = 2, compile: bool = False, z_loss: float = 0.0,
-                fused_loss: bool = False, autocast_dtype: torch.dtype | None = None) -> ParallelModel:
-    if world.world_size > 1:
-        raise NotImplementedError("multi-process layouts are not wired yet")
-    apply_activation_checkpointing(model, ac, ac_every)
+                fused_loss: bool = False, autocast_dtype: torch.dtype | None = None,
+                seed: int = 0, stage_costs: tuple[list[float], float, float] | None = None
+                ) -> ParallelModel:
+    """Apply ``pcfg``'s layout to ``model`` for this rank and return the ParallelModel.
+
+    ``model`` should be on the meta device (``build_model(..., init=False)``); it is then
+    materialised on ``world.device`` and initialised from ``seed`` after sharding. An
+    already materialised model is kept as is (single process only).
+    ``stage_costs`` = (per-sublayer costs, embedding cost, head cost) for automatic
+    pipeline splits; default: parameter counts.
+    """
+    check_layout(model, pcfg, world)
+    meta = is_meta(model)
+    if not meta and world.distributed:
+        raise ValueError("parallelize: build the model on the meta device for multi-process runs "
+                         "(build_model(..., init=False))")
+    common = dict(z_loss=z_loss, fused_loss=fused_loss, autocast_dtype=autocast_dtype,
+                  sequence_parallel=pcfg.sequence_parallel)
+    if world.pp_size > 1:
+        parts, stage_ids, n_stages = _split(model, pcfg, world, stage_costs)
+    else:
+        parts, stage_ids, n_stages = [model], [0], 1
+    for part in parts:
+        _parallelize_part(part, pcfg, world, ac, ac_every, compile, z_loss, fused_loss)
+        if meta:
+            materialize(part, world.device, seed)
+    if world.pp_size > 1:
+        return PipelineModel(parts, world, stage_ids=stage_ids, n_stages=n_stages,
+                             schedule=pcfg.pp_schedule, pp_microbatches=pcfg.pp_microbatches, **common)
+    return ParallelModel(parts, world, **common)
+
+
+def _split(model, pcfg, world, stage_costs):
+    from parallel.pipeline import build_stage_model, param_costs, split_stages, stage_rank, stages_per_rank
+
+    n_stages = world.pp_size * stages_per_rank(pcfg)
+    costs, embed, head = stage_costs or param_costs(model)
+    stages = split_stages(model.cfg, n_stages, list(costs), embed, head)
+    mine = [s for s in range(n_stages)
+            if stage_rank(s, n_stages, world.pp_size, pcfg.pp_schedule) == world.pp_rank]
+    parts = [build_stage_model(model, stages[s], s == 0, s == n_stages - 1) for s in mine]
+    return parts, mine, n_stages
+
+
+def _parallelize_part(part, pcfg, world, ac, ac_every, compile, z_loss, fused_loss) -> None:
+    if world.tp_size > 1:
+        from parallel.tp import TPContext, apply_tp
+
+        ctx = TPContext(world.mesh["tp"], part.cfg, pcfg.sequence_parallel)
+        apply_tp(part, ctx, fused_head=fused_loss)
+    if fused_loss:
+        make_fused_head(part, z_loss)
+    apply_activation_checkpointing(part, ac, ac_every)
     if compile:
-        apply_compile(model)
-    return ParallelModel([model], world, z_loss=z_loss, fused_loss=fused_loss,
-                         autocast_dtype=autocast_dtype)
+        apply_compile(part)
+    if world.dp_size > 1:
+        apply_data_parallel(part, world, pcfg)
+    route_inputs(part)

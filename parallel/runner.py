@@ -1,23 +1,29 @@
-"""The forward/backward of one optimizer step, and gradient clipping.
+"""The forward/backward of one optimizer step, loss reduction and gradient clipping.
 
 ``ParallelModel`` is what the trainer sees: the model part(s) this rank holds and
-how to run a step over micro-batches. Parallel layouts specialise it; the trainer
-code is the same for every layout.
+how to run a step over micro-batches. ``PipelineModel`` runs the step through a
+torch pipeline schedule instead. The trainer code is the same for every layout.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 import kernels
+from models.config import ConfigError
+from parallel import tp as tp_mod
+from parallel.fsdp import set_gradient_sync
 from parallel.world import World
 
 
 def lm_loss(model: nn.Module, batch: dict, z_loss: float = 0.0, fused: bool = False) -> torch.Tensor:
-    """Mean next-token cross-entropy of one micro-batch (+ MoE auxiliary losses)."""
+    """Mean next-token cross-entropy of one micro-batch (+ MoE auxiliary losses), for an
+    unwrapped single-device model."""
     if fused:
         h = model.hidden_states(batch["input_ids"], batch.get("doc_ids"))
         loss = kernels.linear_cross_entropy(h.flatten(0, 1), model.output.weight,
@@ -38,16 +44,33 @@ def aux_losses(model: nn.Module) -> torch.Tensor | float:
     return total
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _replicas(p: torch.Tensor, ranks_per_stage: int) -> int:
+    """How many ranks of this pipeline stage hold the same values as this rank's shard of ``p``."""
+    if not isinstance(p, DTensor):
+        return ranks_per_stage
+    shards = 1
+    for size, pl in zip(p.device_mesh.shape, p.placements):
+        if pl.is_shard():
+            shards *= size
+    return ranks_per_stage // shards
+
+
 class ParallelModel:
-    """One process, one model part: plain gradient accumulation."""
+    """This rank's model part(s) and how to run one optimizer step over micro-batches."""
 
     def __init__(self, parts: list[nn.Module], world: World, *, z_loss: float = 0.0,
-                 fused_loss: bool = False, autocast_dtype: torch.dtype | None = None):
+                 fused_loss: bool = False, autocast_dtype: torch.dtype | None = None,
+                 sequence_parallel: bool = False):
         self.parts = parts
         self.world = world
         self.z_loss = z_loss
         self.fused_loss = fused_loss
         self.autocast_dtype = autocast_dtype
+        self.sequence_parallel = sequence_parallel and world.tp_size > 1
 
     @property
     def model(self) -> nn.Module:
@@ -58,34 +81,77 @@ class ParallelModel:
             return nullcontext()
         return torch.autocast(self.world.device.type, dtype=self.autocast_dtype)
 
+    def loss_context(self):
+        """Forward and backward run inside this (loss-parallel cross-entropy under tp)."""
+        if self.world.tp_size > 1 and not self.fused_loss:
+            from torch.distributed.tensor.parallel import loss_parallel
+
+            return loss_parallel()
+        return nullcontext()
+
     def _to_device(self, batch: dict) -> dict:
+        seq = batch["input_ids"].shape[-1]
+        if self.sequence_parallel and seq % self.world.tp_size:
+            raise ConfigError(f"data.seq_len: {seq} must be divisible by parallel.tp="
+                              f"{self.world.tp_size} with parallel.sequence_parallel")
         return {k: v.to(self.world.device, non_blocking=True) for k, v in batch.items()}
 
+    def _micro_loss(self, mb: dict, with_aux: bool = True) -> torch.Tensor:
+        model = self.model
+        kwargs = {"doc_ids": mb["doc_ids"]} if mb.get("doc_ids") is not None else {}
+        if self.fused_loss:
+            loss = model(mb["input_ids"], labels=mb["labels"], **kwargs)
+        else:
+            logits = model(mb["input_ids"], **kwargs)
+            loss = tp_mod.cross_entropy(logits, mb["labels"], z_loss=self.z_loss if with_aux else 0.0)
+        return loss + aux_losses(model) if with_aux else loss
+
     def forward_backward(self, micro_batches: list[dict]) -> torch.Tensor:
-        """Accumulate gradients over ``micro_batches``; returns the mean loss (detached)."""
+        """Accumulate gradients over ``micro_batches``; returns this rank's mean loss (detached).
+
+        Data-parallel gradients are reduced once, in the last micro-batch's backward.
+        """
         n = len(micro_batches)
         total = torch.zeros((), device=self.world.device)
-        for mb in micro_batches:
+        for i, mb in enumerate(micro_batches):
             mb = self._to_device(mb)
-            with self.autocast():
-                loss = lm_loss(self.model, mb, self.z_loss, self.fused_loss)
-            (loss / n).backward()
+            set_gradient_sync(self.parts, i == n - 1)
+            with self.loss_context():
+                with self.autocast():
+                    loss = self._micro_loss(mb)
+                (loss / n).backward()
             total += loss.detach().float() / n
+        self.finalize_grads()
         return total
+
+    def finalize_grads(self) -> None:
+        """Give every DTensor gradient its parameter's layout where no FSDP did: sums the
+        partial tp gradients (sequence-parallel norms, replicated KV projections) and
+        shards replicated ones (vocab-parallel embedding)."""
+        for part in self.parts:
+            for p in part.parameters():
+                g = p.grad
+                if isinstance(g, DTensor) and g.placements != p.placements:
+                    p.grad = g.redistribute(placements=p.placements)
 
     @torch.no_grad()
     def eval_loss(self, batch: dict) -> tuple[torch.Tensor, int]:
-        """Summed token loss and token count of one batch (no auxiliary losses)."""
+        """Summed token loss and (non-ignored) token count of one batch (no auxiliary losses)."""
         batch = self._to_device(batch)
-        with self.autocast():
-            logits = self.model(batch["input_ids"], batch.get("doc_ids"))
-        loss = kernels.cross_entropy(logits, batch["labels"])
-        n = batch["labels"].numel()
+        with self.loss_context(), self.autocast():
+            loss = self._micro_loss(batch, with_aux=False)
+        n = int((batch["labels"] != -100).sum())
         return loss.float() * n, n
 
     def reduce_loss(self, loss: torch.Tensor) -> float:
-        """The step's loss as every rank should report it (mean over data-parallel ranks)."""
-        return float(loss)
+        """The step's loss as every rank reports it: mean over data-parallel ranks (summed
+        over pipeline stages, which each hold part of it)."""
+        w = self.world
+        if not w.distributed:
+            return float(loss)
+        t = loss.detach().float().reshape(1) * (w.pp_size / w.world_size)
+        dist.all_reduce(t)
+        return float(t)
 
     def after_optimizer_step(self) -> None:
         """Hooks that run after each optimizer step (e.g. MoE bias balancing)."""
@@ -107,12 +173,124 @@ class ParallelModel:
             out.update(moe_metrics(part))
         return out
 
+    @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        params = [p for part in self.parts for p in part.parameters() if p.grad is not None]
-        if max_norm > 0:
-            return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-        return torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        """Global L2 norm of all gradients (every shard, stage and replica counted once);
+        scales them to ``max_norm`` if larger. Returns the norm before clipping."""
+        w = self.world
+        per_stage = max(w.world_size // w.pp_size, 1)
+        grads, sq = [], torch.zeros((), dtype=torch.float32, device=w.device)
+        for part in self.parts:
+            for p in part.parameters():
+                if p.grad is None:
+                    continue
+                g = _local(p.grad)
+                grads.append(g)
+                norm = torch.linalg.vector_norm(g, dtype=torch.float32)
+                sq += norm * norm / _replicas(p.grad, per_stage)
+        if w.distributed:
+            dist.all_reduce(sq)
+        total = sq.sqrt()
+        if max_norm > 0 and grads:
+            coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+            torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+        return total
 
     def train(self, mode: bool = True) -> None:
         for p in self.parts:
             p.train(mode)
+
+
+class PipelineModel(ParallelModel):
+    """Runs each step through a torch.distributed.pipelining schedule over this rank's stages.
+
+    The trainer's micro-batches become the pipeline's micro-batches (or
+    ``parallel.pp_microbatches`` of them); the loss lives on the last stage and
+    ``reduce_loss`` shares it with every rank.
+    """
+
+    def __init__(self, parts, world, *, stage_ids: list[int], n_stages: int, schedule: str,
+                 pp_microbatches: int = 0, **kw):
+        super().__init__(parts, world, **kw)
+        self.stage_ids, self.n_stages = stage_ids, n_stages
+        self.schedule_name = schedule
+        self.pp_microbatches = pp_microbatches
+        self.has_first = 0 in stage_ids
+        self.has_last = n_stages - 1 in stage_ids
+        self._stages = None
+        self._schedules: dict[int, object] = {}
+        self._aux: list[torch.Tensor] = []
+        from parallel.pipeline import attach_aux_losses
+
+        for part in parts:
+            attach_aux_losses(part, self._aux)
+
+    def _loss_fn(self, out, labels):
+        if self.fused_loss:
+            return out  # the head already returned the loss
+        return tp_mod.cross_entropy(out, labels, z_loss=self.z_loss)
+
+    def _schedule(self, n_micro: int):
+        from torch.distributed.pipelining import PipelineStage
+
+        from parallel.pipeline import build_schedule
+
+        if self._stages is None:
+            group = self.world.mesh.get_group("pp")
+            self._stages = [PipelineStage(part, s, self.n_stages, self.world.device, group=group)
+                            for part, s in zip(self.parts, self.stage_ids)]
+        if n_micro not in self._schedules:
+            self._schedules[n_micro] = build_schedule(self.schedule_name, self._stages, n_micro,
+                                                      self._loss_fn)
+        return self._schedules[n_micro]
+
+    def _run(self, batch: dict, n_micro: int, train: bool) -> list[torch.Tensor]:
+        rows = batch["input_ids"].shape[0]
+        if rows % n_micro:
+            raise ConfigError(f"parallel.pp_microbatches: {n_micro} micro-batches do not divide the "
+                              f"{rows} rows per data-parallel rank")
+        sched = self._schedule(n_micro)
+        args = (batch["input_ids"],) if self.has_first else ()
+        kwargs = {"doc_ids": batch["doc_ids"]} if batch.get("doc_ids") is not None else {}
+        if self.fused_loss:
+            kwargs["labels"] = batch["labels"]
+        target = batch["labels"] if self.has_last else None
+        losses: list[torch.Tensor] = []
+        with ExitStack() as stack:
+            stack.enter_context(self.loss_context())
+            stack.enter_context(self.autocast())
+            run = sched.step if train else sched.eval
+            run(*args, target=target, losses=losses, **kwargs)
+        return losses
+
+    def forward_backward(self, micro_batches: list[dict]) -> torch.Tensor:
+        batch = {k: torch.cat([mb[k] for mb in micro_batches]) for k in micro_batches[0]}
+        batch = self._to_device(batch)
+        n_micro = self.pp_microbatches or (len(micro_batches) if len(micro_batches) > 1
+                                           else self.world.pp_size)
+        self._aux.clear()
+        losses = self._run(batch, n_micro, train=True)
+        total = torch.zeros((), device=self.world.device)
+        if losses:
+            total += torch.stack([_local(x).detach().float() for x in losses]).mean()
+        if self._aux:
+            total += torch.stack(self._aux).sum() / n_micro
+        self._aux.clear()
+        self.finalize_grads()
+        return total
+
+    @torch.no_grad()
+    def eval_loss(self, batch: dict) -> tuple[torch.Tensor, int]:
+        batch = self._to_device(batch)
+        n_micro = self.pp_microbatches or self.world.pp_size
+        if batch["input_ids"].shape[0] % n_micro:
+            n_micro = 1
+        losses = self._run(batch, n_micro, train=False)
+        self._aux.clear()
+        valid = (batch["labels"] != -100).reshape(n_micro, -1).sum(-1).float()
+        t = torch.zeros((), device=self.world.device)
+        if losses:
+            t += (torch.stack([_local(x).float() for x in losses]) * valid).sum()
+        dist.all_reduce(t, group=self.world.mesh.get_group("pp"))  # only the last stage had it
+        return t, int(valid.sum())
+

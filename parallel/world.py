@@ -1,7 +1,8 @@
 """Process group and device mesh set-up.
 
 Single-process runs need no process group; under torchrun (WORLD_SIZE > 1) the
-default group is created with gloo on CPU and NCCL on GPU.
+default group is created with gloo on CPU and NCCL on GPU, and one ``DeviceMesh``
+with named dims ``pp, dp_replicate, dp_shard, cp, tp`` describes the layout.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from models.config import ConfigError
 from parallel.config import ParallelConfig
+
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
 @dataclass
@@ -22,12 +26,16 @@ class World:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    mesh: object | None = None  # torch.distributed.DeviceMesh with named dims
-    dp_rank: int = 0
+    mesh: object | None = None  # torch.distributed.DeviceMesh with dims MESH_DIMS
+    dp_rank: int = 0  # flattened (dp_replicate, dp_shard) coordinate: which slice of the batch
     dp_size: int = 1
     pp_rank: int = 0
     pp_size: int = 1
+    tp_rank: int = 0
     tp_size: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    cp_size: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -53,6 +61,14 @@ class World:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def group(self, *dims: str):
+        """Process group of mesh dim(s) ``dims`` (flattened when several); None on one process."""
+        if self.mesh is None:
+            return None
+        if len(dims) == 1:
+            return self.mesh.get_group(dims[0])
+        return self.mesh[dims]._flatten("_".join(dims)).get_group()
+
 
 def pick_backend(pcfg: ParallelConfig) -> str:
     if pcfg.backend != "auto":
@@ -60,11 +76,69 @@ def pick_backend(pcfg: ParallelConfig) -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def resolve_layout(pcfg: ParallelConfig, world_size: int) -> dict[str, int]:
+    """Sizes of the mesh dims for ``world_size`` processes (``dp_shard=-1``: the rest).
+
+    Raises ConfigError naming the offending ``parallel.*`` key.
+    """
+    for key in ("pp", "dp_replicate", "tp", "cp", "ep", "pp_virtual_stages"):
+        if getattr(pcfg, key) < 1:
+            raise ConfigError(f"parallel.{key}: must be >= 1, got {getattr(pcfg, key)}")
+    if pcfg.cp > 1:
+        raise ConfigError("parallel.cp: context parallel is not implemented yet; use 1")
+    if pcfg.ep > 1:
+        raise ConfigError("parallel.ep: expert parallel is not implemented yet; use 1")
+    if pcfg.backend not in ("auto", "gloo", "nccl"):
+        raise ConfigError(f"parallel.backend: '{pcfg.backend}' is not one of auto, gloo, nccl")
+    if pcfg.dp_engine != "fsdp":
+        raise ConfigError(f"parallel.dp_engine: '{pcfg.dp_engine}' is not available; use fsdp")
+    fixed = pcfg.pp * pcfg.dp_replicate * pcfg.cp * pcfg.tp
+    shard = pcfg.dp_shard
+    if shard == -1:
+        if world_size % fixed:
+            raise ConfigError(f"parallel.dp_shard: the world size {world_size} is not divisible by "
+                              f"pp*dp_replicate*cp*tp = {fixed}")
+        shard = world_size // fixed
+    elif shard < 1:
+        raise ConfigError(f"parallel.dp_shard: must be >= 1, or -1 for the rest, got {shard}")
+    if fixed * shard != world_size:
+        raise ConfigError(f"parallel: pp*dp_replicate*dp_shard*cp*tp = {pcfg.pp}*{pcfg.dp_replicate}*"
+                          f"{shard}*{pcfg.cp}*{pcfg.tp} = {fixed * shard} does not match the world "
+                          f"size {world_size} (set parallel.dp_shard=-1 to fill the rest)")
+    return {"pp": pcfg.pp, "dp_replicate": pcfg.dp_replicate, "dp_shard": shard, "cp": pcfg.cp,
+            "tp": pcfg.tp}
+
+
+def build_world(pcfg: ParallelConfig, rank: int, world_size: int, local_rank: int,
+                device: torch.device) -> World:
+    """The World (mesh and coordinates) for an already initialised default process group."""
+    sizes = resolve_layout(pcfg, world_size)
+    world = World(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
+                  pp_size=sizes["pp"], tp_size=sizes["tp"], dp_replicate=sizes["dp_replicate"],
+                  dp_shard=sizes["dp_shard"], cp_size=sizes["cp"],
+                  dp_size=sizes["dp_replicate"] * sizes["dp_shard"])
+    if world_size == 1:
+        return world
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world.mesh = init_device_mesh(device.type, tuple(sizes[d] for d in MESH_DIMS),
+                                  mesh_dim_names=MESH_DIMS)
+    coord = dict(zip(MESH_DIMS, world.mesh.get_coordinate()))
+    world.pp_rank, world.tp_rank = coord["pp"], coord["tp"]
+    # Ranks that differ only in tp/pp/cp read the same rows of the global batch.
+    world.dp_rank = coord["dp_replicate"] * sizes["dp_shard"] + coord["dp_shard"]
+    return world
+
+
 def init_world(pcfg: ParallelConfig) -> World:
-    """Create the default process group (if launched with WORLD_SIZE > 1) and return the World."""
+    """Create the default process group (if launched with WORLD_SIZE > 1) and return the World.
+
+    Raises ConfigError (before any collective) if the layout does not fit the world size.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    resolve_layout(pcfg, world_size)
     backend = pick_backend(pcfg)
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
@@ -73,7 +147,7 @@ def init_world(pcfg: ParallelConfig) -> World:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=pcfg.timeout_s))
-    return World(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    return build_world(pcfg, rank, world_size, local_rank, device)
 
 
 def shutdown_world(world: World) -> None:

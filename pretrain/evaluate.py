@@ -51,7 +51,7 @@ def eval_main(argv: list[str]) -> int:
     with torch.no_grad():
         for b in batches:
             logits = model(b["input_ids"], b.get("doc_ids"))
-            n = b["labels"].numel()
+            n = int((b["labels"] != -100).sum())
             total += float(kernels.cross_entropy(logits, b["labels"])) * n
             count += n
     if count == 0:

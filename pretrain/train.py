@@ -75,12 +75,14 @@ def build_data(cfg: Config, world, run_dir: Path, split: str):
                         seed=cfg.train.seed, cache_dir=cache, doc_ids=cfg.model.doc_mask)
 
 
-def tokenizer_path(cfg: Config) -> str | None:
-    if cfg.data.tokenizer:
-        return cfg.data.tokenizer
-    src = cfg.data.path or (cfg.data.mixture[0].path if cfg.data.mixture else "")
-    cand = Path(src) / "tokenizer.model"
-    return str(cand) if src and cand.is_file() else None
+def tokenizer_path(cfg: Config, run_dir: Path) -> str | None:
+    """The run's sentencepiece model (copied into each checkpoint), if it can be found."""
+    from pretrain.data.loader import resolve_tokenizer
+
+    try:
+        return resolve_tokenizer(cfg.data, cfg.data.cache_dir or str(run_dir / "data_cache"))
+    except UserError:
+        return None
 
 
 def split_micro_batches(batch: dict, micro: int) -> list[dict]:
@@ -168,7 +170,7 @@ def _train(cfg: Config, world) -> dict:
     progress = Progress(tcfg.steps, step, cfg.logging.progress, world.is_main, cfg.logging.log_every)
     if resume_from is not None:
         progress.write(f"resumed from {resume_from} (step {step})")
-    tok_path = tokenizer_path(cfg)
+    tok_path = tokenizer_path(cfg, run_dir)
 
     def save(at_step: int) -> Path:
         state = {"step": at_step, "tokens": tokens_seen, "nan_skipped": nan_skipped,

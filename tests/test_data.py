@@ -166,6 +166,21 @@ def test_prepare_errors_name_the_problem(tok, tmp_path):
         prepare([str(one)], tmp_path / "out", tok.path, val_fraction=0.0, progress=False)
 
 
+def test_foreign_tokenizer_without_pad_drops_the_partial_block(corpus, tmp_path):
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "plain"), vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, minloglevel=2)
+    tok = Tokenizer(tmp_path / "plain.model")
+    assert tok.pad_id == -1
+    meta = prepare([str(corpus)], tmp_path / "d", tok.path, sample_len=100, workers=1, progress=False)
+    s = meta["splits"]["train"]
+    assert meta["final_block"] == "dropped" and s["padded_tokens"] == 0
+    assert s["samples"] == s["tokens"] // 100 and s["dropped_tokens"] == s["tokens"] % 100
+    b = next(TokenBatches(_cfg(tmp_path / "d", seq_len=99, shuffle=False), "train", 2, 0, 1, seed=0))
+    assert (b["labels"] >= 0).all() and b["doc_ids"].shape == (2, 99)
+
+
 def test_cli_prepare(corpus, tok, tmp_path, capsys):
     args = ["prepare", "--input", str(corpus), "--out", str(tmp_path / "d"), "--tokenizer", str(tok.path),
             "--sample-len", "128", "--workers", "1", "--no-progress"]

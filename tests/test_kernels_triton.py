@@ -79,7 +79,7 @@ def strided(t, extra=3):
     return v.requires_grad_(t.requires_grad)
 
 
-SHAPES = [(1, 100), (3, 5, 100), (4, 257), (2, 8192)]
+SHAPES = [(1, 100), (3, 5, 100), (300, 257), (2, 8192)]  # (300, 257): several programs, several blocks each
 DTYPES = [F32, BF16]
 
 
@@ -102,7 +102,7 @@ def test_rms_norm_strided_and_transposed(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 100), (3, 5, 257), (2, 8192)])
+@pytest.mark.parametrize("shape", [(1, 100), (3, 5, 257), (90, 100), (2, 8192)])
 def test_add_rms_norm(shape, dtype):
     x = rnd(*shape, dtype=dtype)
     r = strided(rnd(*shape, dtype=dtype, seed=2, scale=3.0))
@@ -120,7 +120,7 @@ def test_add_rms_norm_mixed_dtypes():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape, group", [((1, 100), 100), ((2, 3, 100), 25), ((5, 258), 129), ((1, 8192), 8192)])
+@pytest.mark.parametrize("shape, group", [((1, 100), 100), ((2, 3, 100), 25), ((5, 258), 129), ((70, 96), 48), ((1, 8192), 8192)])
 def test_gated_rms_norm(shape, group, dtype):
     x, z = rnd(*shape, dtype=dtype), rnd(*shape, dtype=dtype, seed=3)
     w = rnd(shape[-1], seed=1).detach().requires_grad_()

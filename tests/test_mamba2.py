@@ -152,8 +152,9 @@ def test_mixer_init():
     assert m.out_proj.weight.std() < m.x_proj.weight.std()
 
 
-def test_mixer_forward_equals_step_decoding_and_prefill():
-    m = _mixer(n_groups=2, chunk_size=8)
+@pytest.mark.parametrize("dt_limit", [(0.0, float("inf")), (0.02, 0.05)])
+def test_mixer_forward_equals_step_decoding_and_prefill(dt_limit):
+    m = _mixer(n_groups=2, chunk_size=8, dt_limit=dt_limit)
     x = torch.randn(2, 21, 32)
     with torch.no_grad():
         y = m(x, Context())
@@ -181,7 +182,7 @@ def test_mixer_packed_documents_do_not_mix():
         tail = torch.stack([m.step(x[:, t], cache) for t in range(12, 19)], 1)
         torch.testing.assert_close(tail, sep[:, 12:], rtol=1e-4, atol=1e-5)
     # with doc_reset off the documents do mix
-    m.cfg.doc_reset = False
+    m.mamba_cfg.doc_reset = False
     with torch.no_grad():
         assert not torch.allclose(m(x, Context(doc_ids=doc)), sep, atol=1e-3)
 

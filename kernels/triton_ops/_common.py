@@ -32,7 +32,7 @@ def num_programs(device: torch.device, m: int) -> int:
     """Programs for a row loop that also reduces a per-column partial (weight grads)."""
     if device.type == "cuda":
         return max(1, min(m, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
-    return max(1, min(m, 16))
+    return max(1, min(m, 4))  # the interpreter pays per program, not per row
 
 
 def warps(block: int) -> int:

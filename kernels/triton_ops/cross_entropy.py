@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from kernels.fused_loss import chunked_linear_cross_entropy
-from kernels.triton_ops._common import INTERPRET, rows
+from kernels.triton_ops._common import rows
 
 
 @triton.jit
@@ -57,7 +57,7 @@ def _ce_grad(X, OUT, LABELS, LSE, SCALE, stride_x, stride_o, V, vocab_start, z_l
 
 
 def _block(v: int) -> int:
-    return min(triton.next_power_of_2(v), 16384 if INTERPRET else 4096)
+    return min(triton.next_power_of_2(v), 4096)
 
 
 def _stats(x2, labels, vocab_start, ignore_index):

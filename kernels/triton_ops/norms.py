@@ -1,8 +1,9 @@
 """RMSNorm, RMSNorm fused with the residual add, and the Mamba-2 gated RMSNorm.
 
 One forward and one backward kernel serve all three (constexpr flags switch the
-residual add and the gate). A program normalises one group of one row; statistics
-are fp32 whatever the input dtype, as in ``kernels.reference``.
+residual add and the gate). A program normalises one group of a block of rows (short
+rows share a program); statistics are fp32 whatever the input dtype, as in
+``kernels.reference``.
 """
 
 from __future__ import annotations
@@ -17,51 +18,55 @@ from kernels.triton_ops._common import check_row, num_programs, rows, warps
 @triton.jit
 def _norm_fwd(X, Z, R, W, Y, S, RSTD,
               stride_x, stride_z, stride_r, stride_y, stride_s,
-              G, NG, eps,
-              HAS_Z: tl.constexpr, HAS_R: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+              M, G, NG, eps,
+              HAS_Z: tl.constexpr, HAS_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     grp = tl.program_id(1)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < G
+    rows = r[:, None]
+    cols = tl.arange(0, BLOCK)[None, :]
+    cmask = cols < G
+    mask = (rows < M) & cmask
     off = grp * G + cols
-    x = tl.load(X + row * stride_x + off, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + rows * stride_x + off, mask=mask, other=0.0).to(tl.float32)
     if HAS_R:
-        r = tl.load(R + row * stride_r + off, mask=mask, other=0.0).to(tl.float32)
+        res = tl.load(R + rows * stride_r + off, mask=mask, other=0.0).to(tl.float32)
         # Round the new stream to its dtype first: the norm sees what the stream holds.
-        s = (r + x).to(S.dtype.element_ty)
-        tl.store(S + row * stride_s + off, s, mask=mask)
+        s = (res + x).to(S.dtype.element_ty)
+        tl.store(S + rows * stride_s + off, s, mask=mask)
         x = s.to(tl.float32)
     if HAS_Z:
-        z = tl.load(Z + row * stride_z + off, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(Z + rows * stride_z + off, mask=mask, other=0.0).to(tl.float32)
         x = x * (z * tl.sigmoid(z))
-    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / G + eps)
-    tl.store(RSTD + row * NG + grp, rstd)
-    w = tl.load(W + off, mask=mask, other=0.0).to(tl.float32)
-    y = x * rstd * w
-    tl.store(Y + row * stride_y + off, y.to(Y.dtype.element_ty), mask=mask)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / G + eps)
+    tl.store(RSTD + r * NG + grp, rstd, mask=r < M)
+    w = tl.load(W + off, mask=cmask, other=0.0).to(tl.float32)
+    y = x * rstd[:, None] * w
+    tl.store(Y + rows * stride_y + off, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _norm_bwd(DY, X, Z, W, RSTD, DS, DX, DZ, DW,
               stride_dy, stride_x, stride_z, stride_ds, stride_dx, stride_dz,
-              M, N, G, NG, rows_per_prog,
-              HAS_Z: tl.constexpr, HAS_DS: tl.constexpr, BLOCK: tl.constexpr):
+              M, N, G, NG, blocks_per_prog,
+              HAS_Z: tl.constexpr, HAS_DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
+    # Each program walks blocks_per_prog blocks of rows and keeps a partial weight grad.
     pid = tl.program_id(0)
     grp = tl.program_id(1)
-    cols = tl.arange(0, BLOCK)
+    c1 = tl.arange(0, BLOCK)
+    cols = c1[None, :]
     cmask = cols < G
     off = grp * G + cols
     w = tl.load(W + off, mask=cmask, other=0.0).to(tl.float32)
-    dw = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(0, rows_per_prog):
-        row = pid.to(tl.int64) * rows_per_prog + i
-        live = row < M
-        mask = cmask & live
-        x = tl.load(X + row * stride_x + off, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row * stride_dy + off, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + row * NG + grp, mask=live, other=0.0)
+    dw = tl.zeros([BLOCK_M, BLOCK], dtype=tl.float32)
+    for i in range(0, blocks_per_prog):
+        r = (pid.to(tl.int64) * blocks_per_prog + i) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = r[:, None]
+        mask = (rows < M) & cmask
+        x = tl.load(X + rows * stride_x + off, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows * stride_dy + off, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + r * NG + grp, mask=r < M, other=0.0)[:, None]
         if HAS_Z:
-            z = tl.load(Z + row * stride_z + off, mask=mask, other=0.0).to(tl.float32)
+            z = tl.load(Z + rows * stride_z + off, mask=mask, other=0.0).to(tl.float32)
             sig = tl.sigmoid(z)
             gate = z * sig
             h = x * gate
@@ -69,47 +74,54 @@ def _norm_bwd(DY, X, Z, W, RSTD, DS, DX, DZ, DW,
             h = x
         hhat = h * rstd
         wdy = w * dy
-        c = tl.sum(hhat * wdy, axis=0) / G
+        c = tl.sum(hhat * wdy, axis=1)[:, None] / G
         dh = (wdy - hhat * c) * rstd
         dw += dy * hhat
         if HAS_Z:
             dz = dh * x * sig * (1.0 + z * (1.0 - sig))
-            tl.store(DZ + row * stride_dz + off, dz.to(DZ.dtype.element_ty), mask=mask)
+            tl.store(DZ + rows * stride_dz + off, dz.to(DZ.dtype.element_ty), mask=mask)
             dx = dh * gate
         else:
             dx = dh
         if HAS_DS:
-            dx += tl.load(DS + row * stride_ds + off, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + row * stride_dx + off, dx.to(DX.dtype.element_ty), mask=mask)
-    tl.store(DW + pid.to(tl.int64) * N + off, dw, mask=cmask)
+            dx += tl.load(DS + rows * stride_ds + off, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + rows * stride_dx + off, dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DW + pid.to(tl.int64) * N + grp * G + c1, tl.sum(dw, axis=0), mask=c1 < G)
+
+
+def _blocks(M: int, group: int) -> tuple[int, int]:
+    """(rows per block, columns per block): several short rows share a program."""
+    block = triton.next_power_of_2(group)
+    tile = 4096
+    return max(1, min(triton.next_power_of_2(max(M, 1)), tile // block)), block
 
 
 def _forward(x2, z2, r2, weight, eps, group, out_dtype, res_dtype):
     M, N = x2.shape
     ng = N // group
-    block = triton.next_power_of_2(group)
+    bm, block = _blocks(M, group)
     y = torch.empty((M, N), dtype=out_dtype, device=x2.device)
     s = torch.empty((M, N), dtype=res_dtype, device=x2.device) if r2 is not None else None
     rstd = torch.empty((M, ng), dtype=torch.float32, device=x2.device)
     if M:
-        _norm_fwd[(M, ng)](
+        _norm_fwd[(triton.cdiv(M, bm), ng)](
             x2, z2 if z2 is not None else x2, r2 if r2 is not None else x2, weight, y,
             s if s is not None else y, rstd,
             x2.stride(0), z2.stride(0) if z2 is not None else 0,
             r2.stride(0) if r2 is not None else 0, y.stride(0), s.stride(0) if s is not None else 0,
-            group, ng, eps, HAS_Z=z2 is not None, HAS_R=r2 is not None, BLOCK=block,
-            num_warps=warps(block))
+            M, group, ng, eps, HAS_Z=z2 is not None, HAS_R=r2 is not None, BLOCK_M=bm, BLOCK=block,
+            num_warps=warps(bm * block))
     return y, s, rstd
 
 
 def _backward(dy2, x2, z2, weight, rstd, ds2, group, dx_dtype):
     M, N = x2.shape
     ng = N // group
-    block = triton.next_power_of_2(group)
+    bm, block = _blocks(M, group)
     dx = torch.empty((M, N), dtype=dx_dtype, device=x2.device)
     dz = torch.empty((M, N), dtype=z2.dtype, device=x2.device) if z2 is not None else None
-    progs = num_programs(x2.device, M)
-    per = triton.cdiv(M, progs) if M else 0
+    n_blocks = triton.cdiv(M, bm)
+    progs = num_programs(x2.device, n_blocks)
     dw = torch.zeros((progs, N), dtype=torch.float32, device=x2.device)
     if M:
         _norm_bwd[(progs, ng)](
@@ -117,8 +129,8 @@ def _backward(dy2, x2, z2, weight, rstd, ds2, group, dx_dtype):
             dx, dz if dz is not None else dx, dw,
             dy2.stride(0), x2.stride(0), z2.stride(0) if z2 is not None else 0,
             ds2.stride(0) if ds2 is not None else 0, dx.stride(0), dz.stride(0) if dz is not None else 0,
-            M, N, group, ng, per, HAS_Z=z2 is not None, HAS_DS=ds2 is not None, BLOCK=block,
-            num_warps=warps(block))
+            M, N, group, ng, triton.cdiv(n_blocks, progs), HAS_Z=z2 is not None,
+            HAS_DS=ds2 is not None, BLOCK_M=bm, BLOCK=block, num_warps=warps(bm * block))
     return dx, dz, dw.sum(0).to(weight.dtype)
 
 

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_ops._common import INTERPRET, warps
+from kernels.triton_ops._common import warps
 
 
 @triton.jit
@@ -61,7 +61,7 @@ def _rotate(x: torch.Tensor, cos, sin, sign: int) -> torch.Tensor:
     (c, scb, scs), (sn, _, _) = cos, sin
     rows = B * S * H
     block_d = triton.next_power_of_2(half)
-    block_r = min(triton.next_power_of_2(rows), max(1, (16384 if INTERPRET else 2048) // block_d))
+    block_r = min(triton.next_power_of_2(rows), max(1, 2048 // block_d))
     _rotary[(triton.cdiv(rows, block_r),)](
         x, c, sn, y, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
         scb, scs, rows, S, H, half, SIGN=sign, BLOCK_R=block_r, BLOCK_D=block_d,

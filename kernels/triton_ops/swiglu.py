@@ -10,37 +10,42 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_ops._common import INTERPRET, rows, warps
+from kernels.triton_ops._common import rows, warps
 
 
 @triton.jit
-def _swiglu_fwd(G, U, Y, sg, su, sy, N, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < N
-    g = tl.load(G + row * sg + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + row * su + cols, mask=mask, other=0.0).to(tl.float32)
+def _swiglu_fwd(G, U, Y, sg, su, sy, M, N, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
+    rows = (tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]
+    cols = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK))[None, :]
+    mask = (rows < M) & (cols < N)
+    g = tl.load(G + rows * sg + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + rows * su + cols, mask=mask, other=0.0).to(tl.float32)
     y = g * tl.sigmoid(g) * u
-    tl.store(Y + row * sy + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + rows * sy + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _swiglu_bwd(G, U, DY, DG, DU, sg, su, sdy, sdg, sdu, N, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < N
-    g = tl.load(G + row * sg + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + row * su + cols, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY + row * sdy + cols, mask=mask, other=0.0).to(tl.float32)
+def _swiglu_bwd(G, U, DY, DG, DU, sg, su, sdy, sdg, sdu, M, N,
+                BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
+    rows = (tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]
+    cols = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK))[None, :]
+    mask = (rows < M) & (cols < N)
+    g = tl.load(G + rows * sg + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + rows * su + cols, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + rows * sdy + cols, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(g)
     du = dy * g * sig
     dg = dy * u * sig * (1.0 + g * (1.0 - sig))
-    tl.store(DG + row * sdg + cols, dg.to(DG.dtype.element_ty), mask=mask)
-    tl.store(DU + row * sdu + cols, du.to(DU.dtype.element_ty), mask=mask)
+    tl.store(DG + rows * sdg + cols, dg.to(DG.dtype.element_ty), mask=mask)
+    tl.store(DU + rows * sdu + cols, du.to(DU.dtype.element_ty), mask=mask)
 
 
-def _block(n: int) -> int:
-    return min(triton.next_power_of_2(n), 16384 if INTERPRET else 1024)
+def _launch(M: int, N: int):
+    """(grid, BLOCK_M, BLOCK, warps): tiles of rows x columns, short rows sharing a program."""
+    block = min(triton.next_power_of_2(N), 1024)
+    tile = 4096
+    bm = max(1, min(triton.next_power_of_2(M), tile // block))
+    return (triton.cdiv(M, bm), triton.cdiv(N, block)), bm, block, warps(bm * block)
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -53,10 +58,9 @@ class _SwiGLU(torch.autograd.Function):
         M = g2.shape[0]
         y = torch.empty((M, N), dtype=torch.result_type(gate, up), device=gate.device)
         if y.numel():
-            block = _block(N)
-            _swiglu_fwd[(M, triton.cdiv(N, block))](
-                g2, u2, y, g2.stride(0), u2.stride(0), y.stride(0), N, BLOCK=block,
-                num_warps=warps(block))
+            grid, bm, block, nw = _launch(M, N)
+            _swiglu_fwd[grid](g2, u2, y, g2.stride(0), u2.stride(0), y.stride(0), M, N,
+                              BLOCK_M=bm, BLOCK=block, num_warps=nw)
         ctx.save_for_backward(g2, u2)
         ctx.shape = gate.shape
         return y.view(gate.shape)
@@ -69,10 +73,9 @@ class _SwiGLU(torch.autograd.Function):
         dg = torch.empty((M, N), dtype=g2.dtype, device=g2.device)
         du = torch.empty((M, N), dtype=u2.dtype, device=u2.device)
         if dg.numel():
-            block = _block(N)
-            _swiglu_bwd[(M, triton.cdiv(N, block))](
-                g2, u2, dy2, dg, du, g2.stride(0), u2.stride(0), dy2.stride(0), dg.stride(0),
-                du.stride(0), N, BLOCK=block, num_warps=warps(block))
+            grid, bm, block, nw = _launch(M, N)
+            _swiglu_bwd[grid](g2, u2, dy2, dg, du, g2.stride(0), u2.stride(0), dy2.stride(0),
+                              dg.stride(0), du.stride(0), M, N, BLOCK_M=bm, BLOCK=block, num_warps=nw)
         return dg.view(ctx.shape), du.view(ctx.shape)
 
 

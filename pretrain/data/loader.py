@@ -108,6 +108,9 @@ def _sources_of(cfg: DataConfig) -> list[tuple[str, float]]:
     if cfg.mixture:
         if cfg.path:
             raise UserError("data: set data.path or data.mixture, not both")
+        for i, m in enumerate(cfg.mixture):
+            if not m.weight > 0:
+                raise UserError(f"data.mixture[{i}].weight: must be positive, got {m.weight}")
         return [(m.path, float(m.weight)) for m in cfg.mixture]
     return [(cfg.path, 1.0)]
 
@@ -145,8 +148,11 @@ class TokenBatches:
         self.cursor = 0  # global samples consumed
         self._perms: dict[tuple[int, int], np.ndarray] = {}
         self._blocks: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
-        self._fingerprint = _seed(*[_seed(*p.encode()) for p, _ in specs],
-                                  *[int(w * 1e6) for _, w in specs], cfg.seq_len)
+        # Identifies the sample order by content, not by path, so moved data still resumes.
+        self._fingerprint = _seed(cfg.seq_len, int(self.shuffle), *[
+            v for src in self.sources for v in (
+                round(src.weight * 1e6), src.sample_len, src.n_windows,
+                src.ds.meta["splits"][split]["tokens"], src.ds.meta["vocab_size"])])
         first = datasets[0].meta
         self.meta = {k: v for k, v in first.items() if k not in ("splits", "inputs")}
         self.meta.update(seq_len=cfg.seq_len, split=split,
@@ -242,8 +248,8 @@ class TokenBatches:
 
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("fingerprint") != self._fingerprint or sd.get("seq_len") != self.seq_len:
-            raise UserError("loader state in the checkpoint is for other data (data.path, data.mixture "
-                            "or data.seq_len changed); resume with the original data settings")
+            raise UserError("loader state in the checkpoint is for other data (the datasets, mixture "
+                            "weights, data.seq_len or data.shuffle changed); resume with the original ones")
         if sd.get("seed") != self.seed:
             raise UserError(f"loader state was saved with seed {sd.get('seed')}, this run uses "
                             f"{self.seed}; keep train.seed when resuming")

@@ -10,6 +10,7 @@ Every document is followed by EOS; each split's token stream is concatenated and
 blocks of ``sample_len`` tokens. The final partial block of a split is **padded** with
 ``pad_id`` (never produced by the tokenizer) and the pad count is recorded in meta.json,
 so small held-out splits keep their tokens; the loader ignores labels at pad positions.
+(With a foreign tokenizer that has no pad piece the partial block is dropped instead.)
 """
 
 from __future__ import annotations
@@ -116,13 +117,17 @@ class _SplitWriter:
         self.samples += 1
 
     def finish(self) -> dict:
+        dropped = 0
         if self.buffered:
             rest = np.concatenate(self.parts)
-            self.padded = self.sample_len - len(rest)
-            self._write(np.concatenate([rest, np.full(self.padded, self.pad_id, dtype=self.dtype)]))
+            if self.pad_id >= 0:
+                self.padded = self.sample_len - len(rest)
+                self._write(np.concatenate([rest, np.full(self.padded, self.pad_id, dtype=self.dtype)]))
+            else:  # a foreign tokenizer without a pad piece: nothing safe to pad with
+                dropped = len(rest)
         self.writer.finish()
         return {"documents": self.documents, "tokens": self.tokens, "samples": self.samples,
-                "padded_tokens": self.padded}
+                "padded_tokens": self.padded, "dropped_tokens": dropped}
 
 
 def unigram_entropy(counts: np.ndarray) -> float:
@@ -151,6 +156,8 @@ def prepare(inputs: list[str] | str, out_dir: str | os.PathLike, tokenizer: str 
     if workers < 1:
         raise UserError(f"workers must be >= 1, got {workers}")
     tok = Tokenizer(tokenizer)
+    if tok.eos_id < 0:
+        raise UserError(f"{tok.path}: tokenizer has no EOS piece to separate documents")
     paths = expand_inputs(inputs)
     out = Path(out_dir)
     _claim_out_dir(out, overwrite)
@@ -187,7 +194,8 @@ def prepare(inputs: list[str] | str, out_dir: str | os.PathLike, tokenizer: str 
             pool.terminate()
             pool.join()
     stats = {name: w.finish() for name, w in splits.items()}
-    stats.setdefault("val", {"documents": 0, "tokens": 0, "samples": 0, "padded_tokens": 0})
+    stats.setdefault("val", {"documents": 0, "tokens": 0, "samples": 0, "padded_tokens": 0,
+                             "dropped_tokens": 0})
 
     tok.save(out / "tokenizer.model")
     meta = {
@@ -199,7 +207,7 @@ def prepare(inputs: list[str] | str, out_dir: str | os.PathLike, tokenizer: str 
         "pad_id": tok.pad_id,
         "sample_len": sample_len,
         "dtype": dtype,
-        "final_block": "padded",
+        "final_block": "padded" if tok.pad_id >= 0 else "dropped",
         "splits": stats,
         "unigram_entropy": unigram_entropy(splits["train"].counts),
         "val_fraction": val_fraction,

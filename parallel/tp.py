@@ -1,0 +1,273 @@
+"""Tensor parallel (+ sequence parallel) plans, one per sublayer kind.
+
+The residual stream between sublayers is a plain local tensor: the full sequence
+``[B, S, D]`` (replicated over tp) without sequence parallel, or this rank's
+sequence shard ``[B, S/tp, D]`` with it. Inside a sublayer, the mixer input is
+made a Replicate DTensor once (all-gathered along the sequence with SP), the
+column-parallel linears yield local head/feature shards, and the row-parallel
+output projection is reduced by :func:`reduce_sublayer_output` (all-reduce, or
+reduce-scatter along the sequence with SP).
+
+Other sublayer kinds register their plan with :func:`register_tp_plan`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+from torch.distributed.tensor.parallel.style import ParallelStyle
+
+import kernels
+from models.config import ConfigError, ModelConfig
+
+
+@dataclass
+class TPContext:
+    """What a per-kind plan needs to shard one sublayer."""
+
+    mesh: object  # 1-D tp DeviceMesh
+    cfg: ModelConfig
+    sequence_parallel: bool
+
+    @property
+    def size(self) -> int:
+        return self.mesh.size()
+
+    @property
+    def rank(self) -> int:
+        return self.mesh.get_local_rank()
+
+    @property
+    def stream_layout(self):
+        """Layout of the residual stream between sublayers."""
+        return Shard(1) if self.sequence_parallel else Replicate()
+
+
+# kind -> function(sublayer, ctx) sharding that Sublayer in place
+TP_PLANS: dict[str, Callable[[nn.Module, TPContext], None]] = {}
+# kind -> function(cfg, tp) raising ConfigError when the kind cannot be split tp ways
+TP_CHECKS: dict[str, Callable[[ModelConfig, int], None]] = {}
+
+
+def register_tp_plan(kind: str, plan: Callable[[nn.Module, TPContext], None],
+                     check: Callable[[ModelConfig, int], None] | None = None) -> None:
+    """Add (or replace) the tensor-parallel plan for sublayer ``kind``."""
+    TP_PLANS[kind] = plan
+    if check is not None:
+        TP_CHECKS[kind] = check
+
+
+# ---- the one place a row-parallel sublayer output is reduced --------------------------
+
+def reduce_sublayer_output(out: DTensor, layout, use_local_output: bool = True):
+    """Sum a row-parallel output (Partial over tp) into the stream's layout.
+
+    All-reduce to Replicate, or reduce-scatter along the sequence with SP. Kept in one
+    function so an asynchronous variant (ladder residual) can replace it.
+    """
+    if out.placements != (layout,):
+        out = out.redistribute(placements=(layout,), async_op=True)
+    return out.to_local() if use_local_output else out
+
+
+class RowwiseSublayerOutput(RowwiseParallel):
+    """RowwiseParallel whose output reduction goes through :func:`reduce_sublayer_output`."""
+
+    @staticmethod
+    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+        return reduce_sublayer_output(outputs, output_layouts[0], use_local_output)
+
+
+class ReplicatedKVHeads(ParallelStyle):
+    """K or V projection when tp > n_kv_heads: the weight is replicated over tp, and each
+    rank keeps only the KV head its local query heads attend to.
+
+    The kept slice differs per rank, so the local gradient is a partial sum: it is marked
+    ``Partial`` and DTensor reduces it (input grad) and FSDP or ``finalize_grads`` (weight).
+    """
+
+    def __init__(self, kv_head: int, head_dim: int):
+        super().__init__()
+        self.kv_head, self.head_dim = kv_head, head_dim
+
+    def _partition(self, name, module, mesh):
+        for pname, p in list(module.named_parameters(recurse=False)):
+            module.register_parameter(pname, nn.Parameter(
+                distribute_tensor(p, mesh, [Replicate()], src_data_rank=None), p.requires_grad))
+
+    @staticmethod
+    def _input(mod, inputs, mesh):
+        x = inputs[0]
+        if not isinstance(x, DTensor):
+            x = DTensor.from_local(x, mesh, (Replicate(),), run_check=False)
+        return x
+
+    def _output(self, mod, out, mesh):
+        lo = self.kv_head * self.head_dim
+        return out[..., lo:lo + self.head_dim].to_local(grad_placements=(Partial(),))
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        return distribute_module(module, device_mesh, self._partition, self._input,
+                                 partial(ReplicatedKVHeads._output, self))
+
+
+# ---- plans -----------------------------------------------------------------------------
+
+def _mixer_input(ctx: TPContext) -> PrepareModuleInput:
+    # (x, ctx): x becomes one Replicate DTensor shared by all column-parallel linears, so
+    # their input gradients are summed as DTensors and reduced once at this boundary.
+    # Context (rope tables, doc_ids) is per-sequence and already full on every rank.
+    return PrepareModuleInput(input_layouts=(ctx.stream_layout, None),
+                              desired_input_layouts=(Replicate(), None), use_local_output=False)
+
+
+def _norms(sub: nn.Module, ctx: TPContext) -> dict:
+    if not ctx.sequence_parallel:
+        return {}
+    plan = {"norm": SequenceParallel(use_local_output=True)}
+    if getattr(sub, "out_norm", None) is not None:
+        plan["out_norm"] = SequenceParallel(use_local_output=True)
+    return plan
+
+
+def _attention_plan(sub: nn.Module, ctx: TPContext) -> None:
+    cfg, tp = ctx.cfg, ctx.size
+    plan = _norms(sub, ctx)
+    plan["mixer"] = _mixer_input(ctx)
+    plan["mixer.wq"] = ColwiseParallel(use_local_output=True)
+    if cfg.kv_heads % tp == 0:
+        plan["mixer.wk"] = ColwiseParallel(use_local_output=True)
+        plan["mixer.wv"] = ColwiseParallel(use_local_output=True)
+    else:  # tp > n_kv_heads: each rank's query heads share one KV head
+        local_q = cfg.n_heads // tp
+        kv_head = (ctx.rank * local_q) // (cfg.n_heads // cfg.kv_heads)
+        plan["mixer.wk"] = ReplicatedKVHeads(kv_head, cfg.dim_head)
+        plan["mixer.wv"] = ReplicatedKVHeads(kv_head, cfg.dim_head)
+    plan["mixer.wo"] = RowwiseSublayerOutput(output_layouts=ctx.stream_layout)
+    parallelize_module(sub, ctx.mesh, plan)
+
+
+def _attention_check(cfg: ModelConfig, tp: int) -> None:
+    if cfg.n_heads % tp:
+        raise ConfigError(f"parallel.tp: {tp} does not divide model.n_heads={cfg.n_heads}")
+    kv = cfg.kv_heads
+    if kv % tp and tp % kv:
+        raise ConfigError(f"parallel.tp: {tp} and model.n_kv_heads={kv} must divide one another")
+
+
+def _mlp_plan(sub: nn.Module, ctx: TPContext) -> None:
+    plan = _norms(sub, ctx)
+    plan["mixer"] = _mixer_input(ctx)
+    plan["mixer.w_gate"] = ColwiseParallel(use_local_output=True)
+    plan["mixer.w_up"] = ColwiseParallel(use_local_output=True)
+    plan["mixer.w_down"] = RowwiseSublayerOutput(output_layouts=ctx.stream_layout)
+    parallelize_module(sub, ctx.mesh, plan)
+
+
+def _mlp_check(cfg: ModelConfig, tp: int) -> None:
+    if cfg.ffn_dim % tp:
+        raise ConfigError(f"parallel.tp: {tp} does not divide the MLP hidden size {cfg.ffn_dim} "
+                          f"(model.ffn_hidden)")
+
+
+register_tp_plan("attention", _attention_plan, _attention_check)
+register_tp_plan("mlp", _mlp_plan, _mlp_check)
+
+
+def check_tp(cfg: ModelConfig, tp: int) -> None:
+    """Reject a model that cannot be split ``tp`` ways (ConfigError naming the key)."""
+    if tp == 1:
+        return
+    if cfg.vocab_size % tp:
+        raise ConfigError(f"parallel.tp: {tp} does not divide model.vocab_size={cfg.vocab_size}")
+    if cfg.tie_embeddings:
+        raise ConfigError("model.tie_embeddings: not supported with parallel.tp > 1")
+    for kind in dict.fromkeys(cfg.sublayer_kinds):
+        if kind not in TP_PLANS:
+            raise ConfigError(f"parallel.tp: sublayer kind '{kind}' has no tensor-parallel plan; "
+                              f"use parallel.tp=1")
+        if kind in TP_CHECKS:
+            TP_CHECKS[kind](cfg, tp)
+
+
+def apply_tp(model: nn.Module, ctx: TPContext, fused_head: bool = False) -> None:
+    """Shard ``model`` (a whole model or one pipeline stage of it) over the tp mesh."""
+    sp = ctx.sequence_parallel
+    if model.tok_embeddings is not None:
+        # vocab-parallel embedding: rows sharded, partial sums reduced into the stream layout
+        parallelize_module(model.tok_embeddings, ctx.mesh,
+                           RowwiseSublayerOutput(input_layouts=Replicate(), output_layouts=ctx.stream_layout))
+    for sub in model.layers.values():
+        TP_PLANS[sub.kind](sub, ctx)
+    if model.norm is not None and sp:
+        parallelize_module(model.norm, ctx.mesh, SequenceParallel(use_local_output=not fused_head))
+    if model.output is not None:
+        if fused_head:  # the fused loss head uses its local vocab shard (see parallel/head.py)
+            parallelize_module(model.output, ctx.mesh, _VocabShardOnly())
+        else:  # logits stay a vocab-sharded DTensor for the loss-parallel cross-entropy
+            parallelize_module(model.output, ctx.mesh, ColwiseParallel(
+                input_layouts=ctx.stream_layout, output_layouts=Shard(-1), use_local_output=False))
+    if sp:
+        _full_length_context(model, ctx.size)
+
+
+class _VocabShardOnly(ParallelStyle):
+    """Shard the LM head's rows over tp without touching its inputs or outputs."""
+
+    def _apply(self, module, device_mesh):
+        def part(name, mod, mesh):
+            mod.register_parameter("weight", nn.Parameter(
+                distribute_tensor(mod.weight, mesh, [Shard(0)], src_data_rank=None)))
+        return distribute_module(module, device_mesh, part)
+
+
+def _full_length_context(model: nn.Module, tp: int) -> None:
+    # With SP the stream holds S/tp positions per rank, but mixers see the full sequence
+    # after the all-gather, so the rope tables are built for tp times the local length.
+    orig = model.make_context
+
+    def make_context(seq_len, device, doc_ids):
+        return orig(seq_len * tp, device, doc_ids)
+
+    model.make_context = make_context
+
+
+# ---- loss over vocab-sharded logits ------------------------------------------------------
+
+def cross_entropy(logits, labels: torch.Tensor, z_loss: float = 0.0, ignore_index: int = -100,
+                  reduction: str = "mean") -> torch.Tensor:
+    """Token cross-entropy; vocab-sharded DTensor logits never get gathered.
+
+    For DTensor logits the caller must hold ``torch.distributed.tensor.parallel.loss_parallel()``
+    around both this call and the backward (the runner does).
+    """
+    if not isinstance(logits, DTensor):
+        return kernels.cross_entropy(logits, labels, ignore_index=ignore_index, z_loss=z_loss,
+                                     reduction=reduction)
+    logits = logits.float().flatten(0, -2)
+    labels = labels.reshape(-1)
+    valid = labels != ignore_index
+    total = torch.nn.functional.cross_entropy(logits, labels, ignore_index=ignore_index,
+                                              reduction="sum")
+    total = total.to_local() if isinstance(total, DTensor) else total
+    if z_loss:
+        # logsumexp over the sharded vocab: max and sum reduce across tp as DTensor partials
+        m = logits.detach().amax(-1, keepdim=True).redistribute(placements=[Replicate()])
+        s = (logits - m).exp().sum(-1).redistribute(placements=[Replicate()])
+        lse = (s.to_local().log() + m.to_local().squeeze(-1))
+        total = total + z_loss * (lse.pow(2) * valid).sum()
+    if reduction == "sum":
+        return total
+    return total / valid.sum().clamp(min=1)

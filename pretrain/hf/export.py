@@ -1,0 +1,159 @@
+"""``pretrain export``: a checkpoint (any parallel layout) -> a Hugging Face model directory.
+
+Writes config.json, safetensors weights (sharded with an index above --max-shard-size),
+generation_config.json, tokenizer files (from the checkpoint's tokenizer.model) and a
+README.md with the notes below. The target class is chosen from the model config
+(``pretrain.hf.registry``); a model no transformers class computes exactly is exported
+with a self-contained modeling file (``--remote-code auto``), or refused (``never``).
+The directory appears atomically: it is written next to OUT and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from pretrain.errors import UserError
+from pretrain.hf.common import BOS_ID, DTYPES, EOS_ID, HF_DTYPE_NAMES, PAD_ID, cast, parse_size, write_safetensors
+
+
+def export_checkpoint(checkpoint: str, out: str, dtype: str = "fp32", max_shard_size: str | int = "5GB",
+                      remote_code: str = "auto", tokenizer: str | None = None) -> dict:
+    """Export; returns a summary (architecture, files, notes)."""
+    from pretrain.evaluate import load_for_inference
+    from pretrain.hf.registry import REMOTE, choose
+
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
+    max_bytes = parse_size(max_shard_size)
+    if max_bytes <= 0:
+        raise UserError("--max-shard-size: must be positive")
+    out_dir = Path(out)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(f"{out_dir} already exists and is not empty; choose a new output directory")
+    cfg, model, path = load_for_inference(checkpoint)
+    mc = cfg.model
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    arch, issues, notes = choose(mc, sd, remote_code)
+    tok_path = Path(tokenizer) if tokenizer else path / "tokenizer.model"
+    tok_ids = _token_ids(tok_path, mc.vocab_size)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp_{out_dir.name}_", dir=out_dir.parent))
+    try:
+        torch_dtype = DTYPES[dtype]
+        files = write_safetensors(cast(arch.export_weights(mc, sd), torch_dtype), tmp, max_bytes)
+        _write_config(arch, mc, tmp, torch_dtype, tok_ids)
+        files.append("config.json")
+        if arch is REMOTE:
+            arch.write_code(tmp)
+            files.append("modeling_pretrain_lm.py")
+        _write_generation_config(tmp, tok_ids, use_cache=arch is not REMOTE)
+        files.append("generation_config.json")
+        if tok_ids["source"]:
+            from pretrain.hf.tokenizer import write_tokenizer
+
+            files += write_tokenizer(tok_path, tmp, mc.max_seq_len)
+        else:
+            notes.append(f"no tokenizer written: {tok_path} not found (pass --tokenizer)")
+        summary = {"checkpoint": str(path), "out": str(out_dir), "architecture": arch.hf_class,
+                   "remote_code": arch is REMOTE, "dtype": dtype, "files": sorted(files), "notes": notes}
+        (tmp / "README.md").write_text(_readme(summary, issues, mc))
+        if out_dir.exists():
+            out_dir.rmdir()  # empty (checked above)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary
+
+
+def _token_ids(tok_path: Path, vocab_size: int) -> dict:
+    if not tok_path.is_file():
+        return {"source": None, "bos": BOS_ID, "eos": EOS_ID, "pad": PAD_ID}
+    from pretrain.data.tokenizer import Tokenizer
+
+    tok = Tokenizer(tok_path)
+    if tok.vocab_size > vocab_size:
+        raise UserError(f"{tok_path}: tokenizer has {tok.vocab_size} pieces, more than the model's "
+                        f"vocab_size={vocab_size}")
+    ids = {"source": str(tok_path), "bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id}
+    return {k: (None if isinstance(v, int) and v < 0 else v) for k, v in ids.items()}
+
+
+def _write_config(arch, mc, out: Path, torch_dtype, tok_ids: dict) -> None:
+    import transformers
+
+    fields = dict(arch.export_config(mc))
+    fields.update(bos_token_id=tok_ids["bos"], eos_token_id=tok_ids["eos"], pad_token_id=tok_ids["pad"])
+    if fields["model_type"] == "pretrain_lm":  # our own config class lives in the remote code
+        data = {"architectures": [arch.hf_class], **fields, "torch_dtype": HF_DTYPE_NAMES[torch_dtype],
+                "use_cache": False, "transformers_version": transformers.__version__}
+        (out / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        return
+    config = transformers.AutoConfig.for_model(**fields, dtype=HF_DTYPE_NAMES[torch_dtype])
+    config.architectures = [arch.hf_class]
+    config.save_pretrained(str(out))
+
+
+def _write_generation_config(out: Path, tok_ids: dict, use_cache: bool) -> None:
+    from transformers import GenerationConfig
+
+    GenerationConfig(bos_token_id=tok_ids["bos"], eos_token_id=tok_ids["eos"], pad_token_id=tok_ids["pad"],
+                     use_cache=use_cache).save_pretrained(str(out))
+
+
+def _readme(summary: dict, issues: list[str], mc) -> str:
+    lines = [f"# Exported from `{summary['checkpoint']}`", "",
+             f"- architecture: `{summary['architecture']}`" + (" (remote code)" if summary["remote_code"] else ""),
+             f"- weights dtype: {summary['dtype']}", ""]
+    if summary["remote_code"]:
+        lines += ["Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`. The modeling",
+                  "file `modeling_pretrain_lm.py` needs only torch and transformers. It keeps no KV/SSM cache:",
+                  "`generate()` re-runs the whole sequence for every new token (correct, slower).", ""]
+        if issues:
+            lines += ["Remote code because no transformers class represents: " + "; ".join(issues) + ".", ""]
+    lines += ["## Document masking",
+              "Training packed several documents per sequence (`doc EOS doc EOS ...`)"
+              + (" with document masks: attention (and Mamba-2 state) did not cross EOS." if mc.doc_mask
+                 else "."),
+              "Hugging Face models attend causally over the whole input, so logits agree with training",
+              "on a single document (no EOS inside); feed packed sequences one document at a time.", "",
+              "## Tokenizer",
+              "`AutoTokenizer` loads the sentencepiece model as `LlamaTokenizerFast` and encodes/decodes",
+              "text exactly as the training tokenizer (whitespace and newlines included). It adds no BOS",
+              "(`add_bos_token: false`): training documents start right after an EOS, so to condition on",
+              "a document start, prepend the EOS id (as `pretrain generate` does). Literal special-token",
+              "strings such as `</s>` inside text are parsed as special tokens by transformers.", ""]
+    if summary["notes"]:
+        lines += ["## Notes"] + [f"- {n}" for n in summary["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="pretrain export",
+                                 description="Write a checkpoint (saved under any parallel layout) in Hugging Face "
+                                             "format: config.json, safetensors, generation config, tokenizer.")
+    ap.add_argument("--checkpoint", required=True, help="step_N directory or run directory (newest)")
+    ap.add_argument("--out", required=True, help="new output directory")
+    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weight dtype (default fp32)")
+    ap.add_argument("--max-shard-size", default="5GB",
+                    help="split safetensors above this size, with an index (default 5GB)")
+    ap.add_argument("--remote-code", default="auto", choices=["auto", "always", "never"],
+                    help="models no transformers class represents: export a modeling file (auto), always do, "
+                         "or fail naming the feature (never)")
+    ap.add_argument("--tokenizer", help="sentencepiece .model (default: the checkpoint's tokenizer.model)")
+    args = ap.parse_args(argv)
+    s = export_checkpoint(args.checkpoint, args.out, args.dtype, args.max_shard_size, args.remote_code,
+                          args.tokenizer)
+    print(f"exported {s['checkpoint']} -> {s['out']} as {s['architecture']}"
+          + (" (remote code: load with trust_remote_code=True)" if s["remote_code"] else ""))
+    for n in s["notes"]:
+        print(f"note: {n}")
+    return 0

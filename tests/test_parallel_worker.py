@@ -1,0 +1,176 @@
+"""Worker for the multi-process parallel tests (run under torchrun; holds no tests itself).
+
+``python -m torch.distributed.run --nproc_per_node N tests/test_parallel_worker.py SPEC OUT``
+runs every job in the JSON file SPEC in sequence on one process group and rank 0 writes
+the results (per-step loss and grad norm, or errors) to OUT. ``run_layout`` is also
+called in-process with world size 1 for the reference curve.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+TINY = dict(vocab_size=512, d_model=64, n_layers=2, pattern="*-", n_heads=4, n_kv_heads=2,
+            max_seq_len=64)
+SEQ, GLOBAL_BATCH, MICRO = 32, 8, 2
+
+
+def model_cfg(**kw):
+    from models.config import ModelConfig
+
+    return ModelConfig(**{**TINY, **kw})
+
+
+def global_batch(step: int, vocab: int = 512, eos: int = 0) -> dict:
+    """A layout-independent synthetic batch (with document boundaries) for ``step``."""
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randint(1, vocab, (GLOBAL_BATCH, SEQ + 1), generator=g)
+    x[torch.rand(x.shape, generator=g) < 0.05] = eos
+    inputs, labels = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+    isd = (inputs == eos).long()
+    return {"input_ids": inputs, "labels": labels, "doc_ids": isd.cumsum(1) - isd}
+
+
+def rank_batches(step: int, world) -> list[dict]:
+    b = global_batch(step)
+    rows = GLOBAL_BATCH // world.dp_size
+    b = {k: v[world.dp_rank * rows:(world.dp_rank + 1) * rows] for k, v in b.items()}
+    return [{k: v[i:i + MICRO] for k, v in b.items()} for i in range(0, rows, MICRO)]
+
+
+def make_world(layout: dict):
+    import torch.distributed as dist
+
+    from parallel import ParallelConfig, build_world
+
+    pcfg = ParallelConfig(**layout)
+    ws = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return pcfg, build_world(pcfg, rank, ws, 0, torch.device("cpu"))
+
+
+def build(layout: dict, model_kw: dict | None = None, fused: bool = False, z_loss: float = 0.0):
+    from models.transformer import build_model
+    from parallel import parallelize
+    from pretrain.config import OptimConfig
+    from pretrain.optim import build_optimizer
+
+    pcfg, world = make_world(layout)
+    model = build_model(model_cfg(**(model_kw or {})), init=False)
+    pm = parallelize(model, pcfg, world, seed=0, fused_loss=fused, z_loss=z_loss)
+    opt = build_optimizer(pm.parts, OptimConfig(lr=3e-3, warmup_steps=0, weight_decay=0.1))
+    return pm, opt, world
+
+
+def train_steps(pm, opt, world, start: int, stop: int) -> dict:
+    losses, norms = [], []
+    for step in range(start, stop):
+        loss = pm.forward_backward(rank_batches(step, world))
+        losses.append(pm.reduce_loss(loss))
+        norms.append(float(pm.clip_grad_norm_(0.5)))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {"loss": losses, "grad_norm": norms}
+
+
+def run_layout(layout: dict, steps: int = 10, model_kw: dict | None = None, fused: bool = False,
+               z_loss: float = 0.0) -> dict:
+    pm, opt, world = build(layout, model_kw, fused, z_loss)
+    return train_steps(pm, opt, world, 0, steps)
+
+
+def run_resume(save_layout: dict, load_layout: dict, ckpt_dir: str, save_at: int, steps: int) -> dict:
+    """Train ``save_at`` steps under ``save_layout`` and checkpoint (skipped if ``save_layout``
+    is None), then resume under ``load_layout`` and train up to ``steps``."""
+    from pretrain import checkpoint as ckpt
+
+    if save_layout is not None:
+        pm, opt, world = build(save_layout)
+        train_steps(pm, opt, world, 0, save_at)
+        ckpt.save_checkpoint(ckpt_dir, save_at, pm.parts, opt, {"step": save_at}, world, "x: 1\n")
+    if load_layout is None:
+        return {}
+    pm, opt, world = build(load_layout)
+    ckpt.load_checkpoint(Path(ckpt_dir) / "checkpoints" / f"step_{save_at}", pm.parts, opt, world)
+    return train_steps(pm, opt, world, save_at, steps)
+
+
+def run_gradsync(layout: dict) -> dict:
+    """Count data-parallel gradient reductions during one step of 3 micro-batches."""
+    import torch.distributed as dist
+
+    pm, opt, world = build(layout)
+    counts = {"n": 0}
+    names = ("reduce_scatter_tensor", "all_reduce", "_reduce_scatter_base")
+    saved = {n: getattr(dist, n) for n in names if hasattr(dist, n)}
+
+    def wrap(fn):
+        def inner(*a, **k):
+            counts["n"] += 1
+            return fn(*a, **k)
+        return inner
+
+    mbs = rank_batches(0, world)
+    mbs = [{k: torch.cat([v, v[:1]]) for k, v in mbs[0].items()}] + mbs  # 3 micro-batches
+    per_mb = []
+    from parallel.fsdp import set_gradient_sync
+
+    try:
+        for n in names:
+            if n in saved:
+                setattr(dist, n, wrap(saved[n]))
+        for i, mb in enumerate(mbs):
+            before = counts["n"]
+            set_gradient_sync(pm.parts, i == len(mbs) - 1)
+            pm._micro_loss(pm._to_device(mb)).backward()
+            per_mb.append(counts["n"] - before)
+    finally:
+        for n, fn in saved.items():
+            setattr(dist, n, fn)
+    return {"per_microbatch": per_mb}
+
+
+def main(spec_path: str, out_path: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    jobs = json.loads(Path(spec_path).read_text())
+    results = {}
+    for job in jobs:
+        name, kind = job["name"], job.get("kind", "layout")
+        try:
+            if kind == "layout":
+                res = run_layout(job["layout"], job.get("steps", 10), job.get("model"),
+                                 job.get("fused", False), job.get("z_loss", 0.0))
+            elif kind == "resume":
+                res = run_resume(job.get("save"), job.get("load"), job["dir"], job["save_at"], job["steps"])
+            elif kind == "gradsync":
+                res = run_gradsync(job["layout"])
+            else:
+                raise ValueError(kind)
+        except Exception as e:  # report, keep the group alive for the next job
+            res = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, res)
+        errors = [r for r in gathered if "error" in r]
+        results[name] = errors[0] if errors else gathered[0]
+        dist.barrier()
+    if dist.get_rank() == 0:
+        Path(out_path).write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main(sys.argv[1], sys.argv[2])
