@@ -108,7 +108,7 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         m = cfg.moe
-        self.moe = m
+        self.moe_cfg = m
         d, h = cfg.d_model, expert_width(cfg)
         self.n_experts, self.top_k, self.hidden = m.n_experts, m.top_k, h
         self.init_std, self.n_sublayers, self.depth_scaled = cfg.init_std, cfg.n_sublayers, cfg.depth_scaled_init
@@ -159,7 +159,7 @@ class MoE(nn.Module):
         return tuple(w.to_local() if hasattr(w, "to_local") else w for w in ws)
 
     def run_local_experts(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        return run_experts(x, counts, *self.expert_weights(), impl=self.moe.expert_impl)
+        return run_experts(x, counts, *self.expert_weights(), impl=self.moe_cfg.expert_impl)
 
     # ---- forward ----------------------------------------------------------------
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,7 +168,7 @@ class MoE(nn.Module):
             return F.linear(x.float(), self.router.weight.float(), b)
 
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
-        m, E, k = self.moe, self.n_experts, self.top_k
+        m, E, k = self.moe_cfg, self.n_experts, self.top_k
         shape = x.shape
         xt = x.reshape(-1, shape[-1])
         T = xt.shape[0]
@@ -205,7 +205,7 @@ class MoE(nn.Module):
         return y.view(*shape[:-1], y.shape[-1])
 
     def _set_aux(self, logits, scores, selected, kept, T: int) -> None:
-        m, E, k = self.moe, self.n_experts, self.top_k
+        m, E, k = self.moe_cfg, self.n_experts, self.top_k
         # Switch loss: f_i = share of assignments to expert i (sums to 1), P_i = mean routing
         # probability (sigmoid scores normalised per token). Minimum (balanced) = 1.
         probs = scores if m.score_fn == "softmax" else scores / (scores.sum(-1, keepdim=True) + 1e-20)
@@ -232,7 +232,7 @@ class MoE(nn.Module):
     @torch.no_grad()
     def update_bias(self, global_load: torch.Tensor) -> None:
         """DeepSeek-V3: ``bias += rate * sign(mean_load - load)`` (no-op when rate is 0)."""
-        rate = self.moe.bias_update_rate
+        rate = self.moe_cfg.bias_update_rate
         if rate <= 0:
             return
         load = global_load.to(device=self.expert_bias.device, dtype=torch.float32)

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.placement_types import _StridedShard
 
 import kernels
 from models.config import ConfigError
@@ -54,7 +55,7 @@ def _replicas(p: torch.Tensor, ranks_per_stage: int) -> int:
         return ranks_per_stage
     shards = 1
     for size, pl in zip(p.device_mesh.shape, p.placements):
-        if pl.is_shard():
+        if pl.is_shard() or isinstance(pl, _StridedShard):  # FSDP over tp uses strided shards
             shards *= size
     return ranks_per_stage // shards
 

@@ -123,6 +123,33 @@ class ReplicatedKVHeads(ParallelStyle):
                                  partial(ReplicatedKVHeads._output, self))
 
 
+class ReplicateOverTP(ParallelStyle):
+    """Parameters replicated over tp as DTensors, computing on the replicated local stream.
+
+    Every parameter of a tp model is then a DTensor on the tp mesh, which FSDP (2-D
+    sharding) and the foreach optimizers need; gradients are identical on all tp ranks.
+    """
+
+    @staticmethod
+    def _partition(name, module, mesh):
+        for pname, p in list(module.named_parameters(recurse=False)):
+            module.register_parameter(pname, nn.Parameter(
+                distribute_tensor(p, mesh, [Replicate()], src_data_rank=None), p.requires_grad))
+
+    @staticmethod
+    def _input(mod, inputs, mesh):
+        return tuple(DTensor.from_local(x, mesh, (Replicate(),), run_check=False)
+                     if isinstance(x, torch.Tensor) and not isinstance(x, DTensor) else x
+                     for x in inputs)
+
+    @staticmethod
+    def _output(mod, out, mesh):
+        return out.to_local() if isinstance(out, DTensor) else out
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        return distribute_module(module, device_mesh, self._partition, self._input, self._output)
+
+
 # ---- plans -----------------------------------------------------------------------------
 
 def _mixer_input(ctx: TPContext) -> PrepareModuleInput:
@@ -133,12 +160,15 @@ def _mixer_input(ctx: TPContext) -> PrepareModuleInput:
                               desired_input_layouts=(Replicate(), None), use_local_output=False)
 
 
+def norm_style(ctx: TPContext) -> ParallelStyle:
+    """Norms over the stream: sequence-sharded with SP, else replicated."""
+    return SequenceParallel(use_local_output=True) if ctx.sequence_parallel else ReplicateOverTP()
+
+
 def _norms(sub: nn.Module, ctx: TPContext) -> dict:
-    if not ctx.sequence_parallel:
-        return {}
-    plan = {"norm": SequenceParallel(use_local_output=True)}
+    plan = {"norm": norm_style(ctx)}
     if getattr(sub, "out_norm", None) is not None:
-        plan["out_norm"] = SequenceParallel(use_local_output=True)
+        plan["out_norm"] = norm_style(ctx)
     return plan
 
 
@@ -211,8 +241,9 @@ def apply_tp(model: nn.Module, ctx: TPContext, fused_head: bool = False) -> None
                            RowwiseSublayerOutput(input_layouts=Replicate(), output_layouts=ctx.stream_layout))
     for sub in model.layers.values():
         TP_PLANS[sub.kind](sub, ctx)
-    if model.norm is not None and sp:
-        parallelize_module(model.norm, ctx.mesh, SequenceParallel(use_local_output=not fused_head))
+    if model.norm is not None:
+        style = SequenceParallel(use_local_output=not fused_head) if sp else ReplicateOverTP()
+        parallelize_module(model.norm, ctx.mesh, style)
     if model.output is not None:
         if fused_head:  # the fused loss head uses its local vocab shard (see parallel/head.py)
             parallelize_module(model.output, ctx.mesh, _VocabShardOnly())
@@ -221,6 +252,9 @@ def apply_tp(model: nn.Module, ctx: TPContext, fused_head: bool = False) -> None
                 input_layouts=ctx.stream_layout, output_layouts=Shard(-1), use_local_output=False))
     if sp:
         _full_length_context(model, ctx.size)
+    plain = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
+    if plain:
+        raise RuntimeError(f"tensor-parallel plan left parameters unsharded: {plain[:5]}")
 
 
 class _VocabShardOnly(ParallelStyle):

@@ -7,7 +7,7 @@ from pretrain.errors import UserError
 def test_presets_load():
     cfg = load_config("tiny", ["--model.n_layers=3", "--train.steps=7", "--optim.lr=1e-2"])
     assert cfg.model.n_layers == 3 and cfg.train.steps == 7 and cfg.optim.lr == 0.01
-    assert load_config("demo").model.d_model == 256
+    assert load_config("demo").model.d_model == 192
 
 
 @pytest.mark.parametrize("override,needle", [

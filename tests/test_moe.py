@@ -81,7 +81,7 @@ def test_expert_bias_changes_selection_not_weights():
 # ---- the layer against a per-token reference ---------------------------------------------
 
 def ref_moe(m: MoE, x):
-    mc = m.moe
+    mc = m.moe_cfg
     outs = []
     for t in range(x.shape[0]):
         xt = x[t]
@@ -385,21 +385,22 @@ PRESETS = ["moe_mixtral_tiny", "moe_mixtral", "moe_deepseek_tiny", "moe_deepseek
 
 
 @pytest.mark.parametrize("name", PRESETS)
-def test_presets_load_and_build_on_meta(name):
+def test_presets_load_and_build(name):
     cfg = load_config(name)
     assert "moe" in cfg.model.sublayer_kinds
-    if "mamba" in cfg.model.sublayer_kinds:
-        try:
-            import models.mamba2  # noqa: F401  (written by another engineer)
-        except ModuleNotFoundError:
-            return  # the config validated; building needs the Mamba-2 mixer
     model = build_model(cfg.model, init=False)
     assert next(model.parameters()).device.type == "meta"
+    if name.endswith("_tiny"):  # tiny presets also run (E inside dense and hybrid stacks)
+        model = build_model(cfg.model)
+        logits = model(torch.randint(0, cfg.model.vocab_size, (1, 16)))
+        assert logits.shape == (1, 16, cfg.model.vocab_size)
+        assert collect_aux_losses(model).item() > 0
 
 
-@pytest.mark.parametrize("name,total,active", [("moe_mixtral", 46.7e9, 12.9e9),
-                                               ("moe_deepseek", 16.9e9, 2.83e9)])
+@pytest.mark.parametrize("name,total,active", [("moe_mixtral", 46.7e9, 12.9e9),  # Mixtral-8x7B
+                                               ("moe_deepseek", 16.9e9, 2.83e9),  # DeepSeekMoE-16B shape
+                                               ("mamba2_moe", 52e9, 12e9)])  # Jamba: 52B / 12B
 def test_big_preset_parameter_counts(name, total, active):
     n_total, n_active = count_params(load_config(name).model)
-    assert n_total == pytest.approx(total, rel=0.01)
-    assert n_active == pytest.approx(active, rel=0.01)
+    assert n_total == pytest.approx(total, rel=0.03)
+    assert n_active == pytest.approx(active, rel=0.03)

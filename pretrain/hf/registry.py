@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from models.config import ModelConfig
 from pretrain.errors import UserError
+from pretrain.hf.arch_falcon_h1 import FalconH1
 from pretrain.hf.arch_llama import Llama
 from pretrain.hf.arch_mamba import Bamba, Mamba2
 from pretrain.hf.arch_moe import Mixtral, Qwen2Moe
 from pretrain.hf.common import Arch, stack
 from pretrain.hf.remote import Remote
 
-ARCHS: list[Arch] = [Llama(), Mixtral(), Qwen2Moe(), Mamba2(), Bamba()]
+ARCHS: list[Arch] = [Llama(), Mixtral(), Qwen2Moe(), Mamba2(), Bamba(), FalconH1()]
 REMOTE = Remote()
 REMOTE_MODES = ("auto", "always", "never")
 
@@ -35,11 +36,11 @@ def choose(mc: ModelConfig, sd: dict, remote_code: str = "auto") -> tuple[Arch, 
     if remote_code == "always":
         return REMOTE, [], ["remote code requested (--remote-code always)"]
     if issues:
-        target = best.hf_class if best is not None else "any transformers class"
+        target = best.hf_class if best is not None else "no transformers class"
         if remote_code == "never":
-            raise UserError(f"cannot export as {target} without remote code: "
+            raise UserError(f"{target} cannot represent this model without remote code: "
                             f"{'; '.join(issues)} (use --remote-code auto to export with a modeling file)")
-        notes.append(f"exported with remote code because {target} cannot represent: {'; '.join(issues)}")
+        notes.append(f"exported with remote code: {target} cannot represent {'; '.join(issues)}")
         return REMOTE, issues, notes
     return best, [], notes
 
