@@ -162,14 +162,22 @@ class ModelConfig:
         kinds = set(self.sublayer_kinds)
         if "mamba" in kinds or "hybrid" in kinds:
             mc = self.mamba
+            need(mc.chunk_size > 0, "mamba.chunk_size", "must be positive")
+            need(mc.d_conv >= 1, "mamba.d_conv", "must be >= 1")
+            need(mc.n_groups >= 1, "mamba.n_groups", "must be >= 1")
+        if "mamba" in kinds:
             d_inner = mc.expand * self.d_model
             need(d_inner % mc.head_dim == 0, "mamba.head_dim",
                  f"{mc.head_dim} does not divide expand*d_model={d_inner}")
             n_heads = d_inner // mc.head_dim
             need(n_heads % mc.n_groups == 0, "mamba.n_groups",
                  f"{mc.n_groups} groups do not divide {n_heads} Mamba heads")
-            need(mc.chunk_size > 0, "mamba.chunk_size", "must be positive")
-            need(mc.d_conv >= 1, "mamba.d_conv", "must be >= 1")
+        if "hybrid" in kinds:
+            hc = self.hybrid
+            need(hc.n_attn_heads >= 1, "hybrid.n_attn_heads", "must be >= 1")
+            need(hc.n_mamba_heads >= 1, "hybrid.n_mamba_heads", "must be >= 1")
+            need(hc.n_mamba_heads % mc.n_groups == 0, "mamba.n_groups",
+                 f"{mc.n_groups} groups do not divide hybrid.n_mamba_heads={hc.n_mamba_heads}")
         if "moe" in kinds:
             m = self.moe
             need(m.n_experts >= 1, "moe.n_experts", "must be >= 1")

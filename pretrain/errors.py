@@ -7,3 +7,4 @@ class UserError(Exception):
 
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 3  # checkpoint written after SIGTERM/SIGUSR1; safe to requeue
+EXIT_HANG = 4  # the watchdog saw no progress for parallel.timeout_s (a dead peer or a hung collective)

@@ -1,6 +1,8 @@
 """A throw-away SLURM cluster on localhost for tests (Debian's slurm-wlm 22.05 and munge).
 
-Everything lives under one temporary directory: the munge key, socket and pid file, the
+The cluster has ``nodes`` virtual nodes ``n1..nN`` (one slurmd each, all on this machine,
+reached at 127.0.0.1 on their own ports), so a multi-node job really runs one task per
+node, as on a cluster. Everything lives under one temporary directory: the munge key, socket and pid file, the
 slurm.conf that clients find through ``SLURM_CONF``, the daemons' state, spool and logs.
 The daemons run as root with ``proctrack/linuxproc`` and ``task/none`` (cgroup plugins do
 not work in sandboxed kernels) and short timers, so a requeued job restarts within seconds
@@ -65,17 +67,17 @@ def free_port() -> int:
 
 
 class SlurmCluster:
-    """munged + slurmctld + slurmd for one node (this machine), all state under ``root``."""
+    """munged + slurmctld + one slurmd per virtual node, all state under ``root``."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, nodes: int = 2):
         self.root = Path(root).resolve()
         self.conf = self.root / "slurm.conf"
         self.munge_dir = self.root / "munge"
         self.socket = self.munge_dir / "munge.sock"
-        self.node = ""
+        self.nodes = [f"n{i + 1}" for i in range(nodes)]
         self.pid_files = {"munged": self.munge_dir / "munged.pid",
-                          "slurmctld": self.root / "slurmctld.pid",
-                          "slurmd": self.root / "slurmd.pid"}
+                          "slurmctld": self.root / "slurmctld.pid"}
+        self.pid_files.update({f"slurmd.{n}": self.root / f"slurmd.pid.{n}" for n in self.nodes})
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -89,10 +91,11 @@ class SlurmCluster:
         try:
             self._start_munge()
             self._write_conf()
-            for d in ("state", "spool"):
-                (self.root / d).mkdir(exist_ok=True)
+            (self.root / "state").mkdir(exist_ok=True)
             self._run(["slurmctld", "-f", str(self.conf), "-i"], "slurmctld")
-            self._run(["slurmd", "-f", str(self.conf)], "slurmd")
+            for n in self.nodes:
+                (self.root / f"spool.{n}").mkdir(exist_ok=True)
+                self._run(["slurmd", "-f", str(self.conf), "-N", n], f"slurmd.{n}")
             self._wait_idle(timeout)
         except BaseException:
             self.stop()
@@ -115,28 +118,28 @@ class SlurmCluster:
             time.sleep(0.05)
 
     def _write_conf(self) -> None:
-        self.node = socket.gethostname().split(".")[0]
-        probe = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, timeout=30)
-        node_line = next(l for l in probe.stdout.splitlines() if l.startswith("NodeName="))
-        # RealMemory as probed can exceed what slurmd later measures; leave it out.
-        node_line = " ".join(w for w in node_line.split() if not w.startswith(("RealMemory", "UpTime")))
+        host = socket.gethostname().split(".")[0]
+        cpus = max(1, (os.cpu_count() or 1) // len(self.nodes))
         r = self.root
+        ports = [free_port() for _ in self.nodes]
+        node_lines = [f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={p} CPUs={cpus} "
+                      f"State=UNKNOWN" for n, p in zip(self.nodes, ports)]
+        all_nodes = ",".join(self.nodes)
         self.conf.write_text("\n".join([
             "ClusterName=pretraintest",
-            f"SlurmctldHost={self.node}(127.0.0.1)",
+            f"SlurmctldHost={host}(127.0.0.1)",
             f"SlurmctldPort={free_port()}",
-            f"SlurmdPort={free_port()}",
             "SlurmUser=root",
             "SlurmdUser=root",
             "AuthType=auth/munge",
             "CredType=cred/munge",
             f"AuthInfo=socket={self.socket},cred_expire=5",
             f"StateSaveLocation={r / 'state'}",
-            f"SlurmdSpoolDir={r / 'spool'}",
+            f"SlurmdSpoolDir={r / 'spool.%n'}",
             f"SlurmctldPidFile={self.pid_files['slurmctld']}",
-            f"SlurmdPidFile={self.pid_files['slurmd']}",
+            f"SlurmdPidFile={r / 'slurmd.pid.%n'}",
             f"SlurmctldLogFile={r / 'slurmctld.log'}",
-            f"SlurmdLogFile={r / 'slurmd.log'}",
+            f"SlurmdLogFile={r / 'slurmd.log.%n'}",
             "SlurmctldDebug=info",
             "SlurmdDebug=info",
             "ProctrackType=proctrack/linuxproc",
@@ -161,9 +164,9 @@ class SlurmCluster:
             "PreemptType=preempt/partition_prio",
             "PreemptMode=REQUEUE",
             "SlurmctldParameters=preempt_send_user_signal",
-            f"{node_line} State=UNKNOWN",
-            f"PartitionName=batch Nodes={self.node} Default=YES MaxTime=INFINITE State=UP PriorityTier=1",
-            f"PartitionName=urgent Nodes={self.node} MaxTime=INFINITE State=UP PriorityTier=10",
+            *node_lines,
+            f"PartitionName=batch Nodes={all_nodes} Default=YES MaxTime=INFINITE State=UP PriorityTier=1",
+            f"PartitionName=urgent Nodes={all_nodes} MaxTime=INFINITE State=UP PriorityTier=10",
             "",
         ]))
 
@@ -171,20 +174,20 @@ class SlurmCluster:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=self.env)
         if p.returncode != 0:
             raise RuntimeError(f"{name} failed ({p.returncode}): {(p.stderr or p.stdout).strip()}\n"
-                               f"{self._log(f'{name}.log')}")
+                               f"{self.logs()}")
 
     def _wait_idle(self, timeout: float) -> None:
         deadline = time.time() + timeout
         out = ""
         while time.time() < deadline:
-            p = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True,
+            p = subprocess.run(["sinfo", "-h", "-N", "-p", "batch", "-o", "%T"], capture_output=True, text=True,
                                env=self.env, timeout=30)
             out = (p.stdout + p.stderr).strip()
-            if p.returncode == 0 and out.split() and all(s.startswith("idle") for s in out.split()):
+            states = out.split()
+            if p.returncode == 0 and len(states) == len(self.nodes) and all(s.startswith("idle") for s in states):
                 return
             time.sleep(0.2)
-        raise RuntimeError(f"the node did not become idle ({out!r}); slurmctld log:\n"
-                           f"{self._log('slurmctld.log')}\nslurmd log:\n{self._log('slurmd.log')}")
+        raise RuntimeError(f"the nodes did not become idle ({out!r})\n{self.logs()}")
 
     def _log(self, name: str, lines: int = 30) -> str:
         p = self.root / name
@@ -197,7 +200,7 @@ class SlurmCluster:
             deadline = time.time() + 15
             while time.time() < deadline and self.jobs():
                 time.sleep(0.3)
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in [f"slurmd.{n}" for n in self.nodes] + ["slurmctld", "munged"]:
             pid = self._pid(name)
             if pid:
                 _terminate([pid])
@@ -246,8 +249,9 @@ class SlurmCluster:
         return info
 
     def logs(self) -> str:
-        return (f"--- slurmctld.log\n{self._log('slurmctld.log', 60)}\n"
-                f"--- slurmd.log\n{self._log('slurmd.log', 60)}")
+        """The daemons' log tails (for assertion messages)."""
+        names = ["slurmctld.log"] + [f"slurmd.log.{n}" for n in self.nodes]
+        return "\n".join(f"--- {n}\n{self._log(n, 40)}" for n in names)
 
 
 def _terminate(pids: list[int], timeout: float = 10) -> None:
@@ -290,6 +294,7 @@ if __name__ == "__main__":
         sys.exit(reason)
     c = SlurmCluster(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="slurm-"))
     c.start()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     print(f"export SLURM_CONF={c.conf}", flush=True)
     try:
         signal.pause()

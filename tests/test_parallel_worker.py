@@ -144,11 +144,14 @@ def main(spec_path: str, out_path: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    import datetime
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=float(os.environ.get("PG_TIMEOUT", "90"))))
     jobs = json.loads(Path(spec_path).read_text())
     results = {}
     for job in jobs:
         name, kind = job["name"], job.get("kind", "layout")
+        print(f"[rank {dist.get_rank()}] {name}", file=sys.stderr, flush=True)
         try:
             if kind == "layout":
                 res = run_layout(job["layout"], job.get("steps", 10), job.get("model"),

@@ -1,0 +1,157 @@
+"""Per-rank memory: parameters, gradients and optimizer state under each data-parallel
+sharding, activations with and without recomputation, pipeline micro-batches in flight,
+MoE expert placement, and the transient buffers of fully sharded data parallelism."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from models.config import ModelConfig
+from pretrain.planner import model_stats as ms
+from pretrain.planner.layout import Breakdown, Layout, Recipe, Workload
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int
+    layers: tuple[int, ...]  # global sublayer indices
+    first: bool
+    last: bool
+
+
+def split(cfg: ModelConfig, layout: Layout) -> list[list[Stage]]:
+    """The stages each pp rank holds, cut exactly as ``parallel.pipeline`` cuts them
+    (``|`` marks, else balanced by parameter count with the LM head on the last stage)."""
+    from parallel.pipeline import split_stages, stage_rank
+
+    n_stages = layout.pp * layout.vpp
+    if n_stages == 1:
+        return [[Stage(0, tuple(range(cfg.n_sublayers)), True, True)]]
+    sizes = {k: sum(ms.numel(p) for p in ms.sublayer_params(k, cfg)) for k in set(cfg.sublayer_kinds)}
+    costs = [2.0 * sizes[k] for k in cfg.sublayer_kinds]
+    groups = split_stages(cfg, n_stages, costs, 0.0, 2.0 * cfg.d_model * cfg.vocab_size)
+    ranks: list[list[Stage]] = [[] for _ in range(layout.pp)]
+    for s, layers in enumerate(groups):
+        ranks[stage_rank(s, n_stages, layout.pp, layout.schedule)].append(
+            Stage(s, tuple(layers), s == 0, s == n_stages - 1))
+    return ranks
+
+
+def stage_params(cfg: ModelConfig, stage: Stage, tp: int) -> list[tuple[str, list[ms.Param]]]:
+    """(FSDP unit, its parameters): one unit per sublayer plus the root (embedding, norm, head)."""
+    kinds = cfg.sublayer_kinds
+    units = [(f"layers.{i}", ms.sublayer_params(kinds[i], cfg, tp)) for i in stage.layers]
+    return units + [("root", ms.top_params(cfg, stage.first, stage.last))]
+
+
+def _numel(params: list[ms.Param], layout: Layout, shard: int, shard_rank: int = 0) -> int:
+    """Local elements of ``params`` on one rank; experts are split over ep, then FSDP-sharded
+    over the rest of dp_shard (as torchtitan does)."""
+    total = 0
+    for p in params:
+        s = max(shard // layout.ep, 1) if p.ep_dim is not None else shard
+        total += ms.local_numel(p, layout.tp, layout.ep, s, shard_rank if s > 1 else 0)
+    return total
+
+
+def local_param_counts(cfg: ModelConfig, layout: Layout, shard_rank: int = 0) -> list[dict]:
+    """Per pp rank: ``full`` (this rank's tp/pp/ep share, unsharded over dp), ``sharded``
+    (after FSDP, for ``shard_rank``), ``largest_unit`` (the biggest FSDP unit, unsharded)
+    and ``root`` (embedding/head unit, unsharded)."""
+    out = []
+    shard = layout.dp_shard if layout.zero == 3 else 1
+    for stages in split(cfg, layout):
+        full = sharded = largest = root = 0
+        for stage in stages:
+            for unit, params in stage_params(cfg, stage, layout.tp):
+                n_full = _numel(params, layout, 1)
+                full += n_full
+                sharded += _numel(params, layout, shard, shard_rank)
+                if unit == "root":
+                    root += n_full
+                else:
+                    largest = max(largest, n_full)
+        out.append({"full": full, "sharded": sharded, "largest_unit": largest, "root": root})
+    return out
+
+
+def _inflight(layout: Layout, n_micro: int, pp_rank: int) -> float:
+    """Micro-batches whose activations a pp rank holds at its peak (in whole-rank units)."""
+    p, m, v = layout.pp, n_micro, layout.vpp
+    if p == 1:
+        return 1.0
+    if layout.schedule == "gpipe":
+        return float(m)
+    if layout.schedule == "interleaved_1f1b":
+        chunks = 2 * (p - pp_rank - 1) + (v - 1) * p + 1  # Megatron's warm-up count + 1
+        return min(m * v, chunks) / v
+    if layout.schedule == "zbv":
+        return min(m, p) * 1.0  # two chunks, V order: about p micro-batches of one chunk each
+    return float(min(m, p - pp_rank))
+
+
+def activation_bytes(cfg: ModelConfig, layout: Layout, wl: Workload, recipe: Recipe,
+                     layers: tuple[int, ...]) -> tuple[float, float]:
+    """(stored bytes of ``layers`` for one micro-batch, the extra peak while one checkpointed
+    sublayer is recomputed)."""
+    tokens = layout.micro_batch * wl.seq_len
+    kinds = cfg.sublayer_kinds
+    stored, recompute = 0.0, 0.0
+    for i in layers:
+        full = ms.activation_bytes_per_token(kinds[i], cfg, layout.tp, layout.sp,
+                                             recipe.stream_bytes, recipe.act_bytes) * tokens
+        if layout.ac == "full" or (layout.ac == "every_n" and i % layout.ac_every == 0):
+            stored += cfg.d_model * recipe.stream_bytes * tokens / (layout.tp if layout.sp else 1)
+            recompute = max(recompute, full)
+        else:
+            stored += full
+    return stored, recompute
+
+
+def logits_bytes(cfg: ModelConfig, layout: Layout, wl: Workload) -> float:
+    """fp32 logits and their gradient on the last stage; the fused loss chunks them (~1/8)."""
+    b = 2 * 4.0 * layout.micro_batch * wl.seq_len * cfg.vocab_size / layout.tp
+    return b / 8 if wl.fused_loss else b
+
+
+def rank_memory(cfg: ModelConfig, layout: Layout, wl: Workload, recipe: Recipe) -> list[Breakdown]:
+    """A memory breakdown (bytes) for each pp rank (the worst tp/dp coordinate)."""
+    n_micro = max(wl.micro_batches(layout), 1)
+    counts = local_param_counts(cfg, layout)
+    out = []
+    for r, (stages, c) in enumerate(zip(split(cfg, layout), counts)):
+        b = Breakdown()
+        dp = layout.dp
+        if layout.zero == 3:
+            b.parts["params"] = c["sharded"] * recipe.param_bytes
+            grads = c["sharded"] * recipe.grad_bytes
+            optim = c["sharded"] * (recipe.master_bytes + recipe.optim_bytes)
+            gathered = (2 * c["largest_unit"] + c["root"]) * recipe.compute_param_bytes \
+                + c["largest_unit"] * recipe.grad_bytes
+            if layout.dp_shard > 1:
+                b.parts["fsdp_buffers"] = gathered
+            if n_micro > 1 and recipe.accumulate_unsharded and layout.dp_shard > 1:
+                # no-sync micro-batches accumulate unsharded gradients (FSDP2)
+                b.parts["grad_accumulation"] = (c["full"] - c["sharded"]) * recipe.grad_bytes
+                b.notes.append("micro-batches accumulate unsharded grads")
+        else:
+            b.parts["params"] = c["full"] * recipe.param_bytes
+            grads = c["full"] * recipe.grad_bytes / (dp if layout.zero >= 2 else 1)
+            optim = c["full"] * (recipe.master_bytes + recipe.optim_bytes) / (dp if layout.zero >= 1 else 1)
+        b.parts["grads"] = grads
+        b.parts["optimizer"] = optim
+        act, peak_extra = 0.0, 0.0
+        for st in stages:
+            stored, extra = activation_bytes(cfg, layout, wl, recipe, st.layers)
+            act += stored
+            peak_extra = max(peak_extra, extra)
+        b.parts["activations"] = act * _inflight(layout, n_micro, r) + peak_extra
+        if any(st.last for st in stages):
+            b.parts["logits"] = logits_bytes(cfg, layout, wl)
+        out.append(b)
+    return out
+
+
+def state_bytes(b: Breakdown) -> float:
+    """Parameters + gradients + optimizer state (what a finished step leaves allocated)."""
+    return b.parts.get("params", 0) + b.parts.get("grads", 0) + b.parts.get("optimizer", 0)

@@ -1,0 +1,96 @@
+"""Export of checkpoints saved by 2 gloo processes (FSDP2 dp_shard=2, and tp=2), read back in
+one process: transformers' logits equal the sharded model's own logits.
+
+The worker half of this file runs under torchrun: ``python -m torch.distributed.run
+--standalone --nproc_per_node 2 tests/test_hf_dist.py OUT``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+LAYOUTS = {"fsdp": {"dp_shard": 2}, "tp": {"tp": 2, "dp_shard": 1}}
+MODEL = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32, qkv_bias=True)
+
+
+def tokens() -> torch.Tensor:
+    return torch.randint(0, MODEL["vocab_size"], (2, 17), generator=torch.Generator().manual_seed(7))
+
+
+def worker(out: Path) -> None:
+    import torch.distributed as dist
+    import yaml
+    from torch.distributed.tensor import DTensor
+
+    from models.config import ModelConfig
+    from models.transformer import build_model
+    from parallel import ParallelConfig, build_world, parallelize
+    from pretrain.checkpoint import save_checkpoint
+    from pretrain.config import Config, _plain
+
+    dist.init_process_group("gloo")
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    mc = ModelConfig(**MODEL)
+    cfg = Config(model=mc)
+    cfg.data.seq_len = 16
+    text = yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False)
+    x = tokens()
+    for name, layout in LAYOUTS.items():
+        pcfg = ParallelConfig(**layout)
+        world = build_world(pcfg, rank, ws, 0, torch.device("cpu"))
+        pm = parallelize(build_model(mc, init=False), pcfg, world, seed=3)
+        opt = torch.optim.AdamW([p for part in pm.parts for p in part.parameters()], lr=1e-2)
+        for _ in range(2):  # both ranks see the same batch: fine for a weights round trip
+            pm.forward_backward([{"input_ids": x[:, :-1], "labels": x[:, 1:]}])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        save_checkpoint(out / name, 2, pm.parts, opt, {"step": 2}, world, text)
+        with torch.no_grad():
+            logits = pm.model(x)
+        if isinstance(logits, DTensor):
+            logits = logits.full_tensor()
+        if rank == 0:
+            torch.save(logits, out / f"{name}_logits.pt")
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_export_of_multi_process_checkpoints(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from pretrain.hf.export import export_checkpoint
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(Path(__file__)), str(tmp_path)]
+    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=200)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for name in LAYOUTS:
+        ckpt = tmp_path / name / "checkpoints" / "step_2"
+        assert '"world_size": 2' in (ckpt / "meta.json").read_text()
+        summary = export_checkpoint(str(ckpt), str(tmp_path / f"hf_{name}"))
+        assert summary["architecture"] == "LlamaForCausalLM"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hf = AutoModelForCausalLM.from_pretrained(tmp_path / f"hf_{name}").eval()
+        with torch.no_grad():
+            theirs = hf(tokens()).logits
+        ours = torch.load(tmp_path / f"{name}_logits.pt")
+        assert (theirs - ours).abs().max().item() < 1e-4, name
+
+
+if __name__ == "__main__":
+    worker(Path(sys.argv[1]))
