@@ -18,7 +18,8 @@ import kernels
 
 
 class FusedLossHead(nn.Linear):
-    """An ``nn.Linear`` LM head whose forward returns the mean token loss of its input."""
+    """An ``nn.Linear`` LM head whose forward returns the mean token loss of its input
+    (shape [1], so a pipeline schedule can merge it over micro-batches)."""
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         labels = self.__dict__.pop("_labels", None)
@@ -32,8 +33,9 @@ class FusedLossHead(nn.Linear):
             # gradient is then a partial sum, reduce-scattered by DTensor in backward
             h = h.redistribute(placements=[Replicate()]).to_local(grad_placements=[Partial()])
             reduce_hidden_grad = False
-        return kernels.linear_cross_entropy(h, w, labels, z_loss=self.z_loss, process_group=group,
+        loss = kernels.linear_cross_entropy(h, w, labels, z_loss=self.z_loss, process_group=group,
                                             reduce_hidden_grad=reduce_hidden_grad)
+        return loss.reshape(1)
 
 
 def make_fused_head(model: nn.Module, z_loss: float) -> None:

@@ -101,7 +101,7 @@ class ParallelModel:
         model = self.model
         kwargs = {"doc_ids": mb["doc_ids"]} if mb.get("doc_ids") is not None else {}
         if self.fused_loss:
-            loss = model(mb["input_ids"], labels=mb["labels"], **kwargs)
+            loss = model(mb["input_ids"], labels=mb["labels"], **kwargs).reshape(())
         else:
             logits = model(mb["input_ids"], **kwargs)
             loss = tp_mod.cross_entropy(logits, mb["labels"], z_loss=self.z_loss if with_aux else 0.0)
@@ -228,7 +228,7 @@ class PipelineModel(ParallelModel):
 
     def _loss_fn(self, out, labels):
         if self.fused_loss:
-            return out  # the head already returned the loss
+            return out.reshape(())  # the head already returned the loss
         return tp_mod.cross_entropy(out, labels, z_loss=self.z_loss)
 
     def _schedule(self, n_micro: int):
@@ -260,8 +260,10 @@ class PipelineModel(ParallelModel):
         with ExitStack() as stack:
             stack.enter_context(self.loss_context())
             stack.enter_context(self.autocast())
-            run = sched.step if train else sched.eval
-            run(*args, target=target, losses=losses, **kwargs)
+            if train:
+                sched.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
+            else:
+                sched.eval(*args, target=target, losses=losses, **kwargs)
         return losses
 
     def forward_backward(self, micro_batches: list[dict]) -> torch.Tensor:

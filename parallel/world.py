@@ -90,8 +90,8 @@ def resolve_layout(pcfg: ParallelConfig, world_size: int) -> dict[str, int]:
         raise ConfigError("parallel.ep: expert parallel is not implemented yet; use 1")
     if pcfg.backend not in ("auto", "gloo", "nccl"):
         raise ConfigError(f"parallel.backend: '{pcfg.backend}' is not one of auto, gloo, nccl")
-    if pcfg.dp_engine != "fsdp":
-        raise ConfigError(f"parallel.dp_engine: '{pcfg.dp_engine}' is not available; use fsdp")
+    if pcfg.dp_engine not in ("fsdp", "deepspeed"):  # deepspeed: parallel/deepspeed_engine.py
+        raise ConfigError(f"parallel.dp_engine: '{pcfg.dp_engine}' is not one of fsdp, deepspeed")
     fixed = pcfg.pp * pcfg.dp_replicate * pcfg.cp * pcfg.tp
     shard = pcfg.dp_shard
     if shard == -1:

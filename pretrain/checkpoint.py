@@ -77,8 +77,13 @@ def _optim_state(parts, optimizer) -> dict:
 
 
 def save_checkpoint(run_dir, step: int, parts, optimizer, trainer_state: dict, world,
-                    config_text: str, tokenizer: str | None = None, keep: int = 0) -> Path:
-    """Write ``step_<step>`` atomically on every rank; returns its path."""
+                    config_text: str, tokenizer: str | None = None, keep: int = 0,
+                    extra=None) -> Path:
+    """Write ``step_<step>`` atomically on every rank; returns its path.
+
+    ``extra(tmp_dir)``, if given, runs on every rank after the DCP write and adds files of
+    its own (e.g. a DeepSpeed engine's state) before the checkpoint is completed.
+    """
     root = checkpoint_root(run_dir)
     final = root / f"step_{step}"
     tmp = root / f".tmp_step_{step}"
@@ -92,6 +97,8 @@ def save_checkpoint(run_dir, step: int, parts, optimizer, trainer_state: dict, w
         state["optim"] = _optim_state(parts, optimizer)
     dcp.save(state, checkpoint_id=str(tmp))
     torch.save(_rng_state(), tmp / f"rng_rank{world.rank}.pt")
+    if extra is not None:
+        extra(tmp)
     maybe_kill("kill_in_save", step)
     world.barrier()
     if world.is_main:

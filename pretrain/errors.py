@@ -6,5 +6,5 @@ class UserError(Exception):
 
 
 EXIT_USER_ERROR = 2
-EXIT_PREEMPTED = 3  # checkpoint written after SIGTERM/SIGUSR1; safe to requeue
+EXIT_PREEMPTED = 3  # stopped by SIGTERM/SIGUSR1 (checkpoint written if a step boundary came in time); requeue
 EXIT_HANG = 4  # the watchdog saw no progress for parallel.timeout_s (a dead peer or a hung collective)

@@ -6,8 +6,8 @@ import json
 import math
 import os
 import resource
-import signal
 import sys
+import traceback
 import time
 from pathlib import Path
 
@@ -18,35 +18,16 @@ import parallel
 from models.transformer import build_model
 from pretrain import checkpoint as ckpt
 from pretrain.config import Config, _plain
-from pretrain.errors import EXIT_PREEMPTED, UserError
+from pretrain.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
 from pretrain.faults import fault_at, maybe_kill
 from pretrain.flops import device_peak_flops, train_flops_per_token
 from pretrain.metrics import MetricsWriter, Progress
 from pretrain.optim import build_optimizer, build_scheduler
+from pretrain.resilience import PreemptionFlag, Watchdog
 
 
 class Preempted(Exception):
     """Raised after a checkpoint was written because SIGTERM/SIGUSR1 arrived."""
-
-
-class _SignalFlag:
-    """Records SIGTERM/SIGUSR1; the loop checkpoints at the next step boundary."""
-
-    def __init__(self):
-        self.signum = 0
-        self._old = {}
-        for s in (signal.SIGTERM, signal.SIGUSR1):
-            try:
-                self._old[s] = signal.signal(s, self._handle)
-            except ValueError:  # not the main thread (e.g. called from a test thread)
-                pass
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-
-    def restore(self):
-        for s, h in self._old.items():
-            signal.signal(s, h)
 
 
 def setup_determinism(cfg: Config) -> None:
@@ -128,17 +109,36 @@ def _train(cfg: Config, world) -> dict:
     if world.is_main:
         (run_dir / "config.yaml").write_text(config_text)
 
-    model = build_model(cfg.model, device=world.device, seed=tcfg.seed)
+    # multi-process layouts shard a meta-device model, then initialise each shard
+    model = build_model(cfg.model, device=world.device, seed=tcfg.seed, init=not world.distributed)
     n_params = model.num_params()
     autocast = torch.bfloat16 if tcfg.dtype == "bf16" else None
-    pm = parallel.parallelize(model, cfg.parallel, world, ac=tcfg.activation_checkpointing,
-                              ac_every=tcfg.ac_every, compile=tcfg.compile, z_loss=tcfg.z_loss,
-                              fused_loss=tcfg.fused_loss, autocast_dtype=autocast)
+    common = dict(ac=tcfg.activation_checkpointing, ac_every=tcfg.ac_every, compile=tcfg.compile,
+                  z_loss=tcfg.z_loss, fused_loss=tcfg.fused_loss, autocast_dtype=autocast, seed=tcfg.seed)
+    if cfg.parallel.dp_engine == "deepspeed":
+        from parallel.deepspeed_engine import deepspeed_parallelize
+
+        local = tcfg.global_batch // world.dp_size
+        micro = tcfg.micro_batch or local
+        pm = deepspeed_parallelize(model, cfg.parallel, world, micro_batch=micro,
+                                   accumulation=max(local // micro, 1), grad_clip=cfg.optim.grad_clip,
+                                   **common)
+    else:
+        costs = None
+        if cfg.parallel.pp > 1:  # automatic pipeline stages are balanced by FLOPs
+            from pretrain.flops import sublayer_flops_per_token
+
+            costs = ([sublayer_flops_per_token(k, cfg.model, cfg.data.seq_len) for k in cfg.model.sublayer_kinds],
+                     0.0, 2.0 * cfg.model.d_model * cfg.model.vocab_size)
+        pm = parallel.parallelize(model, cfg.parallel, world, stage_costs=costs, **common)
     train_data = build_data(cfg, world, run_dir, cfg.data.train_split)
     if train_data.meta.get("vocab_size", 0) > cfg.model.vocab_size:
         raise UserError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the data's "
                         f"vocabulary ({train_data.meta['vocab_size']})")
     optimizer = build_optimizer(pm.parts, cfg.optim)
+    engine = hasattr(pm, "attach_optimizer")  # DeepSpeed: the engine owns step and optimizer state
+    if engine:
+        optimizer = pm.attach_optimizer(optimizer)
     scheduler = build_scheduler(optimizer, tcfg.steps, cfg.optim)
 
     step, tokens_seen, nan_skipped = 0, 0, 0
@@ -153,7 +153,11 @@ def _train(cfg: Config, world) -> dict:
             ckpt.load_model_weights(resume_from, part)
         resume_from = None
     if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, pm.parts, optimizer, world)
+        if engine:  # trainer state and RNG from the checkpoint, weights and optimizer from the engine's
+            state = ckpt.load_checkpoint(resume_from, [], None, world)
+            pm.load_state(resume_from, json.loads((resume_from / "meta.json").read_text()).get("world_size"))
+        else:
+            state = ckpt.load_checkpoint(resume_from, pm.parts, optimizer, world)
         step, tokens_seen = state["step"], state["tokens"]
         nan_skipped = state.get("nan_skipped", 0)
         scheduler.load_state_dict(state["scheduler"])
@@ -175,10 +179,16 @@ def _train(cfg: Config, world) -> dict:
     def save(at_step: int) -> Path:
         state = {"step": at_step, "tokens": tokens_seen, "nan_skipped": nan_skipped,
                  "scheduler": scheduler.state_dict(), "data": train_data.state_dict()}
-        return ckpt.save_checkpoint(run_dir, at_step, pm.parts, optimizer, state, world,
-                                    config_text, tok_path, cfg.checkpoint.keep)
+        with watchdog.suspended():
+            if not engine:
+                return ckpt.save_checkpoint(run_dir, at_step, pm.parts, optimizer, state, world,
+                                            config_text, tok_path, cfg.checkpoint.keep)
+            with pm.full_parts() as parts:
+                return ckpt.save_checkpoint(run_dir, at_step, parts, None, state, world, config_text,
+                                            tok_path, cfg.checkpoint.keep, extra=pm.save_state)
 
-    flag = _SignalFlag()
+    flag = PreemptionFlag(tcfg.preempt_grace_s)
+    watchdog = Watchdog(cfg.parallel.timeout_s if world.distributed else 0, world.rank)
     last_saved = step if resume_from is not None else -1
     val_loss = None
     try:
@@ -191,13 +201,11 @@ def _train(cfg: Config, world) -> dict:
             if fault_at("nan_at_step", step + 1):
                 loss = loss * float("nan")
             loss_val = pm.reduce_loss(loss)
-            grad_norm = float(pm.clip_grad_norm_(cfg.optim.grad_clip))
-            finite = math.isfinite(loss_val) and math.isfinite(grad_norm)
-            if finite:
-                optimizer.step()
-            elif tcfg.nan_policy == "skip":
+            grad_norm, finite = optimizer_step(pm, optimizer, cfg.optim.grad_clip,
+                                               skip=not math.isfinite(loss_val))
+            if not finite and tcfg.nan_policy == "skip":
                 nan_skipped += 1
-            else:
+            elif not finite:
                 raise UserError(f"non-finite loss ({loss_val}) or grad norm ({grad_norm}) at step "
                                 f"{step + 1}; set train.nan_policy=skip to skip such steps")
             optimizer.zero_grad(set_to_none=True)
@@ -214,7 +222,8 @@ def _train(cfg: Config, world) -> dict:
                    if peak else None, "memory_mb": peak_memory_mb(world.device), "nan_skipped": nan_skipped}
             rec.update(pm.step_metrics())
             if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
-                val_loss = run_eval(cfg, pm, world, run_dir)
+                with watchdog.suspended():
+                    val_loss = run_eval(cfg, pm, world, run_dir)
                 rec["val_loss"] = val_loss
             if metrics:
                 metrics.write(rec)
@@ -224,13 +233,19 @@ def _train(cfg: Config, world) -> dict:
                 save(step)
                 last_saved = step
             if _agreed_signal(flag, world):
+                flag.boundary_reached()
                 path = save(step)
                 progress.write(f"signal received: saved {path}; exiting for requeue")
+                _record_status(world.rank, EXIT_PREEMPTED)
+                world.barrier()  # no rank exits (and no launcher tears the job down) before that
                 raise Preempted(str(path))
+            watchdog.kick()
+        watchdog.stop()
         if last_saved != step:
             save(step)
         val_loss = run_eval(cfg, pm, world, run_dir)
     finally:
+        watchdog.stop()
         flag.restore()
         progress.close()
         if metrics:
@@ -244,7 +259,18 @@ def _train(cfg: Config, world) -> dict:
     return summary
 
 
-def _agreed_signal(flag: _SignalFlag, world) -> bool:
+def optimizer_step(pm, optimizer, max_norm: float, skip: bool) -> tuple[float, bool]:
+    """Clip and step unless ``skip`` or the gradient norm is not finite: (grad norm, stepped)."""
+    if hasattr(pm, "optimizer_step"):  # engines that clip and step in one call (DeepSpeed)
+        return pm.optimizer_step(max_norm, skip)
+    grad_norm = float(pm.clip_grad_norm_(max_norm))
+    if skip or not math.isfinite(grad_norm):
+        return grad_norm, False
+    optimizer.step()
+    return grad_norm, True
+
+
+def _agreed_signal(flag: PreemptionFlag, world) -> bool:
     """True on every rank if any rank got a preemption signal."""
     t = torch.tensor([float(flag.signum)], device=world.device)
     world.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
@@ -266,11 +292,52 @@ def run_eval(cfg: Config, pm, world, run_dir: Path) -> float | None:
     return evaluate(pm, batches)
 
 
+STATUS_FILE_ENV = "PRETRAIN_EXIT_STATUS_FILE"  # launchers learn the exit status through torchrun
+
+
 def train_main(cfg: Config) -> int:
+    """``pretrain train``: 0 when done, EXIT_PREEMPTED after a preemption signal.
+
+    In a multi-process run an exception ends this rank at once (no clean-up that could
+    wait on peers); its closed connections, the launcher and the peers' watchdogs and
+    process-group timeouts then bring the other ranks down.
+    """
+    rank = int(os.environ.get("RANK", "0"))
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
         summary = train(cfg)
     except Preempted:
+        _record_status(rank, EXIT_PREEMPTED)
         return EXIT_PREEMPTED
-    if int(os.environ.get("RANK", "0")) == 0:
+    except BaseException as e:
+        if not distributed or isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        code = EXIT_USER_ERROR if isinstance(e, (UserError, ValueError)) and not _is_bug(e) else 1
+        _record_status(rank, code)
+        if code == EXIT_USER_ERROR:
+            print(f"error: [rank {rank}] {e}", file=sys.stderr, flush=True)
+        else:
+            traceback.print_exc()
+            print(f"rank {rank}: {type(e).__name__}: exiting", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(code)
+    _record_status(rank, 0)
+    if rank == 0:
         print(json.dumps(summary, indent=1))
     return 0
+
+
+def _is_bug(e: BaseException) -> bool:
+    from models.config import ConfigError
+
+    return isinstance(e, ValueError) and not isinstance(e, ConfigError)
+
+
+def _record_status(rank: int, status: int) -> None:
+    path = os.environ.get(STATUS_FILE_ENV)
+    if path and rank == 0:
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(f"{status}\n")
+        except OSError as e:
+            print(f"warning: cannot write {path}: {e}", file=sys.stderr)

@@ -97,8 +97,8 @@ def test_qwen2_moe_shared_experts_and_dense_layers(tmp_path):
     # an ungated shared expert (exported as gate 0, doubled down projection), no renormalisation,
     # and a dense MLP layer in between (mlp_only_layers)
     moe = MoEConfig(n_experts=4, top_k=2, n_shared_experts=2, renormalize=False)
-    _, _, s = export_and_compare(tmp_path, tiny(pattern="*E*-", n_layers=1, moe=moe, qkv_bias=True),
-                                 "Qwen2MoeForCausalLM")
+    export_and_compare(tmp_path, tiny(pattern="*E*-", n_layers=1, moe=moe, qkv_bias=True),
+                       "Qwen2MoeForCausalLM")
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cfg["mlp_only_layers"] == [1] and cfg["norm_topk_prob"] is False
 
@@ -125,7 +125,7 @@ def test_remote_code_moe_mamba_hybrid(tmp_path):
                     shared_expert_gate=True, router_bias=True)
     mc = tiny(pattern="M*EP-", n_layers=1, moe=moe, mamba=MambaConfig(d_state=8, head_dim=8, n_groups=2,
               chunk_size=4), hybrid=HybridHeadsConfig(n_attn_heads=2, n_mamba_heads=2))
-    model, ckpt, s = export_and_compare(tmp_path, mc, "PretrainLMForCausalLM", generate=True)
+    _, _, s = export_and_compare(tmp_path, mc, "PretrainLMForCausalLM", generate=True)
     assert "sublayer pattern" in s["notes"][0]
 
     sig = tiny(pattern="*E", moe=MoEConfig(n_experts=4, top_k=2, score_fn="sigmoid"))
@@ -170,4 +170,21 @@ def test_import_falcon_h1_folds_multipliers(tmp_path):
     hf = FalconH1ForCausalLM(cfg).eval()
     hf.save_pretrained(tmp_path / "fh1")
     _, ours, _ = load_for_inference(str(import_model(str(tmp_path / "fh1"), str(tmp_path / "ck"))))
+    assert diff(ours, hf, torch.randint(0, VOCAB, (2, 10))) < 1e-4
+
+
+def test_import_transformers_mixtral_via_cli(tmp_path):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from pretrain.cli import main as cli
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                        max_position_embeddings=32, sliding_window=None)
+    hf = MixtralForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path / "mx")
+    assert cli(["import-hf", "--model", str(tmp_path / "mx"), "--out", str(tmp_path / "run")]) == 0
+    _, ours, _ = load_for_inference(str(tmp_path / "run"))
+    assert ours.cfg.pattern == "*E" and ours.cfg.moe.n_experts == 4
     assert diff(ours, hf, torch.randint(0, VOCAB, (2, 10))) < 1e-4

@@ -111,7 +111,7 @@ def run_gradsync(layout: dict) -> dict:
 
     pm, opt, world = build(layout)
     counts = {"n": 0}
-    names = ("reduce_scatter_tensor", "all_reduce", "_reduce_scatter_base")
+    names = ("reduce_scatter_single", "reduce_scatter_tensor", "all_reduce")
     saved = {n: getattr(dist, n) for n in names if hasattr(dist, n)}
 
     def wrap(fn):
@@ -140,6 +140,23 @@ def run_gradsync(layout: dict) -> dict:
     return {"per_microbatch": per_mb}
 
 
+def run_init_check(layout: dict) -> dict:
+    """Largest difference between any parameter (gathered) and its layout-free initial value."""
+    from torch.distributed.tensor import DTensor
+
+    from models.transformer import init_tensor
+    from parallel.init import canonical_name
+
+    pm, _, _ = build(layout)
+    worst = 0.0
+    for part in pm.parts:
+        for name, p in part.named_parameters():
+            full = p.full_tensor() if isinstance(p, DTensor) else p
+            ref = init_tensor(part, canonical_name(name), tuple(full.shape), 0)
+            worst = max(worst, float((full.detach() - ref).abs().max()))
+    return {"max_abs_diff": worst}
+
+
 def main(spec_path: str, out_path: str) -> None:
     import torch.distributed as dist
 
@@ -158,12 +175,15 @@ def main(spec_path: str, out_path: str) -> None:
                                  job.get("fused", False), job.get("z_loss", 0.0))
             elif kind == "resume":
                 res = run_resume(job.get("save"), job.get("load"), job["dir"], job["save_at"], job["steps"])
+            elif kind == "init":
+                res = run_init_check(job["layout"])
             elif kind == "gradsync":
                 res = run_gradsync(job["layout"])
             else:
                 raise ValueError(kind)
         except Exception as e:  # report, keep the group alive for the next job
             res = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
+            print(f"[rank {dist.get_rank()}] {name} failed:\n{res['trace']}", file=sys.stderr, flush=True)
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, res)
         errors = [r for r in gathered if "error" in r]

@@ -14,10 +14,7 @@ import argparse
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
-
-import torch
 
 from pretrain.errors import UserError
 from pretrain.hf.common import BOS_ID, DTYPES, EOS_ID, HF_DTYPE_NAMES, PAD_ID, cast, parse_size, write_safetensors
@@ -40,12 +37,16 @@ def export_checkpoint(checkpoint: str, out: str, dtype: str = "fp32", max_shard_
     cfg, model, path = load_for_inference(checkpoint)
     mc = cfg.model
     sd = {k: v.detach() for k, v in model.state_dict().items()}
-    arch, issues, notes = choose(mc, sd, remote_code)
+    arch, _, notes = choose(mc, sd, remote_code)
     tok_path = Path(tokenizer) if tokenizer else path / "tokenizer.model"
+    if tokenizer and not tok_path.is_file():
+        raise UserError(f"--tokenizer: {tok_path} not found")
     tok_ids = _token_ids(tok_path, mc.vocab_size)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp_{out_dir.name}_", dir=out_dir.parent))
+    tmp = out_dir.parent / f".tmp_{out_dir.name}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()  # (not mkdtemp: the result keeps the umask's permissions)
     try:
         torch_dtype = DTYPES[dtype]
         files = write_safetensors(cast(arch.export_weights(mc, sd), torch_dtype), tmp, max_bytes)
@@ -64,7 +65,7 @@ def export_checkpoint(checkpoint: str, out: str, dtype: str = "fp32", max_shard_
             notes.append(f"no tokenizer written: {tok_path} not found (pass --tokenizer)")
         summary = {"checkpoint": str(path), "out": str(out_dir), "architecture": arch.hf_class,
                    "remote_code": arch is REMOTE, "dtype": dtype, "files": sorted(files), "notes": notes}
-        (tmp / "README.md").write_text(_readme(summary, issues, mc))
+        (tmp / "README.md").write_text(_readme(summary, mc))
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above)
         os.replace(tmp, out_dir)
@@ -109,7 +110,7 @@ def _write_generation_config(out: Path, tok_ids: dict, use_cache: bool) -> None:
                      use_cache=use_cache).save_pretrained(str(out))
 
 
-def _readme(summary: dict, issues: list[str], mc) -> str:
+def _readme(summary: dict, mc) -> str:
     lines = [f"# Exported from `{summary['checkpoint']}`", "",
              f"- architecture: `{summary['architecture']}`" + (" (remote code)" if summary["remote_code"] else ""),
              f"- weights dtype: {summary['dtype']}", ""]
@@ -117,8 +118,13 @@ def _readme(summary: dict, issues: list[str], mc) -> str:
         lines += ["Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`. The modeling",
                   "file `modeling_pretrain_lm.py` needs only torch and transformers. It keeps no KV/SSM cache:",
                   "`generate()` re-runs the whole sequence for every new token (correct, slower).", ""]
-        if issues:
-            lines += ["Remote code because no transformers class represents: " + "; ".join(issues) + ".", ""]
+        kinds = set(mc.sublayer_kinds)
+        if kinds & {"mamba", "hybrid"}:
+            lines += ["Mamba-2 runs the exact quadratic form of the SSD scan: memory grows with the square",
+                      "of the sequence length.", ""]
+        if "moe" in kinds and mc.moe.capacity_factor > 0:
+            lines += ["The MoE drops tokens over capacity per forward, as in training: outputs depend on",
+                      "the batch (batch size 1 reproduces `pretrain generate`).", ""]
     lines += ["## Document masking",
               "Training packed several documents per sequence (`doc EOS doc EOS ...`)"
               + (" with document masks: attention (and Mamba-2 state) did not cross EOS." if mc.doc_mask
@@ -133,7 +139,7 @@ def _readme(summary: dict, issues: list[str], mc) -> str:
               "strings such as `</s>` inside text are parsed as special tokens by transformers.", ""]
     if summary["notes"]:
         lines += ["## Notes"] + [f"- {n}" for n in summary["notes"]] + [""]
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str]) -> int:
