@@ -28,7 +28,7 @@ def auto_chunk_size(n_tokens: int, vocab: int, dim: int) -> int:
 
 def torch_chunk(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int, ignore_index: int,
                 z_loss: float, row_scale: torch.Tensor, group, need_grad: bool):
-    """Reference chunk step. logits: [n, V_local] (consumed: may be overwritten);
+    """Reference chunk step. logits: [n, V_local] (consumed: overwritten in place);
     returns per-row loss [n] (0 on ignored rows) and ``d(sum(row_scale * loss))/d logits``."""
     x = logits.float()
     V = x.shape[1]
@@ -37,16 +37,17 @@ def torch_chunk(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int, ig
     hit = valid & (local >= 0) & (local < V)
     idx = local.clamp(0, V - 1).unsqueeze(1)
     tgt = torch.where(hit, x.gather(1, idx).squeeze(1), 0.0)
-    if group is None:
-        lse = torch.logsumexp(x, dim=-1)
-    else:
-        m = x.amax(dim=-1)
+    m = x.amax(dim=-1)
+    if group is not None:
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-        s = torch.exp(x - m.unsqueeze(1)).sum(-1)
+    # exp(x - m) in place: the chunk's only [n, V] buffer is the logits themselves
+    e = x.sub_(m.unsqueeze(1)).exp_()
+    s = e.sum(-1)
+    if group is not None:
         st = torch.stack([s, tgt])
         dist.all_reduce(st, op=dist.ReduceOp.SUM, group=group)
         s, tgt = st[0], st[1]
-        lse = m + s.log()
+    lse = m + s.log()
     loss = lse - tgt
     if z_loss:
         loss = loss + z_loss * lse * lse
@@ -54,16 +55,17 @@ def torch_chunk(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int, ig
     if not need_grad:
         return loss, None
     coef = row_scale * (1.0 + 2.0 * z_loss * lse) if z_loss else row_scale
-    # softmax * coef - row_scale * onehot, built in place in the fp32 logits buffer
-    g = x.sub_(lse.unsqueeze(1)).exp_().mul_(coef.unsqueeze(1))
+    # softmax * coef - row_scale * onehot
+    g = e.mul_((coef / s).unsqueeze(1))
     g.scatter_add_(1, idx, -(row_scale * hit).unsqueeze(1))
     return loss, g.to(logits.dtype)
 
 
-def _vocab_start(v_local: int, group) -> int:
+def _vocab_start(v_local: int, group, device) -> int:
     # Prefix sum of shard sizes, so uneven shards (e.g. DTensor Shard(0)) work too.
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(sizes, torch.tensor([v_local], dtype=torch.int64), group=group)
+    # On the weight's device: NCCL only moves CUDA tensors.
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, torch.tensor([v_local], dtype=torch.int64, device=device), group=group)
     return int(sum(int(s) for s in sizes[:dist.get_rank(group)]))
 
 
@@ -83,7 +85,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_h = grad_enabled and ctx.needs_input_grad[0]
         need_w = grad_enabled and ctx.needs_input_grad[1]
         need_grad = need_h or need_w
-        vocab_start = _vocab_start(V, group) if group is not None else 0
+        vocab_start = _vocab_start(V, group, weight.device) if group is not None else 0
 
         valid = y != ignore_index
         denom = valid.sum().clamp(min=1).float() if reduction == "mean" else torch.ones((), device=h.device)
@@ -120,9 +122,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         gh, gw = ctx.saved_tensors
         hshape, hdtype, wdtype = ctx.shapes
-        dh = (gh * grad_out).to(hdtype).view(hshape) if gh is not None else None
-        dw = (gw * grad_out).to(wdtype) if gw is not None else None
+        dh = _scaled(gh, grad_out, hdtype).view(hshape) if gh is not None else None
+        dw = _scaled(gw, grad_out, wdtype) if gw is not None else None
         return dh, dw, None, None, None, None, None, None, None, None, None
+
+
+def _scaled(g: torch.Tensor, grad_out: torch.Tensor, dtype) -> torch.Tensor:
+    # Never in place on the saved gradient (backward may run again with retain_graph);
+    # one new buffer either way.
+    return g.to(dtype).mul_(grad_out) if g.dtype != dtype else g * grad_out
 
 
 def chunked_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, z_loss=0.0,

@@ -107,11 +107,20 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                                         chunk_fn=None)
 
 
+def doc_segments(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[..., S] ids -> run index (+1 wherever the id changes): a document is a contiguous
+    run of equal ids, even if an id value recurs later in the row."""
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[..., 1:] = doc_ids[..., 1:] != doc_ids[..., :-1]
+    return starts.cumsum(-1)
+
+
 def doc_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """Boolean [B, 1, S, S] mask: causal and within the same document."""
+    """Boolean [B, 1, S, S] mask: causal and within the same document (run of equal ids)."""
     S = doc_ids.shape[-1]
     causal = torch.ones(S, S, dtype=torch.bool, device=doc_ids.device).tril()
-    same = doc_ids.unsqueeze(-1) == doc_ids.unsqueeze(-2)
+    seg = doc_segments(doc_ids)
+    same = seg.unsqueeze(-1) == seg.unsqueeze(-2)
     return (same & causal).unsqueeze(1)
 
 
@@ -119,7 +128,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention. q: [B, S, H, D]; k, v: [B, S, Hkv, D]; returns [B, S, H, D].
 
-    With ``doc_ids`` ([B, S] ints), a token attends only to earlier tokens of its own document.
+    With ``doc_ids`` ([B, S] ints), a token attends only to earlier tokens of its own
+    document, a contiguous run of equal ids (as flash-attn's varlen path sees it).
     """
     H, Hkv = q.shape[2], k.shape[2]
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))

@@ -50,12 +50,11 @@ def parse_train_args(config: str | None, overrides: list[str]) -> TrainJob:
     if not config:
         raise UserError("missing CONFIG (a YAML file or a preset name from configs/)")
     if config.startswith("-"):
-        raise UserError(f"unexpected option '{config}' where CONFIG was expected "
-                        f"(launcher options go before CONFIG, --key=value overrides after it)")
+        raise UserError(f"unexpected option '{config}' where CONFIG was expected")
     for ov in overrides:
         if not _OVERRIDE_RE.match(ov):
-            raise UserError(f"'{ov}': after CONFIG only --section.key=value overrides are allowed "
-                            f"(launcher options go before CONFIG)")
+            raise UserError(f"'{ov}': neither an option of this launcher nor a "
+                            f"--section.key=value override")
     path = resolve_config_path(config).resolve()
     cfg = load_config(str(path), overrides)
     workdir = Path.cwd()
@@ -64,11 +63,6 @@ def parse_train_args(config: str | None, overrides: list[str]) -> TrainJob:
         run_dir = workdir / run_dir
     return TrainJob(str(path), list(overrides), run_dir, workdir, cfg.train.preempt_grace_s,
                     cfg.parallel.dp_engine)
-
-
-def split_config_args(rest: list[str]) -> tuple[str | None, list[str]]:
-    """CONFIG and the overrides after it."""
-    return (rest[0], rest[1:]) if rest else (None, [])
 
 
 def parse_env(items: list[str]) -> dict[str, str]:
@@ -96,7 +90,8 @@ def torchrun_cmd(*, nnodes: str, nproc_per_node: int | str, rdzv: list[str], shu
            # keep workers alive through their checkpoint after a forwarded signal
            f"--shutdown-timeout={max(int(shutdown_timeout), 30)}"]
     if log_dir:
-        cmd += [f"--log-dir={log_dir}", "--redirects=3", "--tee=3"]
+        cmd += [f"--log-dir={log_dir}", "--redirects=3", "--tee=3",
+                "--log-line-prefix-template=[rank${rank}]: "]
     return cmd
 
 

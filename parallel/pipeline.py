@@ -169,3 +169,17 @@ def build_schedule(name: str, stages: list, n_micro: int, loss_fn):
     except ValueError as e:
         raise ConfigError(f"parallel.pp_microbatches: {n_micro} micro-batches do not fit the "
                           f"{name} schedule: {e}") from None
+
+
+def stage_union(parts: list[nn.Module]) -> nn.Module:
+    """One module over this rank's pipeline stages, with the whole model's parameter names
+    (for APIs that take a single module, e.g. DCP's optimizer state dict)."""
+    if len(parts) == 1:
+        return parts[0]
+    union = nn.Module()
+    union.tok_embeddings = next((p.tok_embeddings for p in parts if p.tok_embeddings is not None), None)
+    layers = {k: v for p in parts for k, v in p.layers.items()}
+    union.layers = nn.ModuleDict({k: layers[k] for k in sorted(layers, key=int)})
+    union.norm = next((p.norm for p in parts if p.norm is not None), None)
+    union.output = next((p.output for p in parts if p.output is not None), None)
+    return union

@@ -61,14 +61,6 @@ class World:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def group(self, *dims: str):
-        """Process group of mesh dim(s) ``dims`` (flattened when several); None on one process."""
-        if self.mesh is None:
-            return None
-        if len(dims) == 1:
-            return self.mesh.get_group(dims[0])
-        return self.mesh[dims]._flatten("_".join(dims)).get_group()
-
 
 def pick_backend(pcfg: ParallelConfig) -> str:
     if pcfg.backend != "auto":
@@ -96,8 +88,8 @@ def resolve_layout(pcfg: ParallelConfig, world_size: int) -> dict[str, int]:
     shard = pcfg.dp_shard
     if shard == -1:
         if world_size % fixed:
-            raise ConfigError(f"parallel.dp_shard: the world size {world_size} is not divisible by "
-                              f"pp*dp_replicate*cp*tp = {fixed}")
+            raise ConfigError(f"parallel: pp*dp_replicate*cp*tp = {pcfg.pp}*{pcfg.dp_replicate}*{pcfg.cp}*"
+                              f"{pcfg.tp} = {fixed} does not divide the world size {world_size}")
         shard = world_size // fixed
     elif shard < 1:
         raise ConfigError(f"parallel.dp_shard: must be >= 1, or -1 for the rest, got {shard}")

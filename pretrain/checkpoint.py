@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from parallel.pipeline import stage_union
 from pretrain.errors import UserError
 from pretrain.faults import maybe_kill
 
@@ -73,7 +74,7 @@ def _model_state(parts) -> dict:
 
 
 def _optim_state(parts, optimizer) -> dict:
-    return get_optimizer_state_dict(parts if len(parts) > 1 else parts[0], optimizer)
+    return get_optimizer_state_dict(stage_union(parts), optimizer)
 
 
 def save_checkpoint(run_dir, step: int, parts, optimizer, trainer_state: dict, world,
@@ -133,7 +134,7 @@ def load_checkpoint(path: Path, parts, optimizer, world) -> dict:
     for part in parts:
         set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
     if optimizer is not None:
-        set_optimizer_state_dict(parts if len(parts) > 1 else parts[0], optimizer, state["optim"])
+        set_optimizer_state_dict(stage_union(parts), optimizer, state["optim"])
     rng = path / f"rng_rank{world.rank}.pt"
     meta = json.loads((path / "meta.json").read_text())
     if rng.is_file() and meta.get("world_size") == world.world_size:

@@ -68,6 +68,7 @@ class TrainConfig:
     eval_batches: int = 8
     z_loss: float = 0.0
     fused_loss: bool = False  # chunked LM head + cross-entropy (no full logits)
+    kernels: str = "auto"  # auto | reference | triton | vendor (env PRETRAIN_KERNELS wins)
     nan_policy: str = "stop"  # stop | skip
     preempt_grace_s: float = 120.0
 

@@ -19,7 +19,7 @@ from models.transformer import build_model
 from pretrain import checkpoint as ckpt
 from pretrain.config import Config, _plain
 from pretrain.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
-from pretrain.faults import fault_at, maybe_kill
+from pretrain.faults import fault_at, maybe_hang, maybe_kill
 from pretrain.flops import device_peak_flops, train_flops_per_token
 from pretrain.metrics import MetricsWriter, Progress
 from pretrain.optim import build_optimizer, build_scheduler
@@ -28,6 +28,19 @@ from pretrain.resilience import PreemptionFlag, Watchdog
 
 class Preempted(Exception):
     """Raised after a checkpoint was written because SIGTERM/SIGUSR1 arrived."""
+
+
+def setup_kernels(cfg: Config, device) -> None:
+    """Apply ``train.kernels`` and resolve every op now, so an unavailable path fails up front."""
+    import kernels
+    from kernels.dispatch import OPS
+
+    try:
+        kernels.configure(backend=cfg.train.kernels)
+        for op in OPS:
+            kernels.backend_for(op, device)
+    except (ValueError, RuntimeError, ImportError) as e:
+        raise UserError(f"train.kernels: {e}") from None
 
 
 def setup_determinism(cfg: Config) -> None:
@@ -94,15 +107,21 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def train(cfg: Config) -> dict:
     """Run training; returns a summary dict (also written to ``<run_dir>/summary.json``)."""
-    world = parallel.init_world(cfg.parallel)
+    # handlers first: a preemption signal during start-up must not kill the process
+    flag = PreemptionFlag(cfg.train.preempt_grace_s)
     try:
-        return _train(cfg, world)
+        world = parallel.init_world(cfg.parallel)
+        try:
+            return _train(cfg, world, flag)
+        finally:
+            parallel.shutdown_world(world)
     finally:
-        parallel.shutdown_world(world)
+        flag.restore()
 
 
-def _train(cfg: Config, world) -> dict:
+def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
     setup_determinism(cfg)
+    setup_kernels(cfg, world.device)
     run_dir = prepare_run_dir(cfg, world)
     tcfg = cfg.train
     config_text = yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False)
@@ -187,7 +206,6 @@ def _train(cfg: Config, world) -> dict:
                 return ckpt.save_checkpoint(run_dir, at_step, parts, None, state, world, config_text,
                                             tok_path, cfg.checkpoint.keep, extra=pm.save_state)
 
-    flag = PreemptionFlag(tcfg.preempt_grace_s)
     watchdog = Watchdog(cfg.parallel.timeout_s if world.distributed else 0, world.rank)
     last_saved = step if resume_from is not None else -1
     val_loss = None
@@ -197,6 +215,7 @@ def _train(cfg: Config, world) -> dict:
             batch = next(train_data)
             if fault_at("raise_at_step", step + 1):
                 raise RuntimeError(f"injected fault at step {step + 1}")
+            maybe_hang("hang_at_step", step + 1)
             loss = pm.forward_backward(split_micro_batches(batch, tcfg.micro_batch))
             if fault_at("nan_at_step", step + 1):
                 loss = loss * float("nan")
@@ -246,7 +265,6 @@ def _train(cfg: Config, world) -> dict:
         val_loss = run_eval(cfg, pm, world, run_dir)
     finally:
         watchdog.stop()
-        flag.restore()
         progress.close()
         if metrics:
             metrics.close()

@@ -235,6 +235,15 @@ DOCS = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2],
                      [5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 0, 0]])
 
 
+def test_recurring_id_starts_a_new_document_on_both_paths():
+    docs = torch.tensor([[0, 0, 1, 1, 0, 0]])
+    q, k, v = _qkv(B=1, S=6)
+    ref = reference.attention(q, k, v, docs)
+    torch.testing.assert_close(varlen_attention(q, k, v, docs, _flash_varlen_emulation), ref,
+                               rtol=1e-5, atol=1e-5)
+    assert not reference.doc_mask(docs)[0, 0, 4, :2].any()
+
+
 def test_cu_seqlens_from_doc_ids():
     cu, mx = cu_seqlens_from_doc_ids(DOCS)
     assert cu.tolist() == [0, 3, 8, 12, 22, 24] and mx == 10 and cu.dtype == torch.int32

@@ -2,9 +2,8 @@
 interpreter on CPU (awkward row lengths, one row, a long row, fp32/bf16, strided inputs).
 
 ``triton.jit`` reads TRITON_INTERPRET when a kernel is decorated, i.e. when
-``kernels.triton_ops`` is imported, so it is set around that import (and restored after,
-so other test modules of the session do not inherit it; the kernels stay interpreted and
-the dispatcher knows it from ``kernels.triton_ops._common.INTERPRET``). bf16 tolerances
+``kernels.triton_ops`` is imported, so it is set here before that import (and left set:
+the interpreter reads it again at launch). bf16 tolerances
 allow a couple of ulps: the interpreter truncates fp32->bf16 where CUDA rounds to nearest.
 """
 
@@ -14,7 +13,6 @@ import importlib
 import os
 import sys
 
-_saved_env = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
@@ -37,10 +35,6 @@ def _import_interpreted(*names):
 
 
 T_norms, T_rotary, T_swiglu, T_ce = _import_interpreted("norms", "rotary", "swiglu", "cross_entropy")
-if _saved_env is None:
-    del os.environ["TRITON_INTERPRET"]
-else:
-    os.environ["TRITON_INTERPRET"] = _saved_env
 
 F32, BF16 = torch.float32, torch.bfloat16
 TOL = {F32: 2e-5, BF16: 2e-2}

@@ -59,7 +59,7 @@ def make_world(layout: dict):
     return pcfg, build_world(pcfg, rank, ws, 0, torch.device("cpu"))
 
 
-def build(layout: dict, model_kw: dict | None = None, fused: bool = False, z_loss: float = 0.0):
+def build(layout: dict, model_kw: dict | None = None, **kw):
     from models.transformer import build_model
     from parallel import parallelize
     from pretrain.config import OptimConfig
@@ -67,7 +67,7 @@ def build(layout: dict, model_kw: dict | None = None, fused: bool = False, z_los
 
     pcfg, world = make_world(layout)
     model = build_model(model_cfg(**(model_kw or {})), init=False)
-    pm = parallelize(model, pcfg, world, seed=0, fused_loss=fused, z_loss=z_loss)
+    pm = parallelize(model, pcfg, world, seed=0, **kw)
     opt = build_optimizer(pm.parts, OptimConfig(lr=3e-3, warmup_steps=0, weight_decay=0.1))
     return pm, opt, world
 
@@ -83,9 +83,9 @@ def train_steps(pm, opt, world, start: int, stop: int) -> dict:
     return {"loss": losses, "grad_norm": norms}
 
 
-def run_layout(layout: dict, steps: int = 10, model_kw: dict | None = None, fused: bool = False,
-               z_loss: float = 0.0) -> dict:
-    pm, opt, world = build(layout, model_kw, fused, z_loss)
+def run_layout(layout: dict, steps: int = 10, model_kw: dict | None = None, **kw) -> dict:
+    """Per-step loss and grad norm of ``steps`` optimizer steps; ``kw`` go to parallelize."""
+    pm, opt, world = build(layout, model_kw, **kw)
     return train_steps(pm, opt, world, 0, steps)
 
 
@@ -171,8 +171,7 @@ def main(spec_path: str, out_path: str) -> None:
         print(f"[rank {dist.get_rank()}] {name}", file=sys.stderr, flush=True)
         try:
             if kind == "layout":
-                res = run_layout(job["layout"], job.get("steps", 10), job.get("model"),
-                                 job.get("fused", False), job.get("z_loss", 0.0))
+                res = run_layout(job["layout"], job.get("steps", 10), job.get("model"), **job.get("kw", {}))
             elif kind == "resume":
                 res = run_resume(job.get("save"), job.get("load"), job["dir"], job["save_at"], job["steps"])
             elif kind == "init":

@@ -129,6 +129,11 @@ def open_dataset(path: str, cache_dir: str | None = None) -> Dataset:
     """Resolve a configured dataset path (local directory or URL) and read its meta.json."""
     if not path:
         raise UserError("data.path (or data.mixture) must name a prepared dataset")
+    from pretrain.data.megatron import megatron_prefix, open_megatron
+
+    prefix = None if is_remote(path) else megatron_prefix(path)
+    if prefix:  # a Megatron-LM indexed dataset (PREFIX.bin + PREFIX.idx)
+        return open_megatron(path, prefix)
     if not is_remote(path):
         root = Path(path)
         if not root.is_dir():

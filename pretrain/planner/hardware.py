@@ -33,10 +33,11 @@ class Device:
     intra_latency: float = 5e-6  # s per collective step inside a node
     inter_latency: float = 12e-6  # s per collective step across nodes
     n_sm: int = 132  # streaming multiprocessors (GEMM wave quantisation)
+    k_overhead: int = 512  # pipeline fill + epilogue of one GEMM output tile, in units of K
     gpus_per_node: int = 8
     # Sustained fractions of the datasheet rates (see module docstring).
     gemm_efficiency: float = 0.66
-    attention_efficiency: float = 0.50  # fused flash/SSD kernels, fwd+bwd
+    attention_efficiency: float = 0.40  # fused flash/SSD kernels, fwd+bwd
     hbm_efficiency: float = 0.80  # STREAM-like fraction of HBM bandwidth
     link_efficiency: float = 0.80  # NCCL bus bandwidth / link rate
     causal_skip: bool = True  # flash kernels skip the masked half of the score matrix
@@ -179,21 +180,18 @@ def p2p_time(nbytes: float, cross_node: bool, dev: Device) -> float:
 # ---- compute ---------------------------------------------------------------------------
 
 TILE_M, TILE_N = 128, 256  # a typical bf16 tensor-core GEMM tile
-K_OVERHEAD = 256  # pipeline fill + epilogue of one output tile, in units of K
 
 
 def gemm_efficiency(m: int, n: int, k: int, dev: Device) -> float:
     """Fraction of peak one ``[m,k] @ [k,n]`` GEMM reaches: the sustained large-GEMM rate,
     times the share of a tile's time spent in its K loop (fill and epilogue cost about
-    ``K_OVERHEAD`` of K), times wave quantisation over the SMs."""
+    ``k_overhead`` of K), times wave quantisation over the SMs."""
     if m <= 0 or n <= 0 or k <= 0:
         return dev.gemm_efficiency
-    if dev.name == "cpu":
-        return dev.gemm_efficiency * k / (k + 16)
     tiles = math.ceil(m / TILE_M) * math.ceil(n / TILE_N)
     waves = math.ceil(tiles / dev.n_sm)
     util = tiles / (waves * dev.n_sm)
-    return dev.gemm_efficiency * k / (k + K_OVERHEAD) * util
+    return dev.gemm_efficiency * k / (k + dev.k_overhead) * util
 
 
 def gemm_time(m: int, n: int, k: int, dev: Device) -> float:

@@ -115,6 +115,7 @@ class Recipe:
     ladder_from: int = 0
     accumulate_unsharded: bool = True  # FSDP2 no-sync micro-batches keep unsharded grads
     p2p_overlap: bool = False  # pipeline sends/receives hidden behind compute
+    ce_bytes: int = 48  # HBM bytes per logit of the (unfused) cross-entropy, fwd + bwd
 
 
 def project_recipe(cfg: Config) -> Recipe:
@@ -134,7 +135,7 @@ def megatron_recipe() -> Recipe:
     GEMMs (``--tp-comm-overlap``)."""
     return Recipe("megatron", param_bytes=2, compute_param_bytes=2, grad_bytes=4, master_bytes=4,
                   stream_bytes=2, act_bytes=2, tp_overlap="full", accumulate_unsharded=False,
-                  p2p_overlap=True)
+                  p2p_overlap=True, ce_bytes=64)
 
 
 def config_layout(cfg: Config, world_size: int) -> Layout:

@@ -19,22 +19,64 @@ class Stage:
     last: bool
 
 
+_SPLITS: dict[tuple, list[list[Stage]]] = {}
+
+
 def split(cfg: ModelConfig, layout: Layout) -> list[list[Stage]]:
     """The stages each pp rank holds, cut exactly as ``parallel.pipeline`` cuts them
     (``|`` marks, else balanced by parameter count with the LM head on the last stage)."""
-    from parallel.pipeline import split_stages, stage_rank
-
     n_stages = layout.pp * layout.vpp
     if n_stages == 1:
         return [[Stage(0, tuple(range(cfg.n_sublayers)), True, True)]]
+    key = (repr(cfg), layout.pp, n_stages, layout.schedule)
+    if key not in _SPLITS:
+        _SPLITS[key] = _split(cfg, layout, n_stages)
+    return _SPLITS[key]
+
+
+def _split(cfg: ModelConfig, layout: Layout, n_stages: int) -> list[list[Stage]]:
+    from parallel.pipeline import stage_rank
+
     sizes = {k: sum(ms.numel(p) for p in ms.sublayer_params(k, cfg)) for k in set(cfg.sublayer_kinds)}
     costs = [2.0 * sizes[k] for k in cfg.sublayer_kinds]
-    groups = split_stages(cfg, n_stages, costs, 0.0, 2.0 * cfg.d_model * cfg.vocab_size)
+    head = 2.0 * cfg.d_model * cfg.vocab_size
+    marks = sorted({b for b in cfg.stage_boundaries() if 0 < b < cfg.n_sublayers})
+    if marks:
+        cuts = [0, *marks, cfg.n_sublayers]
+        groups = [list(range(a, b)) for a, b in zip(cuts, cuts[1:])]
+    else:
+        groups = balanced_split(costs, n_stages, 0.0, head)
     ranks: list[list[Stage]] = [[] for _ in range(layout.pp)]
     for s, layers in enumerate(groups):
         ranks[stage_rank(s, n_stages, layout.pp, layout.schedule)].append(
             Stage(s, tuple(layers), s == 0, s == n_stages - 1))
     return ranks
+
+
+def balanced_split(costs: list[float], k: int, embed: float, head: float) -> list[list[int]]:
+    """Contiguous split of ``costs`` into ``k`` stages minimising the largest stage cost (the
+    embedding on the first, the head on the last): the dynamic programme of
+    ``parallel.pipeline`` (same ties: the earliest cut), vectorised over the cut position."""
+    import numpy as np
+
+    n = len(costs)
+    prefix = np.concatenate([[0.0], np.cumsum(np.asarray(costs, dtype=np.float64))])
+    best = np.full((k + 1, n + 1), np.inf)
+    arg = np.zeros((k + 1, n + 1), dtype=np.int64)
+    best[0, 0] = 0.0
+    for s in range(1, k + 1):
+        extra = (embed if s == 1 else 0.0) + (head if s == k else 0.0)
+        for b in range(s, n - (k - s) + 1):
+            a = np.arange(s - 1, b)
+            v = np.maximum(best[s - 1, a], prefix[b] - prefix[a] + extra)
+            i = int(np.argmin(v))
+            best[s, b], arg[s, b] = v[i], a[i]
+    out, b = [], n
+    for s in range(k, 0, -1):
+        a = int(arg[s, b])
+        out.append(list(range(a, b)))
+        b = a
+    return out[::-1]
 
 
 def stage_params(cfg: ModelConfig, stage: Stage, tp: int) -> list[tuple[str, list[ms.Param]]]:
@@ -60,17 +102,21 @@ def local_param_counts(cfg: ModelConfig, layout: Layout, shard_rank: int = 0) ->
     and ``root`` (embedding/head unit, unsharded)."""
     out = []
     shard = layout.dp_shard if layout.zero == 3 else 1
+    kinds = cfg.sublayer_kinds
+    per_kind = {}
+    for k in set(kinds):
+        params = ms.sublayer_params(k, cfg, layout.tp)
+        per_kind[k] = (_numel(params, layout, 1), _numel(params, layout, shard, shard_rank))
     for stages in split(cfg, layout):
         full = sharded = largest = root = 0
         for stage in stages:
-            for unit, params in stage_params(cfg, stage, layout.tp):
-                n_full = _numel(params, layout, 1)
-                full += n_full
-                sharded += _numel(params, layout, shard, shard_rank)
-                if unit == "root":
-                    root += n_full
-                else:
-                    largest = max(largest, n_full)
+            for i in stage.layers:
+                n_full, n_shard = per_kind[kinds[i]]
+                full, sharded, largest = full + n_full, sharded + n_shard, max(largest, n_full)
+            top = ms.top_params(cfg, stage.first, stage.last)
+            root += _numel(top, layout, 1)
+            full += _numel(top, layout, 1)
+            sharded += _numel(top, layout, shard, shard_rank)
         out.append({"full": full, "sharded": sharded, "largest_unit": largest, "root": root})
     return out
 

@@ -49,9 +49,7 @@ _SHAPES: dict[tuple[str, str], tuple[tuple[str, tuple[int, ...]], ...]] = {}
 
 def _sublayer_shapes(kind: str, cfg: ModelConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """(name, shape) of every parameter of one ``kind`` sublayer (built once on meta)."""
-    import dataclasses
-
-    key = (kind, repr(dataclasses.asdict(cfg)))
+    key = (kind, repr(cfg))
     if key not in _SHAPES:
         sub = _meta_sublayer(kind, cfg)
         _SHAPES[key] = tuple((n, tuple(p.shape)) for n, p in sub.named_parameters())

@@ -125,7 +125,7 @@ def stage_time(layers: tuple[int, ...], first: bool, last: bool, cfg: ModelConfi
     if last:
         v_local = cfg.vocab_size // tp
         f, b = _gemm_fwd_bwd(tokens, d, v_local, dev)
-        out["compute"] += f + b + hw.memory_time(16.0 * v_local * tokens, dev)
+        out["compute"] += f + b + hw.memory_time(recipe.ce_bytes * v_local * tokens, dev)
         if tp > 1:  # loss-parallel max/sum reductions + the input gradient
             out["tp_comm"] += hw.all_reduce_time(tokens * d * recipe.act_bytes, group, dev) \
                 + 3 * hw.all_reduce_time(tokens * 4.0, group, dev)

@@ -1,0 +1,259 @@
+"""Multi-dimensional parallelism on gloo: every layout's loss curve equals the single-process one.
+
+One torchrun per world size (2, 4, 8 processes) runs a list of layouts in sequence on one
+process group (tests/test_parallel_worker.py); the reference runs in this process through
+the same code path with world size 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, tiny_overrides
+from models.config import ConfigError
+
+sys.path.insert(0, str(ROOT / "tests"))
+import test_parallel_worker as W  # noqa: E402
+
+STEPS = 10
+LADDER = {"residual": "ladder", "ladder_from": 1}
+PP = {"pp": 2, "dp_shard": 1}
+
+JOBS_2 = [
+    {"name": "dp_replicate2", "layout": {"dp_replicate": 2, "dp_shard": 1}},
+    {"name": "dp_shard2", "layout": {"dp_shard": 2}},
+    {"name": "tp2", "layout": {"tp": 2, "dp_shard": 1}},
+    {"name": "tp2_sp", "layout": {"tp": 2, "dp_shard": 1, "sequence_parallel": True}},
+    {"name": "pp2_gpipe", "layout": {**PP, "pp_schedule": "gpipe"}},
+    {"name": "pp2_1f1b", "layout": {**PP, "pp_schedule": "1f1b"}},
+    {"name": "pp2_interleaved_1f1b", "layout": {**PP, "pp_schedule": "interleaved_1f1b", "pp_virtual_stages": 2}},
+    {"name": "pp2_zbv", "layout": {**PP, "pp_schedule": "zbv"}},
+    {"name": "pp2_ladder", "layout": PP, "model": LADDER, "steps": 4},
+    {"name": "tp2_sp_fused_zloss", "layout": {"tp": 2, "dp_shard": 1, "sequence_parallel": True},
+     "kw": {"fused_loss": True, "z_loss": 0.01}, "steps": 4},
+    {"name": "dp_shard2_bf16", "layout": {"dp_shard": 2, "mixed_precision": "bf16"}, "steps": 3},
+    {"name": "gradsync_shard", "kind": "gradsync", "layout": {"dp_shard": 2}},
+    {"name": "gradsync_replicate", "kind": "gradsync", "layout": {"dp_replicate": 2, "dp_shard": 1}},
+]
+SAVE_AT = 5
+JOBS_4 = [
+    {"name": "hsdp_2x2", "layout": {"dp_replicate": 2, "dp_shard": 2}},
+    {"name": "tp2_dp_shard2", "layout": {"tp": 2, "dp_shard": 2}},
+    {"name": "tp2_sp_dp_shard2_ac", "layout": {"tp": 2, "dp_shard": 2, "sequence_parallel": True},
+     "kw": {"ac": "full"}, "steps": 4},
+    {"name": "pp2_tp2", "layout": {"pp": 2, "tp": 2, "dp_shard": 1, "sequence_parallel": True}},
+    {"name": "pp2_dp_shard2", "layout": {"pp": 2, "dp_shard": 2}},
+    {"name": "tp4_replicated_kv", "layout": {"tp": 4, "dp_shard": 1}, "steps": 4},
+    {"name": "init_tp2_dp_shard2", "kind": "init", "layout": {"tp": 2, "dp_shard": 2}},
+    {"name": "resume_pp2tp2_to_dp_shard4", "kind": "resume",
+     "save": {"pp": 2, "tp": 2, "dp_shard": 1, "pp_schedule": "interleaved_1f1b", "pp_virtual_stages": 2},
+     "load": {"dp_shard": 4}, "save_at": SAVE_AT, "steps": STEPS},
+]
+JOBS_8 = [{"name": "pp2_tp2_dp_shard2", "layout": {"pp": 2, "tp": 2, "dp_shard": 2, "sequence_parallel": True}}]
+
+
+def torchrun(nproc: int, jobs: list[dict], tmp: Path, timeout: float) -> dict:
+    spec, out = tmp / f"jobs{nproc}.json", tmp / f"results{nproc}.json"
+    spec.write_text(json.dumps([{"steps": STEPS, **j} for j in jobs]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PG_TIMEOUT="60")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(ROOT / "tests" / "test_parallel_worker.py"), str(spec), str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    assert p.returncode == 0 and out.is_file(), p.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def ref():
+    import torch
+
+    torch.set_num_threads(1)
+    return {"base": W.run_layout({}, STEPS), "ladder": W.run_layout({}, 4, LADDER),
+            "zloss": W.run_layout({}, 4, z_loss=0.01)}
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("ckpt")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, ckpt_dir):
+    tmp = tmp_path_factory.mktemp("parallel")
+    for j in JOBS_4:
+        if j.get("kind") == "resume":
+            j["dir"] = str(ckpt_dir)
+    out = {}
+    out.update(torchrun(2, JOBS_2, tmp, 240))
+    out.update(torchrun(4, JOBS_4, tmp, 300))
+    out.update(torchrun(8, JOBS_8, tmp, 300))
+    return out
+
+
+def _check_job(results, name):
+    res = results[name]
+    assert "error" not in res, res.get("trace", res)
+    return res
+
+
+def _close(got, want, rel):
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert abs(g - w) <= rel * abs(w), f"step {i + 1}: {g} vs single-process {w}"
+
+
+LOSS_LAYOUTS = [j["name"] for j in JOBS_2 + JOBS_4 + JOBS_8
+                if j.get("kind", "layout") == "layout" and "bf16" not in j["name"]]
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("name", LOSS_LAYOUTS)
+def test_layout_matches_single_process(results, ref, name):
+    res = _check_job(results, name)
+    want = ref["ladder"] if "ladder" in name else ref["zloss"] if "zloss" in name else ref["base"]
+    n = len(res["loss"])
+    _close(res["loss"], want["loss"][:n], 1e-5)
+    _close(res["grad_norm"], want["grad_norm"][:n], 1e-4)  # the clipped global norm
+
+
+@pytest.mark.timeout(900)
+def test_bf16_mixed_precision_trains_close(results, ref):
+    res = _check_job(results, "dp_shard2_bf16")
+    _close(res["loss"], ref["base"]["loss"][:3], 2e-2)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("name", ["gradsync_shard", "gradsync_replicate"])
+def test_gradient_accumulation_reduces_only_on_last_micro_batch(results, name):
+    counts = _check_job(results, name)["per_microbatch"]
+    assert counts[:-1] == [0, 0] and counts[-1] > 0, counts
+
+
+@pytest.mark.timeout(900)
+def test_initial_weights_do_not_depend_on_layout(results):
+    assert _check_job(results, "init_tp2_dp_shard2")["max_abs_diff"] == 0.0
+
+
+@pytest.mark.timeout(900)
+def test_checkpoint_resumes_across_layouts(results, ref, ckpt_dir):
+    # saved under pp=2 x tp=2 (two virtual stages per rank), resumed under dp_shard=4 ...
+    res = _check_job(results, "resume_pp2tp2_to_dp_shard4")
+    _close(res["loss"], ref["base"]["loss"][SAVE_AT:], 1e-5)
+    # ... and in one process
+    single = W.run_resume(None, {}, str(ckpt_dir), SAVE_AT, SAVE_AT + 2)
+    _close(single["loss"], ref["base"]["loss"][SAVE_AT:SAVE_AT + 2], 1e-5)
+
+
+# ---- the real trainer under torchrun ------------------------------------------------------
+
+@pytest.mark.timeout(300)
+def test_trainer_resumes_single_process_run_under_pipeline_parallel(tiny_dataset, tmp_path):
+    from pretrain.config import load_config
+    from pretrain.metrics import read_metrics
+    from pretrain.train import train
+
+    single = tmp_path / "single"
+    train(load_config("tiny", tiny_overrides(tiny_dataset, single, **{"train.steps": 6, "checkpoint.every": 3})))
+    pp = tmp_path / "pp"
+    args = ["--nproc_per_node", "2", "-m", "pretrain", "train", "tiny",
+            *tiny_overrides(tiny_dataset, pp, **{"train.steps": 6, "parallel.pp": 2, "parallel.dp_shard": 1,
+                                                 "checkpoint.resume": single / "checkpoints" / "step_3"})]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", *args], capture_output=True,
+                       text=True, timeout=240, env=env, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-4000:]
+    want = {r["step"]: r for r in read_metrics(single / "metrics.jsonl")}
+    got = read_metrics(pp / "metrics.jsonl")
+    assert [r["step"] for r in got] == [4, 5, 6]
+    for r in got:
+        _close([r["loss"], r["grad_norm"]], [want[r["step"]]["loss"], want[r["step"]]["grad_norm"]], 1e-5)
+    s1 = json.loads((single / "summary.json").read_text())
+    s2 = json.loads((pp / "summary.json").read_text())
+    assert abs(s1["val_loss"] - s2["val_loss"]) <= 1e-5 * s1["val_loss"]
+
+
+@pytest.mark.timeout(120)
+def test_cli_rejects_layout_that_does_not_fit_the_world(tiny_dataset, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-m", "pretrain", "train", "tiny",
+                        *tiny_overrides(tiny_dataset, tmp_path / "r", **{"parallel.tp": 2})],
+                       capture_output=True, text=True, timeout=100, env=env, cwd=ROOT)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1].startswith("error: parallel:"), p.stderr
+
+
+# ---- layout checks and stage splitting (no processes) -------------------------------------
+
+def _pcfg(**kw):
+    from parallel import ParallelConfig
+
+    return ParallelConfig(**kw)
+
+
+@pytest.mark.parametrize("kw,world,needle", [
+    ({"tp": 3}, 4, "parallel: pp*dp_replicate*cp*tp = 1*1*1*3 = 3 does not divide the world size 4"),
+    ({"tp": 2, "dp_shard": 1}, 4, "parallel: pp*dp_replicate*dp_shard*cp*tp = 1*1*1*1*2 = 2 does not match"),
+    ({"cp": 2}, 2, "parallel.cp:"),
+])
+def test_layout_must_fit_world(kw, world, needle):
+    from parallel import resolve_layout
+
+    with pytest.raises(ConfigError) as e:
+        resolve_layout(_pcfg(**kw), world)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_dp_shard_fills_the_rest():
+    from parallel import resolve_layout
+
+    assert resolve_layout(_pcfg(pp=2, tp=2), 16) == {"pp": 2, "dp_replicate": 1, "dp_shard": 4, "cp": 1, "tp": 2}
+
+
+@pytest.mark.parametrize("model,layout,needle", [
+    ({}, {"tp": 8}, "parallel.tp: 8 does not divide model.n_heads=4"),
+    ({"n_heads": 12, "n_kv_heads": 4, "d_model": 96, "vocab_size": 516}, {"tp": 6}, "model.n_kv_heads=4 must divide"),
+    ({"vocab_size": 513}, {"tp": 2}, "model.vocab_size=513"),
+    ({"ffn_hidden": 102}, {"tp": 4}, "MLP hidden size 102"),
+    ({}, {"pp": 8}, "parallel.pp: 8 pipeline stages but the model has only 4 sublayers"),
+    ({"pattern": "*-|"}, {"pp": 4}, "model.pattern: its '|' marks cut 2 pipeline stages"),
+    ({}, {"pp": 2, "pp_virtual_stages": 2}, "parallel.pp_virtual_stages: 2 needs pp_schedule"),
+    ({"tie_embeddings": True}, {"pp": 2}, "model.tie_embeddings"),
+])
+def test_model_must_divide_layout(model, layout, needle):
+    from parallel import World, check_layout
+    from models.transformer import build_model
+
+    m = build_model(W.model_cfg(**model), init=False)
+    w = World(tp_size=layout.get("tp", 1), pp_size=layout.get("pp", 1))
+    with pytest.raises(ConfigError) as e:
+        check_layout(m, _pcfg(**layout), w)
+    msg = str(e.value)
+    assert msg.startswith(("parallel.", "model.")) and "\n" not in msg
+    if needle:
+        assert needle in msg, msg
+
+
+def test_unknown_sublayer_kind_has_no_tp_plan(monkeypatch):
+    from parallel import tp
+
+    monkeypatch.delitem(tp.TP_PLANS, "mlp")
+    with pytest.raises(ConfigError, match="sublayer kind 'mlp' has no tensor-parallel plan"):
+        tp.check_tp(W.model_cfg(), 2)
+
+
+def test_stage_split_by_marks_and_by_cost():
+    from parallel.pipeline import split_stages
+
+    cfg = W.model_cfg(n_layers=3, pattern="*-|")  # marks at 2, 4 (and a trailing one, ignored)
+    assert split_stages(cfg, 3, [1.0] * 6, 0, 0) == [[0, 1], [2, 3], [4, 5]]
+    cfg = W.model_cfg(n_layers=4)
+    assert split_stages(cfg, 2, [1.0] * 8, 0, 0) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    # the LM head's cost moves sublayers off the last stage
+    assert split_stages(cfg, 2, [1.0] * 8, 0, 2.0) == [[0, 1, 2, 3, 4], [5, 6, 7]]
+    assert split_stages(cfg, 4, [3, 1, 1, 1, 1, 1, 1, 3], 0, 0) == [[0], [1, 2, 3], [4, 5, 6], [7]]
