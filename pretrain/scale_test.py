@@ -237,8 +237,13 @@ def write_manifest(sweep: Sweep, rows: list[dict]) -> None:
 
 # ---- running ---------------------------------------------------------------------------
 
-def run_local(sweep: Sweep, points: list[tuple[Point, object]], quiet: bool) -> list[str]:
-    """Run the pending points one after another; returns the names that failed."""
+def run_local(sweep: Sweep, points: list[tuple[Point, object]], quiet: bool,
+              in_process: bool = False) -> list[str]:
+    """Run the pending points one after another; returns the names that failed.
+
+    Each single-process point is a ``pretrain train`` subprocess (its own peak memory), or
+    with ``in_process`` a call in this process (faster start; peak memory is then this
+    process's high-water mark so far)."""
     from launch.common import TrainJob
 
     failed = []
@@ -256,6 +261,8 @@ def run_local(sweep: Sweep, points: list[tuple[Point, object]], quiet: bool) -> 
             job = TrainJob(str(cfg_path.resolve()), [], point.run_dir.resolve(), Path.cwd(),
                            cfg.train.preempt_grace_s, cfg.parallel.dp_engine)
             code = local.run(job, point.nproc)
+        elif in_process:
+            code = _train_in_process(cfg)
         else:
             cmd = [sys.executable, "-m", "pretrain", "train", str(cfg_path)]
             log = point.run_dir.parent / f"{point.name}.log"
@@ -267,6 +274,20 @@ def run_local(sweep: Sweep, points: list[tuple[Point, object]], quiet: bool) -> 
             print(f"  {point.name} failed (status {code})", flush=True)
             failed.append(point.name)
     return failed
+
+
+def _train_in_process(cfg) -> int:
+    from pretrain.train import train
+
+    try:
+        train(cfg)
+    except UserError as e:
+        print(f"  error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # one broken point must not stop the sweep
+        print(f"  error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def run_slurm(sweep: Sweep, points: list[tuple[Point, object]], dry_run: bool) -> None:
@@ -344,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="list the points and their status (slurm: write the array scripts only)")
     p.add_argument("--report-only", action="store_true", help="only (re)write the report")
     p.add_argument("--quiet", action="store_true", help="training output to <out>/runs/<point>.log")
+    p.add_argument("--in-process", action="store_true",
+                   help="train single-process points in this process (faster start-up; their "
+                        "peak memory then includes the earlier points')")
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     sweep = load_sweep(args.sweep, args.out)
     points = sweep.points()
@@ -371,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.runner == "slurm":
             run_slurm(sweep, pending, args.dry_run)
             return 0
-        failed = run_local(sweep, pending, args.quiet)
+        failed = run_local(sweep, pending, args.quiet, args.in_process)
     from pretrain.report import write_report
 
     report = write_report(sweep.out, rows)

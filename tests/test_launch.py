@@ -36,7 +36,7 @@ def dry_run_script(tmp_path, *launcher, overrides=()):
 
 def test_slurm_script_quotes_hostile_values(tmp_path):
     """Job names, overrides and --env values that try to inject shell stay literal."""
-    name = "job $(touch /tmp/pwned) `id` 'q; ls"
+    name = "job $(touch pwned) `id` 'q; ls && echo $HOME"
     ov = [f"--data.path={EVIL}", "--model.n_layers=2", f"--logging.tensorboard=false"]
     p = dry_run_script(tmp_path, "--nodes", "2", "--gpus-per-node", "4", "--job-name", name,
                        "--partition", "gpu", "--account", "acct-1", "--time", "2-00:00:00", "--qos", "high",
@@ -55,7 +55,8 @@ def test_slurm_script_quotes_hostile_values(tmp_path):
     assert "PRETRAIN_NPROC_PER_NODE=4" in script
     # the training arguments: one shell line whose words are exactly the intended argv
     srun = script.index("srun --kill-on-bad-exit=1")
-    words = shlex.split(script[srun:script.index(" &\n", srun)].replace("\\\n", " "))
+    args_at = script.index(" \\\n  train ", srun)
+    words = shlex.split(script[srun:args_at]) + shlex.split(script[args_at + 3:script.index(" &\n", srun)])
     assert words[:6] == ["srun", "--kill-on-bad-exit=1", '--nodes=$SLURM_JOB_NUM_NODES',
                          "--ntasks-per-node=1", "bash", "-c"]
     assert words[7] == "pretrain-node"

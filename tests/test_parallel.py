@@ -24,6 +24,7 @@ import test_parallel_worker as W  # noqa: E402
 STEPS = 10
 LADDER = {"residual": "ladder", "ladder_from": 1}
 PP = {"pp": 2, "dp_shard": 1}
+SAVE_AT = 5
 
 JOBS_2 = [
     {"name": "dp_replicate2", "layout": {"dp_replicate": 2, "dp_shard": 1}},
@@ -38,10 +39,11 @@ JOBS_2 = [
     {"name": "tp2_sp_fused_zloss", "layout": {"tp": 2, "dp_shard": 1, "sequence_parallel": True},
      "kw": {"fused_loss": True, "z_loss": 0.01}, "steps": 4},
     {"name": "dp_shard2_bf16", "layout": {"dp_shard": 2, "mixed_precision": "bf16"}, "steps": 3},
+    {"name": "resume_into_pp2_zbv", "kind": "resume", "save": None,
+     "load": {**PP, "pp_schedule": "zbv"}, "save_at": SAVE_AT, "steps": SAVE_AT + 2},
     {"name": "gradsync_shard", "kind": "gradsync", "layout": {"dp_shard": 2}},
     {"name": "gradsync_replicate", "kind": "gradsync", "layout": {"dp_replicate": 2, "dp_shard": 1}},
 ]
-SAVE_AT = 5
 JOBS_4 = [
     {"name": "hsdp_2x2", "layout": {"dp_replicate": 2, "dp_shard": 2}},
     {"name": "tp2_dp_shard2", "layout": {"tp": 2, "dp_shard": 2}},
@@ -86,12 +88,12 @@ def ckpt_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, ckpt_dir):
     tmp = tmp_path_factory.mktemp("parallel")
-    for j in JOBS_4:
+    for j in JOBS_4 + JOBS_2:
         if j.get("kind") == "resume":
             j["dir"] = str(ckpt_dir)
     out = {}
+    out.update(torchrun(4, JOBS_4, tmp, 300))  # first: it writes the checkpoint
     out.update(torchrun(2, JOBS_2, tmp, 240))
-    out.update(torchrun(4, JOBS_4, tmp, 300))
     out.update(torchrun(8, JOBS_8, tmp, 300))
     return out
 
@@ -145,6 +147,9 @@ def test_checkpoint_resumes_across_layouts(results, ref, ckpt_dir):
     # saved under pp=2 x tp=2 (two virtual stages per rank), resumed under dp_shard=4 ...
     res = _check_job(results, "resume_pp2tp2_to_dp_shard4")
     _close(res["loss"], ref["base"]["loss"][SAVE_AT:], 1e-5)
+    # ... under pp=2 with two stages per rank (zbv) ...
+    res = _check_job(results, "resume_into_pp2_zbv")
+    _close(res["loss"], ref["base"]["loss"][SAVE_AT:SAVE_AT + 2], 1e-5)
     # ... and in one process
     single = W.run_resume(None, {}, str(ckpt_dir), SAVE_AT, SAVE_AT + 2)
     _close(single["loss"], ref["base"]["loss"][SAVE_AT:SAVE_AT + 2], 1e-5)
@@ -224,13 +229,14 @@ def test_dp_shard_fills_the_rest():
     ({"pattern": "*-|"}, {"pp": 4}, "model.pattern: its '|' marks cut 2 pipeline stages"),
     ({}, {"pp": 2, "pp_virtual_stages": 2}, "parallel.pp_virtual_stages: 2 needs pp_schedule"),
     ({"tie_embeddings": True}, {"pp": 2}, "model.tie_embeddings"),
+    ({}, {"pp": 2, "pp_schedule": "zbv", "dp_shard": 2}, "parallel.pp_schedule: zbv does not compose"),
 ])
 def test_model_must_divide_layout(model, layout, needle):
     from parallel import World, check_layout
     from models.transformer import build_model
 
     m = build_model(W.model_cfg(**model), init=False)
-    w = World(tp_size=layout.get("tp", 1), pp_size=layout.get("pp", 1))
+    w = World(tp_size=layout.get("tp", 1), pp_size=layout.get("pp", 1), dp_size=layout.get("dp_shard", 1))
     with pytest.raises(ConfigError) as e:
         check_layout(m, _pcfg(**layout), w)
     msg = str(e.value)
