@@ -221,6 +221,7 @@ class PipelineModel(ParallelModel):
         self._stages = None
         self._schedules: dict[int, object] = {}
         self._aux: list[torch.Tensor] = []
+        self._last_n_micro = 0
         from parallel.pipeline import attach_aux_losses
 
         for part in parts:
@@ -271,6 +272,7 @@ class PipelineModel(ParallelModel):
         batch = self._to_device(batch)
         n_micro = self.pp_microbatches or (len(micro_batches) if len(micro_batches) > 1
                                            else self.world.pp_size)
+        self._last_n_micro = n_micro
         self._aux.clear()
         losses = self._run(batch, n_micro, train=True)
         total = torch.zeros((), device=self.world.device)
@@ -285,7 +287,8 @@ class PipelineModel(ParallelModel):
     @torch.no_grad()
     def eval_loss(self, batch: dict) -> tuple[torch.Tensor, int]:
         batch = self._to_device(batch)
-        n_micro = self.pp_microbatches or self.world.pp_size
+        # the training schedule's micro-batch count, so its stage buffers are reused
+        n_micro = self._last_n_micro or self.pp_microbatches or self.world.pp_size
         if batch["input_ids"].shape[0] % n_micro:
             n_micro = 1
         losses = self._run(batch, n_micro, train=False)

@@ -8,7 +8,8 @@ column-parallel linears yield local head/feature shards, and the row-parallel
 output projection is reduced by :func:`reduce_sublayer_output` (all-reduce, or
 reduce-scatter along the sequence with SP).
 
-Other sublayer kinds register their plan with :func:`register_tp_plan`.
+Other sublayer kinds register their plan with :func:`register_tp_plan`, from a module
+``parallel/tp_<kind>.py`` (imported on first use of that kind).
 """
 
 from __future__ import annotations
@@ -216,6 +217,16 @@ register_tp_plan("attention", _attention_plan, _attention_check)
 register_tp_plan("mlp", _mlp_plan, _mlp_check)
 
 
+def _import_plan(kind: str) -> None:
+    import importlib
+
+    try:
+        importlib.import_module(f"parallel.tp_{kind}")  # registers itself
+    except ModuleNotFoundError as e:
+        if e.name != f"parallel.tp_{kind}":
+            raise
+
+
 def check_tp(cfg: ModelConfig, tp: int) -> None:
     """Reject a model that cannot be split ``tp`` ways (ConfigError naming the key)."""
     if tp == 1:
@@ -225,6 +236,8 @@ def check_tp(cfg: ModelConfig, tp: int) -> None:
     if cfg.tie_embeddings:
         raise ConfigError("model.tie_embeddings: not supported with parallel.tp > 1")
     for kind in dict.fromkeys(cfg.sublayer_kinds):
+        if kind not in TP_PLANS:
+            _import_plan(kind)
         if kind not in TP_PLANS:
             raise ConfigError(f"parallel.tp: sublayer kind '{kind}' has no tensor-parallel plan; "
                               f"use parallel.tp=1")

@@ -65,11 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return _dry_run(cfg, args, recipe)
     try:
-        mine = evaluate(cfg.model, config_layout(cfg, args.gpus), wl, dev, recipe)
+        mine = evaluate(cfg.model, config_layout(cfg, args.gpus), wl, dev, recipe, cfg.parallel)
     except ValueError as e:  # the configured layout does not match the world size
         mine = None
         mine_error = str(e)
-    plans = rank(cfg.model, args.gpus, wl, dev, recipe)
+    plans = rank(cfg.model, args.gpus, wl, dev, recipe, base_parallel=cfg.parallel)
     if args.json:
         print(json.dumps({"configured": _plan_json(mine) if mine else None,
                           "ranked": [_plan_json(p) for p in plans if p.fits][:args.top]}, indent=1))
@@ -84,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(fit)} of {len(plans)} candidate layouts fit ({len(plans) - len(fit) - invalid} "
           f"do not fit in memory, {invalid} cannot divide the model or batch); fastest first:")
     print(_table(fit[:args.top], dev))
-    if fit:
-        print(f"\nbest: pretrain train {args.config} {' '.join(fit[0].layout.overrides())}")
+    runnable = [p for p in fit if not p.unsupported]
+    if runnable:
+        print(f"\nfastest runnable: pretrain train {args.config} "
+              f"{' '.join(runnable[0].layout.overrides())}")
     return 0
 
 
@@ -99,7 +101,7 @@ def _header(cfg, args, dev, recipe, wl) -> str:
             f"sublayers, {train_flops_per_token(cfg.model, wl.seq_len):.3g} training FLOPs/token\n"
             f"batch: {wl.global_batch} x {wl.seq_len} tokens per step\n"
             f"hardware: {args.gpus} x {dev.name} ({dev.gpus_per_node} per node, {nodes} node(s)), "
-            f"{dev.usable_bytes / GIB:.1f} GiB usable each, peak {dev.peak_flops / 1e12:.0f} TFLOP/s; "
+            f"{dev.usable_bytes / GIB:.1f} GiB usable each, peak {dev.peak_flops / 1e12:.3g} TFLOP/s; "
             f"recipe: {recipe.name}")
 
 

@@ -15,6 +15,7 @@ import math
 import statistics
 from pathlib import Path
 
+from pretrain.errors import UserError
 from pretrain.metrics import read_metrics
 
 COLUMNS = ["point", "arch", "size", "layout", "params", "active_params", "flops_per_token", "tokens",
@@ -44,7 +45,11 @@ def run_summary(run_dir: str | Path, labels: dict | None = None, name: str | Non
     row["_records"] = recs
     cfg = None
     if (run_dir / "config.yaml").is_file():
-        cfg = load_config(str(run_dir / "config.yaml"))
+        try:
+            cfg = load_config(str(run_dir / "config.yaml"))
+        except UserError:  # written by another version of the trainer: metrics only
+            cfg = None
+    if cfg is not None:
         m = cfg.model
         row["params"], row["active_params"] = total_params(m), active_params(m)
         row["flops_per_token"] = train_flops_per_token(m, cfg.data.seq_len)
@@ -210,7 +215,6 @@ def plot_loss_vs_flops(rows: list[dict], path: Path) -> tuple[Path, dict]:
             ax.plot(grid, [a * g ** -b for g in grid], "--", color=c, lw=1,
                     label=f"{arch}: L = {a:.3g} C^-{b:.3f}")
     ax.set_xscale("log")
-    ax.set_yscale("log")
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel("loss (dots: final held-out)")
     ax.grid(alpha=0.3, which="both")

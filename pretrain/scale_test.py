@@ -77,6 +77,8 @@ class Sweep:
                     else:
                         ov[k] = v
             name = "_".join(labels.values()) or "point"
+            if any(p.name == name for p in out):
+                raise UserError(f"{self.path}: two points are both named '{name}'; rename a value")
             run_dir = self.out / "runs" / name
             ov["logging.run_dir"] = str(run_dir)
             ov["checkpoint.resume"] = "auto"
@@ -183,13 +185,17 @@ def token_budgets(values: list, overrides: dict, base: str, where: str) -> list[
         if not isinstance(t, (int, float)) or t < per_step:
             raise UserError(f"{where}: token budget {t!r} is below one step ({per_step} tokens)")
         out.append((f"t{_short(t)}", {"train.steps": int(t // per_step)}))
+    if len({name for name, _ in out}) < len(out):  # rounded names collide: exact ones
+        out = [(f"t{int(t)}", ov) for t, (_, ov) in zip(values, out)]
     return out
 
 
 def _short(n: float) -> str:
+    """1000 -> 1k, 2.5e9 -> 2.5G, 1024 -> 1024, 2147483648 -> 2.15G."""
     for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= div and n % (div / 10) == 0:
-            return f"{n / div:g}{unit}"
+        v = n / div
+        if v >= 1 and (v == round(v, 2) or n >= 1e6):
+            return f"{v:g}{unit}" if v == round(v, 2) else f"{v:.3g}{unit}"
     return f"{int(n)}"
 
 

@@ -208,7 +208,7 @@ def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
 
     watchdog = Watchdog(cfg.parallel.timeout_s if world.distributed else 0, world.rank)
     last_saved = step if resume_from is not None else -1
-    val_loss = None
+    val_loss = loss_val = None
     try:
         while step < tcfg.steps:
             t0 = time.perf_counter()
@@ -269,7 +269,7 @@ def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
         if metrics:
             metrics.close()
     summary = {"run_dir": str(run_dir), "steps": step, "tokens": tokens_seen, "params": n_params,
-               "final_train_loss": loss_val if tcfg.steps else None, "val_loss": val_loss,
+               "final_train_loss": loss_val, "val_loss": val_loss,
                "checkpoint": str(ckpt.latest_checkpoint(run_dir)), "nan_skipped": nan_skipped,
                "unigram_entropy": train_data.meta.get("unigram_entropy")}
     if world.is_main:

@@ -21,24 +21,27 @@ PY = sys.executable
 EVIL = "x'; rm -rf / #\"$(reboot)`id`\\\n; echo pwned"
 
 
-def run_cli(*args, timeout=120, env=None, cwd=None):
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    e.update(env or {})
-    return subprocess.run([PY, "-m", "pretrain", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd or ROOT, env=e)
+def cli(capsys, *args) -> subprocess.CompletedProcess:
+    """``pretrain ARGS`` in this process (the launcher's own work needs no subprocess)."""
+    from pretrain.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
 
 
-def dry_run_script(tmp_path, *launcher, overrides=()):
+def dry_run_script(capsys, tmp_path, *launcher, overrides=()):
     run = tmp_path / "run"
-    p = run_cli("launch", "slurm", *launcher, "--dry-run", "tiny", f"--logging.run_dir={run}", *overrides)
-    return p
+    return cli(capsys, "launch", "slurm", *launcher, "--dry-run", "tiny", f"--logging.run_dir={run}",
+               *overrides)
 
 
-def test_slurm_script_quotes_hostile_values(tmp_path):
+def test_slurm_script_quotes_hostile_values(capsys, tmp_path):
     """Job names, overrides and --env values that try to inject shell stay literal."""
     name = "job $(touch pwned) `id` 'q; ls && echo $HOME"
     ov = [f"--data.path={EVIL}", "--model.n_layers=2", f"--logging.tensorboard=false"]
-    p = dry_run_script(tmp_path, "--nodes", "2", "--gpus-per-node", "4", "--job-name", name,
+    p = dry_run_script(capsys, tmp_path, "--nodes", "2", "--gpus-per-node", "4", "--job-name", name,
                        "--partition", "gpu", "--account", "acct-1", "--time", "2-00:00:00", "--qos", "high",
                        "--constraint", "a100&ib", "--exclusive", "--env", f"MY_VAR={EVIL}",
                        overrides=ov)
@@ -79,8 +82,8 @@ def test_slurm_script_quotes_hostile_values(tmp_path):
     (["--nodes", "1", "--grace", "60"], "preempt_grace_s"),  # tiny keeps the default 120 s
     (["--nodes", "1", "--env", "1BAD=x"], "--env"),
 ])
-def test_slurm_bad_values_are_refused(tmp_path, args, needle):
-    p = dry_run_script(tmp_path, *args)
+def test_slurm_bad_values_are_refused(capsys, tmp_path, args, needle):
+    p = dry_run_script(capsys, tmp_path, *args)
     assert p.returncode == 2, (p.stdout, p.stderr)
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], p.stderr
@@ -94,8 +97,8 @@ def test_slurm_bad_values_are_refused(tmp_path, args, needle):
     (["launch", "slurm", "--nodes", "1", "tiny", "--checkpoint.resume=/x"], "checkpoint.resume"),
     (["launch", "deepspeed", "--hostfile", "/no/such/hostfile", "tiny"], "hostfile"),
 ])
-def test_launch_cli_errors(args, needle):
-    p = run_cli(*args)
+def test_launch_cli_errors(capsys, args, needle):
+    p = cli(capsys, *args)
     if needle == "usage":
         assert p.returncode == 0 and "local" in p.stdout and "slurm" in p.stdout
         return
@@ -103,18 +106,18 @@ def test_launch_cli_errors(args, needle):
     assert needle in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
-def test_deepspeed_hostfile_command(tmp_path):
+def test_deepspeed_hostfile_command(capsys, tmp_path):
     hosts = tmp_path / "hostfile"
     hosts.write_text("# two workers\nworker-0 slots=8\nworker-1 slots=8\n")
-    p = run_cli("launch", "deepspeed", "--hostfile", str(hosts), "--dry-run", "tiny",
-                "--parallel.dp_engine=deepspeed", f"--logging.run_dir={tmp_path}/r")
+    p = cli(capsys, "launch", "deepspeed", "--hostfile", str(hosts), "--dry-run", "tiny",
+            "--parallel.dp_engine=deepspeed", f"--logging.run_dir={tmp_path}/r")
     assert p.returncode == 0, p.stderr
     words = shlex.split(p.stdout)
     assert words[1:4] == ["-m", "deepspeed.launcher.runner", f"--hostfile={hosts}"]
     assert words[words.index("--module"):][:3] == ["--module", "pretrain", "train"]
     assert "--no_local_rank" in words
     hosts.write_text("worker-0 slots=eight\n")
-    p = run_cli("launch", "deepspeed", "--hostfile", str(hosts), "--dry-run", "tiny")
+    p = cli(capsys, "launch", "deepspeed", "--hostfile", str(hosts), "--dry-run", "tiny")
     assert p.returncode == 2 and "hostfile" in p.stderr and ":1:" in p.stderr
 
 

@@ -173,8 +173,8 @@ def test_trainer_resumes_single_process_run_under_pipeline_parallel(tiny_dataset
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", *args], capture_output=True,
                        text=True, timeout=240, env=env, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-4000:]
-    want = {r["step"]: r for r in read_metrics(single / "metrics.jsonl")}
-    got = read_metrics(pp / "metrics.jsonl")
+    want = {r["step"]: r for r in read_metrics(single)}
+    got = read_metrics(pp)
     assert [r["step"] for r in got] == [4, 5, 6]
     for r in got:
         _close([r["loss"], r["grad_norm"]], [want[r["step"]]["loss"], want[r["step"]]["grad_norm"]], 1e-5)
@@ -184,10 +184,10 @@ def test_trainer_resumes_single_process_run_under_pipeline_parallel(tiny_dataset
 
 
 @pytest.mark.timeout(120)
-def test_cli_rejects_layout_that_does_not_fit_the_world(tiny_dataset, tmp_path):
+def test_cli_rejects_layout_that_does_not_fit_the_world(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     p = subprocess.run([sys.executable, "-m", "pretrain", "train", "tiny",
-                        *tiny_overrides(tiny_dataset, tmp_path / "r", **{"parallel.tp": 2})],
+                        *tiny_overrides(tmp_path / "nodata", tmp_path / "r", **{"parallel.tp": 2})],
                        capture_output=True, text=True, timeout=100, env=env, cwd=ROOT)
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1].startswith("error: parallel:"), p.stderr

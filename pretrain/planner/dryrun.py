@@ -55,6 +55,11 @@ def dry_run(cfg: Config, world_size: int) -> list[dict]:
             world = build_world(pcfg, 0, world_size, 0, torch.device("cpu"))
             model = build_model(cfg.model, init=False)
             check_layout(model, pcfg, world)
+            deepspeed = pcfg.dp_engine == "deepspeed"
+            if deepspeed:  # ZeRO-1/2/3 partition flat buffers; the modules keep full parameters
+                from parallel.deepspeed_engine import check_layout as ds_check
+
+                ds_check(pcfg, world)
             parts_by_rank = _stage_parts(model, pcfg, world)
             out = []
             for pp_rank, parts in enumerate(parts_by_rank):
@@ -63,7 +68,7 @@ def dry_run(cfg: Config, world_size: int) -> list[dict]:
                     # the same sharding calls parallel.parallelize makes, without materialising
                     if world.tp_size > 1:
                         apply_tp(part, TPContext(world.mesh["tp"], part.cfg, pcfg.sequence_parallel))
-                    if world.dp_size > 1:
+                    if world.dp_size > 1 and not deepspeed:
                         apply_data_parallel(part, world, pcfg)
                     n += _local_numel(part)
                 out.append({"pp_rank": pp_rank, "stages": [s for s, _ in parts], "params": n})

@@ -68,9 +68,14 @@ class Layout:
 
     def overrides(self) -> list[str]:
         """The config overrides that select this layout."""
-        ov = {"parallel.tp": self.tp, "parallel.pp": self.pp, "parallel.ep": self.ep,
-              "parallel.cp": self.cp, "parallel.sequence_parallel": str(self.sp).lower(),
-              "train.micro_batch": self.micro_batch, "train.activation_checkpointing": self.ac}
+        ov = {"parallel.tp": self.tp, "parallel.pp": self.pp, "train.micro_batch": self.micro_batch,
+              "train.activation_checkpointing": self.ac}
+        if self.ep > 1:
+            ov["parallel.ep"] = self.ep
+        if self.cp > 1:
+            ov["parallel.cp"] = self.cp
+        if self.tp > 1:
+            ov["parallel.sequence_parallel"] = str(self.sp).lower()
         if self.zero in (1, 2):
             ov.update({"parallel.dp_engine": "deepspeed", "parallel.zero_stage": self.zero,
                        "parallel.dp_replicate": 1, "parallel.dp_shard": self.dp})
@@ -108,6 +113,7 @@ class Recipe:
     compute_param_bytes: int = 4  # the gathered copy forward/backward use (FSDP mixed precision)
     grad_bytes: int = 4
     master_bytes: int = 0  # separate fp32 master weights (0: the parameters are fp32)
+    zero_master_bytes: int = 4  # ZeRO-1/2 (DeepSpeed) keep an fp32 partition even of fp32 params
     optim_bytes: int = 8  # AdamW exp_avg + exp_avg_sq
     stream_bytes: int = 4  # residual stream dtype
     act_bytes: int = 4  # activations inside sublayers

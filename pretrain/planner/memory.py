@@ -79,13 +79,6 @@ def balanced_split(costs: list[float], k: int, embed: float, head: float) -> lis
     return out[::-1]
 
 
-def stage_params(cfg: ModelConfig, stage: Stage, tp: int) -> list[tuple[str, list[ms.Param]]]:
-    """(FSDP unit, its parameters): one unit per sublayer plus the root (embedding, norm, head)."""
-    kinds = cfg.sublayer_kinds
-    units = [(f"layers.{i}", ms.sublayer_params(kinds[i], cfg, tp)) for i in stage.layers]
-    return units + [("root", ms.top_params(cfg, stage.first, stage.last))]
-
-
 def _numel(params: list[ms.Param], layout: Layout, shard: int, shard_rank: int = 0) -> int:
     """Local elements of ``params`` on one rank; experts are split over ep, then FSDP-sharded
     over the rest of dp_shard (as torchtitan does)."""
@@ -160,10 +153,12 @@ def logits_bytes(cfg: ModelConfig, layout: Layout, wl: Workload) -> float:
     return b / 8 if wl.fused_loss else b
 
 
-def rank_memory(cfg: ModelConfig, layout: Layout, wl: Workload, recipe: Recipe) -> list[Breakdown]:
-    """A memory breakdown (bytes) for each pp rank (the worst tp/dp coordinate)."""
+def rank_memory(cfg: ModelConfig, layout: Layout, wl: Workload, recipe: Recipe,
+                shard_rank: int = 0) -> list[Breakdown]:
+    """A memory breakdown (bytes) for each pp rank, at FSDP coordinate ``shard_rank`` (0:
+    the largest shards)."""
     n_micro = max(wl.micro_batches(layout), 1)
-    counts = local_param_counts(cfg, layout)
+    counts = local_param_counts(cfg, layout, shard_rank)
     out = []
     for r, (stages, c) in enumerate(zip(split(cfg, layout), counts)):
         b = Breakdown()
@@ -183,7 +178,8 @@ def rank_memory(cfg: ModelConfig, layout: Layout, wl: Workload, recipe: Recipe) 
         else:
             b.parts["params"] = c["full"] * recipe.param_bytes
             grads = c["full"] * recipe.grad_bytes / (dp if layout.zero >= 2 else 1)
-            optim = c["full"] * (recipe.master_bytes + recipe.optim_bytes) / (dp if layout.zero >= 1 else 1)
+            master = recipe.master_bytes or (recipe.zero_master_bytes if layout.zero in (1, 2) else 0)
+            optim = c["full"] * (master + recipe.optim_bytes) / (dp if layout.zero >= 1 else 1)
         b.parts["grads"] = grads
         b.parts["optimizer"] = optim
         act, peak_extra = 0.0, 0.0

@@ -11,9 +11,6 @@ from dataclasses import dataclass
 
 from models.config import ModelConfig
 
-TP_KINDS = ("attention", "mlp")  # kinds whose tensor-parallel rules are modelled exactly
-
-
 @dataclass(frozen=True)
 class Param:
     name: str  # name inside its sublayer ("mixer.wq.weight") or top-level name

@@ -3,7 +3,7 @@ predict memory and step time for each and rank the ones that fit."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from models.config import ConfigError, ModelConfig
 from pretrain.planner import hardware as hw
@@ -48,24 +48,34 @@ def check(cfg: ModelConfig, layout: Layout, wl: Workload) -> str | None:
     return None
 
 
-def supported(layout: Layout) -> str | None:
-    """Why this build's trainer cannot run ``layout`` yet (None: it can)."""
+def supported(layout: Layout, base=None) -> str | None:
+    """Why this build's trainer cannot run ``layout`` (with the other ``parallel.*`` settings
+    of ``base``, a ParallelConfig) yet; None: it can."""
     from parallel.world import resolve_layout
 
-    p = _pcfg(layout)
+    p = _pcfg(layout, base)
     try:
         resolve_layout(p, layout.world)
+        if p.dp_engine == "deepspeed":
+            from parallel.deepspeed_engine import check_layout
+            from parallel.world import World
+
+            check_layout(p, World(world_size=layout.world))
     except ConfigError as e:
         return str(e)
+    except ImportError:
+        return "parallel.dp_engine=deepspeed is not available in this build"
     return None
 
 
-def _pcfg(layout: Layout):
+def _pcfg(layout: Layout, base=None):
+    from dataclasses import replace as _replace
+
     from parallel.config import ParallelConfig
 
     engine = "deepspeed" if layout.zero in (1, 2) else "fsdp"
     dp_rep, dp_shard = (layout.dp, 1) if layout.zero == 0 else (layout.dp_replicate, layout.dp_shard)
-    return ParallelConfig(dp_replicate=dp_rep, dp_shard=dp_shard, tp=layout.tp, pp=layout.pp,
+    return _replace(base or ParallelConfig(), dp_replicate=dp_rep, dp_shard=dp_shard, tp=layout.tp, pp=layout.pp,
                           cp=layout.cp, ep=layout.ep, sequence_parallel=layout.sp,
                           pp_schedule=layout.schedule, dp_engine=engine,
                           pp_virtual_stages=layout.vpp if layout.schedule == "interleaved_1f1b" else 1,
@@ -91,13 +101,15 @@ class Plan:
         return max((state_bytes(b) for b in self.memory), default=0.0)
 
 
-def evaluate(cfg: ModelConfig, layout: Layout, wl: Workload, dev: hw.Device, recipe: Recipe) -> Plan:
+def evaluate(cfg: ModelConfig, layout: Layout, wl: Workload, dev: hw.Device, recipe: Recipe,
+             base_parallel=None) -> Plan:
+    """Memory and step time of ``layout`` (``base_parallel``: the config's other parallel.* keys)."""
     problem = check(cfg, layout, wl)
     if problem:
         return Plan(layout, [], None, False, problem)
     mem = rank_memory(cfg, layout, wl, recipe)
     est = estimate(cfg, layout, wl, dev, recipe)
-    plan = Plan(layout, mem, est, True, unsupported=supported(layout))
+    plan = Plan(layout, mem, est, True, unsupported=supported(layout, base_parallel))
     if plan.peak_bytes > dev.usable_bytes:
         plan.fits = False
         plan.problem = (f"needs {plan.peak_bytes / 2**30:.1f} GiB per rank, "
@@ -147,14 +159,10 @@ def enumerate_layouts(cfg: ModelConfig, world: int, wl: Workload, dev: hw.Device
 
 
 def rank(cfg: ModelConfig, world: int, wl: Workload, dev: hw.Device, recipe: Recipe,
-         layouts: list[Layout] | None = None, **kw) -> list[Plan]:
+         layouts: list[Layout] | None = None, base_parallel=None, **kw) -> list[Plan]:
     """Every candidate evaluated; the ones that fit first, fastest first."""
     layouts = layouts if layouts is not None else enumerate_layouts(cfg, world, wl, dev, **kw)
-    plans = [evaluate(cfg, lay, wl, dev, recipe) for lay in layouts]
+    plans = [evaluate(cfg, lay, wl, dev, recipe, base_parallel) for lay in layouts]
     plans.sort(key=lambda p: (not p.fits, p.estimate.step_s if p.estimate else float("inf"),
                               p.peak_bytes))
     return plans
-
-
-def with_micro_batch(layout: Layout, mb: int) -> Layout:
-    return replace(layout, micro_batch=mb)
