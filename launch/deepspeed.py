@@ -2,9 +2,10 @@
 
 For clusters without SLURM: the hostfile lists ``<host> slots=<processes>`` per line
 (MPI style). DeepSpeed's runner starts the processes on every host (over pdsh/ssh when
-there are several hosts, directly when there is one) with RANK/WORLD_SIZE/LOCAL_RANK and
-MASTER_ADDR/MASTER_PORT set, which is all training needs; the engine is still chosen by
-the config (``parallel.dp_engine: deepspeed`` for ZeRO, or FSDP2).
+there are several hosts, directly on this machine when there is one) with
+RANK/WORLD_SIZE/LOCAL_RANK and MASTER_ADDR/MASTER_PORT set, which is all training needs;
+the engine is still chosen by the config (``parallel.dp_engine: deepspeed`` for ZeRO, or
+FSDP2). Each rank's output goes to ``<run_dir>/logs/deepspeed-<time>/``.
 
 Unlike torchrun, DeepSpeed's launcher kills its workers on SIGTERM without waiting for a
 checkpoint; signal the training processes themselves (or use SLURM) on preemptible machines.
@@ -16,9 +17,11 @@ from __future__ import annotations
 import argparse
 import re
 import subprocess
+import sys
+import time
 from pathlib import Path
 
-from launch.common import TrainJob, env_with, python, shell_join
+from launch.common import TrainJob, describe_status, env_with, python, shell_join
 from pretrain.errors import UserError
 
 _HOST_LINE = re.compile(r"^([A-Za-z0-9_.:\-\[\]]+)\s+slots=(\d+)\s*$")
@@ -52,14 +55,21 @@ def read_hostfile(path: str) -> list[tuple[str, int]]:
     return hosts
 
 
-def command(args, job: TrainJob) -> list[str]:
-    read_hostfile(args.hostfile)
+def command(args, job: TrainJob, log_dir: str | None = None) -> list[str]:
+    hosts = read_hostfile(args.hostfile)
     if args.include and args.exclude:
         raise UserError("--include and --exclude are mutually exclusive")
     cmd = [python(), "-m", "deepspeed.launcher.runner", f"--hostfile={Path(args.hostfile).resolve()}",
            f"--master_port={args.master_port}"]
-    if args.master_addr:
-        cmd.append(f"--master_addr={args.master_addr}")
+    master = args.master_addr
+    if len(hosts) == 1:
+        # one host: DeepSpeed runs it locally, so its ssh reachability checks only get in the way
+        cmd.append("--no_ssh_check")
+        master = master or "127.0.0.1"
+    if master:
+        cmd.append(f"--master_addr={master}")
+    if log_dir:
+        cmd.append(f"--enable_each_rank_log={log_dir}")
     if args.include:
         cmd.append(f"--include={args.include}")
     if args.exclude:
@@ -70,8 +80,12 @@ def command(args, job: TrainJob) -> list[str]:
 
 
 def run(args, job: TrainJob) -> int:
-    cmd = command(args, job)
+    log_dir = job.run_dir / "logs" / time.strftime("deepspeed-%Y%m%d-%H%M%S")
+    cmd = command(args, job, str(log_dir))
     if args.dry_run:
         print(shell_join(cmd))
         return 0
-    return subprocess.call(cmd, env=env_with(), cwd=job.workdir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    status = subprocess.call(cmd, env=env_with(), cwd=job.workdir)
+    print(f"launch: {describe_status(status)}; per-rank logs in {log_dir}", file=sys.stderr)
+    return status

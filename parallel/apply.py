@@ -42,6 +42,10 @@ def check_layout(model: nn.Module, pcfg: ParallelConfig, world: World) -> None:
     from parallel.tp import check_tp
 
     check_tp(model.cfg, world.tp_size)
+    if pcfg.ep > 1:  # expert parallel
+        from parallel.expert_parallel import check_ep
+
+        check_ep(model.cfg, pcfg.ep)
     check_pp(model.cfg, pcfg, world.pp_size)
     if world.pp_size > 1 and pcfg.pp_schedule == "zbv" and world.dp_size > 1:
         # torch's split input/weight backward runs FSDP's gradient hooks before the weight
@@ -99,16 +103,26 @@ def _split(model, pcfg, world, stage_costs):
 
 
 def _parallelize_part(part, pcfg, world, ac, ac_every, compile, z_loss, fused_loss) -> None:
+    if world.ep_size > 1:  # expert parallel: experts become Shard(0) DTensors over ep first
+        from parallel.expert_parallel import apply_ep
+
+        apply_ep(part, world)
     if world.tp_size > 1:
         from parallel.tp import TPContext, apply_tp
 
         ctx = TPContext(world.mesh["tp"], part.cfg, pcfg.sequence_parallel)
         apply_tp(part, ctx, fused_head=fused_loss)
+        from parallel.ladder import mark_ladder_async
+
+        mark_ladder_async(part)  # ladder residual: output reductions stay pending until join
     if fused_loss:
         make_fused_head(part, z_loss)
     apply_activation_checkpointing(part, ac, ac_every)
     if compile:
         apply_compile(part)
     if world.dp_size > 1:
-        apply_data_parallel(part, world, pcfg)
+        from parallel.expert_parallel import hidden_expert_params
+
+        with hidden_expert_params(part):  # expert parallel: experts reduced outside FSDP
+            apply_data_parallel(part, world, pcfg)
     route_inputs(part)

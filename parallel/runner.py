@@ -7,7 +7,7 @@ torch pipeline schedule instead. The trainer code is the same for every layout.
 
 from __future__ import annotations
 
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -36,11 +36,13 @@ def lm_loss(model: nn.Module, batch: dict, z_loss: float = 0.0, fused: bool = Fa
 
 
 def aux_losses(model: nn.Module) -> torch.Tensor | float:
-    """Auxiliary losses the model's sublayers collected during forward (MoE routing)."""
+    """Auxiliary losses the model's sublayers collected during forward (MoE routing), as
+    ``models.moe.collect_aux_losses``: modules in ``aux_loss_mode = "attach"`` inject theirs
+    in backward themselves and are skipped."""
     total = 0.0
     for m in model.modules():
         aux = getattr(m, "aux_loss", None)
-        if isinstance(aux, torch.Tensor):
+        if isinstance(aux, torch.Tensor) and getattr(m, "aux_loss_mode", "collect") != "attach":
             total = total + aux
     return total
 
@@ -60,6 +62,18 @@ def _replicas(p: torch.Tensor, ranks_per_stage: int) -> int:
     return ranks_per_stage // shards
 
 
+def _stage_group(world: World, parts: list[nn.Module]):
+    """Process group of the ranks holding this rank's pipeline stage (None: the whole world),
+    created only for MoE models under pipeline parallel (every rank must call this)."""
+    if world.pp_size == 1 or not world.distributed:
+        return None
+    if "moe" not in getattr(parts[0].cfg, "sublayer_kinds", ()):
+        return None
+    ranks = [world.mesh.mesh[i].flatten().tolist() for i in range(world.pp_size)]
+    group, _ = dist.new_subgroups_by_enumeration(ranks)
+    return group
+
+
 class ParallelModel:
     """This rank's model part(s) and how to run one optimizer step over micro-batches."""
 
@@ -72,6 +86,7 @@ class ParallelModel:
         self.fused_loss = fused_loss
         self.autocast_dtype = autocast_dtype
         self.sequence_parallel = sequence_parallel and world.tp_size > 1
+        self._load_group = _stage_group(world, parts)  # MoE: where expert loads are summed
 
     @property
     def model(self) -> nn.Module:
@@ -89,6 +104,21 @@ class ParallelModel:
 
             return loss_parallel()
         return nullcontext()
+
+    @contextmanager
+    def _eval_heads(self):
+        """Held-out loss is plain cross-entropy: no z-loss in the fused heads meanwhile."""
+        from parallel.head import FusedLossHead
+
+        heads = [m for part in self.parts for m in part.modules() if isinstance(m, FusedLossHead)]
+        saved = [h.z_loss for h in heads]
+        for h in heads:
+            h.z_loss = 0.0
+        try:
+            yield
+        finally:
+            for h, z in zip(heads, saved):
+                h.z_loss = z
 
     def _to_device(self, batch: dict) -> dict:
         seq = batch["input_ids"].shape[-1]
@@ -129,6 +159,9 @@ class ParallelModel:
         """Give every DTensor gradient its parameter's layout where no FSDP did: sums the
         partial tp gradients (sequence-parallel norms, replicated KV projections) and
         shards replicated ones (vocab-parallel embedding)."""
+        from parallel.expert_parallel import reduce_expert_grads
+
+        reduce_expert_grads(self.parts, self.world)  # expert parallel: outside FSDP
         for part in self.parts:
             for p in part.parameters():
                 g = p.grad
@@ -139,7 +172,7 @@ class ParallelModel:
     def eval_loss(self, batch: dict) -> tuple[torch.Tensor, int]:
         """Summed token loss and (non-ignored) token count of one batch (no auxiliary losses)."""
         batch = self._to_device(batch)
-        with self.loss_context(), self.autocast():
+        with self.loss_context(), self.autocast(), self._eval_heads():
             loss = self._micro_loss(batch, with_aux=False)
         n = int((batch["labels"] != -100).sum())
         return loss.float() * n, n
@@ -155,13 +188,21 @@ class ParallelModel:
         return float(t)
 
     def after_optimizer_step(self) -> None:
-        """Hooks that run after each optimizer step (e.g. MoE bias balancing)."""
+        """Hooks that run after each optimizer step: MoE aux-loss-free bias balancing from
+        the expert loads summed over every rank of this pipeline stage that routed
+        different tokens (dp ranks; tp ranks only with sequence parallel)."""
+        from models.moe import update_expert_biases
+
+        w = self.world
+        dup = 1 if self.sequence_parallel else w.tp_size  # tp ranks without SP route the same tokens
+
+        def all_reduce(t: torch.Tensor) -> torch.Tensor:
+            if w.distributed:
+                dist.all_reduce(t, group=self._load_group)
+            return t / dup
+
         for part in self.parts:
-            for m in part.modules():
-                if hasattr(m, "pop_load") and hasattr(m, "update_bias"):
-                    load = m.pop_load()
-                    if load is not None:
-                        m.update_bias(load)
+            update_expert_biases(part, all_reduce)
 
     def step_metrics(self) -> dict:
         """Extra per-step metrics from the model (e.g. MoE expert load)."""
@@ -172,6 +213,10 @@ class ParallelModel:
         out = {}
         for part in self.parts:
             out.update(moe_metrics(part))
+        if self.world.ep_size > 1:
+            from parallel.expert_parallel import all_to_all_bytes
+
+            out["moe/a2a_bytes_last_micro"] = float(sum(all_to_all_bytes(p) for p in self.parts))
         return out
 
     @torch.no_grad()
@@ -230,7 +275,8 @@ class PipelineModel(ParallelModel):
     def _loss_fn(self, out, labels):
         if self.fused_loss:
             return out.reshape(())  # the head already returned the loss
-        return tp_mod.cross_entropy(out, labels, z_loss=self.z_loss)
+        z = self.z_loss if torch.is_grad_enabled() else 0.0  # held-out loss: no z-loss
+        return tp_mod.cross_entropy(out, labels, z_loss=z)
 
     def _schedule(self, n_micro: int):
         from torch.distributed.pipelining import PipelineStage
@@ -278,8 +324,12 @@ class PipelineModel(ParallelModel):
         total = torch.zeros((), device=self.world.device)
         if losses:
             total += torch.stack([_local(x).detach().float() for x in losses]).mean()
-        if self._aux:
-            total += torch.stack(self._aux).sum() / n_micro
+        # MoE: keep the aux losses of the real forwards (one per micro-batch and stage with
+        # MoE layers); torch's first-step metadata inference forward records one too
+        n_aux = n_micro * sum(any(hasattr(m, "aux_loss") for m in p.modules()) for p in self.parts)
+        aux = self._aux[len(self._aux) - n_aux:] if n_aux else []
+        if aux:
+            total += torch.stack(aux).sum() / n_micro
         self._aux.clear()
         self.finalize_grads()
         return total
@@ -291,7 +341,8 @@ class PipelineModel(ParallelModel):
         n_micro = self._last_n_micro or self.pp_microbatches or self.world.pp_size
         if batch["input_ids"].shape[0] % n_micro:
             n_micro = 1
-        losses = self._run(batch, n_micro, train=False)
+        with self._eval_heads():
+            losses = self._run(batch, n_micro, train=False)
         self._aux.clear()
         valid = (batch["labels"] != -100).reshape(n_micro, -1).sum(-1).float()
         t = torch.zeros((), device=self.world.device)

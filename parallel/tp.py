@@ -72,14 +72,19 @@ def register_tp_plan(kind: str, plan: Callable[[nn.Module, TPContext], None],
 
 # ---- the one place a row-parallel sublayer output is reduced --------------------------
 
-def reduce_sublayer_output(out: DTensor, layout, use_local_output: bool = True):
+def reduce_sublayer_output(out: DTensor, layout, use_local_output: bool = True,
+                           async_op: bool = False):
     """Sum a row-parallel output (Partial over tp) into the stream's layout.
 
-    All-reduce to Replicate, or reduce-scatter along the sequence with SP. Kept in one
-    function so an asynchronous variant (ladder residual) can replace it.
+    All-reduce to Replicate, or reduce-scatter along the sequence with SP. Synchronous,
+    unless ``async_op`` (ladder residual: see parallel/ladder.py) leaves it pending.
     """
     if out.placements != (layout,):
-        out = out.redistribute(placements=(layout,), async_op=True)
+        if async_op:
+            from parallel.ladder import async_reduce
+
+            return async_reduce(out, layout, use_local_output)
+        out = out.redistribute(placements=(layout,))
     return out.to_local() if use_local_output else out
 
 
@@ -88,7 +93,12 @@ class RowwiseSublayerOutput(RowwiseParallel):
 
     @staticmethod
     def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
-        return reduce_sublayer_output(outputs, output_layouts[0], use_local_output)
+        return reduce_sublayer_output(outputs, output_layouts[0], use_local_output,
+                                      async_op=getattr(mod, "ladder_async_reduce", False))
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        module.tp_sublayer_output = True  # found by parallel.ladder.mark_ladder_async
+        return super()._apply(module, device_mesh)
 
 
 class ReplicatedKVHeads(ParallelStyle):

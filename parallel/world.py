@@ -18,6 +18,7 @@ from models.config import ConfigError
 from parallel.config import ParallelConfig
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+EP_MESH_DIMS = ("pp", "dp_replicate", "edp", "ep", "tp")  # dp_shard split as (edp, ep)
 
 
 @dataclass
@@ -36,6 +37,10 @@ class World:
     dp_replicate: int = 1
     dp_shard: int = 1
     cp_size: int = 1
+    # expert parallel (parallel/expert_parallel.py): dp_shard = edp x ep; ep_mesh has dims
+    # EP_MESH_DIMS over the same ranks as ``mesh``
+    ep_size: int = 1
+    ep_mesh: object | None = None
 
     @property
     def is_main(self) -> bool:
@@ -78,8 +83,6 @@ def resolve_layout(pcfg: ParallelConfig, world_size: int) -> dict[str, int]:
             raise ConfigError(f"parallel.{key}: must be >= 1, got {getattr(pcfg, key)}")
     if pcfg.cp > 1:
         raise ConfigError("parallel.cp: context parallel is not implemented yet; use 1")
-    if pcfg.ep > 1:
-        raise ConfigError("parallel.ep: expert parallel is not implemented yet; use 1")
     if pcfg.backend not in ("auto", "gloo", "nccl"):
         raise ConfigError(f"parallel.backend: '{pcfg.backend}' is not one of auto, gloo, nccl")
     if pcfg.dp_engine not in ("fsdp", "deepspeed"):  # deepspeed: parallel/deepspeed_engine.py
@@ -97,6 +100,8 @@ def resolve_layout(pcfg: ParallelConfig, world_size: int) -> dict[str, int]:
         raise ConfigError(f"parallel: pp*dp_replicate*dp_shard*cp*tp = {pcfg.pp}*{pcfg.dp_replicate}*"
                           f"{shard}*{pcfg.cp}*{pcfg.tp} = {fixed * shard} does not match the world "
                           f"size {world_size} (set parallel.dp_shard=-1 to fill the rest)")
+    if (shard * pcfg.cp) % pcfg.ep:  # expert parallel: ep is carved out of dp_shard x cp
+        raise ConfigError(f"parallel.ep: {pcfg.ep} does not divide parallel.dp_shard*cp = {shard}*{pcfg.cp}")
     return {"pp": pcfg.pp, "dp_replicate": pcfg.dp_replicate, "dp_shard": shard, "cp": pcfg.cp,
             "tp": pcfg.tp}
 
@@ -108,7 +113,7 @@ def build_world(pcfg: ParallelConfig, rank: int, world_size: int, local_rank: in
     world = World(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
                   pp_size=sizes["pp"], tp_size=sizes["tp"], dp_replicate=sizes["dp_replicate"],
                   dp_shard=sizes["dp_shard"], cp_size=sizes["cp"],
-                  dp_size=sizes["dp_replicate"] * sizes["dp_shard"])
+                  dp_size=sizes["dp_replicate"] * sizes["dp_shard"], ep_size=pcfg.ep)
     if world_size == 1:
         return world
     from torch.distributed.device_mesh import init_device_mesh
@@ -119,6 +124,11 @@ def build_world(pcfg: ParallelConfig, rank: int, world_size: int, local_rank: in
     world.pp_rank, world.tp_rank = coord["pp"], coord["tp"]
     # Ranks that differ only in tp/pp/cp read the same rows of the global batch.
     world.dp_rank = coord["dp_replicate"] * sizes["dp_shard"] + coord["dp_shard"]
+    if pcfg.ep > 1:
+        # expert parallel: a second mesh over the same ranks with dp_shard unflattened into
+        # (edp, ep), row-major, so ep groups are consecutive dp_shard coordinates (cp is 1)
+        ep_sizes = (sizes["pp"], sizes["dp_replicate"], sizes["dp_shard"] // pcfg.ep, pcfg.ep, sizes["tp"])
+        world.ep_mesh = init_device_mesh(device.type, ep_sizes, mesh_dim_names=EP_MESH_DIMS)
     return world
 
 

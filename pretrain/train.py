@@ -109,6 +109,9 @@ def train(cfg: Config) -> dict:
     """Run training; returns a summary dict (also written to ``<run_dir>/summary.json``)."""
     # handlers first: a preemption signal during start-up must not kill the process
     flag = PreemptionFlag(cfg.train.preempt_grace_s)
+    if "LOCAL_SIZE" in os.environ and "LOCAL_WORLD_SIZE" not in os.environ:
+        # DeepSpeed's launcher calls it LOCAL_SIZE; mosaicml-streaming reads LOCAL_WORLD_SIZE
+        os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
     try:
         world = parallel.init_world(cfg.parallel)
         try:
@@ -227,7 +230,8 @@ def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
             elif not finite:
                 raise UserError(f"non-finite loss ({loss_val}) or grad norm ({grad_norm}) at step "
                                 f"{step + 1}; set train.nan_policy=skip to skip such steps")
-            optimizer.zero_grad(set_to_none=True)
+            if not engine:  # an engine clears its own (and must keep offloaded buffers)
+                optimizer.zero_grad(set_to_none=True)
             if finite:
                 pm.after_optimizer_step()
             lr = scheduler.get_last_lr()[0]

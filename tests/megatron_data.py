@@ -17,18 +17,18 @@ def write_megatron_dataset(corpus_jsonl: Path, tokenizer_model: Path, out_dir: P
     import sentencepiece as spm
     import torch
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
     out_dir.mkdir(parents=True, exist_ok=True)
     prefix = out_dir / name
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
-    builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.uint16)
-    with open(corpus_jsonl) as f:
-        for line in f:
-            ids = sp.encode(json.loads(line)["text"]) + [sp.eos_id()]
-            builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
-    builder.finalize(str(prefix) + ".idx")
+    with warnings.catch_warnings():  # optional GPU extras, numpy __array__ deprecations
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+        builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.uint16)
+        with open(corpus_jsonl) as f:
+            for line in f:
+                ids = sp.encode(json.loads(line)["text"]) + [sp.eos_id()]
+                builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
+        builder.finalize(str(prefix) + ".idx")
     shutil.copyfile(tokenizer_model, out_dir / "tokenizer.model")
     return prefix

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import shutil
 import signal
 import socket
@@ -243,8 +244,9 @@ class SlurmCluster:
         p = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)], capture_output=True,
                            text=True, env=self.env, timeout=30)
         info = {}
-        for word in p.stdout.split():
-            k, _, v = word.partition("=")
+        # values may hold spaces (job names): split only before the next "Key="
+        for item in re.split(r"\s+(?=[A-Za-z][\w/:]*=)", p.stdout.strip()):
+            k, _, v = item.partition("=")
             info[k] = v
         return info
 

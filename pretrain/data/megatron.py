@@ -75,7 +75,8 @@ class _Stream:
                 pieces.append(self.ds.get(i, offset=pos - start, length=take))
             pos += max(take, 0)
             i += 1
-        return np.concatenate(pieces) if len(pieces) != 1 else np.asarray(pieces[0])
+        # always a copy: the reader returns views of its memory map, which must not outlive it
+        return np.concatenate(pieces) if len(pieces) != 1 else np.array(pieces[0])
 
 
 class _Block:

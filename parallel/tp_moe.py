@@ -1,0 +1,53 @@
+"""Tensor-parallel plan for MoE sublayers (kind ``moe``): token-wise, so no tp communication.
+
+The MoE mixer runs on the local stream (the full sequence, replicated over tp, or this
+rank's sequence shard with sequence parallel). Its parameters are Replicate DTensors over tp
+(experts: unless expert parallel already made them ``Shard(0)`` DTensors on the ep mesh)
+so FSDP and the optimizer see one layout; during forward the mixer computes with their
+local values. Without SP every tp rank computes the same thing (identical gradients); with
+SP the gradients are partial sums over tp (``Partial``, reduced by FSDP or
+``finalize_grads``; expert-parallel experts by ``reduce_expert_grads``).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor
+from torch.distributed.tensor.parallel import parallelize_module
+
+from parallel.tp import TPContext, _norms, register_tp_plan
+
+
+def _local_params(mixer: nn.Module, ctx: TPContext) -> None:
+    mesh = ctx.mesh
+    owners = []  # (module, name) of every tp-replicated parameter under the mixer
+    for mod in mixer.modules():
+        for name, p in list(mod.named_parameters(recurse=False)):
+            if isinstance(p, DTensor):  # expert parallel: already sharded over ep
+                mixer.tp_partial_grads = ctx.sequence_parallel
+                continue
+            mod.register_parameter(name, nn.Parameter(
+                distribute_tensor(p, mesh, [Replicate()], src_data_rank=None), p.requires_grad))
+            owners.append((mod, name))
+    grad_pl = (Partial(),) if ctx.sequence_parallel else (Replicate(),)
+
+    def pre(module, args):
+        # a plain tensor in the instance __dict__ shadows the registered (DTensor) parameter
+        for mod, name in owners:
+            mod.__dict__[name] = mod._parameters[name].to_local(grad_placements=grad_pl)
+
+    def post(module, args, out):
+        for mod, name in owners:
+            mod.__dict__.pop(name, None)
+        return out
+
+    mixer.register_forward_pre_hook(pre)
+    mixer.register_forward_hook(post)
+
+
+def _moe_plan(sub: nn.Module, ctx: TPContext) -> None:
+    parallelize_module(sub, ctx.mesh, _norms(sub, ctx))
+    _local_params(sub.mixer, ctx)
+
+
+register_tp_plan("moe", _moe_plan)

@@ -1,0 +1,73 @@
+"""Worker for tests/test_ladder.py (run under torchrun; holds no tests itself).
+
+``python -m torch.distributed.run --nproc_per_node N tests/test_ladder_worker.py SPEC OUT``
+trains each job of SPEC with the shared infra of tests/test_parallel_worker.py and also
+records, after every step, how many asynchronous sublayer-output reductions were issued
+and how many are still pending (parallel/ladder.py's counters).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+for p in (ROOT, ROOT / "tests"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import torch  # noqa: E402
+
+import test_parallel_worker as W  # noqa: E402
+
+
+def run_counted(layout: dict, steps: int, model_kw: dict | None = None, **kw) -> dict:
+    """Per-step loss and grad norm, plus per-step issued/pending async reductions."""
+    from parallel import ladder
+
+    pm, opt, world = W.build(layout, model_kw, **kw)
+    losses, norms, issued, pending = [], [], [], []
+    for step in range(steps):
+        ladder.reset_counts()
+        loss = pm.forward_backward(W.rank_batches(step, world))
+        losses.append(pm.reduce_loss(loss))
+        issued.append(ladder.counts()["issued"])
+        pending.append(ladder.pending())
+        norms.append(float(pm.clip_grad_norm_(0.5)))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {"loss": losses, "grad_norm": norms, "issued": issued, "pending": pending}
+
+
+def main(spec_path: str, out_path: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=float(os.environ.get("PG_TIMEOUT", "90"))))
+    results = {}
+    for job in json.loads(Path(spec_path).read_text()):
+        name = job["name"]
+        print(f"[rank {dist.get_rank()}] {name}", file=sys.stderr, flush=True)
+        try:
+            res = run_counted(job["layout"], job["steps"], job.get("model"), **job.get("kw", {}))
+        except Exception as e:  # report, keep the group alive for the next job
+            res = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
+            print(f"[rank {dist.get_rank()}] {name} failed:\n{res['trace']}", file=sys.stderr, flush=True)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, res)
+        errors = [r for r in gathered if "error" in r]
+        results[name] = errors[0] if errors else {**gathered[0], "per_rank_pending": [r["pending"] for r in gathered]}
+        dist.barrier()
+    if dist.get_rank() == 0:
+        Path(out_path).write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,107 @@
+"""Worker for tests/test_parallel_hybrid.py: the jobs of tests/test_parallel_worker.py on
+Mamba-2 / hybrid models (holds no tests itself).
+
+``python -m torch.distributed.run --nproc_per_node N tests/test_parallel_hybrid_worker.py SPEC OUT``
+Job ``model`` dicts may hold nested ``mamba`` / ``hybrid`` dicts; every job kind
+(``layout``, ``resume``, ``init``) builds the job's ``model``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+for p in (ROOT, ROOT / "tests"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import test_parallel_worker as W  # noqa: E402
+
+# "M-*-" x 1: Mamba (4 heads of 32, 2 groups, 2 chunks per sequence), MLP, attention, MLP
+HYBRID = dict(pattern="M-*-", n_layers=1, mamba=dict(d_state=16, head_dim=32, n_groups=2, chunk_size=16))
+# "P-" x 2: 4 attention heads (2 KV) + 4 Mamba heads of 16 (2 groups) side by side
+HEADS = dict(pattern="P-", mamba=dict(d_state=16, head_dim=16, n_groups=2, chunk_size=16),
+             hybrid=dict(n_attn_heads=4, n_mamba_heads=4))
+
+
+def model_cfg(**kw):
+    """``W.model_cfg`` with nested ``mamba``/``hybrid`` dicts turned into their configs."""
+    from models.config import HybridHeadsConfig, MambaConfig, ModelConfig
+
+    kw = {**W.TINY, **kw}
+    if isinstance(kw.get("mamba"), dict):
+        kw["mamba"] = MambaConfig(**kw["mamba"])
+    if isinstance(kw.get("hybrid"), dict):
+        kw["hybrid"] = HybridHeadsConfig(**kw["hybrid"])
+    return ModelConfig(**kw)
+
+
+W.model_cfg = model_cfg  # W.build looks it up at call time
+_MODEL: dict = {}
+_build = W.build
+
+
+def _build_default_model(layout: dict, model_kw: dict | None = None, **kw):
+    return _build(layout, model_kw if model_kw is not None else _MODEL, **kw)
+
+
+W.build = _build_default_model  # so W.run_resume / W.run_init_check build _MODEL
+
+
+def with_model(model: dict, fn, *args, **kw):
+    """Run a ``test_parallel_worker`` job function with ``model`` as the default model."""
+    global _MODEL
+    saved, _MODEL = _MODEL, model
+    try:
+        return fn(*args, **kw)
+    finally:
+        _MODEL = saved
+
+
+def run_job(job: dict) -> dict:
+    """One job of ``W.main``'s kinds, built on the job's ``model``."""
+    kind, model = job.get("kind", "layout"), job.get("model", {})
+    if kind == "layout":
+        return W.run_layout(job["layout"], job.get("steps", 10), model, **job.get("kw", {}))
+    if kind == "resume":
+        return with_model(model, W.run_resume, job.get("save"), job.get("load"), job["dir"],
+                          job["save_at"], job["steps"])
+    if kind == "init":
+        return with_model(model, W.run_init_check, job["layout"])
+    raise ValueError(kind)
+
+
+def main(spec_path: str, out_path: str) -> None:
+    """Run every job of SPEC on one process group; rank 0 writes the results (or errors)."""
+    import datetime
+    import json
+    import traceback
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=float(os.environ.get("PG_TIMEOUT", "90"))))
+    results = {}
+    for job in json.loads(Path(spec_path).read_text()):
+        print(f"[rank {dist.get_rank()}] {job['name']}", file=sys.stderr, flush=True)
+        try:
+            res = run_job(job)
+        except Exception as e:  # report, keep the group alive for the next job
+            res = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
+            print(f"[rank {dist.get_rank()}] {job['name']} failed:\n{res['trace']}", file=sys.stderr, flush=True)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, res)
+        errors = [r for r in gathered if "error" in r]
+        results[job["name"]] = errors[0] if errors else gathered[0]
+        dist.barrier()
+    if dist.get_rank() == 0:
+        Path(out_path).write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main(sys.argv[1], sys.argv[2])

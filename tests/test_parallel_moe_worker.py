@@ -1,0 +1,131 @@
+"""Worker for the expert-parallel tests (run under torchrun; holds no tests itself).
+
+``python -m torch.distributed.run --nproc_per_node N tests/test_parallel_moe_worker.py SPEC OUT``
+runs the jobs of SPEC in sequence on one process group (as tests/test_parallel_worker.py,
+whose batches and layouts it reuses); rank 0 writes the results to OUT. ``run_moe`` also
+runs in-process with world size 1 for the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+for p in (ROOT, ROOT / "tests"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import torch  # noqa: E402
+
+import test_parallel_worker as W  # noqa: E402
+
+
+def moe_model_cfg(preset: str):
+    """The worker's tiny transformer with the MoE section of configs/moe_<preset>_tiny.yaml."""
+    import yaml
+
+    from models.config import MoEConfig
+
+    moe = yaml.safe_load((ROOT / "configs" / f"moe_{preset}_tiny.yaml").read_text())["model"]
+    return W.model_cfg(pattern=moe["pattern"], moe=MoEConfig(**moe["moe"]))
+
+
+def _biases(pm) -> dict[str, list[float]]:
+    from models.moe import moe_layers
+
+    return {n: m.expert_bias.tolist() for part in pm.parts for n, m in moe_layers(part)}
+
+
+def run_moe(layout: dict, preset: str, steps: int = 10) -> dict:
+    """Per-step loss, grad norm and expert biases (after each step) of ``steps`` steps."""
+    import torch.distributed as dist
+
+    from models.transformer import build_model
+    from parallel import parallelize
+    from pretrain.config import OptimConfig
+    from pretrain.optim import build_optimizer
+
+    pcfg, world = W.make_world(layout)
+    pm = parallelize(build_model(moe_model_cfg(preset), init=False), pcfg, world, seed=0)
+    opt = build_optimizer(pm.parts, OptimConfig(lr=3e-3, warmup_steps=0, weight_decay=0.1))
+    losses, norms, biases, metrics = [], [], [], {}
+    for step in range(steps):
+        loss = pm.forward_backward(W.rank_batches(step, world))
+        losses.append(pm.reduce_loss(loss))
+        norms.append(float(pm.clip_grad_norm_(0.5)))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        pm.after_optimizer_step()
+        b = _biases(pm)
+        if world.distributed:  # pipeline stages hold different layers
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, b)
+            b = {k: v for p in parts for k, v in p.items()}
+        biases.append(b)
+        metrics = pm.step_metrics()
+    return {"loss": losses, "grad_norm": norms, "bias": biases, "metrics": metrics}
+
+
+def run_comm(ep: int) -> dict:
+    """dispatch -> per-expert scaling -> combine over the whole world as one ep group, with
+    uneven (and zero) counts per expert, against the same computation done locally."""
+    import torch.distributed as dist
+
+    from parallel.expert_parallel import AllToAllExpertComm
+
+    rank, E, d = dist.get_rank(), 2 * ep, 3
+    g = torch.Generator().manual_seed(rank)
+    counts = torch.randint(0, 4, (E,), generator=g)
+    counts[(rank + 1) % E] = 0
+    x = torch.randn(int(counts.sum()), d, generator=g, requires_grad=True)
+    comm = AllToAllExpertComm(dist.group.WORLD, ep, E)
+    local, local_counts, ctx = comm.dispatch(x, counts)
+    nl = E // ep
+    scale = torch.arange(rank * nl, (rank + 1) * nl, dtype=torch.float32) + 1.0
+    out = comm.combine(local * scale.repeat_interleave(local_counts).unsqueeze(1), ctx)
+    (out * out).sum().backward()
+    want_scale = (torch.arange(E, dtype=torch.float32) + 1.0).repeat_interleave(counts).unsqueeze(1)
+    want = x.detach() * want_scale
+    totals = [None] * dist.get_world_size()
+    dist.all_gather_object(totals, local_counts.tolist())
+    return {"out_err": float((out.detach() - want).abs().max()) if out.numel() else 0.0,
+            "grad_err": float((x.grad - 2 * want * want_scale).abs().max()) if x.numel() else 0.0,
+            "local_counts": totals, "send_counts": counts.tolist()}
+
+
+def main(spec_path: str, out_path: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=float(os.environ.get("PG_TIMEOUT", "90"))))
+    results = {}
+    for job in json.loads(Path(spec_path).read_text()):
+        name = job["name"]
+        print(f"[rank {dist.get_rank()}] {name}", file=sys.stderr, flush=True)
+        try:
+            if job.get("kind") == "comm":
+                res = run_comm(dist.get_world_size())
+            else:
+                res = run_moe(job["layout"], job["preset"], job.get("steps", 10))
+        except Exception as e:  # report, keep the group alive for the next job
+            res = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
+            print(f"[rank {dist.get_rank()}] {name} failed:\n{res['trace']}", file=sys.stderr, flush=True)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, res)
+        errors = [r for r in gathered if "error" in r]
+        results[name] = errors[0] if errors else gathered[0]
+        dist.barrier()
+    if dist.get_rank() == 0:
+        Path(out_path).write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main(sys.argv[1], sys.argv[2])
