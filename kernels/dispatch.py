@@ -23,6 +23,7 @@ import sys
 from typing import Callable
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from kernels import reference
 
@@ -178,46 +179,54 @@ def _impl(op: str, device: torch.device) -> Callable:
     return fn
 
 
+def _impl_for(op: str, t: torch.Tensor) -> Callable:
+    """The chosen implementation, except for DTensors (tensor parallel norms), which the
+    fused kernels cannot take: their sharding is handled by the reference's torch ops."""
+    if isinstance(t, DTensor):
+        return getattr(reference, op)
+    return _impl(op, t.device)
+
+
 # ---- the ops (signatures as in kernels.reference) --------------------------------------
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return _impl("rms_norm", x.device)(x, weight, eps)
+    return _impl_for("rms_norm", x)(x, weight, eps)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
-    return _impl("add_rms_norm", x.device)(x, residual, weight, eps)
+    return _impl_for("add_rms_norm", x)(x, residual, weight, eps)
 
 
 def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float,
                    group_size: int) -> torch.Tensor:
-    return _impl("gated_rms_norm", x.device)(x, z, weight, eps, group_size)
+    return _impl_for("gated_rms_norm", x)(x, z, weight, eps, group_size)
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    return _impl("apply_rotary", q.device)(q, k, cos, sin)
+    return _impl_for("apply_rotary", q)(q, k, cos, sin)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return _impl("swiglu", gate.device)(gate, up)
+    return _impl_for("swiglu", gate)(gate, up)
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
                   z_loss: float = 0.0, reduction: str = "mean") -> torch.Tensor:
-    return _impl("cross_entropy", logits.device)(logits, labels, ignore_index, z_loss, reduction)
+    return _impl_for("cross_entropy", logits)(logits, labels, ignore_index, z_loss, reduction)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          ignore_index: int = -100, z_loss: float = 0.0, chunk_size: int = 0,
                          reduction: str = "mean", process_group=None,
                          reduce_hidden_grad: bool = True) -> torch.Tensor:
-    return _impl("linear_cross_entropy", hidden.device)(
+    return _impl_for("linear_cross_entropy", hidden)(
         hidden, weight, labels, ignore_index, z_loss, chunk_size, reduction, process_group,
         reduce_hidden_grad)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-    return _impl("attention", q.device)(q, k, v, doc_ids)
+    return _impl_for("attention", q)(q, k, v, doc_ids)
 
 
 for _op in OPS:  # one docstring, kept with the reference

@@ -270,3 +270,32 @@ def test_doc_mask_blocks_cross_document_attention():
     # and the first token of each document sees only itself
     for b, s in [(0, 0), (0, 3), (0, 8), (1, 0), (1, 10)]:
         torch.testing.assert_close(base[b, s], v[b, s].repeat_interleave(2, 0))
+
+
+def test_dtensor_inputs_use_the_reference_even_when_fused_is_forced():
+    """Tensor-parallel norms see DTensors; the dispatcher must not hand them to Triton."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    import kernels
+    from kernels import reference
+
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        x = torch.randn(3, 8)
+        w = torch.rand(8)
+        dx = distribute_tensor(x, mesh, [Replicate()])
+        dw = distribute_tensor(w, mesh, [Replicate()])
+        kernels.configure(backend="triton")
+        try:
+            out = kernels.rms_norm(dx, dw, 1e-5)
+        finally:
+            kernels.configure(backend="auto")
+        torch.testing.assert_close(out.full_tensor(), reference.rms_norm(x, w, 1e-5))
+    finally:
+        if created:
+            dist.destroy_process_group()

@@ -68,6 +68,7 @@ def test_train_from_megatron_dataset(megatron_data, tmp_path):
     assert (run / "checkpoints" / "step_8" / "tokenizer.model").is_file()
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # megatron's __del__
 def test_megatron_errors(megatron_data, tmp_path):
     bare = tmp_path / "bare"
     bare.mkdir()
