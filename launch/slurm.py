@@ -29,7 +29,6 @@ import os
 import shlex
 import subprocess
 import time
-from pathlib import Path
 
 from launch.common import STATUS_FILE_ENV, TORCHRUN_SIGNALS, TrainJob, python
 from pretrain.errors import UserError

@@ -41,6 +41,9 @@ STATE_TAG = "state"
 
 def check_layout(pcfg: ParallelConfig, world: World) -> None:
     """DeepSpeed here is pure data parallelism over all ranks (ConfigError otherwise)."""
+    if not world.distributed:
+        raise ConfigError("parallel.dp_engine=deepspeed: needs at least 2 processes (ZeRO partitions "
+                          "over data-parallel ranks); start them with `pretrain launch local --nproc N`")
     for key in ("tp", "pp", "cp", "ep", "dp_replicate"):
         if getattr(pcfg, key) != 1:
             raise ConfigError(f"parallel.{key}: must be 1 with parallel.dp_engine=deepspeed "
@@ -119,8 +122,7 @@ class DeepSpeedModel(ParallelModel):
         Returns the optimizer whose ``param_groups`` the lr scheduler must drive.
         """
         deepspeed = _import_deepspeed()
-        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend()
-                                   if torch.distributed.is_initialized() else "gloo")
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())  # wraps our group
         zero = {"stage": self.pcfg.zero_stage, "contiguous_gradients": True}
         if self.pcfg.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": self.world.device.type == "cuda"}

@@ -1,7 +1,6 @@
 """``pretrain launch``: generated SLURM scripts (quoting), the local torchrun launcher with
 signals and the NaN policy, and a failing rank taking the whole job down."""
 
-import json
 import os
 import shlex
 import signal
