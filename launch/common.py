@@ -17,9 +17,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pretrain.errors import EXIT_PREEMPTED, UserError
+from pretrain.errors import EXIT_PREEMPTED, STATUS_FILE_ENV, UserError
 
-STATUS_FILE_ENV = "PRETRAIN_EXIT_STATUS_FILE"
 # torchrun handles (and forwards to its workers) these; SIGUSR1 is what SLURM sends before
 # a time limit or a preemption, so it must be forwarded rather than kill torchrun.
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -54,7 +55,8 @@ def run(job: TrainJob, nproc: int, dry_run: bool = False, env: dict[str, str] | 
             if proc.poll() is None:
                 proc.send_signal(signum)
 
-        old = {s: signal.signal(s, forward) for s in FORWARDED}
+        main = threading.current_thread() is threading.main_thread()
+        old = {s: signal.signal(s, forward) for s in FORWARDED} if main else {}
         try:
             while True:
                 try:

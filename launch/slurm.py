@@ -181,8 +181,11 @@ def render(args, job: TrainJob, env: dict[str, str]) -> str:
         '$PRETRAIN_NPROC_PER_NODE process(es), rendezvous at $MASTER_ADDR:$MASTER_PORT"',
         "",
         # --kill-on-bad-exit: a node whose training failed takes the others down at once
+        # srun does not inherit --cpus-per-task: without it torchrun and all its workers would
+        # share the step's default single CPU wherever SLURM binds tasks to CPUs
+        'cpus="${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}"',
         f"srun --kill-on-bad-exit=1 --nodes=\"$SLURM_JOB_NUM_NODES\" --ntasks-per-node=1 "
-        f"bash -c {q(NODE_PROGRAM)} {TASK_NAME} \\",
+        f"--cpus-per-task=\"$cpus\" bash -c {q(NODE_PROGRAM)} {TASK_NAME} \\",
         "  " + " ".join(q(a) for a in train) + " &",
         "srun_pid=$!",
         'if [ "$preempted" = 1 ]; then kill -USR1 "$srun_pid" 2>/dev/null; fi  # signal came first',

@@ -123,6 +123,6 @@ def _parallelize_part(part, pcfg, world, ac, ac_every, compile, z_loss, fused_lo
     if world.dp_size > 1:
         from parallel.expert_parallel import hidden_expert_params
 
-        with hidden_expert_params(part):  # expert parallel: experts reduced outside FSDP
+        with hidden_expert_params(part, world):  # expert parallel: experts reduced outside FSDP
             apply_data_parallel(part, world, pcfg)
     route_inputs(part)

@@ -52,8 +52,9 @@ class AllToAllExpertComm:
 
     def __init__(self, group, ep: int, n_experts: int):
         self.group, self.ep = group, ep
+        self.rank = dist.get_rank(group)
         self.n_local = n_experts // ep
-        self.last_bytes = 0  # rows sent + received by this rank in the last dispatch+combine
+        self.last_bytes = 0  # bytes this rank sent to other ranks in the last dispatch+combine
 
     def _rows(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
         y = funcol.all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, self.group)
@@ -69,16 +70,17 @@ class AllToAllExpertComm:
         out_splits = recv.sum(1).tolist()
         rows = self._rows(tokens_sorted, out_splits, in_splits)
         # rows arrive (source rank, local expert)-major; regroup by local expert (stable)
-        expert_of_row = torch.arange(nl, device=rows.device).repeat(ep).repeat_interleave(recv.reshape(-1).to(rows.device))
+        expert_of_row = torch.arange(nl, device=rows.device).repeat(ep)
+        expert_of_row = expert_of_row.repeat_interleave(recv.reshape(-1).to(rows.device))
         order = torch.argsort(expert_of_row, stable=True)
-        self.last_bytes = (sum(in_splits) + sum(out_splits)) * tokens_sorted.shape[-1] * tokens_sorted.element_size()
+        self.last_bytes = (sum(in_splits) - in_splits[self.rank]) * tokens_sorted.shape[-1] * tokens_sorted.element_size()
         return rows.index_select(0, order), recv.sum(0), (order, in_splits, out_splits)
 
     def combine(self, out: torch.Tensor, ctx) -> torch.Tensor:
         order, in_splits, out_splits = ctx
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         rows = out.index_select(0, inverse)
-        self.last_bytes += (sum(in_splits) + sum(out_splits)) * out.shape[-1] * out.element_size()
+        self.last_bytes += (sum(out_splits) - out_splits[self.rank]) * out.shape[-1] * out.element_size()
         return self._rows(rows, in_splits, out_splits)
 
 
@@ -103,12 +105,12 @@ def expert_params(model: nn.Module) -> list[nn.Parameter]:
 
 
 @contextmanager
-def hidden_expert_params(model: nn.Module):
-    """Detach the expert weights from their modules while data parallelism wraps ``model``, so
-    the dense FSDP units neither manage nor reduce them (they are reduced by
-    :func:`reduce_expert_grads`)."""
+def hidden_expert_params(model: nn.Module, world):
+    """Under expert parallel, detach the expert weights from their modules while data
+    parallelism wraps ``model``, so the dense FSDP units neither manage nor reduce them (they
+    are reduced by :func:`reduce_expert_grads`). No-op without expert parallel."""
     saved = []
-    for m in moe_modules(model):
+    for m in moe_modules(model) if world.ep_size > 1 else ():
         for n in EXPERT_PARAMS:
             if isinstance(getattr(m, n), DTensor):
                 saved.append((m, n, m._parameters.pop(n)))
@@ -126,7 +128,11 @@ def reduce_expert_grads(parts: list[nn.Module], world) -> None:
     the contributions of the ep group's tokens into each expert's gradient)."""
     if getattr(world, "ep_mesh", None) is None:
         return
-    grads = [p.grad.to_local() for part in parts for p in expert_params(part) if p.grad is not None]
+    params = [p for part in parts for p in expert_params(part) if p.requires_grad]
+    for p in params:  # experts that got no rows this step: every rank must join the reduction
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad.to_local() for p in params]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -143,5 +149,6 @@ def reduce_expert_grads(parts: list[nn.Module], world) -> None:
 
 
 def all_to_all_bytes(model: nn.Module) -> int:
-    """Bytes this rank sent plus received in the last forward's expert all-to-alls."""
+    """Bytes this rank sent to other ranks in the last forward's expert all-to-alls (token
+    rows, dispatch + combine; backward sends the same again; the count exchange is excluded)."""
     return sum(getattr(m.ep_comm, "last_bytes", 0) for m in moe_modules(model))

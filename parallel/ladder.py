@@ -13,13 +13,20 @@ Every issued reduction is counted, and so is its wait (an ``AsyncCollectiveTenso
 subclass counts the moment it is first used), so a test or the trainer can check that
 no collective is left pending at the end of a step (:func:`pending`).
 
-Backward: the gradient of the output reduction (Partial -> Replicate) is free; the
-input-gradient all-reduce at the column-parallel input stays synchronous here. The
-autograd engine accumulates every gradient flowing into a tensor with an ``add`` as
-soon as it arrives, and on CPU it runs ready nodes in decreasing creation order; an
-async tensor returned from a backward function is therefore waited at once (in that
-add), before the neighbouring sublayer's backward runs. See the module notes in
-``bench/bench_ladder.py`` for the measured exposed-communication figures.
+Backward: the gradient of the output reduction (Partial -> Replicate) needs no
+communication; the input-gradient all-reduce (reduce-scatter with SP) at the
+column-parallel input (DTensor's ``from_local`` in the mixer-input plan) stays
+synchronous. What the autograd engine allows: sublayer k+1's input gradient flows into
+the input buffer of the join that produced the stream it read; the residual-path gradient
+from the later join already sits there (the CPU engine runs ready nodes in decreasing
+creation order, and that join was created after sublayer k+1), so the buffer's ``add``
+consumes an async gradient the moment it is returned, before sublayer k's backward can
+start. Deferring the wait past sublayer k's backward would need the reduced gradient
+routed into nodes that run later (the producer of sublayer k-1's output and the join
+before it), i.e. extra identity nodes at forward time with a shared handle, which does
+not compose simply with recomputation (checkpointed sublayers create their nodes during
+backward) or pipeline stage boundaries; it is not done here.
+``bench/bench_ladder.py`` measures the blocked (exposed) communication time per mode.
 """
 
 from __future__ import annotations

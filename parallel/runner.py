@@ -217,6 +217,10 @@ class ParallelModel:
             from parallel.expert_parallel import all_to_all_bytes
 
             out["moe/a2a_bytes_last_micro"] = float(sum(all_to_all_bytes(p) for p in self.parts))
+        if self._load_group is not None:  # MoE under pp: rank 0 reports every stage's layers
+            stages = [None] * self.world.pp_size
+            dist.all_gather_object(stages, out, group=self.world.mesh.get_group("pp"))
+            out = {k: v for d in stages for k, v in d.items()}
         return out
 
     @torch.no_grad()

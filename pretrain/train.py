@@ -15,10 +15,11 @@ import torch
 import yaml
 
 import parallel
+from models.config import ConfigError
 from models.transformer import build_model
 from pretrain import checkpoint as ckpt
 from pretrain.config import Config, _plain
-from pretrain.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
+from pretrain.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, STATUS_FILE_ENV, UserError
 from pretrain.faults import fault_at, maybe_hang, maybe_kill
 from pretrain.flops import device_peak_flops, train_flops_per_token
 from pretrain.metrics import MetricsWriter, Progress
@@ -257,7 +258,7 @@ def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
                 last_saved = step
             if _agreed_signal(flag, world):
                 flag.boundary_reached()
-                path = save(step)
+                path = save(step) if last_saved != step else ckpt.checkpoint_root(run_dir) / f"step_{step}"
                 progress.write(f"signal received: saved {path}; exiting for requeue")
                 _record_status(world.rank, EXIT_PREEMPTED)
                 world.barrier()  # no rank exits (and no launcher tears the job down) before that
@@ -314,9 +315,6 @@ def run_eval(cfg: Config, pm, world, run_dir: Path) -> float | None:
     return evaluate(pm, batches)
 
 
-STATUS_FILE_ENV = "PRETRAIN_EXIT_STATUS_FILE"  # launchers learn the exit status through torchrun
-
-
 def train_main(cfg: Config) -> int:
     """``pretrain train``: 0 when done, EXIT_PREEMPTED after a preemption signal.
 
@@ -334,7 +332,7 @@ def train_main(cfg: Config) -> int:
     except BaseException as e:
         if not distributed or isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
-        code = EXIT_USER_ERROR if isinstance(e, (UserError, ValueError)) and not _is_bug(e) else 1
+        code = EXIT_USER_ERROR if isinstance(e, (UserError, ConfigError)) else 1
         _record_status(rank, code)
         if code == EXIT_USER_ERROR:
             print(f"error: [rank {rank}] {e}", file=sys.stderr, flush=True)
@@ -349,13 +347,8 @@ def train_main(cfg: Config) -> int:
     return 0
 
 
-def _is_bug(e: BaseException) -> bool:
-    from models.config import ConfigError
-
-    return isinstance(e, ValueError) and not isinstance(e, ConfigError)
-
-
 def _record_status(rank: int, status: int) -> None:
+    """Rank 0 writes its exit status where a launcher asked (torchrun's own is always 1)."""
     path = os.environ.get(STATUS_FILE_ENV)
     if path and rank == 0:
         try:

@@ -2,13 +2,15 @@
 
 The cluster has ``nodes`` virtual nodes ``n1..nN`` (one slurmd each, all on this machine,
 reached at 127.0.0.1 on their own ports), so a multi-node job really runs one task per
-node, as on a cluster. Everything lives under one temporary directory: the munge key, socket and pid file, the
-slurm.conf that clients find through ``SLURM_CONF``, the daemons' state, spool and logs.
+node, as on a cluster. Everything lives under one temporary directory: the munge key,
+socket and pid file, the slurm.conf that clients find through ``SLURM_CONF``, the daemons'
+state, spool and logs.
 The daemons run as root with ``proctrack/linuxproc`` and ``task/none`` (cgroup plugins do
 not work in sandboxed kernels) and short timers, so a requeued job restarts within seconds
-(``cred_expire=5``). Two partitions share the node: ``batch`` and the higher
-``PriorityTier`` ``urgent``, whose jobs preempt ``batch`` jobs by requeueing them after
-sending them their ``--signal`` (``preempt_send_user_signal``).
+(``cred_expire=5``). Two partitions share the nodes: ``batch`` and the higher
+``PriorityTier`` ``urgent``, whose jobs preempt ``batch`` jobs: those get their ``--signal``
+at once (``preempt_send_user_signal``), up to ``GraceTime=60`` seconds to finish, and are
+requeued (``PreemptMode=REQUEUE``).
 
 ``stop()`` cancels the jobs, then ends exactly the processes this cluster started: the
 daemons by the PIDs in their pid files and any leftover job processes (found by the
@@ -166,7 +168,7 @@ class SlurmCluster:
             "PreemptMode=REQUEUE",
             "SlurmctldParameters=preempt_send_user_signal",
             *node_lines,
-            f"PartitionName=batch Nodes={all_nodes} Default=YES MaxTime=INFINITE State=UP PriorityTier=1",
+            f"PartitionName=batch Nodes={all_nodes} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=60",
             f"PartitionName=urgent Nodes={all_nodes} MaxTime=INFINITE State=UP PriorityTier=10",
             "",
         ]))

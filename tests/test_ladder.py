@@ -101,9 +101,10 @@ def test_standard_mode_stays_synchronous_and_differs(results, ref):
     assert std["issued"] == [0, 0, 0]
     _close(std["loss"], ref["standard"]["loss"], 1e-5)
     lad = _job(results, "tp2_ladder")
-    # same data, same init: the first step's loss already differs, so the mode really applied
-    assert abs(lad["loss"][0] - std["loss"][0]) > 1e-4 * abs(std["loss"][0])
-    assert abs(ref["ladder"]["loss"][0] - ref["standard"]["loss"][0]) > 1e-4
+    # same data, same init: by step 3 the curves differ by 10x the parity tolerance (the
+    # tiny depth-scaled init keeps step 1 within 1e-5), so the mode really applied under tp
+    assert abs(lad["loss"][2] - std["loss"][2]) > 1e-4 * abs(std["loss"][2])
+    assert abs(ref["ladder"]["loss"][2] - ref["standard"]["loss"][2]) > 1e-4 * abs(std["loss"][2])
 
 
 # ---- pretrain convert-ladder ------------------------------------------------------------

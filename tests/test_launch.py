@@ -59,18 +59,18 @@ def test_slurm_script_quotes_hostile_values(capsys, tmp_path):
     srun = script.index("srun --kill-on-bad-exit=1")
     args_at = script.index(" \\\n  train ", srun)
     words = shlex.split(script[srun:args_at]) + shlex.split(script[args_at + 3:script.index(" &\n", srun)])
-    assert words[:6] == ["srun", "--kill-on-bad-exit=1", '--nodes=$SLURM_JOB_NUM_NODES',
-                         "--ntasks-per-node=1", "bash", "-c"]
-    assert words[7] == "pretrain-node"
-    assert words[8:] == ["train", str(ROOT / "configs" / "tiny.yaml"), f"--logging.run_dir={tmp_path / 'run'}",
+    assert words[:7] == ["srun", "--kill-on-bad-exit=1", '--nodes=$SLURM_JOB_NUM_NODES',
+                         "--ntasks-per-node=1", '--cpus-per-task=$cpus', "bash", "-c"]
+    assert words[8] == "pretrain-node"
+    assert words[9:] == ["train", str(ROOT / "configs" / "tiny.yaml"), f"--logging.run_dir={tmp_path / 'run'}",
                          *ov, "--checkpoint.resume=auto"]
-    assert "rm -rf" not in words[6] and "reboot" not in words[6]  # user values never enter bash -c's program
+    assert "rm -rf" not in words[7] and "reboot" not in words[7]  # user values never enter bash -c's program
     # and bash agrees: the script parses, and evaluating the argv line gives the same words
     syntax = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
     assert syntax.returncode == 0, syntax.stderr
     line = script[script.index("  train ", srun):script.index(" &\n", srun)]
     echo = subprocess.run(["bash", "-c", f'printf "%s\\0" {line}'], capture_output=True, text=True)
-    assert echo.stdout.split("\0")[:-1] == words[8:]
+    assert echo.stdout.split("\0")[:-1] == words[9:]
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -2,11 +2,12 @@
 (tests/slurm_cluster.py; Debian's slurm and munge are installed when missing).
 
 One 2-node CPU job (one srun task per node, each starting ``torchrun --nnodes 2`` with a
-c10d rendezvous on the first node, one gloo process per node) trains a tiny model. A
-SIGUSR1 sent to the batch shell mid-run, as ``--signal=B:USR1@grace`` or a preemption
-would, must make training checkpoint at the next step boundary and exit 3, the script
-requeue the job, and the requeued job resume from that checkpoint and finish with exactly
-the losses of an uninterrupted run.
+c10d rendezvous on the first node, one gloo process per node) trains a tiny model and is
+preempted mid-run by a job of a higher-priority partition. The controller's SIGUSR1 to the
+batch shell (``--signal=B:USR1@grace`` with ``preempt_send_user_signal``) must make training
+checkpoint at the next step boundary and exit 3, the script requeue the job, and the
+requeued job resume from that checkpoint and finish with exactly the losses of an
+uninterrupted run.
 
 The data is a Megatron-LM indexed dataset: on this machine the two "nodes" share one
 /dev/shm, which mosaicml-streaming (MDS shards) coordinates per node, as if it were one.
@@ -96,15 +97,22 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster, megatron_data, tmp_
         return lambda: (run / "metrics.jsonl").exists() and len(read_metrics(run)) >= n
 
     _wait("step 3", at_step(3), 240, cluster, job)
-    sig = subprocess.run(["scancel", "--signal=USR1", "--batch", job], capture_output=True, text=True,
-                         env=cluster.env, timeout=30)
-    assert sig.returncode == 0, sig.stderr
+    # a real preemption: a job of the higher-tier partition needs both nodes; the controller
+    # sends our job its --signal (B:USR1) within the partition's GraceTime (what
+    # `scancel --signal=USR1 --batch JOB` would do by hand)
+    urgent = subprocess.run(["sbatch", "--parsable", "--partition=urgent", "--nodes=2",
+                             f"--output={tmp_path}/urgent-%j.out", "--wrap", "echo urgent ran"],
+                            capture_output=True, text=True, env=cluster.env, timeout=30)
+    assert urgent.returncode == 0, urgent.stderr
+    urgent_job = urgent.stdout.strip()
     _wait("the requeued job to finish",
           lambda: cluster.job_info(job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
           and cluster.job_info(job).get("Restarts") == "1", 400, cluster, job)
     info = cluster.job_info(job)
     out = (run / "slurm" / f"tiny 'preempt' $(test)-{job}.out").read_text()
     assert info["JobState"] == "COMPLETED", out[-4000:]
+    assert cluster.job_info(urgent_job)["JobState"] == "COMPLETED"
+    assert (tmp_path / f"urgent-{urgent_job}.out").read_text() == "urgent ran\n"
 
     # the first run stopped at a step boundary with a checkpoint and asked to be requeued ...
     saved = [s for s, _ in ckpt.list_checkpoints(run)]
