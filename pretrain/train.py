@@ -304,7 +304,7 @@ def run_eval(cfg: Config, pm, world, run_dir: Path) -> float | None:
     from pretrain.data.loader import eval_batches
 
     try:
-        batches = eval_batches(cfg.data, cfg.data.val_split, cfg.train.global_batch // world.dp_size,
+        batches = eval_batches(cfg.data, cfg.data.val_split, cfg.train.global_batch,
                                cfg.train.eval_batches, dp_rank=world.dp_rank, dp_size=world.dp_size,
                                cache_dir=cfg.data.cache_dir or str(run_dir / "data_cache"),
                                doc_ids=cfg.model.doc_mask)
