@@ -123,7 +123,12 @@ class DeepSpeedModel(ParallelModel):
         """
         deepspeed = _import_deepspeed()
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())  # wraps our group
-        zero = {"stage": self.pcfg.zero_stage, "contiguous_gradients": True}
+        # DeepSpeed's default buckets hold 5e8 elements (2 GB in fp32), allocated even for a
+        # model a thousandth of that size: no bucket needs to exceed the model
+        numel = sum(p.numel() for p in self.model.parameters())
+        bucket = int(min(5e8, max(numel, 1 << 20)))
+        zero = {"stage": self.pcfg.zero_stage, "contiguous_gradients": True,
+                "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
         if self.pcfg.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": self.world.device.type == "cuda"}
         config = {
