@@ -1,1 +1,1 @@
-"""launch package."""
+"""Launchers for `pretrain launch`: torchrun on this machine, SLURM jobs, DeepSpeed hostfiles."""

@@ -61,6 +61,7 @@ def main(argv: list[str]) -> int:
         nproc = args.nproc or local.default_nproc()
         if nproc < 1:
             raise UserError(f"--nproc: must be >= 1, got {args.nproc}")
+        job.check_world(nproc)
         return local.run(job, nproc, args.dry_run, common.parse_env(args.env))
     if args.launcher == "slurm":
         from launch import slurm
@@ -69,7 +70,11 @@ def main(argv: list[str]) -> int:
                for o in job.overrides):
             raise UserError("checkpoint.resume: SLURM jobs always resume from their own newest "
                             "checkpoint (auto); use --checkpoint.init_from=PATH to start from other weights")
+        if args.nodes >= 1:
+            job.check_world(args.nodes * (args.nproc_per_node or args.gpus_per_node or 1))
         return slurm.run(args, job, common.parse_env(args.env))
     from launch import deepspeed
 
+    if not (args.include or args.exclude):
+        job.check_world(sum(slots for _, slots in deepspeed.read_hostfile(args.hostfile)))
     return deepspeed.run(args, job)

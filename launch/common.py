@@ -36,6 +36,19 @@ class TrainJob:
     workdir: Path  # relative paths in the config and overrides are relative to this
     preempt_grace_s: float
     dp_engine: str
+    parallel: object = None  # the config's ParallelConfig, to check the layout against a world size
+
+    def check_world(self, world_size: int) -> None:
+        """Reject a ``parallel.*`` layout that cannot fill ``world_size`` processes, before launching."""
+        if self.parallel is None:
+            return
+        from models.config import ConfigError
+        from parallel.world import resolve_layout
+
+        try:
+            resolve_layout(self.parallel, world_size)
+        except ConfigError as e:
+            raise UserError(f"{e} (this launch starts {world_size} processes)") from None
 
     def train_args(self, extra: list[str] = ()) -> list[str]:
         """Arguments after ``python -m pretrain``."""
@@ -61,7 +74,7 @@ def parse_train_args(config: str | None, overrides: list[str]) -> TrainJob:
     if not run_dir.is_absolute():
         run_dir = workdir / run_dir
     return TrainJob(str(path), list(overrides), run_dir, workdir, cfg.train.preempt_grace_s,
-                    cfg.parallel.dp_engine)
+                    cfg.parallel.dp_engine, cfg.parallel)
 
 
 def parse_env(items: list[str]) -> dict[str, str]:

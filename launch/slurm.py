@@ -12,9 +12,11 @@ shell ``<grace>`` seconds before the end (or at preemption, with the controller'
 every process of the step: torchrun forwards it to its workers (``--signals-to-handle``)
 and waits for them; training checkpoints at the next step boundary and exits with status
 3, recorded by rank 0 in a status file (torchrun's own exit status is always 1 when a
-worker did not exit 0). The script then runs ``scontrol requeue``; the requeued job passes
-``--checkpoint.resume=auto`` and continues from that checkpoint. SIGTERM (cancellation,
-or preemption without a user signal) is passed on the same way, without a requeue.
+worker did not exit 0). The script then runs ``scontrol requeue`` (after SIGUSR1 it does
+for any status but 0, done, and 2, bad input: a signal during start-up may end processes
+before they can checkpoint); the requeued job passes ``--checkpoint.resume=auto`` and
+continues from the newest complete checkpoint. SIGTERM (cancellation, or preemption
+without a user signal) is passed on the same way, without a requeue.
 
 Every user-supplied value is quoted: ``#SBATCH`` values in double quotes (sbatch reads
 them literally; values holding a double quote, backslash or line break are refused) and
@@ -195,8 +197,12 @@ def render(args, job: TrainJob, env: dict[str, str]) -> str:
         f'recorded=$(cat "${STATUS_FILE_ENV}" 2>/dev/null || true)',
         '[ "$status" -ne 0 ] && [ -n "$recorded" ] && [ "$recorded" != 0 ] && status=$recorded',
         'echo "$(date +%FT%T) training exited with status $status"',
-        'if [ "$preempted" = 1 ] && [ "$status" = 3 ]; then',
-        '  echo "$(date +%FT%T) checkpoint saved: requeueing job $SLURM_JOB_ID"',
+        # 3: stopped at a step boundary with a checkpoint. Any other failure after SIGUSR1
+        # (e.g. the signal came while processes were still starting) is requeued too: the
+        # job resumes from its newest complete checkpoint. Done (0) or bad input (2) is final.
+        'if [ "$preempted" = 1 ] && [ "$status" != 0 ] && [ "$status" != 2 ]; then',
+        '  [ "$status" = 3 ] && echo "$(date +%FT%T) checkpoint saved"',
+        '  echo "$(date +%FT%T) requeueing job $SLURM_JOB_ID"',
         '  scontrol requeue "$SLURM_JOB_ID" && exit 0',
         "fi",
         'exit "$status"',

@@ -106,8 +106,6 @@ class DeepSpeedModel(ParallelModel):
                  accumulation: int, grad_clip: float, z_loss: float = 0.0, fused_loss: bool = False,
                  autocast_dtype: torch.dtype | None = None):
         check_layout(pcfg, world)
-        if fused_loss and pcfg.zero_stage == 3:
-            raise ConfigError("train.fused_loss: not supported with parallel.zero_stage=3")
         super().__init__([model], world, z_loss=z_loss, fused_loss=fused_loss,
                          autocast_dtype=autocast_dtype)
         self.pcfg = pcfg
@@ -155,8 +153,8 @@ class DeepSpeedModel(ParallelModel):
 
         call = self.engine if self.engine is not None else self.model
         kwargs = {"doc_ids": mb["doc_ids"]} if mb.get("doc_ids") is not None else {}
-        if self.fused_loss:
-            loss = call(mb["input_ids"], labels=mb["labels"], **kwargs)
+        if self.fused_loss:  # (ZeRO-3's module hooks hand the scalar back with shape [1])
+            loss = call(mb["input_ids"], labels=mb["labels"], **kwargs).reshape(())
         else:
             logits = call(mb["input_ids"], **kwargs)
             loss = tp_mod.cross_entropy(logits, mb["labels"], z_loss=self.z_loss if with_aux else 0.0)

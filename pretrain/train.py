@@ -158,6 +158,19 @@ def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
     if train_data.meta.get("vocab_size", 0) > cfg.model.vocab_size:
         raise UserError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the data's "
                         f"vocabulary ({train_data.meta['vocab_size']})")
+    resume_from, init_weights = None, None
+    if cfg.checkpoint.resume == "auto":
+        resume_from = ckpt.latest_checkpoint(run_dir)
+    elif cfg.checkpoint.resume not in ("off", ""):
+        resume_from = ckpt.resolve_checkpoint_arg(cfg.checkpoint.resume)
+    if resume_from is not None and ckpt.read_trainer_state(resume_from).get("weights_only"):
+        # A converted/imported checkpoint (step 0, no optimizer state): start from its weights.
+        init_weights, resume_from = resume_from, None
+    elif resume_from is None and cfg.checkpoint.init_from:
+        init_weights = ckpt.resolve_checkpoint_arg(cfg.checkpoint.init_from)
+    if init_weights is not None:  # before the optimizer: an engine copies the weights it starts from
+        for part in pm.parts:
+            ckpt.load_model_weights(init_weights, part)
     optimizer = build_optimizer(pm.parts, cfg.optim)
     engine = hasattr(pm, "attach_optimizer")  # DeepSpeed: the engine owns step and optimizer state
     if engine:
@@ -165,16 +178,6 @@ def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
     scheduler = build_scheduler(optimizer, tcfg.steps, cfg.optim)
 
     step, tokens_seen, nan_skipped = 0, 0, 0
-    resume_from = None
-    if cfg.checkpoint.resume == "auto":
-        resume_from = ckpt.latest_checkpoint(run_dir)
-    elif cfg.checkpoint.resume not in ("off", ""):
-        resume_from = ckpt.resolve_checkpoint_arg(cfg.checkpoint.resume)
-    if resume_from is not None and ckpt.read_trainer_state(resume_from).get("weights_only"):
-        # A converted/imported checkpoint (step 0, no optimizer state): start from its weights.
-        for part in pm.parts:
-            ckpt.load_model_weights(resume_from, part)
-        resume_from = None
     if resume_from is not None:
         if engine:  # trainer state and RNG from the checkpoint, weights and optimizer from the engine's
             state = ckpt.load_checkpoint(resume_from, [], None, world)
@@ -185,9 +188,6 @@ def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
         nan_skipped = state.get("nan_skipped", 0)
         scheduler.load_state_dict(state["scheduler"])
         train_data.load_state_dict(state["data"])
-    elif cfg.checkpoint.init_from:
-        for part in pm.parts:
-            ckpt.load_model_weights(ckpt.resolve_checkpoint_arg(cfg.checkpoint.init_from), part)
 
     metrics = MetricsWriter(run_dir, cfg.logging.tensorboard and world.is_main,
                             truncate_after_step=step) if world.is_main else None

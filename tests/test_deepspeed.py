@@ -30,6 +30,14 @@ RUNS = [  # (run directory, overrides, PRETRAIN_FAULT), in order
     ("zero3", ZERO3, "raise_at_step:5"),
     # ... and the second continues it from there
     ("zero3", {**ZERO3, "checkpoint.resume": "auto"}, ""),
+    # new runs starting from the FSDP run's final weights
+    ("fsdp_init", {"checkpoint.init_from": "{out}/fsdp", "train.steps": 3}, ""),
+    ("zero2_init", {"checkpoint.init_from": "{out}/fsdp", "train.steps": 3,
+                    "parallel.dp_engine": "deepspeed", "parallel.zero_stage": 2}, ""),
+    # the fused LM-head loss (the head's weight is gathered inside its forward under ZeRO-3)
+    ("fsdp_fused", {"train.fused_loss": "true", "train.steps": 3}, ""),
+    ("zero3_fused", {"train.fused_loss": "true", "train.steps": 3, "parallel.dp_engine": "deepspeed",
+                     "parallel.zero_stage": 3}, ""),
 ]
 
 
@@ -76,6 +84,19 @@ def test_zero3_interrupted_and_resumed_matches_fsdp(runs):
     step3 = run / "checkpoints" / "step_3"
     assert (step3 / "deepspeed" / "state").is_dir() and (step3 / "meta.json").is_file()
     assert json.loads((step3 / "trainer_state.json").read_text())["step"] == 3
+
+
+@pytest.mark.timeout(900)
+def test_zero2_starts_from_init_weights(runs):
+    """checkpoint.init_from weights reach the engine's fp32 master copy (not just the module)."""
+    got, ref = losses(runs / "zero2_init"), losses(runs / "fsdp_init")
+    assert_close(got, ref, n=3)
+    assert ref[0] < losses(runs / "fsdp")[0] - 0.01  # it really started from trained weights
+
+
+@pytest.mark.timeout(900)
+def test_zero3_fused_loss_matches_fsdp(runs):
+    assert_close(losses(runs / "zero3_fused"), losses(runs / "fsdp_fused"), n=3)
 
 
 @pytest.mark.timeout(900)
@@ -135,7 +156,8 @@ def _worker(spec_path: str) -> None:
     for name, overrides, fault in spec["runs"]:
         run_dir = out / name
         os.environ["PRETRAIN_FAULT"] = fault
-        cfg = load_config("tiny", tiny_overrides(Path(spec["data"]), run_dir, **COMMON, **overrides))
+        overrides = {k: v.format(out=out) if isinstance(v, str) else v for k, v in overrides.items()}
+        cfg = load_config("tiny", tiny_overrides(Path(spec["data"]), run_dir, **{**COMMON, **overrides}))
         try:
             train(cfg)
         except RuntimeError as e:

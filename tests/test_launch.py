@@ -95,6 +95,9 @@ def test_slurm_bad_values_are_refused(capsys, tmp_path, args, needle):
     (["launch", "local", "tiny", "oops"], "oops"),
     (["launch", "slurm", "--nodes", "1", "tiny", "--checkpoint.resume=/x"], "checkpoint.resume"),
     (["launch", "deepspeed", "--hostfile", "/no/such/hostfile", "tiny"], "hostfile"),
+    (["launch", "local", "--nproc", "3", "tiny", "--parallel.tp=2"], "3 processes"),
+    (["launch", "slurm", "--nodes", "2", "--gpus-per-node", "4", "tiny", "--parallel.dp_shard=3"],
+     "8 processes"),
 ])
 def test_launch_cli_errors(capsys, args, needle):
     p = cli(capsys, *args)
