@@ -2,6 +2,12 @@ import os
 import sys
 from pathlib import Path
 
+# Triton decides interpreter mode when it is first imported (its standard-library
+# @jit functions are decorated then), and transformers, streaming and torch import it
+# early: set the interpreter for the whole session before anything can import triton.
+# The dispatcher still picks the reference ops on CPU unless a test forces Triton.
+os.environ["TRITON_INTERPRET"] = "1"
+
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
