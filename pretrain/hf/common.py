@@ -3,6 +3,7 @@ and the ``Arch`` interface every architecture mapping implements."""
 
 from __future__ import annotations
 
+import abc
 import json
 import re
 from pathlib import Path
@@ -21,7 +22,7 @@ SAFE_SINGLE = "model.safetensors"
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 
 
-class Arch:
+class Arch(abc.ABC):
     """One target architecture: which of our configs it represents, and the two mappings.
 
     ``issues`` returns ``None`` when the model's stack is not of this family at all, ``[]``
@@ -32,21 +33,26 @@ class Arch:
     hf_class = ""  # e.g. LlamaForCausalLM
     model_types: tuple[str, ...] = ()  # config.json model_type values this mapping imports
 
+    @abc.abstractmethod
     def issues(self, mc: ModelConfig, sd: dict[str, torch.Tensor]) -> list[str] | None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def export_config(self, mc: ModelConfig) -> dict:
         """HF config.json fields (without token ids, dtype, architectures)."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def export_weights(self, mc: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def import_config(self, hf: dict) -> ModelConfig:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def import_weights(self, hf: dict, mc: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict:
-        raise NotImplementedError
+        ...
 
 
 # ---- config helpers ------------------------------------------------------------------
