@@ -6,9 +6,6 @@ tests/test_parallel_worker.py infra); the reference runs in this process with wo
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +16,7 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "tests"))
 import test_parallel_worker as W  # noqa: E402
+from torchrun_jobs import assert_steps_close, job_result, run_jobs  # noqa: E402
 
 STEPS = 10
 LADDER = {"residual": "ladder"}
@@ -36,15 +34,8 @@ JOBS_4 = [
 ]
 
 
-def torchrun(nproc: int, jobs: list[dict], tmp: Path, timeout: float) -> dict:
-    spec, out = tmp / f"jobs{nproc}.json", tmp / f"results{nproc}.json"
-    spec.write_text(json.dumps(jobs))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PG_TIMEOUT="60")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           str(ROOT / "tests" / "test_ladder_worker.py"), str(spec), str(out)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    assert p.returncode == 0 and out.is_file(), p.stderr[-4000:]
-    return json.loads(out.read_text())
+def torchrun(nproc: int, jobs: list[dict], tmp, timeout: float) -> dict:
+    return run_jobs("test_ladder_worker.py", nproc, jobs, tmp, timeout)
 
 
 @pytest.fixture(scope="module")
@@ -61,16 +52,10 @@ def results(tmp_path_factory):
     return out
 
 
-def _job(results, name):
-    res = results[name]
-    assert "error" not in res, res.get("trace", res)
-    return res
+_job = job_result
 
 
-def _close(got, want, rel):
-    assert len(got) == len(want)
-    for i, (g, w) in enumerate(zip(got, want)):
-        assert abs(g - w) <= rel * abs(w), f"step {i + 1}: {g} vs single-process {w}"
+_close = assert_steps_close
 
 
 LADDER_JOBS = [j["name"] for j in JOBS_2 + JOBS_4 if j.get("model") == LADDER]

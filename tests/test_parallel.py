@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -20,6 +19,7 @@ from models.config import ConfigError
 
 sys.path.insert(0, str(ROOT / "tests"))
 import test_parallel_worker as W  # noqa: E402
+from torchrun_jobs import assert_steps_close, job_result, run_jobs  # noqa: E402
 
 STEPS = 10
 LADDER = {"residual": "ladder", "ladder_from": 1}
@@ -60,15 +60,8 @@ JOBS_4 = [
 JOBS_8 = [{"name": "pp2_tp2_dp_shard2", "layout": {"pp": 2, "tp": 2, "dp_shard": 2, "sequence_parallel": True}}]
 
 
-def torchrun(nproc: int, jobs: list[dict], tmp: Path, timeout: float) -> dict:
-    spec, out = tmp / f"jobs{nproc}.json", tmp / f"results{nproc}.json"
-    spec.write_text(json.dumps([{"steps": STEPS, **j} for j in jobs]))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PG_TIMEOUT="60")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           str(ROOT / "tests" / "test_parallel_worker.py"), str(spec), str(out)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    assert p.returncode == 0 and out.is_file(), p.stderr[-4000:]
-    return json.loads(out.read_text())
+def torchrun(nproc: int, jobs: list[dict], tmp, timeout: float) -> dict:
+    return run_jobs("test_parallel_worker.py", nproc, jobs, tmp, timeout, steps=STEPS)
 
 
 @pytest.fixture(scope="module")
@@ -98,16 +91,10 @@ def results(tmp_path_factory, ckpt_dir):
     return out
 
 
-def _check_job(results, name):
-    res = results[name]
-    assert "error" not in res, res.get("trace", res)
-    return res
+_check_job = job_result
 
 
-def _close(got, want, rel):
-    assert len(got) == len(want)
-    for i, (g, w) in enumerate(zip(got, want)):
-        assert abs(g - w) <= rel * abs(w), f"step {i + 1}: {g} vs single-process {w}"
+_close = assert_steps_close
 
 
 LOSS_LAYOUTS = [j["name"] for j in JOBS_2 + JOBS_4 + JOBS_8

@@ -7,11 +7,7 @@ equal the single-process one.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -22,6 +18,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import test_parallel_hybrid_worker as H  # noqa: E402
 import test_parallel_worker as W  # noqa: E402
 from test_parallel import _check_job, _close  # noqa: E402
+from torchrun_jobs import run_jobs  # noqa: E402
 
 STEPS = 10
 TP2 = {"tp": 2, "dp_shard": 1}
@@ -47,15 +44,8 @@ OTHER_JOBS = [
 ]
 
 
-def torchrun(nproc: int, jobs: list[dict], tmp: Path, timeout: float) -> dict:
-    spec, out = tmp / "jobs.json", tmp / "results.json"
-    spec.write_text(json.dumps([{"steps": STEPS, **j} for j in jobs]))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PG_TIMEOUT="60")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           str(ROOT / "tests" / "test_parallel_hybrid_worker.py"), str(spec), str(out)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    assert p.returncode == 0 and out.is_file(), p.stderr[-4000:]
-    return json.loads(out.read_text())
+def torchrun(nproc: int, jobs: list[dict], tmp, timeout: float) -> dict:
+    return run_jobs("test_parallel_hybrid_worker.py", nproc, jobs, tmp, timeout, steps=STEPS)
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,6 @@ reference runs in this process with world size 1.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 
 import pytest
@@ -20,6 +17,7 @@ from models.config import ConfigError
 
 sys.path.insert(0, str(ROOT / "tests"))
 import test_parallel_moe_worker as M  # noqa: E402
+from torchrun_jobs import assert_steps_close, job_result, run_jobs  # noqa: E402
 
 STEPS = 10
 # DeepSeek preset: at step 6 a near-tie in top-k routing resolves differently under any
@@ -43,14 +41,7 @@ JOBS_4 = [
 
 
 def _torchrun(nproc: int, jobs: list[dict], tmp, timeout: float) -> dict:
-    spec, out = tmp / f"jobs{nproc}.json", tmp / f"results{nproc}.json"
-    spec.write_text(json.dumps([{"steps": STEPS, **j} for j in jobs]))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PG_TIMEOUT="60")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           str(ROOT / "tests" / "test_parallel_moe_worker.py"), str(spec), str(out)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    assert p.returncode == 0 and out.is_file(), p.stderr[-4000:]
-    return json.loads(out.read_text())
+    return run_jobs("test_parallel_moe_worker.py", nproc, jobs, tmp, timeout, steps=STEPS)
 
 
 @pytest.fixture(scope="module")
@@ -69,16 +60,10 @@ def results(tmp_path_factory):
     return out
 
 
-def _job(results, name):
-    res = results[name]
-    assert "error" not in res, res.get("trace", res)
-    return res
+_job = job_result
 
 
-def _close(got, want, rel):
-    assert len(got) == len(want)
-    for i, (g, w) in enumerate(zip(got, want)):
-        assert abs(g - w) <= rel * abs(w), f"step {i + 1}: {g} vs single-process {w}"
+_close = assert_steps_close
 
 
 LOSS_JOBS = [j["name"] for j in JOBS_2 + JOBS_4 if j.get("kind") != "comm"]

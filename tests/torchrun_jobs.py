@@ -1,0 +1,43 @@
+"""Shared harness for multi-process tests: run a list of jobs in one torchrun group.
+
+A worker script reads a JSON list of jobs, runs them all on one process group (so a
+test module pays the start-up once) and writes a JSON dict of results by job name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_jobs(worker: str, nproc: int, jobs: list[dict], tmp: Path, timeout: float,
+             steps: int | None = None) -> dict:
+    """Run ``jobs`` with ``tests/<worker>`` under ``torchrun --nproc_per_node nproc``."""
+    spec, out = tmp / f"jobs{nproc}.json", tmp / f"results{nproc}.json"
+    if steps is not None:
+        jobs = [{"steps": steps, **j} for j in jobs]
+    spec.write_text(json.dumps(jobs))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PG_TIMEOUT="60")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(ROOT / "tests" / worker), str(spec), str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    assert p.returncode == 0 and out.is_file(), p.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def job_result(results: dict, name: str) -> dict:
+    res = results[name]
+    assert "error" not in res, res.get("trace", res)
+    return res
+
+
+def assert_steps_close(got, want, rel):
+    """Per-step values equal the single-process ones within ``rel`` relative."""
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert abs(g - w) <= rel * abs(w), f"step {i + 1}: {g} vs single-process {w}"
