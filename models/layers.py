@@ -22,6 +22,9 @@ class Context:
 
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin: [S, hd/2]
     doc_ids: torch.Tensor | None = None  # [B, S] document index per token
+    # set by parallel code: ``before_sublayer(idx, stream, pending) -> (stream, pending)``,
+    # called in ladder mode before each sublayer (see parallel/ladder.py)
+    grad_seam: object | None = None
 
 
 class RMSNorm(nn.Module):

@@ -136,6 +136,8 @@ class LanguageModel(nn.Module):
                 continue
             if mode == "ladder" and idx >= self.cfg.ladder_from:
                 # Sublayer k reads the stream without sublayer k-1's (pending) output.
+                if ctx.grad_seam is not None:  # marks where a deferred input gradient is added
+                    h, pending = ctx.grad_seam.before_sublayer(idx, h, pending)
                 out = layer(h, ctx)
                 if pending is not None:
                     h = join(h, pending)

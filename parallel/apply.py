@@ -110,7 +110,8 @@ def _parallelize_part(part, pcfg, world, ac, ac_every, compile, z_loss, fused_lo
     if world.tp_size > 1:
         from parallel.tp import TPContext, apply_tp
 
-        ctx = TPContext(world.mesh["tp"], part.cfg, pcfg.sequence_parallel)
+        # compiled sublayers schedule their own collectives: no deferred gradients there
+        ctx = TPContext(world.mesh["tp"], part.cfg, pcfg.sequence_parallel, defer_input_grads=not compile)
         apply_tp(part, ctx, fused_head=fused_loss)
         from parallel.ladder import mark_ladder_async
 

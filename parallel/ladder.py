@@ -14,24 +14,29 @@ subclass counts the moment it is first used), so a test or the trainer can check
 no collective is left pending at the end of a step (:func:`pending`).
 
 Backward: the gradient of the output reduction (Partial -> Replicate) needs no
-communication; the input-gradient all-reduce (reduce-scatter with SP) at the
-column-parallel input (DTensor's ``from_local`` in the mixer-input plan) stays
-synchronous. What the autograd engine allows: sublayer k+1's input gradient flows into
-the input buffer of the join that produced the stream it read; the residual-path gradient
-from the later join already sits there (the CPU engine runs ready nodes in decreasing
-creation order, and that join was created after sublayer k+1), so the buffer's ``add``
-consumes an async gradient the moment it is returned, before sublayer k's backward can
-start. Deferring the wait past sublayer k's backward would need the reduced gradient
-routed into nodes that run later (the producer of sublayer k-1's output and the join
-before it), i.e. extra identity nodes at forward time with a shared handle, which does
-not compose simply with recomputation (checkpointed sublayers create their nodes during
-backward) or pipeline stage boundaries; it is not done here.
+communication; the input-gradient reduction (all-reduce, or reduce-scatter with SP) of
+sublayer k is deferred one sublayer, mirroring the forward. Sublayer k's input gradient
+is only needed by sublayer k-2's output and the stream below, not by sublayer k-1 (whose
+output joins the stream above k's input). So the boundary at sublayer k's input
+(:class:`_InputBoundary`, a pre-hook that also runs the norm on the replicated stream so
+the whole partial gradient is reduced once) issues the collective and returns no
+gradient; the reduced gradient is added by two identity nodes (:class:`_AddDeferred`)
+that the model's seam (``Context.grad_seam``, :class:`DeferredInputGrads`) places on
+the stream and the pending output *before* sublayer k-1's forward. The autograd engine
+runs ready nodes newest-first, so those older nodes run, and wait, only after sublayer
+k-1's backward: the collective overlaps it. The first ladder sublayer of a stage (no
+earlier identity nodes) reduces synchronously. Recomputation (activation checkpointing)
+re-runs only the boundary's forward. Not under ``torch.compile`` (the compiler schedules
+the collectives of a compiled sublayer itself): there the boundary stays synchronous.
 ``bench/bench_ladder.py`` measures the blocked (exposed) communication time per mode.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed._functional_collectives as funcol
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed._functional_collectives import AsyncCollectiveTensor
 
 # set on a row-parallel output projection whose reduction may stay pending
@@ -39,8 +44,10 @@ ASYNC_ATTR = "ladder_async_reduce"
 
 
 class _Counter:
-    issued = 0
+    issued = 0  # forward output reductions
     waited = 0
+    grad_issued = 0  # backward input-gradient reductions left pending by _InputBoundary
+    grad_waited = 0
 
 
 COUNTS = _Counter()
@@ -101,13 +108,174 @@ def async_reduce(out, layout, use_local_output: bool = True):
 
 
 def pending() -> int:
-    """Collectives issued by :func:`async_reduce` and not waited yet (since the last reset)."""
-    return COUNTS.issued - COUNTS.waited
+    """Asynchronous collectives (forward output reductions and deferred input-gradient
+    reductions) issued and not waited yet, since the last reset."""
+    return COUNTS.issued - COUNTS.waited + COUNTS.grad_issued - COUNTS.grad_waited
 
 
 def counts() -> dict:
-    return {"issued": COUNTS.issued, "waited": COUNTS.waited}
+    return {"issued": COUNTS.issued, "waited": COUNTS.waited,
+            "grad_issued": COUNTS.grad_issued, "grad_waited": COUNTS.grad_waited}
 
 
 def reset_counts() -> None:
-    COUNTS.issued = COUNTS.waited = 0
+    COUNTS.issued = COUNTS.waited = COUNTS.grad_issued = COUNTS.grad_waited = 0
+    if TRACE is not None:
+        TRACE.clear()
+
+
+# When a list, backward events are appended to it: ("issue", k) when sublayer k's input
+# gradient reduction is issued, ("wait", k) when it is waited, ("sync", k) when it is
+# reduced at once. Tests use it to check what overlaps what.
+TRACE: list | None = None
+
+
+def _trace(event: str, idx: int) -> None:
+    if TRACE is not None:
+        TRACE.append((event, idx))
+
+
+# ---- backward: deferred input-gradient reductions ---------------------------------------
+
+class _Slot:
+    """Sublayer k's input-gradient reduction: issued by its boundary, added by the identity
+    nodes placed on the stream and pending output before sublayer k-1."""
+
+    __slots__ = ("idx", "expected", "reduced", "waited")
+
+    def __init__(self, idx: int):
+        self.idx, self.expected, self.reduced, self.waited = idx, False, None, False
+
+    def take(self):
+        if self.reduced is None:
+            if self.expected:
+                raise RuntimeError(f"ladder: sublayer {self.idx}'s input gradient was never issued")
+            return None
+        if not self.waited:
+            self.reduced = funcol.wait_tensor(self.reduced)
+            self.waited = True
+            COUNTS.grad_waited += 1
+            _trace("wait", self.idx)
+        return self.reduced
+
+
+class DeferredInputGrads:
+    """Per-forward ``Context.grad_seam``: before ladder sublayer k, put identity nodes on the
+    stream and the pending output that will add sublayer k+1's reduced input gradient."""
+
+    def __init__(self):
+        self.slots: dict[int, _Slot] = {}
+
+    def before_sublayer(self, idx: int, stream: torch.Tensor, pending):
+        if not torch.is_grad_enabled():
+            return stream, pending
+        slot = self.slots.setdefault(idx + 1, _Slot(idx + 1))
+        stream = _AddDeferred.apply(stream, slot)
+        if pending is not None:
+            pending = _AddDeferred.apply(pending, slot)
+        return stream, pending
+
+    def claim(self, idx: int) -> _Slot | None:
+        """The slot sublayer ``idx`` issues into; None: reduce synchronously (no nodes wait)."""
+        slot = self.slots.get(idx)
+        if slot is not None:
+            slot.expected = True
+        return slot
+
+
+class _AddDeferred(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, slot):
+        ctx.slot = slot
+        out = x.view_as(x)  # a view: an AsyncCollectiveTensor input is not waited here
+        if isinstance(x, _CountedACT) and not x.completed:
+            out.__class__ = _CountedACT  # the view carries the count; x itself is never used
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        reduced = ctx.slot.take()
+        return (grad if reduced is None else grad + reduced), None
+
+
+# renamed in newer torch; the old name warns there
+_reduce_scatter = getattr(funcol, "reduce_scatter_single", None) or funcol.reduce_scatter_tensor
+
+
+class _InputBoundary(torch.autograd.Function):
+    """Stream (local; a sequence shard with SP) -> Replicate DTensor of the full stream.
+
+    Backward: the partial gradient is summed over tp (all-reduce, reduce-scatter with SP),
+    left pending in ``slot`` (returning no gradient) or, without a slot, waited at once."""
+
+    @staticmethod
+    def forward(ctx, x, mesh, sequence_parallel, slot, idx):
+        ctx.mesh, ctx.sp, ctx.slot, ctx.idx = mesh, sequence_parallel, slot, idx
+        layout = (Shard(1),) if sequence_parallel else (Replicate(),)
+        d = DTensor.from_local(x, mesh, layout, run_check=False)
+        return d.redistribute(placements=(Replicate(),)) if sequence_parallel else d
+
+    @staticmethod
+    def backward(ctx, grad):
+        if isinstance(grad, DTensor):
+            partial = grad.placements[0].is_partial()
+            grad = grad.to_local()
+        else:
+            partial = True
+        if not partial:  # already summed (replicated): SP keeps this rank's shard
+            if ctx.sp:
+                grad = grad.chunk(ctx.mesh.size(), dim=1)[ctx.mesh.get_local_rank()].contiguous()
+            return grad, None, None, None, None
+        if ctx.sp:
+            reduced = _reduce_scatter(grad.contiguous(), "sum", scatter_dim=1, group=ctx.mesh)
+        else:
+            reduced = funcol.all_reduce(grad.contiguous(), "sum", group=ctx.mesh)
+        if ctx.slot is None:
+            _trace("sync", ctx.idx)
+            return funcol.wait_tensor(reduced), None, None, None, None
+        ctx.slot.reduced = reduced
+        COUNTS.grad_issued += 1
+        _trace("issue", ctx.idx)
+        return None, None, None, None, None
+
+
+def _boundary_hook(idx: int, mesh, sequence_parallel: bool):
+    def hook(module, args):
+        x, ctx = args[0], args[1]
+        seam = getattr(ctx, "grad_seam", None)
+        # recomputation (activation checkpointing) runs inside backward: only the values
+        recompute = torch._C._current_graph_task_id() != -1
+        slot = seam.claim(idx) if seam is not None and not recompute and torch.is_grad_enabled() else None
+        return (_InputBoundary.apply(x, mesh, sequence_parallel, slot, idx), *args[1:])
+    return hook
+
+
+def deferrable_sublayers(model: nn.Module) -> set[str]:
+    """Names of the sublayers whose input-gradient reduction may be deferred (ladder mode,
+    from ``ladder_from``, kinds whose tp plan reads a replicated input, no Peri-LN)."""
+    cfg = model.cfg
+    if cfg.residual != "ladder":
+        return set()
+    return {name for name, sub in model.layers.items()
+            if int(name) >= cfg.ladder_from and sub.kind in DEFERRABLE_KINDS
+            and getattr(sub, "out_norm", None) is None}
+
+
+DEFERRABLE_KINDS = {"attention", "mlp", "mamba", "hybrid"}
+
+
+def install_input_boundary(sub: nn.Module, idx: int, mesh, sequence_parallel: bool) -> None:
+    """Make ``sub``'s input a deferred-gradient boundary (see the module docstring)."""
+    sub.register_forward_pre_hook(_boundary_hook(idx, mesh, sequence_parallel))
+
+
+def install_grad_seam(model: nn.Module) -> None:
+    """Give every forward of ``model`` a fresh :class:`DeferredInputGrads` seam."""
+    orig = model.make_context
+
+    def make_context(*args, **kw):
+        ctx = orig(*args, **kw)
+        ctx.grad_seam = DeferredInputGrads()
+        return ctx
+
+    model.make_context = make_context

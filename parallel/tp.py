@@ -14,7 +14,7 @@ Other sublayer kinds register their plan with :func:`register_tp_plan`, from a m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Callable
 
@@ -41,6 +41,10 @@ class TPContext:
     mesh: object  # 1-D tp DeviceMesh
     cfg: ModelConfig
     sequence_parallel: bool
+    # ladder residual: let input-gradient reductions wait one sublayer (parallel/ladder.py)
+    defer_input_grads: bool = False
+    # this sublayer's input is a ladder boundary: the norm and mixer get a Replicate DTensor
+    input_boundary: bool = False
 
     @property
     def size(self) -> int:
@@ -139,7 +143,13 @@ class ReplicateOverTP(ParallelStyle):
 
     Every parameter of a tp model is then a DTensor on the tp mesh, which FSDP (2-D
     sharding) and the foreach optimizers need; gradients are identical on all tp ranks.
+    ``keep_dtensor`` returns the output as a DTensor (a ladder input boundary, whose
+    gradients stay partial sums until the boundary reduces them).
     """
+
+    def __init__(self, keep_dtensor: bool = False):
+        super().__init__()
+        self.keep_dtensor = keep_dtensor
 
     @staticmethod
     def _partition(name, module, mesh):
@@ -153,9 +163,8 @@ class ReplicateOverTP(ParallelStyle):
                      if isinstance(x, torch.Tensor) and not isinstance(x, DTensor) else x
                      for x in inputs)
 
-    @staticmethod
-    def _output(mod, out, mesh):
-        return out.to_local() if isinstance(out, DTensor) else out
+    def _output(self, mod, out, mesh):
+        return out.to_local() if isinstance(out, DTensor) and not self.keep_dtensor else out
 
     def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
         return distribute_module(module, device_mesh, self._partition, self._input, self._output)
@@ -167,19 +176,24 @@ def _mixer_input(ctx: TPContext) -> PrepareModuleInput:
     # (x, ctx): x becomes one Replicate DTensor shared by all column-parallel linears, so
     # their input gradients are summed as DTensors and reduced once at this boundary.
     # Context (rope tables, doc_ids) is per-sequence and already full on every rank.
+    if ctx.input_boundary:  # already a Replicate DTensor (parallel/ladder.py)
+        return PrepareModuleInput(input_layouts=(Replicate(), None),
+                                  desired_input_layouts=(Replicate(), None), use_local_output=False)
     return PrepareModuleInput(input_layouts=(ctx.stream_layout, None),
                               desired_input_layouts=(Replicate(), None), use_local_output=False)
 
 
 def norm_style(ctx: TPContext) -> ParallelStyle:
     """Norms over the stream: sequence-sharded with SP, else replicated."""
+    if ctx.input_boundary:
+        return ReplicateOverTP(keep_dtensor=True)
     return SequenceParallel(use_local_output=True) if ctx.sequence_parallel else ReplicateOverTP()
 
 
 def _norms(sub: nn.Module, ctx: TPContext) -> dict:
     plan = {"norm": norm_style(ctx)}
     if getattr(sub, "out_norm", None) is not None:
-        plan["out_norm"] = norm_style(ctx)
+        plan["out_norm"] = norm_style(replace(ctx, input_boundary=False))
     return plan
 
 
@@ -262,8 +276,17 @@ def apply_tp(model: nn.Module, ctx: TPContext, fused_head: bool = False) -> None
         # vocab-parallel embedding: rows sharded, partial sums reduced into the stream layout
         parallelize_module(model.tok_embeddings, ctx.mesh,
                            RowwiseSublayerOutput(input_layouts=Replicate(), output_layouts=ctx.stream_layout))
-    for sub in model.layers.values():
-        TP_PLANS[sub.kind](sub, ctx)
+    from parallel import ladder
+
+    deferred = ladder.deferrable_sublayers(model) if ctx.defer_input_grads else set()
+    for name, sub in model.layers.items():
+        if name in deferred:
+            TP_PLANS[sub.kind](sub, replace(ctx, input_boundary=True))
+            ladder.install_input_boundary(sub, int(name), ctx.mesh, sp)
+        else:
+            TP_PLANS[sub.kind](sub, ctx)
+    if deferred:
+        ladder.install_grad_seam(model)
     if model.norm is not None:
         style = SequenceParallel(use_local_output=not fused_head) if sp else ReplicateOverTP()
         parallelize_module(model.norm, ctx.mesh, style)

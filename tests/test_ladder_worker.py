@@ -2,8 +2,9 @@
 
 ``python -m torch.distributed.run --nproc_per_node N tests/test_ladder_worker.py SPEC OUT``
 trains each job of SPEC with the shared infra of tests/test_parallel_worker.py and also
-records, after every step, how many asynchronous sublayer-output reductions were issued
-and how many are still pending (parallel/ladder.py's counters).
+records, after every step, how many asynchronous sublayer-output and input-gradient
+reductions were issued and how many are still pending (parallel/ladder.py's counters),
+and the backward event trace of the first step.
 """
 
 from __future__ import annotations
@@ -29,17 +30,23 @@ def run_counted(layout: dict, steps: int, model_kw: dict | None = None, **kw) ->
     from parallel import ladder
 
     pm, opt, world = W.build(layout, model_kw, **kw)
-    losses, norms, issued, pending = [], [], [], []
+    losses, norms, issued, grad_issued, pending, trace = [], [], [], [], [], None
+    ladder.TRACE = []
     for step in range(steps):
         ladder.reset_counts()
         loss = pm.forward_backward(W.rank_batches(step, world))
         losses.append(pm.reduce_loss(loss))
         issued.append(ladder.counts()["issued"])
+        grad_issued.append(ladder.counts()["grad_issued"])
         pending.append(ladder.pending())
+        if trace is None:
+            trace = list(ladder.TRACE)
         norms.append(float(pm.clip_grad_norm_(0.5)))
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return {"loss": losses, "grad_norm": norms, "issued": issued, "pending": pending}
+    ladder.TRACE = None
+    return {"loss": losses, "grad_norm": norms, "issued": issued, "grad_issued": grad_issued,
+            "pending": pending, "trace": trace}
 
 
 def main(spec_path: str, out_path: str) -> None:
@@ -61,7 +68,8 @@ def main(spec_path: str, out_path: str) -> None:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, res)
         errors = [r for r in gathered if "error" in r]
-        results[name] = errors[0] if errors else {**gathered[0], "per_rank_pending": [r["pending"] for r in gathered]}
+        results[name] = errors[0] if errors else {**gathered[0], "per_rank_pending": [r["pending"] for r in gathered],
+                                                  "per_rank_trace": [r["trace"] for r in gathered]}
         dist.barrier()
     if dist.get_rank() == 0:
         Path(out_path).write_text(json.dumps(results))

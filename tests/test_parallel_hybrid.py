@@ -33,6 +33,9 @@ JOBS = [
     {"name": "hybrid_dp_shard2", "layout": {"dp_shard": 2}, "model": H.HYBRID},
     {"name": "heads_tp2", "layout": TP2, "model": H.HEADS},
     {"name": "heads_tp2_sp", "layout": TP2_SP, "model": H.HEADS, "steps": 4},
+    # ladder residual: Mamba-2 and P sublayers defer their reductions too (parallel/ladder.py)
+    {"name": "hybridladder_tp2_sp", "layout": TP2_SP, "model": {**H.HYBRID, "residual": "ladder"}, "steps": 5},
+    {"name": "headsladder_tp2", "layout": TP2, "model": {**H.HEADS, "residual": "ladder"}, "steps": 5},
 ]
 SAVE_AT = 5
 OTHER_JOBS = [
@@ -53,7 +56,9 @@ def ref():
     import torch
 
     torch.set_num_threads(1)
-    return {"hybrid": W.run_layout({}, STEPS, H.HYBRID), "heads": W.run_layout({}, STEPS, H.HEADS)}
+    return {"hybrid": W.run_layout({}, STEPS, H.HYBRID), "heads": W.run_layout({}, STEPS, H.HEADS),
+            "hybridladder": W.run_layout({}, 5, {**H.HYBRID, "residual": "ladder"}),
+            "headsladder": W.run_layout({}, 5, {**H.HEADS, "residual": "ladder"})}
 
 
 @pytest.fixture(scope="module")
