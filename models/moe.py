@@ -7,7 +7,8 @@ Seams (all no-ops on one device):
 - expert parallel: ``self.ep_comm`` (see ``models.moe_experts.LocalExpertComm``) and the
   local expert range ``self.local_experts``; expert weights are 3-D ``[E, ...]`` so dim 0
   can be sharded.
-- aux losses: each forward sets ``self.aux_loss``; the trainer adds
+- aux losses: each forward sets ``self.aux_loss`` (of the whole micro-batch, also when
+  sequence parallel splits its tokens over ranks: ``self.token_group_sum``); the trainer adds
   ``collect_aux_losses(model)`` to the loss. For schedules where the trainer cannot see each
   forward (pipeline parallel), set ``aux_loss_mode = "attach"``: the aux loss gradient is
   then injected through the sublayer's output in backward and ``collect_aux_losses``
@@ -123,6 +124,9 @@ class MoE(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(m.n_experts), persistent=True)
         self.register_buffer("tokens_per_expert", torch.zeros(m.n_experts, dtype=torch.long), persistent=False)
         self.ep_comm = LocalExpertComm()
+        # Sequence parallel seam: ``t -> t summed over the ranks routing the other tokens of
+        # this micro-batch`` (None: this rank routes all of them); see ``_group_aux``.
+        self.token_group_sum = None
         self.aux_loss: torch.Tensor | None = None
         self.stats: dict[str, torch.Tensor] = {}
 
@@ -155,8 +159,11 @@ class MoE(nn.Module):
 
     def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The local experts' ``(w_gate, w_up, w_down)`` as plain tensors."""
+        from torch.distributed.tensor import DTensor  # expert parallel shards them over ranks
+
         ws = (self.w_gate, self.w_up, self.w_down)
-        return tuple(w.to_local() if hasattr(w, "to_local") else w for w in ws)
+        # isinstance, not hasattr: torch.compile traces the former for DTensor parameters
+        return tuple(w.to_local() if isinstance(w, DTensor) else w for w in ws)
 
     def run_local_experts(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         return run_experts(x, counts, *self.expert_weights(), impl=self.moe_cfg.expert_impl)
@@ -179,6 +186,7 @@ class MoE(nn.Module):
         selected = torch.bincount(idx.reshape(-1), minlength=E)
         if self.training and not _in_backward():
             self.tokens_per_expert += selected
+        # of this rank's tokens (under sequence parallel: per sequence shard)
         capacity = math.ceil(m.capacity_factor * T * k / E) if m.capacity_factor > 0 else None
         order, counts = assign_slots(idx, scores.gather(1, idx), E, capacity, m.drop_policy)
 
@@ -209,17 +217,39 @@ class MoE(nn.Module):
         # Switch loss: f_i = share of assignments to expert i (sums to 1), P_i = mean routing
         # probability (sigmoid scores normalised per token). Minimum (balanced) = 1.
         probs = scores if m.score_fn == "softmax" else scores / (scores.sum(-1, keepdim=True) + 1e-20)
-        f = selected.float() / max(T * k, 1)
-        lb = E * (f * probs.mean(0)).sum()
-        z = torch.logsumexp(logits, -1).pow(2).mean()
+        lse2 = torch.logsumexp(logits, -1).pow(2)
+        sel, n_kept, n_slots = selected.float(), kept.sum().float(), max(T * k, 1)
+        if self.token_group_sum is None:
+            f = sel / n_slots
+            lb = E * (f * probs.mean(0)).sum()
+            z = lse2.mean()
+        else:
+            lb, z, sel, n_kept, n_slots = self._group_aux(probs, lse2, sel, n_kept, T)
         self.aux_loss = m.aux_loss_coef * lb + m.z_loss_coef * z
-        sel = selected.float()
         self.stats = {
             "load_max_mean": (sel.max() / sel.mean().clamp_min(1e-9)).detach(),
-            "dropped": (1.0 - kept.sum().float() / max(T * k, 1)).detach(),
+            "dropped": (1.0 - n_kept / n_slots).detach(),
             "aux_loss": lb.detach(),
             "z_loss": z.detach(),
         }
+
+    def _group_aux(self, probs, lse2, sel, n_kept, T: int):
+        """Switch and z losses of the whole micro-batch when this rank routed only part of its
+        tokens (``token_group_sum`` sums over the ranks holding the other parts). The value is
+        the whole batch's; the gradient flows through this rank's tokens only, since each
+        rank's backward contributes its own tokens' share of the gradients."""
+        E, k = self.n_experts, self.top_k
+        p_sum, z_sum = probs.sum(0), lse2.sum()
+        n = torch.tensor([float(T)], device=p_sum.device)
+        tot = self.token_group_sum(torch.cat([sel, p_sum.detach(), z_sum.detach().view(1),
+                                              n_kept.view(1), n]))
+        sel_all, p_all, z_all, kept_all, n_all = tot.split([E, E, 1, 1, 1])
+        n_all = n_all.clamp_min(1.0)
+        f = sel_all / (n_all * k)
+        lb_mine, z_mine = E * (f * p_sum).sum() / n_all, z_sum / n_all
+        lb = lb_mine + (E * (f * p_all).sum() / n_all - lb_mine).detach()
+        z = z_mine + (z_all / n_all - z_mine).detach()
+        return lb.reshape(()), z.reshape(()), sel_all, kept_all.reshape(()), n_all.reshape(()) * k
 
     # ---- aux-loss-free balancing --------------------------------------------------
     def pop_load(self) -> torch.Tensor:

@@ -109,6 +109,12 @@ def run_experts(x: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor, w_u
         raise ValueError(f"expert impl '{impl}' not in {'|'.join(IMPLS)}")
     dtype = _compute_dtype(x, w_gate)
     x, w_gate, w_up, w_down = (t.to(dtype) for t in (x, w_gate, w_up, w_down))
+    if x.shape[0] == 0:
+        # No rows for any local expert: keep the output attached to ``x`` and the weights
+        # anyway, so backward still runs the expert-parallel exchange that produced ``x``
+        # (its peers wait for it) and every weight gets a (zero) gradient for data parallelism.
+        tie = x.sum() + w_gate.sum() + w_up.sum() + w_down.sum()
+        return x.new_zeros(0, w_down.shape[-1]) + tie * 0
     if impl in ("auto", "grouped_mm"):
         if grouped_mm_available(x, w_gate, w_up, w_down):
             return experts_grouped_mm(x, counts, w_gate, w_up, w_down)

@@ -122,8 +122,8 @@ def _parallelize_part(part, pcfg, world, ac, ac_every, compile, z_loss, fused_lo
     if compile:
         apply_compile(part)
     if world.dp_size > 1:
-        from parallel.expert_parallel import hidden_expert_params
+        from parallel.expert_parallel import expert_fsdp_options
 
-        with hidden_expert_params(part, world):  # expert parallel: experts reduced outside FSDP
-            apply_data_parallel(part, world, pcfg)
+        # expert parallel: experts FSDP-sharded over edp (and dp_replicate), not dp
+        apply_data_parallel(part, world, pcfg, **expert_fsdp_options(part, world))
     route_inputs(part)

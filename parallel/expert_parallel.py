@@ -7,15 +7,21 @@ the ep group holds experts ``[r E/ep, (r+1) E/ep)``. Routed rows travel with
 :class:`AllToAllExpertComm` (per-expert counts exchanged first, then the rows, both
 ``all_to_all_single``; the row exchange is autograd-aware), on gloo and NCCL alike.
 
-Data parallelism of the expert weights: the dense FSDP units do not manage them (they are
-hidden from ``fully_shard``); instead :func:`reduce_expert_grads` sums their gradients over
-the ranks that hold the same experts and see different tokens (``edp`` and
-``dp_replicate``) and divides by the data-parallel size, once per optimizer step.
+Data parallelism of the expert weights: FSDP2 shards them further over the ranks that hold
+the same experts and read different rows (``edp``, HSDP with ``dp_replicate``), through the
+per-parameter mesh of ``fully_shard``'s ``shard_placement_fn`` (:func:`expert_fsdp_options`):
+they join their sublayer's FSDP unit as a second parameter group, all-gathered and
+reduce-scattered over ``edp`` while the dense parameters use ``dp``. A rank thus keeps
+``E / (ep * edp)`` experts' weights, gradients and optimizer state, and the gradient-sync
+switches the runner flips for dense FSDP (no reduction before the last micro-batch, pipeline
+schedules) apply to the experts too. Without ``edp``/``dp_replicate`` (``dp_shard == ep``)
+FSDP ignores them (nothing to shard or reduce). :func:`reduce_expert_grads` then does the
+rest once per step: the tp sum under sequence parallel, and the ``1/ep`` factor FSDP's
+average over ``edp x dp_replicate`` leaves out (the all-to-all already summed the ep
+group's tokens into each expert's gradient).
 """
 
 from __future__ import annotations
-
-from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -104,48 +110,69 @@ def expert_params(model: nn.Module) -> list[nn.Parameter]:
             if isinstance(getattr(m, n), DTensor)]
 
 
-@contextmanager
-def hidden_expert_params(model: nn.Module, world):
-    """Under expert parallel, detach the expert weights from their modules while data
-    parallelism wraps ``model``, so the dense FSDP units neither manage nor reduce them (they
-    are reduced by :func:`reduce_expert_grads`). No-op without expert parallel."""
-    saved = []
-    for m in moe_modules(model) if world.ep_size > 1 else ():
-        for n in EXPERT_PARAMS:
-            if isinstance(getattr(m, n), DTensor):
-                saved.append((m, n, m._parameters.pop(n)))
-    try:
-        yield
-    finally:
-        for m, n, p in saved:
-            m._parameters[n] = p
+def expert_fsdp_options(model: nn.Module, world) -> dict:
+    """Extra ``fully_shard`` keyword arguments for the sublayers of ``model`` under expert
+    parallel: a ``shard_placement_fn`` putting the expert weights on the expert-data-parallel
+    mesh (``edp``, or ``(dp_replicate, edp)`` as HSDP) when that mesh has more than one rank,
+    else ``ignored_params`` (experts stay whole per ep shard). ``{}`` without expert parallel."""
+    params = expert_params(model) if world.ep_size > 1 else []
+    if not params:
+        return {}
+    mesh = world.ep_mesh
+    if mesh["edp"].size() * mesh["dp_replicate"].size() == 1:
+        return {"ignored_params": set(params)}
+    try:  # torch >= 2.14: per-parameter meshes in one FSDP unit (made for MoE experts)
+        from torch.distributed.fsdp._fully_shard._fsdp_common import (
+            FSDPMeshInfo,
+            HSDPMeshInfo,
+            ShardPlacementResult,
+        )
+    except ImportError as e:
+        raise ConfigError("parallel.ep: sharding experts over parallel.dp_shard/ep > 1 needs torch "
+                          ">= 2.14 (per-parameter FSDP meshes)") from e
+    if mesh["dp_replicate"].size() > 1:
+        info = HSDPMeshInfo(mesh["dp_replicate", "edp"], shard_mesh_dim=1, replicate_mesh_dim=0)
+    else:
+        info = FSDPMeshInfo(mesh["edp"], shard_mesh_dim=0)
+    # one result object for every expert weight: FSDP groups parameters by mesh info identity
+    result = ShardPlacementResult(placement=Shard(0), mesh_info=info)
+    ids = {id(p) for p in params}
+    return {"shard_placement_fn": lambda p: result if id(p) in ids else None}
 
 
 @torch.no_grad()
 def reduce_expert_grads(parts: list[nn.Module], world) -> None:
-    """Average the expert gradients over data parallelism: sum over the ranks holding the same
-    experts (edp, dp_replicate), then divide by ``dp_size`` (the ep all-to-all already summed
-    the contributions of the ep group's tokens into each expert's gradient)."""
+    """Finish the expert gradients after the step's backward (FSDP, or nothing, has reduced
+    them over ``edp x dp_replicate``, averaging): sum the partial tp gradients under sequence
+    parallel, and divide by ``ep`` so the result is the mean over all ``dp_size`` ranks."""
     if getattr(world, "ep_mesh", None) is None:
         return
     params = [p for part in parts for p in expert_params(part) if p.requires_grad]
-    for p in params:  # experts that got no rows this step: every rank must join the reduction
+    for p in params:  # every rank sums (under SP) and clips the same tensors
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     grads = [p.grad.to_local() for p in params]
     if not grads:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    for dim in ("dp_replicate", "edp"):
-        if world.ep_mesh[dim].size() > 1:
-            dist.all_reduce(flat, group=world.ep_mesh[dim].get_group())
     if world.tp_size > 1 and any(getattr(m, "tp_partial_grads", False) for part in parts
                                  for m in moe_modules(part)):
         # sequence parallel: tp ranks routed different tokens (see parallel/tp_moe.py)
+        flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, group=world.ep_mesh["tp"].get_group())
-    flat /= world.dp_size
-    for g, v in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(v.view_as(g))
+        for g, v in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(v.view_as(g))
+    torch._foreach_mul_(grads, 1.0 / world.ep_size)
+
+
+def expert_numel(model: nn.Module) -> tuple[int, int]:
+    """``(held by this rank, total)`` elements of the routed experts' weights."""
+    local = total = 0
+    for m in moe_modules(model):
+        for n in EXPERT_PARAMS:
+            p = getattr(m, n)
+            local += (p.to_local() if isinstance(p, DTensor) else p).numel()
+            total += p.numel()
+    return local, total
 
 
 def all_to_all_bytes(model: nn.Module) -> int:

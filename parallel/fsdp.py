@@ -21,14 +21,16 @@ def mp_policy(pcfg: ParallelConfig) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy()
 
 
-def apply_data_parallel(model: nn.Module, world, pcfg: ParallelConfig) -> None:
-    """Wrap ``model`` (a whole model or one pipeline stage) for data parallelism in place."""
+def apply_data_parallel(model: nn.Module, world, pcfg: ParallelConfig, **layer_kw) -> None:
+    """Wrap ``model`` (a whole model or one pipeline stage) for data parallelism in place.
+    ``layer_kw`` go to each sublayer's ``fully_shard`` (expert parallel: the experts' mesh)."""
     mesh = world.mesh
     mp = mp_policy(pcfg)
     if world.dp_shard > 1:
         dp_mesh = mesh["dp_replicate", "dp_shard"] if world.dp_replicate > 1 else mesh["dp_shard"]
         for layer in model.layers.values():
-            fully_shard(layer, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=pcfg.reshard_after_forward)
+            fully_shard(layer, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=pcfg.reshard_after_forward,
+                        **layer_kw)
         # the root keeps its parameters (embedding, head) gathered between forward and backward
         fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
     elif world.dp_replicate > 1:

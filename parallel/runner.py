@@ -161,7 +161,7 @@ class ParallelModel:
         shards replicated ones (vocab-parallel embedding)."""
         from parallel.expert_parallel import reduce_expert_grads
 
-        reduce_expert_grads(self.parts, self.world)  # expert parallel: outside FSDP
+        reduce_expert_grads(self.parts, self.world)  # expert parallel: tp sum (SP) and 1/ep
         for part in self.parts:
             for p in part.parameters():
                 g = p.grad

@@ -146,6 +146,20 @@ def test_expert_impls_agree_fwd_bwd():
         run_experts(x6, torch.tensor([1, 3]), w6, w6, torch.randn(2, 32, 6), impl="grouped_mm")
 
 
+@pytest.mark.parametrize("impl", ["grouped_mm", "loop", "bmm"])
+def test_experts_without_rows_stay_attached_to_input_and_weights(impl):
+    """Expert parallel: a rank whose local experts got no rows must still backpropagate into
+    its (empty) dispatched rows, whose all-to-all backward its peers wait for, and give
+    every expert weight a gradient for the data-parallel reduction."""
+    x = torch.randn(0, 16, requires_grad=True)
+    ws = [torch.randn(2, 16, 32, requires_grad=True), torch.randn(2, 16, 32, requires_grad=True),
+          torch.randn(2, 32, 16, requires_grad=True)]
+    y = run_experts(x, torch.tensor([0, 0]), *ws, impl=impl)
+    assert y.shape == (0, 16)
+    grads = torch.autograd.grad(y.sum(), [x, *ws])  # raises if any input is detached
+    assert all(not g.any() for g in grads)
+
+
 def test_autocast_bf16_router_stays_fp32():
     m = make_moe(n_experts=4, top_k=2)
     x = torch.randn(8, 16)
@@ -174,6 +188,33 @@ def test_aux_and_z_loss_hand_formulas(score_fn):
     torch.testing.assert_close(m.stats["aux_loss"], lb)
     torch.testing.assert_close(m.stats["z_loss"], z)
     assert m.stats["load_max_mean"].item() == pytest.approx((f.max() / f.mean()).item())
+
+
+@pytest.mark.parametrize("score_fn", ["softmax", "sigmoid"])
+def test_aux_loss_over_split_tokens_equals_whole_batch(score_fn):
+    """Sequence parallel seam: two "ranks" each route half the tokens; with
+    ``token_group_sum`` summing their statistics, each reports the whole batch's aux losses
+    and metrics, and their aux-loss gradients add up to the whole batch's."""
+    m = make_moe(n_experts=4, top_k=2, score_fn=score_fn, aux_loss_coef=0.3, z_loss_coef=0.7,
+                 capacity_factor=1.0)
+    x = torch.randn(12, 16)
+    m(x)
+    want_aux, want_stats = m.aux_loss.detach(), {k: v.clone() for k, v in m.stats.items()}
+    want_grad = torch.autograd.grad(m.aux_loss, m.router.weight)[0]
+    halves = x.chunk(2)
+    seen = []
+    m.token_group_sum = lambda t: seen.append(t.clone()) or t
+    for h in halves:
+        m(h)
+    got_grad = torch.zeros_like(want_grad)
+    for i, h in enumerate(halves):
+        m.token_group_sum = lambda t, o=seen[1 - i]: t + o
+        m(h)
+        torch.testing.assert_close(m.aux_loss, want_aux)
+        for k in ("load_max_mean", "aux_loss", "z_loss"):
+            torch.testing.assert_close(m.stats[k], want_stats[k])
+        got_grad += torch.autograd.grad(m.aux_loss, m.router.weight)[0]
+    torch.testing.assert_close(got_grad, want_grad)
 
 
 def test_collect_aux_losses_and_metrics_over_model():

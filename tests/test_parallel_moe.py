@@ -1,5 +1,7 @@
-"""Expert parallelism on gloo: MoE training under ep (alone, with tp, with pp, with edp > 1)
-follows the single-process loss curve and aux-loss-free expert-bias trajectory.
+"""Expert parallelism on gloo: MoE training under ep (alone, with tp and sequence parallel,
+with pp, with the experts FSDP-sharded over edp > 1 or HSDP over dp_replicate) follows the
+single-process loss curve and aux-loss-free expert-bias trajectory, and checkpoints move
+between expert layouts.
 
 One torchrun per world size (2 and 4 processes) runs all jobs in sequence on one process
 group (tests/test_parallel_moe_worker.py, built on tests/test_parallel_worker.py); the
@@ -24,23 +26,49 @@ STEPS = 10
 # dp_shard=2 layout, with or without ep (FSDP's gradient summation order; checked), which
 # moves one expert bias by one bias_update_rate step; compare the steps before it exactly.
 DS_STEPS = 5
+ACCUM_STEPS = 4
+SAVE_AT = 5  # checkpoint step of the cross-layout resume jobs
 EP2 = {"dp_shard": 2, "ep": 2}
+EDP2 = {"dp_shard": 4, "ep": 2}  # edp = 2: experts FSDP-sharded over 2 ranks
+SP = {**EP2, "tp": 2, "sequence_parallel": True}
+CKPT = "ckpt_ep2"  # saved by the 2-process run at ep=2, loaded by the later ones
+CKPT_EDP2 = "ckpt_edp2"  # saved at (edp, ep) = (2, 2), loaded in this process
 JOBS_2 = [
     {"name": "comm_uneven", "kind": "comm"},
     {"name": "mixtral_ep2", "layout": EP2, "preset": "mixtral"},
     {"name": "deepseek_ep2", "layout": EP2, "preset": "deepseek", "steps": DS_STEPS},
+    # save at ep=2, resume at ep=1 (dp_shard=2): experts go from ep shards to FSDP over dp
+    {"name": "resume_ep2_to_ep1_dp2", "kind": "resume", "save": EP2, "load": {"dp_shard": 2}},
 ]
 JOBS_4 = [
     {"name": "mixtral_ep2_tp2", "layout": {**EP2, "tp": 2}, "preset": "mixtral"},
     {"name": "mixtral_ep2_pp2", "layout": {**EP2, "pp": 2}, "preset": "mixtral"},
     {"name": "deepseek_ep2_tp2", "layout": {**EP2, "tp": 2}, "preset": "deepseek", "steps": DS_STEPS},
     {"name": "mixtral_tp2_dp_shard2_no_ep", "layout": {"dp_shard": 2, "tp": 2}, "preset": "mixtral", "steps": 4},
-    {"name": "mixtral_ep2_edp2", "layout": {"dp_shard": 4, "ep": 2}, "preset": "mixtral", "steps": 4},
+    {"name": "mixtral_ep2_edp2", "layout": EDP2, "preset": "mixtral"},
+    {"name": "mixtral_ep2_hsdp2", "layout": {"dp_replicate": 2, **EP2}, "preset": "mixtral"},
+    {"name": "mixtral_ep2_tp2_sp", "layout": SP, "preset": "mixtral"},
+    {"name": "deepseek_ep2_tp2_sp", "layout": SP, "preset": "deepseek", "steps": DS_STEPS},
     {"name": "deepseek_ep2_pp2", "layout": {**EP2, "pp": 2}, "preset": "deepseek", "steps": DS_STEPS},
+    # 2 micro-batches per rank: the experts' FSDP group reduces in the last backward only
+    {"name": "mixtral_ep2_edp2_accum", "layout": EDP2, "preset": "mixtral", "micro": 1,
+     "steps": ACCUM_STEPS, "ref": "mixtral_micro1"},
+    {"name": "edp2_nosync", "kind": "nosync", "layout": EDP2, "preset": "mixtral"},
+    # the ep=2 checkpoint into experts sharded over (edp, ep) = 2 x 2, and a checkpoint of
+    # those for one process
+    {"name": "resume_ep2_to_edp2", "kind": "resume", "save": None, "load": EDP2},
+    {"name": "save_edp2", "kind": "resume", "save": EDP2, "load": None, "ckpt": CKPT_EDP2},
 ]
+
+# pipeline stages whose experts are FSDP-sharded over edp: needs pp x edp x ep = 8 ranks
+JOBS_8 = [{"name": "mixtral_ep2_edp2_pp2", "layout": {**EDP2, "pp": 2}, "preset": "mixtral", "micro": 1,
+           "steps": ACCUM_STEPS, "ref": "mixtral_micro1"}]
 
 
 def _torchrun(nproc: int, jobs: list[dict], tmp, timeout: float) -> dict:
+    ckpt = {"save_at": SAVE_AT, "steps": STEPS, "preset": "mixtral"}
+    jobs = [{**ckpt, **j, "dir": str(tmp / j.get("ckpt", CKPT))} if j.get("kind") == "resume" else j
+            for j in jobs]
     return run_jobs("test_parallel_moe_worker.py", nproc, jobs, tmp, timeout, steps=STEPS)
 
 
@@ -49,15 +77,22 @@ def ref():
     import torch
 
     torch.set_num_threads(1)
-    return {"mixtral": M.run_moe({}, "mixtral", STEPS), "deepseek": M.run_moe({}, "deepseek", DS_STEPS)}
+    return {"mixtral": M.run_moe({}, "mixtral", STEPS), "deepseek": M.run_moe({}, "deepseek", DS_STEPS),
+            "mixtral_micro1": M.run_moe({}, "mixtral", ACCUM_STEPS, micro=1)}
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("parallel_moe")
     out = _torchrun(2, JOBS_2, tmp, 150)
-    out.update(_torchrun(4, JOBS_4, tmp, 240))
+    out.update(_torchrun(4, JOBS_4, tmp, 300))
+    out["tmp"] = str(tmp)
     return out
+
+
+@pytest.fixture(scope="module")
+def results_pp(tmp_path_factory):
+    return _torchrun(8, JOBS_8, tmp_path_factory.mktemp("parallel_moe_pp"), 200)
 
 
 _job = job_result
@@ -66,21 +101,31 @@ _job = job_result
 _close = assert_steps_close
 
 
-LOSS_JOBS = [j["name"] for j in JOBS_2 + JOBS_4 if j.get("kind") != "comm"]
+LOSS_JOBS = [j for j in JOBS_2 + JOBS_4 if j.get("kind", "layout") == "layout"]
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("name", LOSS_JOBS)
+@pytest.mark.parametrize("name", [j["name"] for j in LOSS_JOBS])
 def test_expert_parallel_matches_single_process(results, ref, name):
+    job = next(j for j in LOSS_JOBS if j["name"] == name)
     res = _job(results, name)
-    want = ref["deepseek" if name.startswith("deepseek") else "mixtral"]
+    want = ref[job.get("ref", job["preset"])]
     n = len(res["loss"])
     _close(res["loss"], want["loss"][:n], 1e-5)
     _close(res["grad_norm"], want["grad_norm"][:n], 1e-4)
 
 
+@pytest.mark.timeout(300)
+def test_pipeline_stages_with_experts_sharded_over_edp(results_pp, ref):
+    res = _job(results_pp, "mixtral_ep2_edp2_pp2")
+    _close(res["loss"], ref["mixtral_micro1"]["loss"], 1e-5)
+    _close(res["grad_norm"], ref["mixtral_micro1"]["grad_norm"], 1e-4)
+    mem = res["expert_memory"]  # this stage's experts, over (edp, ep) = 2 x 2
+    assert mem["local"] * 4 == mem["total"] and mem["adam_state"] == 2 * mem["local"], mem
+
+
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("name", ["deepseek_ep2", "deepseek_ep2_tp2", "deepseek_ep2_pp2"])
+@pytest.mark.parametrize("name", ["deepseek_ep2", "deepseek_ep2_tp2", "deepseek_ep2_tp2_sp", "deepseek_ep2_pp2"])
 def test_expert_bias_trajectory_matches_single_process(results, ref, name):
     got, want = _job(results, name)["bias"], ref["deepseek"]["bias"]
     assert any(v != 0.0 for b in want for layer in b.values() for v in layer), "bias never moved"
@@ -88,6 +133,35 @@ def test_expert_bias_trajectory_matches_single_process(results, ref, name):
         assert g.keys() == w.keys()
         for layer in w:
             assert max(abs(a - b) for a, b in zip(g[layer], w[layer])) < 1e-7, f"step {step + 1} {layer}"
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name,shards", [("mixtral_ep2", 2), ("mixtral_ep2_hsdp2", 2), ("mixtral_ep2_edp2", 4),
+                                         ("mixtral_ep2_tp2", 2)])
+def test_expert_weights_and_adam_state_are_sharded_over_ep_and_edp(results, name, shards):
+    mem = _job(results, name)["expert_memory"]
+    assert mem["local"] * shards == mem["total"], mem
+    assert mem["adam_state"] == 2 * mem["local"], mem
+
+
+@pytest.mark.timeout(600)
+def test_expert_fsdp_reduces_only_in_the_last_micro_batch(results):
+    first, last = _job(results, "edp2_nosync")["has_grad"]
+    assert first and not any(first) and all(last)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name", ["resume_ep2_to_ep1_dp2", "resume_ep2_to_edp2"])
+def test_resume_across_expert_layouts(results, ref, name):
+    _close(_job(results, name)["loss"], ref["mixtral"]["loss"][SAVE_AT:], 1e-5)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("ckpt", [CKPT, CKPT_EDP2])
+def test_resume_expert_parallel_checkpoint_in_one_process(results, ref, ckpt):
+    _job(results, "save_edp2")
+    res = M.run_resume(None, {}, f"{results['tmp']}/{ckpt}", "mixtral", SAVE_AT, STEPS)
+    _close(res["loss"], ref["mixtral"]["loss"][SAVE_AT:], 1e-5)
 
 
 @pytest.mark.timeout(600)
@@ -116,3 +190,12 @@ def test_ep_must_divide_dp_shard_and_experts():
     assert resolve_layout(ParallelConfig(ep=2, tp=2), 8)["dp_shard"] == 4
     with pytest.raises(ConfigError, match="parallel.ep: 3 does not divide model.moe.n_experts=8"):
         check_ep(M.moe_model_cfg("mixtral"), 3)
+
+
+def test_deepspeed_rejects_expert_parallel():
+    from parallel import ParallelConfig
+    from parallel.deepspeed_engine import check_layout
+    from parallel.world import World
+
+    with pytest.raises(ConfigError, match="parallel.ep: must be 1 with parallel.dp_engine=deepspeed"):
+        check_layout(ParallelConfig(ep=2, dp_engine="deepspeed"), World(world_size=4, dp_size=4))

@@ -40,10 +40,7 @@ def _biases(pm) -> dict[str, list[float]]:
     return {n: m.expert_bias.tolist() for part in pm.parts for n, m in moe_layers(part)}
 
 
-def run_moe(layout: dict, preset: str, steps: int = 10) -> dict:
-    """Per-step loss, grad norm and expert biases (after each step) of ``steps`` steps."""
-    import torch.distributed as dist
-
+def _build(layout: dict, preset: str):
     from models.transformer import build_model
     from parallel import parallelize
     from pretrain.config import OptimConfig
@@ -52,9 +49,23 @@ def run_moe(layout: dict, preset: str, steps: int = 10) -> dict:
     pcfg, world = W.make_world(layout)
     pm = parallelize(build_model(moe_model_cfg(preset), init=False), pcfg, world, seed=0)
     opt = build_optimizer(pm.parts, OptimConfig(lr=3e-3, warmup_steps=0, weight_decay=0.1))
+    return pm, opt, world
+
+
+def rank_batches(step: int, world, micro: int = W.MICRO) -> list[dict]:
+    """This dp rank's rows of the global batch of ``step``, in micro-batches of ``micro`` rows."""
+    mbs = W.rank_batches(step, world)
+    b = {k: torch.cat([mb[k] for mb in mbs]) for k in mbs[0]}
+    n = b["input_ids"].shape[0]
+    return [{k: v[i:i + micro] for k, v in b.items()} for i in range(0, n, micro)]
+
+
+def _train(pm, opt, world, start: int, stop: int, micro: int = W.MICRO) -> dict:
+    import torch.distributed as dist
+
     losses, norms, biases, metrics = [], [], [], {}
-    for step in range(steps):
-        loss = pm.forward_backward(W.rank_batches(step, world))
+    for step in range(start, stop):
+        loss = pm.forward_backward(rank_batches(step, world, micro))
         losses.append(pm.reduce_loss(loss))
         norms.append(float(pm.clip_grad_norm_(0.5)))
         opt.step()
@@ -68,6 +79,70 @@ def run_moe(layout: dict, preset: str, steps: int = 10) -> dict:
         biases.append(b)
         metrics = pm.step_metrics()
     return {"loss": losses, "grad_norm": norms, "bias": biases, "metrics": metrics}
+
+
+def _expert_memory(pm, opt) -> dict:
+    """Routed-expert elements this rank holds: weights ``(local, total)`` and Adam state."""
+    from torch.distributed.tensor import DTensor
+
+    from parallel.expert_parallel import expert_numel, moe_modules
+
+    local = total = 0
+    for part in pm.parts:
+        a, b = expert_numel(part)
+        local, total = local + a, total + b
+    state = 0
+    for part in pm.parts:
+        for m in moe_modules(part):
+            for n in ("w_gate", "w_up", "w_down"):
+                st = opt.state.get(getattr(m, n), {})
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in st:
+                        t = st[key]
+                        state += (t.to_local() if isinstance(t, DTensor) else t).numel()
+    return {"local": local, "total": total, "adam_state": state}
+
+
+def run_moe(layout: dict, preset: str, steps: int = 10, micro: int = W.MICRO) -> dict:
+    """Per-step loss, grad norm and expert biases (after each step) of ``steps`` steps, and
+    the routed-expert elements rank 0 holds."""
+    pm, opt, world = _build(layout, preset)
+    out = _train(pm, opt, world, 0, steps, micro)
+    return {**out, "expert_memory": _expert_memory(pm, opt)}
+
+
+def run_resume(save: dict | None, load: dict | None, ckpt_dir: str, preset: str, save_at: int,
+               steps: int) -> dict:
+    """Train ``save_at`` steps under layout ``save`` and checkpoint (skipped if None), then
+    resume under layout ``load`` (skipped if None) and train up to ``steps``."""
+    from pretrain import checkpoint as ckpt
+
+    if save is not None:
+        pm, opt, world = _build(save, preset)
+        _train(pm, opt, world, 0, save_at)
+        ckpt.save_checkpoint(ckpt_dir, save_at, pm.parts, opt, {"step": save_at}, world, "x: 1\n")
+    if load is None:
+        return {}
+    pm, opt, world = _build(load, preset)
+    ckpt.load_checkpoint(Path(ckpt_dir) / "checkpoints" / f"step_{save_at}", pm.parts, opt, world)
+    return _train(pm, opt, world, save_at, steps)
+
+
+def run_nosync(layout: dict, preset: str) -> dict:
+    """Whether the expert weights hold a (reduced, sharded) gradient after each micro-batch's
+    backward when only the last one syncs, as ``ParallelModel.forward_backward`` runs them."""
+    from parallel.expert_parallel import expert_params
+    from parallel.fsdp import set_gradient_sync
+
+    pm, _, world = _build(layout, preset)
+    mbs = rank_batches(0, world, 1)
+    has_grad = []
+    for i, mb in enumerate(mbs):
+        set_gradient_sync(pm.parts, i == len(mbs) - 1)
+        with pm.loss_context():
+            (pm._micro_loss(pm._to_device(mb)) / len(mbs)).backward()
+        has_grad.append([p.grad is not None for part in pm.parts for p in expert_params(part)])
+    return {"has_grad": has_grad}
 
 
 def run_comm(ep: int) -> dict:
@@ -109,10 +184,16 @@ def main(spec_path: str, out_path: str) -> None:
         name = job["name"]
         print(f"[rank {dist.get_rank()}] {name}", file=sys.stderr, flush=True)
         try:
-            if job.get("kind") == "comm":
+            kind = job.get("kind", "layout")
+            if kind == "comm":
                 res = run_comm(dist.get_world_size())
+            elif kind == "resume":
+                res = run_resume(job.get("save"), job.get("load"), job["dir"], job["preset"],
+                                 job["save_at"], job["steps"])
+            elif kind == "nosync":
+                res = run_nosync(job["layout"], job["preset"])
             else:
-                res = run_moe(job["layout"], job["preset"], job.get("steps", 10))
+                res = run_moe(job["layout"], job["preset"], job.get("steps", 10), job.get("micro", W.MICRO))
         except Exception as e:  # report, keep the group alive for the next job
             res = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
             print(f"[rank {dist.get_rank()}] {name} failed:\n{res['trace']}", file=sys.stderr, flush=True)
