@@ -199,3 +199,35 @@ def test_deepspeed_rejects_expert_parallel():
 
     with pytest.raises(ConfigError, match="parallel.ep: must be 1 with parallel.dp_engine=deepspeed"):
         check_layout(ParallelConfig(ep=2, dp_engine="deepspeed"), World(world_size=4, dp_size=4))
+
+
+@pytest.mark.timeout(300)
+def test_expert_parallel_training_end_to_end(tiny_dataset, tmp_path):
+    """``pretrain launch local`` with ep=2: the trainer logs per-layer expert load and the
+    all-to-all volume, checkpoints, and the checkpoint evaluates in one process."""
+    import json
+    import os
+    import subprocess
+
+    from conftest import tiny_overrides
+    from pretrain import checkpoint as ckpt
+    from pretrain.metrics import read_metrics
+
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    args = ["launch", "local", "--nproc", "2", "moe_mixtral_tiny",
+            *tiny_overrides(tiny_dataset, run, **{"train.steps": 4, "checkpoint.every": 4,
+                                                  "parallel.dp_shard": 2, "parallel.ep": 2})]
+    p = subprocess.run([sys.executable, "-m", "pretrain", *args], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=240)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    recs = read_metrics(run)
+    assert [r["step"] for r in recs if "loss" in r][-1] == 4
+    last = [r for r in recs if "loss" in r][-1]
+    assert last["moe/a2a_bytes_last_micro"] > 0
+    assert any(k.startswith("moe/") and k.endswith("/load_max_mean") for k in last), sorted(last)
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == [4]
+    p = subprocess.run([sys.executable, "-m", "pretrain", "eval", "--checkpoint", str(run), "--batches", "2"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout)["loss"] > 0
