@@ -125,6 +125,20 @@ def test_dry_run_exact_counts(capsys):
         assert r["params"] == r["predicted"] > 0
 
 
+@pytest.mark.parametrize("layout", [["--gpus", "8", "--parallel.ep=2"],
+                                    ["--gpus", "8", "--parallel.ep=2", "--parallel.dp_replicate=2"],
+                                    ["--gpus", "4", "--parallel.ep=2", "--parallel.pp=2"],
+                                    ["--gpus", "8", "--parallel.ep=2", "--parallel.tp=2"]],
+                         ids=["edp4", "hsdp", "pp2", "tp2"])
+def test_dry_run_shards_experts_over_ep_and_edp(capsys, layout):
+    """Expert parallel in the dry run: the experts split over ep, then FSDP over edp, as the
+    trainer does; the planner's prediction is exact."""
+    assert cli.main(["plan", "moe_mixtral_tiny", *layout, "--dry-run", "--json"]) == 0
+    ranks = json.loads(capsys.readouterr().out)["ranks"]
+    for r in ranks:
+        assert r["params"] == r["predicted"] > 0
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--gpus", "6", "--parallel.tp=3"], "parallel.tp: 3 does not divide model.vocab_size=512"),
     (["--gpus", "8", "--parallel.pp=8"], "parallel.pp"),

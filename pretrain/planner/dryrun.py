@@ -45,6 +45,7 @@ def dry_run(cfg: Config, world_size: int) -> list[dict]:
     dp rank 0, the largest shards). Raises UserError naming what does not divide."""
     from models.transformer import build_model
     from parallel.apply import check_layout
+    from parallel.expert_parallel import apply_ep, expert_fsdp_options
     from parallel.fsdp import apply_data_parallel
     from parallel.tp import TPContext, apply_tp
     from parallel.world import build_world
@@ -66,10 +67,12 @@ def dry_run(cfg: Config, world_size: int) -> list[dict]:
                 n = 0
                 for stage, part in parts:
                     # the same sharding calls parallel.parallelize makes, without materialising
+                    if world.ep_size > 1:
+                        apply_ep(part, world)
                     if world.tp_size > 1:
                         apply_tp(part, TPContext(world.mesh["tp"], part.cfg, pcfg.sequence_parallel))
                     if world.dp_size > 1 and not deepspeed:
-                        apply_data_parallel(part, world, pcfg)
+                        apply_data_parallel(part, world, pcfg, **expert_fsdp_options(part, world))
                     n += _local_numel(part)
                 out.append({"pp_rank": pp_rank, "stages": [s for s, _ in parts], "params": n})
             return out

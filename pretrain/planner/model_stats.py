@@ -65,6 +65,8 @@ def tp_dim(kind: str, name: str, cfg: ModelConfig, tp: int) -> int | None:
         return {"wq": 0, "wo": 1}.get(leaf)
     if kind == "mlp":
         return {"w_gate": 0, "w_up": 0, "w_down": 1}.get(leaf)
+    if kind == "moe":  # parallel/tp_moe.py: token-wise, every parameter replicated over tp
+        return None
     # Kinds without an exact rule here: a Megatron-style split of the mixer by heads
     # (approximation; the dry run gives exact numbers when a plan is registered).
     return 1 if leaf in ("out_proj", "w_down") and parts[-1] == "weight" else 0
