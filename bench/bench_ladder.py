@@ -12,8 +12,9 @@ noise hits them alike. Printed per mode:
 - train ms: median wall time of a forward/backward/optimizer step;
 - exposed comm: from torch.profiler, the time the rank spent blocked waiting for a
   collective (``wait_tensor``, plus synchronous c10d collectives) as a share of the
-  profiled wall time. With ladder the sublayer-output reductions are waited one
-  sublayer later, so less of their time should be blocked.
+  profiled wall time. With ladder the sublayer-output reductions (forward) and the
+  input-gradient reductions (backward) are waited one sublayer later, so less of their
+  time should be blocked.
 
 On gloo/CPU the collectives run on CPU threads that compete with the compute for the
 same (shared) cores, so the overlap a GPU gets from a separate NCCL stream is only partly
