@@ -14,8 +14,8 @@ they join their sublayer's FSDP unit as a second parameter group, all-gathered a
 reduce-scattered over ``edp`` while the dense parameters use ``dp``. A rank thus keeps
 ``E / (ep * edp)`` experts' weights, gradients and optimizer state, and the gradient-sync
 switches the runner flips for dense FSDP (no reduction before the last micro-batch, pipeline
-schedules) apply to the experts too. Without ``edp``/``dp_replicate`` (``dp_shard == ep``)
-FSDP ignores them (nothing to shard or reduce). :func:`reduce_expert_grads` then does the
+schedules) and mixed precision apply to the experts too (with ``dp_shard == ep`` the expert
+mesh has one rank: nothing is sharded). :func:`reduce_expert_grads` then does the
 rest once per step: the tp sum under sequence parallel, and the ``1/ep`` factor FSDP's
 average over ``edp x dp_replicate`` leaves out (the all-to-all already summed the ep
 group's tokens into each expert's gradient).
@@ -113,14 +113,13 @@ def expert_params(model: nn.Module) -> list[nn.Parameter]:
 def expert_fsdp_options(model: nn.Module, world) -> dict:
     """Extra ``fully_shard`` keyword arguments for the sublayers of ``model`` under expert
     parallel: a ``shard_placement_fn`` putting the expert weights on the expert-data-parallel
-    mesh (``edp``, or ``(dp_replicate, edp)`` as HSDP) when that mesh has more than one rank,
-    else ``ignored_params`` (experts stay whole per ep shard). ``{}`` without expert parallel."""
+    mesh (``edp``, or ``(dp_replicate, edp)`` as HSDP). With ``dp_shard == ep`` that mesh has
+    one rank: nothing is sharded, but FSDP still applies mixed precision and the gradient-sync
+    switches to the experts as to the dense parameters. ``{}`` without expert parallel."""
     params = expert_params(model) if world.ep_size > 1 else []
     if not params:
         return {}
     mesh = world.ep_mesh
-    if mesh["edp"].size() * mesh["dp_replicate"].size() == 1:
-        return {"ignored_params": set(params)}
     try:  # torch >= 2.14: per-parameter meshes in one FSDP unit (made for MoE experts)
         from torch.distributed.fsdp._fully_shard._fsdp_common import (
             FSDPMeshInfo,

@@ -37,6 +37,9 @@ JOBS_2 = [
     {"name": "comm_uneven", "kind": "comm"},
     {"name": "mixtral_ep2", "layout": EP2, "preset": "mixtral"},
     {"name": "deepseek_ep2", "layout": EP2, "preset": "deepseek", "steps": DS_STEPS},
+    # bf16 mixed precision with dp_shard == ep: the experts' one-rank FSDP group casts them
+    {"name": "mixtral_ep2_bf16", "kind": "bf16", "layout": {**EP2, "mixed_precision": "bf16"},
+     "preset": "mixtral", "steps": 3},
     # save at ep=2, resume at ep=1 (dp_shard=2): experts go from ep shards to FSDP over dp
     {"name": "resume_ep2_to_ep1_dp2", "kind": "resume", "save": EP2, "load": {"dp_shard": 2}},
 ]
@@ -113,6 +116,15 @@ def test_expert_parallel_matches_single_process(results, ref, name):
     n = len(res["loss"])
     _close(res["loss"], want["loss"][:n], 1e-5)
     _close(res["grad_norm"], want["grad_norm"][:n], 1e-4)
+
+
+@pytest.mark.timeout(600)
+def test_expert_parallel_bf16_mixed_precision(results, ref):
+    """Experts compute in bf16 like the dense parts (an fp32 expert weight against bf16 rows
+    would not even run): the losses stay within bf16 rounding of the fp32 ones."""
+    res = _job(results, "mixtral_ep2_bf16")
+    _close(res["loss"], ref["mixtral"]["loss"][:3], 2e-3)
+    assert res["loss"] != ref["mixtral"]["loss"][:3]  # really computed in bf16
 
 
 @pytest.mark.timeout(300)

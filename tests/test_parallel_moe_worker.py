@@ -190,6 +190,8 @@ def main(spec_path: str, out_path: str) -> None:
             elif kind == "resume":
                 res = run_resume(job.get("save"), job.get("load"), job["dir"], job["preset"],
                                  job["save_at"], job["steps"])
+            elif kind == "bf16":
+                res = run_moe(job["layout"], job["preset"], job["steps"])
             elif kind == "nosync":
                 res = run_nosync(job["layout"], job["preset"])
             else:
