@@ -104,7 +104,7 @@ def _check(model: dict, layout: dict):
     from models.transformer import build_model
     from parallel import ParallelConfig, World, check_layout
 
-    m = build_model(H.model_cfg(**model), init=False)
+    m = build_model(W.model_cfg(**model), init=False)
     w = World(tp_size=layout.get("tp", 1), pp_size=layout.get("pp", 1), dp_size=layout.get("dp_shard", 1))
     check_layout(m, ParallelConfig(**layout), w)
 

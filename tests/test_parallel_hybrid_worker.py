@@ -26,19 +26,6 @@ HEADS = dict(pattern="P-", mamba=dict(d_state=16, head_dim=16, n_groups=2, chunk
              hybrid=dict(n_attn_heads=4, n_mamba_heads=4))
 
 
-def model_cfg(**kw):
-    """``W.model_cfg`` with nested ``mamba``/``hybrid`` dicts turned into their configs."""
-    from models.config import HybridHeadsConfig, MambaConfig, ModelConfig
-
-    kw = {**W.TINY, **kw}
-    if isinstance(kw.get("mamba"), dict):
-        kw["mamba"] = MambaConfig(**kw["mamba"])
-    if isinstance(kw.get("hybrid"), dict):
-        kw["hybrid"] = HybridHeadsConfig(**kw["hybrid"])
-    return ModelConfig(**kw)
-
-
-W.model_cfg = model_cfg  # W.build looks it up at call time
 _MODEL: dict = {}
 _build = W.build
 

@@ -26,10 +26,10 @@ SEQ, GLOBAL_BATCH, MICRO = 32, 8, 2
 
 
 def model_cfg(**kw):
-    from models.config import MambaConfig, ModelConfig, MoEConfig
+    from models.config import HybridHeadsConfig, MambaConfig, ModelConfig, MoEConfig
 
     # nested configs arrive as dicts from JSON job specs
-    for key, cls in (("moe", MoEConfig), ("mamba", MambaConfig)):
+    for key, cls in (("moe", MoEConfig), ("mamba", MambaConfig), ("hybrid", HybridHeadsConfig)):
         if isinstance(kw.get(key), dict):
             kw[key] = cls(**kw[key])
     return ModelConfig(**{**TINY, **kw})
