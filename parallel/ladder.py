@@ -73,11 +73,7 @@ def mark_ladder_async(model: torch.nn.Module) -> int:
     if model.output is None:  # a pipeline stage before the last: (stream, pending) leave it
         model.register_forward_hook(_wait_stage_outputs)
     n = 0
-    for name, sub in model.layers.items():
-        sub = getattr(sub, "_checkpoint_wrapped_module", sub)
-        # Peri-LN normalises the output inside the sublayer: it would wait at once anyway
-        if int(name) < cfg.ladder_from or getattr(sub, "out_norm", None) is not None:
-            continue
+    for _, sub in ladder_sublayers(model):
         for m in sub.modules():
             if getattr(m, "tp_sublayer_output", False):
                 setattr(m, ASYNC_ATTR, True)
@@ -250,15 +246,21 @@ def _boundary_hook(idx: int, mesh, sequence_parallel: bool):
     return hook
 
 
-def deferrable_sublayers(model: nn.Module) -> set[str]:
-    """Names of the sublayers whose input-gradient reduction may be deferred (ladder mode,
-    from ``ladder_from``, kinds whose tp plan reads a replicated input, no Peri-LN)."""
+def ladder_sublayers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, sublayer) of the sublayers whose output may stay pending: ladder mode, from
+    ``ladder_from``, without Peri-LN (its output norm would wait at once anyway)."""
     cfg = model.cfg
     if cfg.residual != "ladder":
-        return set()
-    return {name for name, sub in model.layers.items()
-            if int(name) >= cfg.ladder_from and sub.kind in DEFERRABLE_KINDS
-            and getattr(sub, "out_norm", None) is None}
+        return []
+    subs = ((name, getattr(sub, "_checkpoint_wrapped_module", sub)) for name, sub in model.layers.items())
+    return [(name, sub) for name, sub in subs
+            if int(name) >= cfg.ladder_from and getattr(sub, "out_norm", None) is None]
+
+
+def deferrable_sublayers(model: nn.Module) -> set[str]:
+    """Names of the ladder sublayers whose input-gradient reduction may also be deferred
+    (kinds whose tp plan reads a replicated input)."""
+    return {name for name, sub in ladder_sublayers(model) if sub.kind in DEFERRABLE_KINDS}
 
 
 DEFERRABLE_KINDS = {"attention", "mlp", "mamba", "hybrid"}

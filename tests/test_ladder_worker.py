@@ -9,10 +9,8 @@ and the backward event trace of the first step.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,7 +18,6 @@ for p in (ROOT, ROOT / "tests"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-import torch  # noqa: E402
 
 import test_parallel_worker as W  # noqa: E402
 
@@ -49,31 +46,16 @@ def run_counted(layout: dict, steps: int, model_kw: dict | None = None, **kw) ->
             "pending": pending, "trace": trace}
 
 
+def _with_per_rank(gathered: list[dict]) -> dict:
+    return {**gathered[0], "per_rank_pending": [r["pending"] for r in gathered],
+            "per_rank_trace": [r["trace"] for r in gathered]}
+
+
 def main(spec_path: str, out_path: str) -> None:
-    import datetime
+    from torchrun_jobs import serve_jobs
 
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=float(os.environ.get("PG_TIMEOUT", "90"))))
-    results = {}
-    for job in json.loads(Path(spec_path).read_text()):
-        name = job["name"]
-        print(f"[rank {dist.get_rank()}] {name}", file=sys.stderr, flush=True)
-        try:
-            res = run_counted(job["layout"], job["steps"], job.get("model"), **job.get("kw", {}))
-        except Exception as e:  # report, keep the group alive for the next job
-            res = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
-            print(f"[rank {dist.get_rank()}] {name} failed:\n{res['trace']}", file=sys.stderr, flush=True)
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, res)
-        errors = [r for r in gathered if "error" in r]
-        results[name] = errors[0] if errors else {**gathered[0], "per_rank_pending": [r["pending"] for r in gathered],
-                                                  "per_rank_trace": [r["trace"] for r in gathered]}
-        dist.barrier()
-    if dist.get_rank() == 0:
-        Path(out_path).write_text(json.dumps(results))
-    dist.destroy_process_group()
+    serve_jobs(lambda job: run_counted(job["layout"], job["steps"], job.get("model"), **job.get("kw", {})),
+               spec_path, out_path, combine=_with_per_rank)
 
 
 if __name__ == "__main__":

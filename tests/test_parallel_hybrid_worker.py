@@ -62,31 +62,9 @@ def run_job(job: dict) -> dict:
 
 def main(spec_path: str, out_path: str) -> None:
     """Run every job of SPEC on one process group; rank 0 writes the results (or errors)."""
-    import datetime
-    import json
-    import traceback
+    from torchrun_jobs import serve_jobs
 
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=float(os.environ.get("PG_TIMEOUT", "90"))))
-    results = {}
-    for job in json.loads(Path(spec_path).read_text()):
-        print(f"[rank {dist.get_rank()}] {job['name']}", file=sys.stderr, flush=True)
-        try:
-            res = run_job(job)
-        except Exception as e:  # report, keep the group alive for the next job
-            res = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
-            print(f"[rank {dist.get_rank()}] {job['name']} failed:\n{res['trace']}", file=sys.stderr, flush=True)
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, res)
-        errors = [r for r in gathered if "error" in r]
-        results[job["name"]] = errors[0] if errors else gathered[0]
-        dist.barrier()
-    if dist.get_rank() == 0:
-        Path(out_path).write_text(json.dumps(results))
-    dist.destroy_process_group()
+    serve_jobs(run_job, spec_path, out_path)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,8 @@ runs in-process with world size 1 for the reference.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -172,41 +170,25 @@ def run_comm(ep: int) -> dict:
             "local_counts": totals, "send_counts": counts.tolist()}
 
 
-def main(spec_path: str, out_path: str) -> None:
-    import datetime
-
+def run_job(job: dict) -> dict:
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=float(os.environ.get("PG_TIMEOUT", "90"))))
-    results = {}
-    for job in json.loads(Path(spec_path).read_text()):
-        name = job["name"]
-        print(f"[rank {dist.get_rank()}] {name}", file=sys.stderr, flush=True)
-        try:
-            kind = job.get("kind", "layout")
-            if kind == "comm":
-                res = run_comm(dist.get_world_size())
-            elif kind == "resume":
-                res = run_resume(job.get("save"), job.get("load"), job["dir"], job["preset"],
-                                 job["save_at"], job["steps"])
-            elif kind == "bf16":
-                res = run_moe(job["layout"], job["preset"], job["steps"])
-            elif kind == "nosync":
-                res = run_nosync(job["layout"], job["preset"])
-            else:
-                res = run_moe(job["layout"], job["preset"], job.get("steps", 10), job.get("micro", W.MICRO))
-        except Exception as e:  # report, keep the group alive for the next job
-            res = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
-            print(f"[rank {dist.get_rank()}] {name} failed:\n{res['trace']}", file=sys.stderr, flush=True)
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, res)
-        errors = [r for r in gathered if "error" in r]
-        results[name] = errors[0] if errors else gathered[0]
-        dist.barrier()
-    if dist.get_rank() == 0:
-        Path(out_path).write_text(json.dumps(results))
-    dist.destroy_process_group()
+    kind = job.get("kind", "layout")
+    if kind == "comm":
+        return run_comm(dist.get_world_size())
+    if kind == "resume":
+        return run_resume(job.get("save"), job.get("load"), job["dir"], job["preset"], job["save_at"], job["steps"])
+    if kind == "bf16":
+        return run_moe(job["layout"], job["preset"], job["steps"])
+    if kind == "nosync":
+        return run_nosync(job["layout"], job["preset"])
+    return run_moe(job["layout"], job["preset"], job.get("steps", 10), job.get("micro", W.MICRO))
+
+
+def main(spec_path: str, out_path: str) -> None:
+    from torchrun_jobs import serve_jobs
+
+    serve_jobs(run_job, spec_path, out_path)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,8 @@ called in-process with world size 1 for the reference curve.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,40 +159,23 @@ def run_init_check(layout: dict) -> dict:
     return {"max_abs_diff": worst}
 
 
+def run_job(job: dict) -> dict:
+    kind = job.get("kind", "layout")
+    if kind == "layout":
+        return run_layout(job["layout"], job.get("steps", 10), job.get("model"), **job.get("kw", {}))
+    if kind == "resume":
+        return run_resume(job.get("save"), job.get("load"), job["dir"], job["save_at"], job["steps"])
+    if kind == "init":
+        return run_init_check(job["layout"])
+    if kind == "gradsync":
+        return run_gradsync(job["layout"])
+    raise ValueError(kind)
+
+
 def main(spec_path: str, out_path: str) -> None:
-    import torch.distributed as dist
+    from torchrun_jobs import serve_jobs
 
-    torch.set_num_threads(1)
-    import datetime
-
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=float(os.environ.get("PG_TIMEOUT", "90"))))
-    jobs = json.loads(Path(spec_path).read_text())
-    results = {}
-    for job in jobs:
-        name, kind = job["name"], job.get("kind", "layout")
-        print(f"[rank {dist.get_rank()}] {name}", file=sys.stderr, flush=True)
-        try:
-            if kind == "layout":
-                res = run_layout(job["layout"], job.get("steps", 10), job.get("model"), **job.get("kw", {}))
-            elif kind == "resume":
-                res = run_resume(job.get("save"), job.get("load"), job["dir"], job["save_at"], job["steps"])
-            elif kind == "init":
-                res = run_init_check(job["layout"])
-            elif kind == "gradsync":
-                res = run_gradsync(job["layout"])
-            else:
-                raise ValueError(kind)
-        except Exception as e:  # report, keep the group alive for the next job
-            res = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
-            print(f"[rank {dist.get_rank()}] {name} failed:\n{res['trace']}", file=sys.stderr, flush=True)
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, res)
-        errors = [r for r in gathered if "error" in r]
-        results[name] = errors[0] if errors else gathered[0]
-        dist.barrier()
-    if dist.get_rank() == 0:
-        Path(out_path).write_text(json.dumps(results))
-    dist.destroy_process_group()
+    serve_jobs(run_job, spec_path, out_path)
 
 
 if __name__ == "__main__":

@@ -41,3 +41,35 @@ def assert_steps_close(got, want, rel):
     assert len(got) == len(want)
     for i, (g, w) in enumerate(zip(got, want)):
         assert abs(g - w) <= rel * abs(w), f"step {i + 1}: {g} vs single-process {w}"
+
+
+def serve_jobs(run_job, spec_path: str, out_path: str, combine=None) -> None:
+    """Worker side of :func:`run_jobs`: run every job of SPEC with ``run_job(job) -> dict``
+    on one gloo process group; a failing job is reported (not raised) so the group lives on
+    for the next. ``combine(per_rank_results) -> dict`` merges the ranks' results (default:
+    rank 0's); rank 0 writes them all to OUT."""
+    import datetime
+    import traceback
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=float(os.environ.get("PG_TIMEOUT", "90"))))
+    rank = dist.get_rank()
+    results = {}
+    for job in json.loads(Path(spec_path).read_text()):
+        print(f"[rank {rank}] {job['name']}", file=sys.stderr, flush=True)
+        try:
+            res = run_job(job)
+        except Exception as e:
+            res = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
+            print(f"[rank {rank}] {job['name']} failed:\n{res['trace']}", file=sys.stderr, flush=True)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, res)
+        errors = [r for r in gathered if "error" in r]
+        results[job["name"]] = errors[0] if errors else (combine or (lambda rs: rs[0]))(gathered)
+        dist.barrier()
+    if rank == 0:
+        Path(out_path).write_text(json.dumps(results))
+    dist.destroy_process_group()
