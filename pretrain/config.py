@@ -51,6 +51,11 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | wsd | constant
     warmup_steps: int = 100
     decay_fraction: float = 0.2  # wsd: fraction of steps spent decaying
+    name: str = "adamw"  # adamw | muon (Muon for weight matrices, AdamW for the rest)
+    muon_momentum: float = 0.95  # Nesterov momentum of the Muon matrices, in [0, 1)
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5  # Newton-Schulz iterations, >= 1
+    muon_bucket_mb: float = 256.0  # full fp32 matrices gathered at once per rank, > 0
 
 
 @dataclass
@@ -105,6 +110,16 @@ class Config:
         except ConfigError as e:
             raise UserError(str(e)) from None
         _choice("optim.schedule", self.optim.schedule, ("cosine", "wsd", "constant"))
+        _choice("optim.name", self.optim.name, ("adamw", "muon"))
+        if not 0.0 <= self.optim.muon_momentum < 1.0:
+            raise UserError(f"optim.muon_momentum: {self.optim.muon_momentum} is not in [0, 1)")
+        if self.optim.muon_ns_steps < 1:
+            raise UserError(f"optim.muon_ns_steps: {self.optim.muon_ns_steps} must be >= 1")
+        if not 0.0 < self.optim.muon_bucket_mb < float("inf"):
+            raise UserError(f"optim.muon_bucket_mb: {self.optim.muon_bucket_mb} must be a positive number")
+        if self.optim.name == "muon" and self.parallel.dp_engine == "deepspeed":
+            raise UserError("optim.name: muon is not supported with parallel.dp_engine=deepspeed "
+                            "(DeepSpeed owns the optimizer step); use the default fsdp engine")
         _choice("train.dtype", self.train.dtype, ("fp32", "bf16"))
         _choice("train.activation_checkpointing", self.train.activation_checkpointing, ("off", "full", "every_n"))
         _choice("train.nan_policy", self.train.nan_policy, ("stop", "skip"))

@@ -9,8 +9,16 @@ import torch
 from pretrain.config import OptimConfig
 
 
-def build_optimizer(modules: list[torch.nn.Module], ocfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW; no weight decay on vectors (norm weights, biases) or embeddings."""
+def build_optimizer(modules: list[torch.nn.Module], ocfg: OptimConfig, log=None) -> torch.optim.Optimizer:
+    """AdamW (no weight decay on vectors or embeddings), or Muon for the weight matrices with
+    AdamW for the rest (``optim.name``); ``log(str)`` receives Muon's parameter split."""
+    if ocfg.name == "muon":
+        from parallel.muon import build_muon
+
+        optimizer, names = build_muon(modules, ocfg)
+        if log is not None:
+            log(muon_split_summary(names))
+        return optimizer
     decay, no_decay, seen = [], [], set()
     for module in modules:
         for name, p in module.named_parameters():
@@ -22,6 +30,15 @@ def build_optimizer(modules: list[torch.nn.Module], ocfg: OptimConfig) -> torch.
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=ocfg.lr, betas=(ocfg.beta1, ocfg.beta2), eps=ocfg.eps,
                              foreach=True)
+
+
+def muon_split_summary(names: dict[str, list[str]]) -> str:
+    """One start-up line per group: which parameters Muon updates and which AdamW does."""
+    lines = [f"optimizer: muon on {len(names['muon'])} matrices, adamw on "
+             f"{len(names['adamw_decay']) + len(names['adamw_no_decay'])} other parameters"]
+    for group, members in names.items():
+        lines.append(f"  {group}: " + (", ".join(members) if members else "-"))
+    return "\n".join(lines)
 
 
 def lr_factor(step: int, total_steps: int, ocfg: OptimConfig) -> float:

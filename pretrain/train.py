@@ -171,7 +171,8 @@ def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
     if init_weights is not None:  # before the optimizer: an engine copies the weights it starts from
         for part in pm.parts:
             ckpt.load_model_weights(init_weights, part)
-    optimizer = build_optimizer(pm.parts, cfg.optim)
+    optimizer = build_optimizer(pm.parts, cfg.optim,
+                                log=(lambda s: print(s, file=sys.stderr)) if world.is_main else None)
     engine = hasattr(pm, "attach_optimizer")  # DeepSpeed: the engine owns step and optimizer state
     if engine:
         optimizer = pm.attach_optimizer(optimizer)
