@@ -149,12 +149,19 @@ def _assign_owners(mats: list[_Matrix]) -> None:
             m.owner = dict(zip(dims, slot))
 
 
+SENT_BYTES = [0]  # bytes this process sent to other ranks for orthogonalisation (benchmarks)
+
+
 def _all_to_all(send: list[list[torch.Tensor]], recv_sizes: list[int], group) -> torch.Tensor:
-    """Exchange flat buffers: ``send[j]`` goes to group rank j; returns all received, source-major."""
-    pieces = [t.reshape(-1) for dest in send for t in dest]
+    """Exchange flat fp32 buffers: ``send[j]`` goes to group rank j; returns all received,
+    source-major."""
+    pieces = [t.reshape(-1).float() for dest in send for t in dest]
     inp = torch.cat(pieces) if pieces else torch.empty(0)
     out = torch.empty(sum(recv_sizes), dtype=inp.dtype)
-    dist.all_to_all_single(out, inp.float(), recv_sizes, [sum(t.numel() for t in d) for d in send], group=group)
+    send_sizes = [sum(t.numel() for t in d) for d in send]
+    me = dist.get_rank(group)
+    SENT_BYTES[0] += 4 * (sum(send_sizes) - send_sizes[me])
+    dist.all_to_all_single(out, inp, recv_sizes, send_sizes, group=group)
     return out
 
 
