@@ -40,7 +40,7 @@ def exchange_check() -> dict:
             for p, f in zip(params, fulls):
                 want = distribute_tensor(newton_schulz(f), mesh, placements).to_local()
                 worst = max(worst, float((out[p] - want).abs().max()) if want.numel() else 0.0)
-                if any(pl.is_shard() for pl in placements) and p.to_local().numel():
+                if p.ndim == 2 and any(pl.is_shard() for pl in placements) and p.to_local().numel():
                     local = p.to_local()
                     control = min(control, float((newton_schulz(local) - want).abs().max()))
     return {"max_diff": worst, "per_shard_diff": control}
