@@ -19,9 +19,9 @@ the file.
 The file is never deleted (deleting it would let a second run lock a new file while the
 first still holds the old one). It holds the holder's details as JSON: host, pid, SLURM
 job, torchrun run id, start time. A filesystem that refuses POSIX locks (``ENOLCK``: NFS
-without a lock manager; ``ENOSYS``: Lustre without ``-o flock``) gets a warning and no
-protection; one whose locks are node-local (Lustre ``-o localflock``, BeeGFS without
-global locks) cannot be detected from here.
+without a reachable lock manager; ``ENOSYS``: Lustre mounted ``noflock``) gets a warning
+and no protection; one whose locks are node-local (NFS mounted ``nolock``, Lustre
+``-o localflock``, BeeGFS without global file locks) cannot be detected from here.
 """
 
 from __future__ import annotations

@@ -122,7 +122,7 @@ def test_kill9_holder_then_immediate_resume(tiny_dataset, tmp_path):
         if holder.poll() is None:
             holder.kill()
     assert not run_lock.is_locked(run)
-    p = _run([*args, "--checkpoint.resume=auto", "--checkpoint.lock_wait_s=0"])
+    p = _run([*args, "--checkpoint.resume=auto", "--checkpoint.lock_wait_s=0", "--logging.progress=plain"])
     assert p.returncode == 0, p.stderr[-2000:]
     assert "resumed from" in p.stdout and "step_2" in p.stdout
     assert _steps(run) == [1, 2, 3, 4, 5, 6]
@@ -167,7 +167,7 @@ def test_requeued_resume_waits_for_the_holder(tiny_dataset, tmp_path):
     lock = _hold(run)
     p = _popen(["pretrain", "train", "tiny", *tiny_overrides(tiny_dataset, run, **{
         "train.steps": 5, "train.eval_batches": 1, "checkpoint.resume": "auto",
-        "checkpoint.lock_wait_s": 120})])
+        "checkpoint.lock_wait_s": 120, "logging.progress": "plain"})])
     try:
         before = _snapshot(run)
         _read_until(p.stderr, "waiting up to 120s", 120)
@@ -203,7 +203,8 @@ def test_torchrun_ranks_all_learn_the_refusal_and_the_wait(tiny_dataset, tmp_pat
         err = _error_lines(p.stderr)
         assert len(err) == 1 and "[rank 0]" in err[0] and f"pid {os.getpid()}" in err[0], p.stderr[-3000:]
         assert _snapshot(run) == before and time.time() - t0 < 120
-        w = _popen([*torchrun, "--checkpoint.resume=auto", "--checkpoint.lock_wait_s=120"])
+        w = _popen([*torchrun, "--checkpoint.resume=auto", "--checkpoint.lock_wait_s=120",
+                    "--logging.progress=plain"])
         try:
             _read_until(w.stderr, "waiting up to 120s", 150)
             time.sleep(1.5)  # several polls: every rank stays in step with rank 0's attempts
