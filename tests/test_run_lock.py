@@ -260,3 +260,41 @@ def test_one_process_cannot_lock_twice_and_keeps_its_lock(tmp_path):
     finally:
         lock.release()
     assert not run_lock.is_locked(run)
+
+
+def test_slurm_submit_and_sweep_arrays_skip_a_held_directory(tmp_path, capsys):
+    """`launch slurm` refuses to submit onto a held run dir (writing nothing) unless a
+    --dependency orders the jobs; a SLURM sweep leaves a held point out of its arrays."""
+    import yaml
+
+    from pretrain import cli
+
+    run = tmp_path / "run"
+    lock = _hold(run)
+    try:
+        before = _snapshot(run)
+        argv = ["launch", "slurm", "--nodes=1", "tiny", f"--logging.run_dir={run}"]
+        assert cli.main(argv) == 2
+        err = _error_lines(capsys.readouterr().err)
+        assert len(err) == 1 and str(run) in err[0] and f"pid {os.getpid()}" in err[0]
+        assert _snapshot(run) == before
+        # ordered after the holder: accepted (here it then fails for want of sbatch)
+        assert cli.main([*argv[:3], "--sbatch=--dependency=afterany:1", *argv[3:]]) == 2
+        assert "in use" not in capsys.readouterr().err
+
+        out = tmp_path / "sweep"
+        sweep = {"base": "tiny", "out": str(out), "axes": {"arch": {"a": {}, "b": {}}},
+                 "slurm": ["--partition=gpu"]}
+        (tmp_path / "s.yaml").write_text(yaml.safe_dump(sweep))
+        lock_b = _hold(out / "runs" / "b")
+        try:
+            assert cli.main(["scale-test", str(tmp_path / "s.yaml"), "--runner", "slurm", "--dry-run"]) == 0
+        finally:
+            lock_b.release()
+        text = capsys.readouterr().out
+        assert "b: skipped" in text and "in use by another run" in text
+        assert (out / "runs" / "a" / "slurm" / "point.sbatch").is_file()
+        assert not (out / "runs" / "b" / "slurm").exists()
+        assert "--array=0-0" in (out / "slurm" / "array-n1x1.sbatch").read_text()
+    finally:
+        lock.release()
