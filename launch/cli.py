@@ -62,6 +62,8 @@ def main(argv: list[str]) -> int:
         if nproc < 1:
             raise UserError(f"--nproc: must be >= 1, got {args.nproc}")
         job.check_world(nproc)
+        if not args.dry_run:
+            job.check_run_dir_free()
         return local.run(job, nproc, args.dry_run, common.parse_env(args.env))
     if args.launcher == "slurm":
         from launch import slurm
@@ -72,9 +74,13 @@ def main(argv: list[str]) -> int:
                             "checkpoint (auto); use --checkpoint.init_from=PATH to start from other weights")
         if args.nodes >= 1:
             job.check_world(args.nodes * (args.nproc_per_node or args.gpus_per_node or 1))
+        if not args.dry_run and not any(o.startswith("--dependency") for o in args.sbatch):
+            job.check_run_dir_free(wait=False)  # a double submit; --dependency orders the jobs
         return slurm.run(args, job, common.parse_env(args.env))
     from launch import deepspeed
 
     if not (args.include or args.exclude):
         job.check_world(sum(slots for _, slots in deepspeed.read_hostfile(args.hostfile)))
+    if not args.dry_run:
+        job.check_run_dir_free()
     return deepspeed.run(args, job)

@@ -37,6 +37,15 @@ class TrainJob:
     preempt_grace_s: float
     dp_engine: str
     parallel: object = None  # the config's ParallelConfig, to check the layout against a world size
+    resume: str = "off"  # checkpoint.resume
+    lock_wait_s: float = 0.0  # checkpoint.lock_wait_s
+
+    def check_run_dir_free(self, wait: bool = True) -> None:
+        """Refuse, before anything is written, to start on a run dir a live run holds;
+        with resume=auto (and ``wait``) first wait up to checkpoint.lock_wait_s for it to exit."""
+        from pretrain.run_lock import wait_until_free
+
+        wait_until_free(self.run_dir, self.lock_wait_s if wait and self.resume == "auto" else 0.0)
 
     def check_world(self, world_size: int) -> None:
         """Reject a ``parallel.*`` layout that cannot fill ``world_size`` processes, before launching."""
@@ -74,7 +83,7 @@ def parse_train_args(config: str | None, overrides: list[str]) -> TrainJob:
     if not run_dir.is_absolute():
         run_dir = workdir / run_dir
     return TrainJob(str(path), list(overrides), run_dir, workdir, cfg.train.preempt_grace_s,
-                    cfg.parallel.dp_engine, cfg.parallel)
+                    cfg.parallel.dp_engine, cfg.parallel, cfg.checkpoint.resume, cfg.checkpoint.lock_wait_s)
 
 
 def parse_env(items: list[str]) -> dict[str, str]:

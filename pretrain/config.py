@@ -7,6 +7,7 @@ work starts, with a message naming the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -84,6 +85,7 @@ class CheckpointConfig:
     keep: int = 3
     resume: str = "off"  # off | auto | <path to a step_N directory>
     init_from: str = ""  # weights only (e.g. an imported HF model or an upcycled MoE)
+    lock_wait_s: float = 120.0  # resume=auto: seconds to wait for a live run holding the run dir to exit
 
 
 @dataclass
@@ -142,6 +144,8 @@ class Config:
             raise UserError("parallel.dp_shard: must be >= 1, or -1 for the rest of the world")
         if not (0.0 < self.optim.decay_fraction <= 1.0):
             raise UserError("optim.decay_fraction: must be in (0, 1]")
+        if not (math.isfinite(self.checkpoint.lock_wait_s) and self.checkpoint.lock_wait_s >= 0):
+            raise UserError(f"checkpoint.lock_wait_s: must be a finite number >= 0, got {self.checkpoint.lock_wait_s}")
         for i, src in enumerate(self.data.mixture):
             if src.weight <= 0:
                 raise UserError(f"data.mixture[{i}].weight: must be positive")

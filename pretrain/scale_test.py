@@ -37,6 +37,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pretrain import run_lock
 from pretrain.errors import UserError
 
 RESERVED = ("nproc", "nodes")  # point keys that are not config overrides
@@ -254,6 +255,8 @@ def run_local(sweep: Sweep, points: list[tuple[Point, object]], quiet: bool,
 
     failed = []
     for i, (point, cfg) in enumerate(points, 1):
+        if busy_elsewhere(point, cfg, f"[{i}/{len(points)}] "):
+            continue
         print(f"[{i}/{len(points)}] {point.name}: training ({point.nproc * point.nodes} process(es))",
               flush=True)
         if point.nodes > 1:
@@ -276,10 +279,26 @@ def run_local(sweep: Sweep, points: list[tuple[Point, object]], quiet: bool,
             with open(log, "a") as f:
                 code = subprocess.run(cmd, stdout=f if quiet else None, stderr=subprocess.STDOUT
                                       if quiet else None).returncode
-        if code != 0:
+        if code == 2 and run_lock.is_locked(point.run_dir):  # another sweep started it first
+            print(f"  {point.name} skipped: {point.run_dir} is in use by another run "
+                  f"({run_lock.describe(run_lock.read_holder(point.run_dir))})", flush=True)
+        elif code != 0:
             print(f"  {point.name} failed (status {code})", flush=True)
             failed.append(point.name)
     return failed
+
+
+def busy_elsewhere(point: Point, cfg, prefix: str = "") -> bool:
+    """True (with a message) if another run, e.g. a second sweep on the same directory, is
+    training ``point`` now or finished it since this sweep started: skip it, it is not failed."""
+    if run_lock.is_locked(point.run_dir):
+        print(f"{prefix}{point.name}: skipped, {point.run_dir} is in use by another run "
+              f"({run_lock.describe(run_lock.read_holder(point.run_dir))})", flush=True)
+        return True
+    if is_done(point, cfg.train.steps):
+        print(f"{prefix}{point.name}: finished meanwhile by another run", flush=True)
+        return True
+    return False
 
 
 def _train_in_process(cfg) -> int:
@@ -315,6 +334,9 @@ def run_slurm(sweep: Sweep, points: list[tuple[Point, object]], dry_run: bool) -
                             f"{' '.join(sweep.slurm)}") from None
         env = common.parse_env(args.env)
         scripts = []
+        members = [(point, cfg) for point, cfg in members if not busy_elsewhere(point, cfg)]
+        if not members:
+            continue
         for point, cfg in members:
             cfg_path = write_point_config(cfg, point, sweep).resolve()
             job = common.parse_train_args(str(cfg_path), [])

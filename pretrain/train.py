@@ -25,6 +25,7 @@ from pretrain.flops import device_peak_flops, train_flops_per_token
 from pretrain.metrics import MetricsWriter, Progress
 from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.resilience import PreemptionFlag, Watchdog
+from pretrain.run_lock import hold_run_dir
 
 
 class Preempted(Exception):
@@ -116,7 +117,10 @@ def train(cfg: Config) -> dict:
     try:
         world = parallel.init_world(cfg.parallel)
         try:
-            return _train(cfg, world, flag)
+            # one live run per run dir: rank 0 locks it before anything is written
+            lock_wait = cfg.checkpoint.lock_wait_s if cfg.checkpoint.resume == "auto" else 0.0
+            with hold_run_dir(Path(cfg.logging.run_dir), lock_wait, world):
+                return _train(cfg, world, flag)
         finally:
             parallel.shutdown_world(world)
     finally:
@@ -335,7 +339,7 @@ def train_main(cfg: Config) -> int:
             raise
         code = EXIT_USER_ERROR if isinstance(e, (UserError, ConfigError)) else 1
         _record_status(rank, code)
-        if code == EXIT_USER_ERROR:
+        if code == EXIT_USER_ERROR and (rank == 0 or not getattr(e, "rank0_reports", False)):
             print(f"error: [rank {rank}] {e}", file=sys.stderr, flush=True)
         else:
             traceback.print_exc()

@@ -135,3 +135,42 @@ def test_bad_sweep_one_line(tmp_path, capsys, text, needle):
     assert cli.main(["scale-test", str(path)]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and needle in err[0], err
+
+
+@pytest.mark.timeout(300)
+def test_two_sweeps_on_one_directory_never_run_a_point_twice(tiny_dataset, tmp_path, capsys):
+    """Sweep A (a process) pauses in its first point; sweep B skips that point (locked) and
+    trains the other; A then finds the other finished. Every point ran once, metrics unique."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+    from pretrain import run_lock
+
+    path = write_sweep(tmp_path, tiny_dataset, {"tokens": [768, 1024]})
+    runs = tmp_path / "sweep" / "runs"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PRETRAIN_FAULT="hang_at_step:2",
+               PRETRAIN_FAULT_HANG_S="8")
+    a = subprocess.Popen([sys.executable, "-m", "pretrain", "scale-test", str(path), "--in-process"],
+                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while not run_lock.is_locked(runs / "t768"):
+            assert a.poll() is None and time.time() < deadline, a.communicate()[0][-2000:]
+            time.sleep(0.2)
+        assert cli.main(["scale-test", str(path), "--in-process"]) == 0
+        out_b = capsys.readouterr().out
+        out_a = a.communicate(timeout=200)[0]
+    finally:
+        if a.poll() is None:
+            a.kill()
+    assert a.returncode == 0, out_a[-2000:]
+    assert "t768: skipped" in out_b and "in use by another run" in out_b and "t1024: training" in out_b
+    assert "t768: training" in out_a and "t1024: training" not in out_a, out_a[-2000:]
+    assert "t1024: skipped" in out_a or "t1024: finished meanwhile" in out_a, out_a[-2000:]
+    for name, steps in (("t768", 3), ("t1024", 4)):
+        recs = [json.loads(line) for line in (runs / name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in recs] == list(range(1, steps + 1)), name
+        assert json.loads((runs / name / "summary.json").read_text())["steps"] == steps
