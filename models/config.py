@@ -66,7 +66,7 @@ class MoEConfig:
 class ModelConfig:
     vocab_size: int = spec(32000, ge=1)
     d_model: int = spec(256, ge=1)
-    n_layers: int = spec(4, ge=1)
+    n_layers: int = spec(4, ge=1, le=10_000)  # (the stack is built as pattern * n_layers)
     pattern: str = spec("*-", nonempty=True)
     n_heads: int = spec(8, ge=1)
     n_kv_heads: int = spec(0, ge=0, note="0: same as n_heads")
