@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from launch import common
+from pretrain import cliargs
+from pretrain.cliargs import Parser, integer
 from pretrain.errors import UserError
 
 EPILOG = """The --section.key=value overrides are passed to `pretrain train` unchanged. Exit
@@ -12,9 +14,7 @@ status: training's (0 done, 2 bad input, 3 stopped after a preemption signal, wi
 checkpoint saved when a step boundary came within train.preempt_grace_s)."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, like every other verb
-        raise UserError(f"{self.prog}: {message}")
+_Parser = Parser  # one line, exit 2, like every other verb
 
 
 def parser() -> argparse.ArgumentParser:
@@ -27,11 +27,11 @@ def parser() -> argparse.ArgumentParser:
                             allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
         sp.error = p.error
         add_args(sp)
-        sp.add_argument("config", metavar="CONFIG", nargs="?", help="YAML file or preset name")
+        sp.add_argument("config", metavar="CONFIG", nargs="?", type=cliargs.name(), help="YAML file or preset name")
         return sp
 
     def local_args(sp):
-        sp.add_argument("--nproc", type=int, default=0,
+        sp.add_argument("--nproc", type=integer(ge=0, note="0: the number of GPUs, or 1"), default=0,
                         help="processes on this machine (default: the number of GPUs, or 1)")
         sp.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="environment variable for the workers (repeatable)")

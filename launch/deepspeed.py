@@ -28,11 +28,13 @@ _HOST_LINE = re.compile(r"^([A-Za-z0-9_.:\-\[\]]+)\s+slots=(\d+)\s*$")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--hostfile", required=True, help="lines of '<host> slots=<processes>'")
-    p.add_argument("--include", help="DeepSpeed resource filter, e.g. 'worker-0@worker-1:0,2'")
-    p.add_argument("--exclude", help="DeepSpeed resource filter")
-    p.add_argument("--master-addr", help="address of the first host (default: DeepSpeed's choice)")
-    p.add_argument("--master-port", type=int, default=29500)
+    from pretrain.cliargs import integer, name, path
+
+    p.add_argument("--hostfile", required=True, type=path(exists=True), help="lines of '<host> slots=<processes>'")
+    p.add_argument("--include", type=name(), help="DeepSpeed resource filter, e.g. 'worker-0@worker-1:0,2'")
+    p.add_argument("--exclude", type=name(), help="DeepSpeed resource filter")
+    p.add_argument("--master-addr", type=name(), help="address of the first host (default: DeepSpeed's choice)")
+    p.add_argument("--master-port", type=integer(ge=1, le=65535), default=29500)
     p.add_argument("--dry-run", action="store_true", help="print the command; run nothing")
 
 

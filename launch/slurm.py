@@ -60,21 +60,23 @@ NODE_PROGRAM = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--nodes", type=int, required=True, help="number of nodes")
-    p.add_argument("--gpus-per-node", type=int, default=0,
+    from pretrain.cliargs import integer, name
+
+    p.add_argument("--nodes", type=integer(ge=1), required=True, help="number of nodes")
+    p.add_argument("--gpus-per-node", type=integer(ge=0), default=0,
                    help="GPUs per node (one training process per GPU); 0 for CPU nodes")
-    p.add_argument("--nproc-per-node", type=int, default=0,
+    p.add_argument("--nproc-per-node", type=integer(ge=0), default=0,
                    help="training processes per node (default: --gpus-per-node, or 1 on CPU nodes)")
-    p.add_argument("--partition")
-    p.add_argument("--account")
-    p.add_argument("--time", help="time limit, e.g. 2-00:00:00")
-    p.add_argument("--qos")
-    p.add_argument("--constraint")
+    p.add_argument("--partition", type=name())
+    p.add_argument("--account", type=name())
+    p.add_argument("--time", type=name(), help="time limit, e.g. 2-00:00:00")
+    p.add_argument("--qos", type=name())
+    p.add_argument("--constraint", type=name())
     p.add_argument("--exclusive", action="store_true")
-    p.add_argument("--cpus-per-task", type=int, default=0, help="CPUs for each node's task")
-    p.add_argument("--mem", help="memory per node, e.g. 0 (all) or 500G")
-    p.add_argument("--job-name", help="default: pretrain-<run directory name>")
-    p.add_argument("--grace", type=int, default=180,
+    p.add_argument("--cpus-per-task", type=integer(ge=0), default=0, help="CPUs for each node's task")
+    p.add_argument("--mem", type=name(), help="memory per node, e.g. 0 (all) or 500G")
+    p.add_argument("--job-name", type=name(), help="default: pretrain-<run directory name>")
+    p.add_argument("--grace", type=integer(ge=0), default=180,
                    help="seconds before the time limit (or at preemption) that SIGUSR1 asks "
                         "training to checkpoint and stop (default 180)")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",

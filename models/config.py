@@ -10,27 +10,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from models.fields import ConfigError, check_fields, spec  # noqa: F401  (ConfigError re-exported)
+
 SUBLAYER_SYMBOLS = {"*": "attention", "-": "mlp", "M": "mamba", "E": "moe", "P": "hybrid"}
 STAGE_BOUNDARY = "|"
 
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the key and what is allowed."""
-
-
 @dataclass
 class MambaConfig:
-    d_state: int = 128
-    head_dim: int = 64
-    n_groups: int = 1
-    d_conv: int = 4
-    expand: int = 2
-    chunk_size: int = 256
-    dt_min: float = 0.001
-    dt_max: float = 0.1
-    dt_init_floor: float = 1e-4
-    dt_limit: tuple[float, float] = (0.0, float("inf"))
-    A_init_range: tuple[float, float] = (1.0, 16.0)
+    d_state: int = spec(128, ge=1)
+    head_dim: int = spec(64, ge=1)
+    n_groups: int = spec(1, ge=1)
+    d_conv: int = spec(4, ge=1)
+    expand: int = spec(2, ge=1)
+    chunk_size: int = spec(256, ge=1)
+    dt_min: float = spec(0.001, gt=0)
+    dt_max: float = spec(0.1, gt=0)
+    dt_init_floor: float = spec(1e-4, ge=0)
+    dt_limit: tuple[float, float] = spec((0.0, float("inf")), ge=0, allow_inf=True)  # (low, high) clamp of dt
+    A_init_range: tuple[float, float] = spec((1.0, 16.0), gt=0)
     conv_bias: bool = True
     # Reset the SSM state at document boundaries of packed sequences.
     doc_reset: bool = True
@@ -40,51 +38,51 @@ class MambaConfig:
 class HybridHeadsConfig:
     """Falcon-H1-style mixer ``P``: attention and Mamba-2 heads side by side."""
 
-    n_attn_heads: int = 4
-    n_mamba_heads: int = 4
+    n_attn_heads: int = spec(4, ge=1)
+    n_mamba_heads: int = spec(4, ge=1)
 
 
 @dataclass
 class MoEConfig:
-    n_experts: int = 8
-    top_k: int = 2
-    ffn_hidden: int = 0  # 0: same as the dense MLP
-    score_fn: str = "softmax"  # softmax | sigmoid
+    n_experts: int = spec(8, ge=1)
+    top_k: int = spec(2, ge=1)
+    ffn_hidden: int = spec(0, ge=0, note="0: same as the dense MLP")  # 0: same as the dense MLP
+    score_fn: str = spec("softmax", choices=("softmax", "sigmoid"))
     renormalize: bool = True
-    n_groups: int = 1  # group-limited routing: experts split into groups
-    topk_groups: int = 1
-    aux_loss_coef: float = 1e-2
-    z_loss_coef: float = 1e-3
-    bias_update_rate: float = 0.0  # >0 enables DeepSeek-V3 aux-loss-free balancing
-    n_shared_experts: int = 0
+    n_groups: int = spec(1, ge=1)  # group-limited routing: experts split into groups
+    topk_groups: int = spec(1, ge=1)
+    aux_loss_coef: float = spec(1e-2, ge=0)
+    z_loss_coef: float = spec(1e-3, ge=0)
+    bias_update_rate: float = spec(0.0, ge=0)  # >0 enables DeepSeek-V3 aux-loss-free balancing
+    n_shared_experts: int = spec(0, ge=0)
     shared_expert_gate: bool = False
-    capacity_factor: float = 0.0  # 0: dropless
-    drop_policy: str = "probs"  # probs | position
+    capacity_factor: float = spec(0.0, ge=0, note="0: dropless")  # 0: dropless
+    drop_policy: str = spec("probs", choices=("probs", "position"))
     router_bias: bool = False
-    expert_impl: str = "auto"  # auto | grouped_mm | loop | bmm (see models/moe_experts.py)
+    expert_impl: str = spec("auto", choices=("auto", "grouped_mm", "loop", "bmm"))  # see models/moe_experts.py
 
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 32000
-    d_model: int = 256
-    n_layers: int = 4
-    pattern: str = "*-"
-    n_heads: int = 8
-    n_kv_heads: int = 0  # 0: same as n_heads
-    head_dim: int = 0  # 0: d_model // n_heads
-    ffn_hidden: int = 0  # 0: 8/3 * d_model rounded up to ffn_multiple_of
-    ffn_multiple_of: int = 64
-    max_seq_len: int = 2048
-    position: str = "rope"  # rope | none
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    norm: str = "pre"  # pre | peri (Peri-LN: also a norm on each sublayer output)
+    vocab_size: int = spec(32000, ge=1)
+    d_model: int = spec(256, ge=1)
+    n_layers: int = spec(4, ge=1, le=10_000)  # (the stack is built as pattern * n_layers)
+    pattern: str = spec("*-", nonempty=True)
+    n_heads: int = spec(8, ge=1)
+    n_kv_heads: int = spec(0, ge=0, note="0: same as n_heads")
+    head_dim: int = spec(0, ge=0, note="0: d_model // n_heads")
+    ffn_hidden: int = spec(0, ge=0, note="0: from d_model")  # 0: 8/3 * d_model rounded up to ffn_multiple_of
+    ffn_multiple_of: int = spec(64, ge=1)
+    max_seq_len: int = spec(2048, ge=1)
+    position: str = spec("rope", choices=("rope", "none"))
+    rope_theta: float = spec(10000.0, gt=0)
+    norm_eps: float = spec(1e-5, gt=0)
+    norm: str = spec("pre", choices=("pre", "peri"))  # peri (Peri-LN: also a norm on each sublayer output)
     tie_embeddings: bool = False
-    residual: str = "standard"  # standard | ladder | parallel
-    ladder_from: int = 0  # ladder from this sublayer index on
+    residual: str = spec("standard", choices=("standard", "ladder", "parallel"))
+    ladder_from: int = spec(0, ge=0)  # ladder from this sublayer index on
     doc_mask: bool = True  # packed documents do not attend across EOS
-    init_std: float = 0.02
+    init_std: float = spec(0.02, gt=0)
     depth_scaled_init: bool = True
     qkv_bias: bool = False
     mamba: MambaConfig = field(default_factory=MambaConfig)
@@ -137,14 +135,11 @@ class ModelConfig:
             if not cond:
                 raise ConfigError(f"model.{key}: {msg}")
 
-        need(self.vocab_size > 0, "vocab_size", f"must be positive, got {self.vocab_size}")
-        need(self.d_model > 0, "d_model", f"must be positive, got {self.d_model}")
-        need(self.n_layers > 0, "n_layers", f"must be positive, got {self.n_layers}")
+        check_fields(self, "model")  # each field's declared range; below: rules across fields
         bad = sorted({c for c in self.pattern if c not in SUBLAYER_SYMBOLS and c != STAGE_BOUNDARY})
         need(not bad, "pattern", f"unknown symbol(s) {bad}; allowed: "
              + ", ".join(f"'{k}' {v}" for k, v in SUBLAYER_SYMBOLS.items()) + ", '|' stage boundary")
         need(self.n_sublayers > 0, "pattern", "must contain at least one sublayer")
-        need(self.n_heads > 0, "n_heads", f"must be positive, got {self.n_heads}")
         if not self.head_dim:
             need(self.d_model % self.n_heads == 0, "n_heads",
                  f"{self.n_heads} heads do not divide d_model={self.d_model} (or set model.head_dim)")
@@ -152,19 +147,15 @@ class ModelConfig:
              f"head dim {self.dim_head} must be even for RoPE")
         need(0 < self.kv_heads <= self.n_heads and self.n_heads % self.kv_heads == 0, "n_kv_heads",
              f"{self.kv_heads} KV heads must divide n_heads={self.n_heads}")
-        need(self.position in ("rope", "none"), "position", f"'{self.position}' not in rope|none")
-        need(self.norm in ("pre", "peri"), "norm", f"'{self.norm}' not in pre|peri")
-        need(self.residual in ("standard", "ladder", "parallel"), "residual",
-             f"'{self.residual}' not in standard|ladder|parallel")
         need(0 <= self.ladder_from < max(self.n_sublayers, 1), "ladder_from",
              f"{self.ladder_from} outside 0..{self.n_sublayers - 1}")
-        need(self.max_seq_len > 0, "max_seq_len", "must be positive")
         kinds = set(self.sublayer_kinds)
+        mc = self.mamba
         if "mamba" in kinds or "hybrid" in kinds:
-            mc = self.mamba
-            need(mc.chunk_size > 0, "mamba.chunk_size", "must be positive")
-            need(mc.d_conv >= 1, "mamba.d_conv", "must be >= 1")
-            need(mc.n_groups >= 1, "mamba.n_groups", "must be >= 1")
+            need(mc.dt_min <= mc.dt_max, "mamba.dt_min", f"{mc.dt_min} exceeds mamba.dt_max={mc.dt_max}")
+            for name in ("dt_limit", "A_init_range"):
+                lo, hi = getattr(mc, name)
+                need(lo <= hi, f"mamba.{name}", f"low end {lo} exceeds high end {hi}")
         if "mamba" in kinds:
             d_inner = mc.expand * self.d_model
             need(d_inner % mc.head_dim == 0, "mamba.head_dim",
@@ -174,25 +165,16 @@ class ModelConfig:
                  f"{mc.n_groups} groups do not divide {n_heads} Mamba heads")
         if "hybrid" in kinds:
             hc = self.hybrid
-            need(hc.n_attn_heads >= 1, "hybrid.n_attn_heads", "must be >= 1")
-            need(hc.n_mamba_heads >= 1, "hybrid.n_mamba_heads", "must be >= 1")
             need(hc.n_mamba_heads % mc.n_groups == 0, "mamba.n_groups",
                  f"{mc.n_groups} groups do not divide hybrid.n_mamba_heads={hc.n_mamba_heads}")
         if "moe" in kinds:
             m = self.moe
-            need(m.n_experts >= 1, "moe.n_experts", "must be >= 1")
             need(1 <= m.top_k <= m.n_experts, "moe.top_k", f"must be in 1..{m.n_experts}")
-            need(m.score_fn in ("softmax", "sigmoid"), "moe.score_fn", f"'{m.score_fn}' not in softmax|sigmoid")
-            need(m.n_groups >= 1, "moe.n_groups", "must be >= 1")
             need(m.n_experts % m.n_groups == 0, "moe.n_groups",
                  f"{m.n_groups} groups do not divide {m.n_experts} experts")
             need(1 <= m.topk_groups <= m.n_groups, "moe.topk_groups", f"must be in 1..{m.n_groups}")
             need(m.top_k <= m.topk_groups * (m.n_experts // m.n_groups), "moe.top_k",
                  f"{m.top_k} exceeds the {m.topk_groups * (m.n_experts // m.n_groups)} experts in topk_groups groups")
-            need(m.drop_policy in ("probs", "position"), "moe.drop_policy", "not in probs|position")
-            need(m.capacity_factor >= 0, "moe.capacity_factor", "must be >= 0 (0 = dropless)")
-            need(m.expert_impl in ("auto", "grouped_mm", "loop", "bmm"), "moe.expert_impl",
-                 f"'{m.expert_impl}' not in auto|grouped_mm|loop|bmm")
         if self.residual == "parallel":
             need(all(c in "*-|" for c in self.pattern) and "*-" in self.full_pattern.replace("|", ""),
                  "residual", "'parallel' needs a pattern of attention+MLP pairs ('*-')")

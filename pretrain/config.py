@@ -7,7 +7,7 @@ work starts, with a message naming the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 import os
 import types
 import typing
@@ -18,81 +18,82 @@ from typing import Any
 import yaml
 
 from models.config import ConfigError, ModelConfig
+from models.fields import check_fields, spec
 from parallel.config import ParallelConfig
 from pretrain.errors import UserError
 
 
 @dataclass
 class DatasetSource:
-    path: str = ""  # local MDS directory (holding train/ and val/) or remote URL (s3://, gs://, ...)
-    weight: float = 1.0
+    path: str = spec("", path="required")  # local MDS directory (holding train/ and val/) or remote URL (s3://, gs://, ...)
+    weight: float = spec(1.0, gt=0)
 
 
 @dataclass
 class DataConfig:
-    path: str = ""  # one dataset (shorthand for a one-entry mixture)
+    path: str = spec("", path="optional")  # one dataset (shorthand for a one-entry mixture)
     mixture: list[DatasetSource] = field(default_factory=list)
-    cache_dir: str = ""  # local cache for remote datasets (default: <run_dir>/data_cache)
-    tokenizer: str = ""  # sentencepiece .model (default: <path>/tokenizer.model)
-    seq_len: int = 256
+    cache_dir: str = spec("", path="optional")  # local cache for remote datasets (default: <run_dir>/data_cache)
+    tokenizer: str = spec("", path="optional")  # sentencepiece .model (default: <path>/tokenizer.model)
+    seq_len: int = spec(256, ge=1)
     shuffle: bool = True
-    train_split: str = "train"
-    val_split: str = "val"
+    train_split: str = spec("train", nonempty=True)
+    val_split: str = spec("val", nonempty=True)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    schedule: str = "cosine"  # cosine | wsd | constant
-    warmup_steps: int = 100
-    decay_fraction: float = 0.2  # wsd: fraction of steps spent decaying
-    name: str = "adamw"  # adamw | muon (Muon for weight matrices, AdamW for the rest)
-    muon_momentum: float = 0.95  # Nesterov momentum of the Muon matrices, in [0, 1)
+    lr: float = spec(3e-4, gt=0)
+    min_lr_ratio: float = spec(0.1, ge=0, le=1)
+    weight_decay: float = spec(0.1, ge=0)
+    beta1: float = spec(0.9, ge=0, lt=1)
+    beta2: float = spec(0.95, ge=0, lt=1)
+    eps: float = spec(1e-8, gt=0)
+    grad_clip: float = spec(1.0, ge=0, note="0: no clipping")
+    schedule: str = spec("cosine", choices=("cosine", "wsd", "constant"))
+    warmup_steps: int = spec(100, ge=0)
+    decay_fraction: float = spec(0.2, gt=0, le=1)  # wsd: fraction of steps spent decaying
+    name: str = spec("adamw", choices=("adamw", "muon"))  # Muon for weight matrices, AdamW for the rest
+    muon_momentum: float = spec(0.95, ge=0, lt=1)  # Nesterov momentum of the Muon matrices
     muon_nesterov: bool = True
-    muon_ns_steps: int = 5  # Newton-Schulz iterations, >= 1
-    muon_bucket_mb: float = 256.0  # full fp32 matrices gathered at once per rank, > 0
+    muon_ns_steps: int = spec(5, ge=1, le=100)  # Newton-Schulz iterations
+    muon_bucket_mb: float = spec(256.0, gt=0)  # full fp32 matrices gathered at once per rank
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    global_batch: int = 16  # sequences per optimizer step (all data-parallel ranks)
-    micro_batch: int = 0  # sequences per forward on one rank (0: global_batch / dp)
-    seed: int = 0
-    dtype: str = "fp32"  # fp32 | bf16 (autocast compute)
-    activation_checkpointing: str = "off"  # off | full | every_n
-    ac_every: int = 2
+    steps: int = spec(1000, ge=1)
+    global_batch: int = spec(16, ge=1)  # sequences per optimizer step (all data-parallel ranks)
+    micro_batch: int = spec(0, ge=0, note="0: global_batch / dp")  # sequences per forward on one rank (0: global_batch / dp)
+    seed: int = spec(0, ge=0)
+    dtype: str = spec("fp32", choices=("fp32", "bf16"))  # autocast compute
+    activation_checkpointing: str = spec("off", choices=("off", "full", "every_n"))
+    ac_every: int = spec(2, ge=1)
     compile: bool = False
     deterministic: bool = True
-    eval_every: int = 0  # 0: only at the end
-    eval_batches: int = 8
-    z_loss: float = 0.0
+    eval_every: int = spec(0, ge=0, note="0: only at the end")
+    eval_batches: int = spec(8, ge=1)
+    z_loss: float = spec(0.0, ge=0)
     fused_loss: bool = False  # chunked LM head + cross-entropy (no full logits)
-    kernels: str = "auto"  # auto | reference | triton | vendor (env PRETRAIN_KERNELS wins)
-    nan_policy: str = "stop"  # stop | skip
-    preempt_grace_s: float = 120.0
+    kernels: str = spec("auto", choices=("auto", "reference", "triton", "vendor"))  # env PRETRAIN_KERNELS wins
+    nan_policy: str = spec("stop", choices=("stop", "skip"))
+    preempt_grace_s: float = spec(120.0, ge=0)
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0  # 0: only at the end
-    keep: int = 3
-    resume: str = "off"  # off | auto | <path to a step_N directory>
-    init_from: str = ""  # weights only (e.g. an imported HF model or an upcycled MoE)
-    lock_wait_s: float = 120.0  # resume=auto: seconds to wait for a live run holding the run dir to exit
+    every: int = spec(0, ge=0, note="0: only at the end")
+    keep: int = spec(3, ge=0, note="the newest N checkpoints; 0: keep all")
+    resume: str = spec("off", path="required", note="off | auto | a step_N directory")
+    init_from: str = spec("", path="optional")  # weights only (e.g. an imported HF model or an upcycled MoE)
+    lock_wait_s: float = spec(120.0, ge=0)  # resume=auto: seconds to wait for a live run holding the run dir to exit
 
 
 @dataclass
 class LoggingConfig:
-    run_dir: str = "runs/default"
-    log_every: int = 1
-    progress: str = "auto"  # auto | bar | plain | off
+    run_dir: str = spec("runs/default", path="required")  # everything a run writes goes under it
+    log_every: int = spec(1, ge=1)
+    progress: str = spec("auto", choices=("auto", "bar", "plain", "off"))
     tensorboard: bool = False
 
 
@@ -107,48 +108,17 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self) -> None:
+        """Every field against its declaration (``spec(...)`` above), then rules across fields."""
         try:
+            check_fields(self)
             self.model.validate()
         except ConfigError as e:
             raise UserError(str(e)) from None
-        _choice("optim.schedule", self.optim.schedule, ("cosine", "wsd", "constant"))
-        _choice("optim.name", self.optim.name, ("adamw", "muon"))
-        if not 0.0 <= self.optim.muon_momentum < 1.0:
-            raise UserError(f"optim.muon_momentum: {self.optim.muon_momentum} is not in [0, 1)")
-        if self.optim.muon_ns_steps < 1:
-            raise UserError(f"optim.muon_ns_steps: {self.optim.muon_ns_steps} must be >= 1")
-        if not 0.0 < self.optim.muon_bucket_mb < float("inf"):
-            raise UserError(f"optim.muon_bucket_mb: {self.optim.muon_bucket_mb} must be a positive number")
+        if self.data.seq_len > self.model.max_seq_len:
+            raise UserError(f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         if self.optim.name == "muon" and self.parallel.dp_engine == "deepspeed":
             raise UserError("optim.name: muon is not supported with parallel.dp_engine=deepspeed "
                             "(DeepSpeed owns the optimizer step); use the default fsdp engine")
-        _choice("train.dtype", self.train.dtype, ("fp32", "bf16"))
-        _choice("train.activation_checkpointing", self.train.activation_checkpointing, ("off", "full", "every_n"))
-        _choice("train.nan_policy", self.train.nan_policy, ("stop", "skip"))
-        _choice("parallel.pp_schedule", self.parallel.pp_schedule, ("gpipe", "1f1b", "interleaved_1f1b", "zbv"))
-        _choice("parallel.dp_engine", self.parallel.dp_engine, ("fsdp", "deepspeed"))
-        _choice("parallel.mixed_precision", self.parallel.mixed_precision, ("fp32", "bf16"))
-        _choice("logging.progress", self.logging.progress, ("auto", "bar", "plain", "off"))
-        _positive("train.steps", self.train.steps)
-        _positive("train.global_batch", self.train.global_batch)
-        _positive("data.seq_len", self.data.seq_len)
-        _positive("optim.lr", self.optim.lr)
-        if self.train.ac_every < 1:
-            raise UserError("train.ac_every: must be >= 1")
-        if self.data.seq_len > self.model.max_seq_len:
-            raise UserError(f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
-        for k in ("tp", "pp", "dp_replicate", "cp", "ep"):
-            if getattr(self.parallel, k) < 1:
-                raise UserError(f"parallel.{k}: must be >= 1")
-        if self.parallel.dp_shard == 0 or self.parallel.dp_shard < -1:
-            raise UserError("parallel.dp_shard: must be >= 1, or -1 for the rest of the world")
-        if not (0.0 < self.optim.decay_fraction <= 1.0):
-            raise UserError("optim.decay_fraction: must be in (0, 1]")
-        if not (math.isfinite(self.checkpoint.lock_wait_s) and self.checkpoint.lock_wait_s >= 0):
-            raise UserError(f"checkpoint.lock_wait_s: must be a finite number >= 0, got {self.checkpoint.lock_wait_s}")
-        for i, src in enumerate(self.data.mixture):
-            if src.weight <= 0:
-                raise UserError(f"data.mixture[{i}].weight: must be positive")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -160,13 +130,13 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def _positive(key: str, value) -> None:
-    if value <= 0:
+    if not value > 0:  # (NaN too)
         raise UserError(f"{key}: must be positive, got {value}")
 
 
 # ---- YAML: 1.2-style booleans, so `resume: off` stays the string "off" ----------------
 
-class _Loader(yaml.SafeLoader):
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser when present: 6x faster
     pass
 
 
@@ -239,9 +209,12 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     return value
 
 
+_type_hints = functools.lru_cache(maxsize=None)(typing.get_type_hints)
+
+
 def from_dict(cls, data: dict, prefix: str = ""):
     """Build dataclass ``cls`` from a (possibly partial) nested dict."""
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for k, v in data.items():
@@ -258,7 +231,7 @@ def _parse_scalar(text: str) -> Any:
         return ""
     try:
         return yaml_load(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):  # (ValueError: text libyaml cannot encode, e.g. surrogates)
         return text
 
 
@@ -275,8 +248,19 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise UserError(f"override '{ov}': '{k}' is not a section")
-        node[keys[-1]] = _parse_scalar(raw)
+        # a string key takes the text as typed (YAML would turn 0x10 into 16, null into None)
+        node[keys[-1]] = raw if _field_type(Config, keys) is str else _parse_scalar(raw)
     return data
+
+
+def _field_type(cls, keys: list[str]):
+    """The annotation of dotted key ``keys`` in dataclass ``cls`` (None if not a plain field path)."""
+    tp = cls
+    for k in keys:
+        if not dataclasses.is_dataclass(tp):
+            return None
+        tp = _type_hints(tp).get(k)
+    return tp
 
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -301,6 +285,8 @@ def load_yaml(path: str | os.PathLike) -> dict:
         raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: top level must be a mapping")
     base = data.pop("base", None)  # presets may extend another preset

@@ -11,6 +11,7 @@ import torch
 
 from models.transformer import build_model
 from pretrain import checkpoint as ckpt
+from pretrain.cliargs import Parser, integer, name, path
 from pretrain.config import Config, apply_overrides, from_dict, load_yaml
 from pretrain.errors import UserError
 
@@ -28,15 +29,21 @@ def load_for_inference(checkpoint: str, overrides: list[str] | None = None):
     return cfg, model, path
 
 
+def eval_parser() -> Parser:
+    ap = Parser(prog="pretrain eval", description="Held-out loss and perplexity of a checkpoint.")
+    ap.add_argument("--checkpoint", required=True, type=path(exists=True),
+                    help="step_N directory or a run directory (newest)")
+    ap.add_argument("--data", type=path(), help="MDS dataset directory or URL (default: the run's data.path)")
+    ap.add_argument("--split", default=None, type=name(), help="split name (default: data.val_split)")
+    ap.add_argument("--batches", type=integer(ge=1), default=None,
+                    help="number of batches (default: train.eval_batches)")
+    ap.add_argument("--batch-size", type=integer(ge=1), default=8)
+    ap.add_argument("--out", type=path(), help="JSON output (default: <checkpoint>/eval.json)")
+    return ap
+
+
 def eval_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="pretrain eval", description="Held-out loss and perplexity of a checkpoint.")
-    ap.add_argument("--checkpoint", required=True, help="step_N directory or a run directory (newest)")
-    ap.add_argument("--data", help="MDS dataset directory (default: the run's data.path)")
-    ap.add_argument("--split", default=None, help="split name (default: data.val_split)")
-    ap.add_argument("--batches", type=int, default=None, help="number of batches (default: train.eval_batches)")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--out", help="JSON output (default: <checkpoint>/eval.json)")
-    args = ap.parse_args(argv)
+    args = eval_parser().parse_args(argv)
     overrides = [f"--data.path={args.data}", "--data.mixture=[]"] if args.data else []
     cfg, model, path = load_for_inference(args.checkpoint, overrides)
     from pretrain.data.loader import eval_batches

@@ -11,28 +11,34 @@ import json
 import math
 import sys
 
+from pretrain.cliargs import Parser, integer, name
 from pretrain.errors import UserError
 
 GIB = 2**30
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(
+def parser() -> Parser:
+    p = Parser(
         prog="pretrain plan", description=__doc__.split("\n\n")[0],
         epilog="Extra --section.key=value arguments override the config, as for `pretrain train`.")
-    p.add_argument("config", help="YAML config or preset name")
-    p.add_argument("--gpus", type=int, required=True, help="world size (GPUs, or processes for cpu)")
-    p.add_argument("--gpu-type", default="h100", help="h100 | a100 | h200 | b200 | cpu")
-    p.add_argument("--nodes", type=int, default=0, help="nodes the GPUs spread over (default: 8 per node)")
-    p.add_argument("--gpus-per-node", type=int, default=0)
+    p.add_argument("config", type=name(), help="YAML config or preset name")
+    p.add_argument("--gpus", type=integer(ge=1), required=True, help="world size (GPUs, or processes for cpu)")
+    p.add_argument("--gpu-type", default="h100", type=name(), help="h100 | a100 | h200 | b200 | cpu")
+    p.add_argument("--nodes", type=integer(ge=0, note="0: 8 GPUs per node"), default=0,
+                   help="nodes the GPUs spread over (default: 8 per node)")
+    p.add_argument("--gpus-per-node", type=integer(ge=0), default=0)
     p.add_argument("--recipe", default="project", choices=("project", "megatron"),
                    help="storage/overlap model: this trainer (fp32 states) or Megatron-LM's")
-    p.add_argument("--top", type=int, default=10, help="how many ranked layouts to print")
+    p.add_argument("--top", type=integer(ge=1), default=10, help="how many ranked layouts to print")
     p.add_argument("--dry-run", action="store_true",
                    help="build the configured layout on the meta device under a fake process "
                         "group and report exact per-rank parameter counts")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    return p.parse_known_args(argv)
+    return p
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    return parser().parse_known_args(argv)
 
 
 def _gpus_per_node(args) -> int:

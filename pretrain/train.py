@@ -24,6 +24,7 @@ from pretrain.faults import fault_at, maybe_hang, maybe_kill
 from pretrain.flops import device_peak_flops, train_flops_per_token
 from pretrain.metrics import MetricsWriter, Progress
 from pretrain.optim import build_optimizer, build_scheduler
+from pretrain.preflight import check_inputs
 from pretrain.resilience import PreemptionFlag, Watchdog
 from pretrain.run_lock import hold_run_dir
 
@@ -54,11 +55,17 @@ def setup_determinism(cfg: Config) -> None:
 def prepare_run_dir(cfg: Config, world) -> Path:
     """Create the run dir; refuse to silently start over an existing run."""
     run_dir = Path(cfg.logging.run_dir)
+    for p in (run_dir, *run_dir.parents):  # (on every rank, so that none waits at the barrier)
+        if p.exists() and not p.is_dir():
+            raise UserError(f"logging.run_dir: {p} exists and is not a directory")
     if cfg.checkpoint.resume == "off" and ckpt.list_checkpoints(run_dir):
         raise UserError(f"{run_dir} already holds checkpoints: pass --checkpoint.resume=auto "
                         f"to continue it, or choose another --logging.run_dir")
     if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"logging.run_dir: cannot create {run_dir} ({e.strerror})") from None
     world.barrier()
     return run_dir
 
@@ -130,6 +137,7 @@ def train(cfg: Config) -> dict:
 def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
     setup_determinism(cfg)
     setup_kernels(cfg, world.device)
+    check_inputs(cfg)  # before the run directory exists: a missing input leaves nothing behind
     run_dir = prepare_run_dir(cfg, world)
     tcfg = cfg.train
     config_text = yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False)

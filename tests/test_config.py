@@ -39,3 +39,45 @@ def test_bad_yaml(tmp_path):
     p.write_text("model: [unclosed\n")
     with pytest.raises(UserError, match="not valid YAML"):
         load_config(str(p))
+
+
+@pytest.mark.parametrize("override,needle", [
+    # issue #21: NaN passed `value <= 0` and ended in a traceback from AdamW
+    ("--optim.lr=nan", "optim.lr: nan is not allowed; expected a finite number > 0"),
+    # issue #21: an empty run_dir trained into the current directory
+    ("--logging.run_dir=", "logging.run_dir: '' is not allowed; expected a non-empty path"),
+    ("--logging.run_dir=  ", "logging.run_dir: '  ' is not allowed"),
+    # issue #21: -1 silently meant "keep all"
+    ("--checkpoint.keep=-1", "checkpoint.keep: -1 is not allowed; expected an integer >= 0 (the newest N "
+                             "checkpoints; 0: keep all)"),
+    ("--optim.beta2=1.0", "optim.beta2: 1.0 is not allowed; expected a finite number >= 0 and < 1"),
+    ("--train.steps=99999999999999999999", "train.steps: 99999999999999999999 is not allowed"),
+    ("--model.n_layers=1000000000000", "model.n_layers: 1000000000000 is not allowed"),
+    ("--parallel.dp_shard=0", "expected an integer >= 1 or -1 (-1: the rest of the world)"),
+    ("--train.kernels=cuda", "train.kernels: 'cuda' is not one of auto, reference, triton, vendor"),
+    ("--model.mamba.dt_limit=[0, nan]", "model.mamba.dt_limit[1]: nan is not allowed"),
+    ("--data.mixture=[{path: ' ', weight: 1}]", "data.mixture[0].path: ' ' is not allowed"),
+])
+def test_declared_constraints(override, needle):
+    with pytest.raises(UserError) as e:
+        load_config("tiny", [override])
+    assert needle in str(e.value)
+
+
+def test_bad_run_dir_writes_nothing(tmp_path, monkeypatch, capsys):
+    """Through the CLI: one error line, exit 2, and no file in the current directory."""
+    from pretrain.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "tiny", "--logging.run_dir="]) == 2
+    assert capsys.readouterr().err.startswith("error: logging.run_dir: ")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("text", ["0x10", "null", "a: b", "1_000", "[x]", "~"])
+def test_string_override_taken_as_typed(text):
+    assert load_config("tiny", [f"--logging.run_dir={text}"]).logging.run_dir == text
+
+
+def test_checkpoint_keep_zero_keeps_all():
+    assert load_config("tiny", ["--checkpoint.keep=0"]).checkpoint.keep == 0

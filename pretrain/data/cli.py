@@ -7,42 +7,46 @@ import sys
 import time
 from pathlib import Path
 
+from pretrain.cliargs import Parser, integer, name, number, path
 from pretrain.errors import EXIT_USER_ERROR, UserError
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pretrain data", description=__doc__.strip())
+    from pretrain.data.tokenizer import MIN_VOCAB
+
+    p = Parser(prog="pretrain data", description=__doc__.strip())
     sub = p.add_subparsers(dest="cmd", required=True, metavar="{corpus,tokenizer,prepare}")
 
     c = sub.add_parser("corpus", help="write the Python stdlib sources as a JSONL corpus",
                        description="Write the Python standard library's .py files as JSONL "
                                    "({\"text\": ...} per file), sorted, up to --max-bytes.")
-    c.add_argument("--out", required=True, help="output .jsonl file")
-    c.add_argument("--max-bytes", type=int, default=8 * 1024 * 1024, help="size cap (default 8 MiB)")
+    c.add_argument("--out", required=True, type=path(), help="output .jsonl file")
+    c.add_argument("--max-bytes", type=integer(ge=1), default=8 * 1024 * 1024, help="size cap (default 8 MiB)")
     c.add_argument("--include-tests", action="store_true", help="also take the stdlib's test packages")
 
     t = sub.add_parser("tokenizer", help="train a sentencepiece BPE tokenizer",
                        description="Train a byte-fallback BPE sentencepiece model "
                                    "(pad=0 bos=1 eos=2 unk=3) that round-trips whitespace.")
-    t.add_argument("--input", nargs="+", required=True, help="text/JSONL files, globs or directories")
-    t.add_argument("--out", required=True, help="output prefix (writes PREFIX.model)")
-    t.add_argument("--vocab-size", type=int, default=4096)
-    t.add_argument("--text-field", default="text", help="JSONL field holding the text")
-    t.add_argument("--max-bytes", type=int, default=32 * 1024 * 1024, help="train on at most this much text")
+    t.add_argument("--input", nargs="+", required=True, type=path(), help="text/JSONL files, globs or directories")
+    t.add_argument("--out", required=True, type=path(), help="output prefix (writes PREFIX.model)")
+    t.add_argument("--vocab-size", type=integer(ge=MIN_VOCAB), default=4096)
+    t.add_argument("--text-field", default="text", type=name(), help="JSONL field holding the text")
+    t.add_argument("--max-bytes", type=integer(ge=1), default=32 * 1024 * 1024, help="train on at most this much text")
 
     r = sub.add_parser("prepare", help="tokenize documents into MDS shards (train/ and val/)",
                        description="Tokenize documents (EOS after each) into fixed blocks of "
                                    "--sample-len tokens stored as mosaicml-streaming MDS shards, "
                                    "with meta.json and a copy of the tokenizer.")
-    r.add_argument("--input", nargs="+", required=True, help="text/JSONL(.gz) files, globs or directories")
-    r.add_argument("--out", required=True, help="output dataset directory")
+    r.add_argument("--input", nargs="+", required=True, type=path(), help="text/JSONL(.gz) files, globs or directories")
+    r.add_argument("--out", required=True, type=path(), help="output dataset directory")
     g = r.add_mutually_exclusive_group(required=True)
-    g.add_argument("--tokenizer", help="sentencepiece .model to use")
-    g.add_argument("--vocab-size", type=int, help="train a tokenizer of this size on the inputs first")
-    r.add_argument("--text-field", default="text", help="JSONL field holding the text")
-    r.add_argument("--sample-len", type=int, default=2049, help="tokens per stored block")
-    r.add_argument("--val-fraction", type=float, default=0.01, help="documents held out (at least one)")
-    r.add_argument("--workers", type=int, default=2, help="tokenizer processes")
+    g.add_argument("--tokenizer", type=path(exists=True), help="sentencepiece .model to use")
+    g.add_argument("--vocab-size", type=integer(ge=MIN_VOCAB), help="train a tokenizer of this size on the inputs first")
+    r.add_argument("--text-field", default="text", type=name(), help="JSONL field holding the text")
+    r.add_argument("--sample-len", type=integer(ge=2), default=2049, help="tokens per stored block")
+    r.add_argument("--val-fraction", type=number(ge=0, lt=1, note="0: none held out"), default=0.01,
+                   help="documents held out (at least one)")
+    r.add_argument("--workers", type=integer(ge=1), default=2, help="tokenizer processes")
     r.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p

@@ -142,20 +142,28 @@ def _readme(summary: dict, mc) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="pretrain export",
-                                 description="Write a checkpoint (saved under any parallel layout) in Hugging Face "
-                                             "format: config.json, safetensors, generation config, tokenizer.")
-    ap.add_argument("--checkpoint", required=True, help="step_N directory or run directory (newest)")
-    ap.add_argument("--out", required=True, help="new output directory")
+def parser():
+    from pretrain.cliargs import Parser, name, path
+
+    ap = Parser(prog="pretrain export",
+                description="Write a checkpoint (saved under any parallel layout) in Hugging Face "
+                            "format: config.json, safetensors, generation config, tokenizer.")
+    ap.add_argument("--checkpoint", required=True, type=path(exists=True),
+                    help="step_N directory or run directory (newest)")
+    ap.add_argument("--out", required=True, type=path(), help="new output directory")
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weight dtype (default fp32)")
-    ap.add_argument("--max-shard-size", default="5GB",
+    ap.add_argument("--max-shard-size", default="5GB", type=name(),
                     help="split safetensors above this size, with an index (default 5GB)")
     ap.add_argument("--remote-code", default="auto", choices=["auto", "always", "never"],
                     help="models no transformers class represents: export a modeling file (auto), always do, "
                          "or fail naming the feature (never)")
-    ap.add_argument("--tokenizer", help="sentencepiece .model (default: the checkpoint's tokenizer.model)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--tokenizer", type=path(exists=True),
+                    help="sentencepiece .model (default: the checkpoint's tokenizer.model)")
+    return ap
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
     s = export_checkpoint(args.checkpoint, args.out, args.dtype, args.max_shard_size, args.remote_code,
                           args.tokenizer)
     print(f"exported {s['checkpoint']} -> {s['out']} as {s['architecture']}"
