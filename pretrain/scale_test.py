@@ -21,7 +21,8 @@ A sweep file::
 
 Every point is a run directory ``<out>/runs/<point>``. A point whose ``summary.json``
 records all its steps is finished and never rerun; an interrupted one resumes from its
-newest checkpoint. Locally the points run one after another (``torchrun`` for nproc > 1);
+newest checkpoint; one another run (a second sweep on the same directory) is training now
+holds its run directory's lock (``pretrain/run_lock.py``) and is skipped with a message. Locally the points run one after another (``torchrun`` for nproc > 1);
 with ``--runner slurm`` the pending points are submitted as SLURM job arrays (one per
 distinct node/GPU shape), each task running the launcher's own job script.
 """

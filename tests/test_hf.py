@@ -125,7 +125,7 @@ def test_llama_export_matches_logits_and_greedy_generation(dense):
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
                 w = proj.weight.view(-1, hd, proj.weight.shape[1])
                 w.copy_(w[:, perm])
-    assert max_diff(model, hf, x) > 1000 * LOGIT_TOL
+    assert max_diff(model, hf, x) > 1e4 * LOGIT_TOL  # 6.5 here; 2.7e-3 on unsharpened weights
 
 
 def test_tokenizer_round_trip(dense, tokenizer):
