@@ -76,7 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus-per-task", type=integer(ge=0), default=0, help="CPUs for each node's task")
     p.add_argument("--mem", type=name(), help="memory per node, e.g. 0 (all) or 500G")
     p.add_argument("--job-name", type=name(), help="default: pretrain-<run directory name>")
-    p.add_argument("--grace", type=integer(ge=0), default=180,
+    p.add_argument("--grace", type=integer(ge=1), default=180,
                    help="seconds before the time limit (or at preemption) that SIGUSR1 asks "
                         "training to checkpoint and stop (default 180)")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",

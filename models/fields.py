@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import types
 import typing
 from dataclasses import dataclass
@@ -99,7 +100,7 @@ def check_value(key: str, value: Any, sp: Spec, kind: str) -> None:
         if "\x00" in value or (sp.path and value and blank) or ((sp.path == "required" or sp.nonempty) and blank):
             _fail(key, value, sp, kind)
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == "int" and isinstance(value, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral if kind == "int" else numbers.Real):
         raise ConfigError(f"{key}: expected {'an integer' if kind == 'int' else 'a number'}, got {_short(value)}")
     if sp.choices is not None:
         if value not in sp.choices:
