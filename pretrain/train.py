@@ -158,16 +158,9 @@ def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
     if train_data.meta.get("vocab_size", 0) > cfg.model.vocab_size:
         raise UserError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the data's "
                         f"vocabulary ({train_data.meta['vocab_size']})")
-    resume_from, init_weights = None, None
-    if cfg.checkpoint.resume == "auto":
-        resume_from = ckpt.latest_checkpoint(run_dir)
-    elif cfg.checkpoint.resume not in ("off", ""):
-        resume_from = ckpt.resolve_checkpoint_arg(cfg.checkpoint.resume)
-    if resume_from is not None and ckpt.read_trainer_state(resume_from).get("weights_only"):
-        # A converted/imported checkpoint (step 0, no optimizer state): start from its weights.
-        init_weights, resume_from = resume_from, None
-    elif resume_from is None and cfg.checkpoint.init_from:
-        init_weights = ckpt.resolve_checkpoint_arg(cfg.checkpoint.init_from)
+    from pretrain.resume import resolve_start
+
+    resume_from, init_weights = resolve_start(cfg, run_dir)  # never a silent fresh start
     if init_weights is not None:  # before the optimizer: an engine copies the weights it starts from
         for part in pm.parts:
             ckpt.load_model_weights(init_weights, part)
@@ -195,8 +188,9 @@ def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
     peak = device_peak_flops(world.device)
     tokens_per_step = tcfg.global_batch * cfg.data.seq_len
     progress = Progress(tcfg.steps, step, cfg.logging.progress, world.is_main, cfg.logging.log_every)
-    if resume_from is not None:
-        progress.write(f"resumed from {resume_from} (step {step})")
+    if world.is_main and (resume_from or init_weights):  # always logged, whatever logging.progress says
+        print(f"resumed from {resume_from}: continuing at step {step + 1}" if resume_from else
+              f"initialised weights from {init_weights}: starting at step 1", file=sys.stderr, flush=True)
     tok_path = tokenizer_path(cfg, run_dir)
 
     def save(at_step: int) -> Path:
