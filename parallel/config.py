@@ -24,3 +24,4 @@ class ParallelConfig:
     reshard_after_forward: bool = True
     backend: str = "auto"  # auto | gloo | nccl
     timeout_s: float = 300.0
+    straggler_ratio: float = 1.5  # warn when a rank's step compute time exceeds this x the median

@@ -86,23 +86,47 @@ def save_checkpoint(run_dir, step: int, parts, optimizer, trainer_state: dict, w
     ``extra(tmp_dir)``, if given, runs on every rank after the DCP write and adds files of
     its own (e.g. a DeepSpeed engine's state) before the checkpoint is completed.
     """
+    tmp = begin_save(run_dir, step, world)
+    dcp.save(collect_state(parts, optimizer), checkpoint_id=str(tmp))
+    torch.save(_rng_state(), tmp / f"rng_rank{world.rank}.pt")
+    if extra is not None:
+        extra(tmp)
+    return finish_save(tmp, step, world, world.barrier, trainer_state, config_text, tokenizer, keep)
+
+
+def collect_state(parts, optimizer) -> dict:
+    """What DCP saves: this rank's shards of the model and optimizer state."""
+    state = {"model": _model_state(parts)}
+    if optimizer is not None:
+        state["optim"] = _optim_state(parts, optimizer)
+    return state
+
+
+def begin_save(run_dir, step: int, world) -> Path:
+    """Collective: an empty ``.tmp_step_<step>`` for every rank to write into."""
     root = checkpoint_root(run_dir)
-    final = root / f"step_{step}"
     tmp = root / f".tmp_step_{step}"
     if world.is_main:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
+        tmp.mkdir()
     world.barrier()
-    state = {"model": _model_state(parts)}
-    if optimizer is not None:
-        state["optim"] = _optim_state(parts, optimizer)
-    dcp.save(state, checkpoint_id=str(tmp))
-    torch.save(_rng_state(), tmp / f"rng_rank{world.rank}.pt")
-    if extra is not None:
-        extra(tmp)
+    return tmp
+
+
+def finish_save(tmp: Path, step: int, world, barrier, trainer_state: dict, config_text: str,
+                tokenizer: str | None, keep: int) -> Path:
+    """Complete a save once every rank has written its files into ``tmp``.
+
+    The one rule for "complete", for synchronous and background saves alike: rank 0 writes
+    ``meta.json`` (fsynced) only after ``barrier()`` saw every rank's shards and RNG file,
+    then renames ``.tmp_step_N`` to ``step_N``; only renamed directories holding
+    ``meta.json`` count, so a crash at any earlier moment leaves the previous one the latest.
+    """
+    root, final = tmp.parent, tmp.parent / f"step_{step}"
     maybe_kill("kill_in_save", step)
-    world.barrier()
+    barrier()
     if world.is_main:
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         (tmp / "config.yaml").write_text(config_text)
@@ -115,9 +139,9 @@ def save_checkpoint(run_dir, step: int, parts, optimizer, trainer_state: dict, w
         os.replace(tmp, final)
         _fsync_dir(root)
         if keep > 0:
-            for _, old in list_checkpoints(run_dir)[:-keep]:
+            for _, old in list_checkpoints(root.parent)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
-    world.barrier()
+    barrier()
     return final
 
 
@@ -129,9 +153,7 @@ def load_checkpoint(path: Path, parts, optimizer, world) -> dict:
     meta = json.loads((path / "meta.json").read_text())
     if rng.is_file() and meta.get("world_size") == world.world_size:  # read (safely) before any weights
         rng_state = load_tensors(rng, f"checkpoint {path}")
-    state = {"model": _model_state(parts)}
-    if optimizer is not None:
-        state["optim"] = _optim_state(parts, optimizer)
+    state = collect_state(parts, optimizer)
     try:
         _dcp_load(state, path)
     except UserError:

@@ -7,6 +7,8 @@ work starts, with a message naming the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import keyword
+import math
 import os
 import types
 import typing
@@ -79,6 +81,8 @@ class CheckpointConfig:
     keep: int = 3
     resume: str = "off"  # off | auto | <path to a step_N directory>
     init_from: str = ""  # weights only (e.g. an imported HF model or an upcycled MoE)
+    async_: bool = False  # `checkpoint.async`: stage to host memory, write in the background
+    hf_every: int = 0  # also write Hugging Face weights to <run_dir>/hf/step_N every N steps (0: off)
 
 
 @dataclass
@@ -127,6 +131,14 @@ class Config:
             raise UserError("parallel.dp_shard: must be >= 1, or -1 for the rest of the world")
         if not (0.0 < self.optim.decay_fraction <= 1.0):
             raise UserError("optim.decay_fraction: must be in (0, 1]")
+        if self.checkpoint.hf_every < 0:
+            raise UserError("checkpoint.hf_every: must be >= 0")
+        if self.checkpoint.async_ and self.parallel.dp_engine == "deepspeed":
+            raise UserError("checkpoint.async: not supported with parallel.dp_engine=deepspeed (its engine "
+                            "writes its own state synchronously); use checkpoint.async=false")
+        sr = self.parallel.straggler_ratio
+        if not (math.isfinite(sr) and sr > 1):
+            raise UserError(f"parallel.straggler_ratio: must be a finite number > 1, got {sr}")
         for i, src in enumerate(self.data.mixture):
             if src.weight <= 0:
                 raise UserError(f"data.mixture[{i}].weight: must be positive")
@@ -227,6 +239,8 @@ def from_dict(cls, data: dict, prefix: str = ""):
     kwargs = {}
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else k
+        if keyword.iskeyword(k) and k + "_" in names:  # e.g. checkpoint.async -> field async_
+            k = k + "_"
         if k not in names:
             raise UserError(f"{key}: unknown key; allowed: {', '.join(sorted(names))}")
         kwargs[k] = _coerce(key, hints[k], v)

@@ -18,13 +18,15 @@ import parallel
 from models.config import ConfigError
 from models.transformer import build_model
 from pretrain import checkpoint as ckpt
+from pretrain.async_ckpt import AsyncSaver
 from pretrain.config import Config, _plain
 from pretrain.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, STATUS_FILE_ENV, UserError
-from pretrain.faults import fault_at, maybe_hang, maybe_kill
+from pretrain.faults import fault_at, maybe_hang, maybe_kill, maybe_slow_step
 from pretrain.flops import device_peak_flops, train_flops_per_token
 from pretrain.metrics import MetricsWriter, Progress
 from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.resilience import PreemptionFlag, Watchdog
+from pretrain.stragglers import StragglerMonitor
 
 
 class Preempted(Exception):
@@ -197,6 +199,9 @@ def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
         state = {"step": at_step, "tokens": tokens_seen, "nan_skipped": nan_skipped,
                  "scheduler": scheduler.state_dict(), "data": train_data.state_dict()}
         with watchdog.suspended():
+            if saver is not None:  # checkpoint.async: returns once the state is staged
+                return saver.save(run_dir, at_step, pm.parts, optimizer, state, config_text, tok_path,
+                                  cfg.checkpoint.keep)
             if not engine:
                 return ckpt.save_checkpoint(run_dir, at_step, pm.parts, optimizer, state, world,
                                             config_text, tok_path, cfg.checkpoint.keep)
@@ -204,7 +209,14 @@ def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
                 return ckpt.save_checkpoint(run_dir, at_step, parts, None, state, world, config_text,
                                             tok_path, cfg.checkpoint.keep, extra=pm.save_state)
 
+    def wait_for_saves() -> None:  # the background write in flight, if any (checkpoint.async)
+        if saver is not None:
+            with watchdog.suspended():
+                saver.wait()
+
+    saver = AsyncSaver(world, cfg.parallel.timeout_s) if cfg.checkpoint.async_ else None
     watchdog = Watchdog(cfg.parallel.timeout_s if world.distributed else 0, world.rank)
+    stragglers = StragglerMonitor(world, cfg.parallel.straggler_ratio, cfg.logging.log_every)
     last_saved = step if resume_from is not None else -1
     val_loss = loss_val = None
     try:
@@ -214,6 +226,7 @@ def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
             if fault_at("raise_at_step", step + 1):
                 raise RuntimeError(f"injected fault at step {step + 1}")
             maybe_hang("hang_at_step", step + 1)
+            maybe_slow_step()
             loss = pm.forward_backward(split_micro_batches(batch, tcfg.micro_batch))
             if fault_at("nan_at_step", step + 1):
                 loss = loss * float("nan")
@@ -239,6 +252,7 @@ def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
                    "step_time_s": dt, "mfu": (flops_tok * tokens_per_step / dt / (peak * world.world_size))
                    if peak else None, "memory_mb": peak_memory_mb(world.device), "nan_skipped": nan_skipped}
             rec.update(pm.step_metrics())
+            rec.update(stragglers.step(step, dt))
             if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
                 with watchdog.suspended():
                     val_loss = run_eval(cfg, pm, world, run_dir)
@@ -253,6 +267,7 @@ def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
             if _agreed_signal(flag, world):
                 flag.boundary_reached()
                 path = save(step) if last_saved != step else ckpt.checkpoint_root(run_dir) / f"step_{step}"
+                wait_for_saves()
                 progress.write(f"signal received: saved {path}; exiting for requeue")
                 _record_status(world.rank, EXIT_PREEMPTED)
                 world.barrier()  # no rank exits (and no launcher tears the job down) before that
@@ -261,9 +276,11 @@ def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
         watchdog.stop()
         if last_saved != step:
             save(step)
+        wait_for_saves()
         val_loss = run_eval(cfg, pm, world, run_dir)
     finally:
         watchdog.stop()
+        stragglers.close()
         progress.close()
         if metrics:
             metrics.close()

@@ -1,0 +1,98 @@
+"""Background checkpoint writes (``checkpoint.async: true``).
+
+A save stages this rank's shards of the model and optimizer state into host memory (pinned
+on CUDA; the staging buffers are reused from one save to the next, so host memory holds one
+extra copy of the rank's state, not one per save) and returns: that copy is the whole
+training stall. A background thread then writes the staged copy with DCP and completes the
+checkpoint by the same rule as a synchronous save (:func:`pretrain.checkpoint.finish_save`:
+``meta.json`` and the rename come last, after every rank's files), so a crash during the
+background write leaves the previous checkpoint the latest.
+
+At most one save is in flight: the next save, a preemption exit and the end of training
+wait for it (:meth:`AsyncSaver.wait`). The writer's collectives (DCP's plan exchange, the
+completion barriers) run on a process group of their own, created once at start-up, so they
+never interleave with the training loop's collectives on the default group (gloo matches
+collectives by order per group).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+from pretrain import checkpoint as ckpt
+from pretrain.errors import UserError
+from pretrain.faults import slow_save_s
+
+
+class AsyncSaver:
+    """Writes checkpoints in a background thread; one in flight at most."""
+
+    def __init__(self, world, timeout_s: float):
+        self.world = world
+        self.group = None
+        if world.distributed:  # collective: every rank creates it, in the same order
+            self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        pinned = world.device.type == "cuda"
+        self._stager = DefaultStager(StagingOptions(use_pinned_memory=pinned, use_shared_memory=False,
+                                                    use_async_staging=False, use_non_blocking_copy=False))
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.last_stall_s = 0.0  # the training stall of the latest save (wait + staging)
+        self.last_write_s = 0.0  # how long the latest background write took
+
+    def save(self, run_dir, step: int, parts, optimizer, trainer_state: dict, config_text: str,
+             tokenizer: str | None, keep: int) -> Path:
+        """Stage ``step`` and start writing it; returns the path it will have once complete."""
+        t0 = time.perf_counter()
+        self.wait()
+        tmp = ckpt.begin_save(run_dir, step, self.world)
+        staged = self._stager.stage(ckpt.collect_state(parts, optimizer))
+        rng = {k: (v.clone() if isinstance(v, torch.Tensor) else [t.clone() for t in v])
+               for k, v in ckpt._rng_state().items()}
+        args = (tmp, step, staged, rng, json.loads(json.dumps(trainer_state)), config_text, tokenizer, keep)
+        self._thread = threading.Thread(target=self._write, args=args, name=f"ckpt-write-{step}", daemon=True)
+        self._thread.start()
+        self.last_stall_s = time.perf_counter() - t0
+        return tmp.parent / f"step_{step}"
+
+    def _write(self, tmp: Path, step: int, staged: dict, rng: dict, trainer_state: dict, config_text: str,
+               tokenizer: str | None, keep: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            delay = slow_save_s()  # test-only: widens the window a crash can hit
+            time.sleep(delay / 2)
+            dcp.save(staged, checkpoint_id=str(tmp), process_group=self.group)
+            torch.save(rng, tmp / f"rng_rank{self.world.rank}.pt")
+            time.sleep(delay / 2)
+            ckpt.finish_save(tmp, step, self.world, self._barrier, trainer_state, config_text, tokenizer, keep)
+        except BaseException as e:  # reported on the training thread by wait()
+            self._error = e
+        self.last_write_s = time.perf_counter() - t0
+
+    def _barrier(self) -> None:
+        if self.group is not None:
+            dist.barrier(group=self.group)
+
+    def wait(self) -> None:
+        """Block until the write in flight (if any) is complete; re-raise its error here."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            e, self._error = self._error, None
+            if isinstance(e, UserError):
+                raise e
+            raise RuntimeError(f"background checkpoint write failed: {type(e).__name__}: {e}") from e
+
+    def close(self) -> None:
+        self.wait()
+        self._stager.close()

@@ -1,0 +1,64 @@
+"""Background checkpoint writes: SIGKILL at random moments of a write never makes it the
+latest and the resumed run matches the uninterrupted one; SIGUSR1 waits for the write in
+flight; a slow rank is named as the straggler. (The runs: tests/ckpt_kill_worker.py.)"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+TRIALS = 10
+
+
+def run_worker(data, out, nproc: int, modes: str, seed: int = 0) -> tuple[dict, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, str(ROOT / "tests" / "ckpt_kill_worker.py"), str(data), str(out),
+                        str(nproc), str(TRIALS), str(seed), modes],
+                       capture_output=True, text=True, timeout=1000, env=env, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return json.loads((out / "result.json").read_text()), p.stderr
+
+
+def check_kill_trials(res: dict, nproc: int) -> None:
+    for t in res["trials"]:
+        print(t)
+        assert t["codes"] == [-9] * nproc, t
+        # every write before the killed one completed; the killed one never became a checkpoint
+        assert t["latest_after"] == t["killed_write_of"] - 1, t
+        assert t["killed_write_of"] in t["in_flight_after"], t
+    assert len({t["delay_s"] for t in res["trials"]}) == TRIALS
+    assert res["final_codes"] == [0] * nproc
+    assert res["got_steps"] == list(range(1, len(res["ref"]) + 1))
+    assert res["got"] == res["ref"]  # bit-exact on CPU
+
+
+@pytest.mark.timeout(1100)
+def test_one_process_kill_trials_and_signal_during_write(tiny_dataset, tmp_path):
+    res, _ = run_worker(tiny_dataset, tmp_path, 1, "signal,kill", seed=1)
+    check_kill_trials(res, 1)
+    sig = res["signal"]
+    assert sig["codes"] == [3] and sig["in_flight_at_signal"] == [4], sig
+    last = sig["last_logged"]
+    assert last > 4 and sig["complete"] == [4, last], sig  # the write in flight and the preemption save
+    assert sig["in_flight_after"] == []
+
+
+@pytest.mark.timeout(1100)
+def test_two_process_kill_trials_and_straggler(tiny_dataset, tmp_path):
+    res, err = run_worker(tiny_dataset, tmp_path, 2, "straggler,kill", seed=2)
+    check_kill_trials(res, 2)
+    st = res["straggler"]
+    assert st["codes"] == [0, 0]
+    logged = [r for r in st["metrics"] if "straggler_rank" in r]
+    assert [r["step"] for r in logged] == [2, 4, 6]
+    for r in logged:
+        print({k: r[k] for k in ("straggler_rank", "straggler_ratio", "compute_time_max_s", "collective_wait_s")})
+        assert r["straggler_rank"] == 1 and r["straggler_ratio"] > 1.5, r
+        assert r["compute_time_max_s"] >= 0.4 and r["collective_wait_s"] >= 0.3, r  # rank 0 waited for rank 1
+    warnings = [l for l in err.splitlines() if l.startswith("warning: straggler: rank 1 on ")]
+    assert len(warnings) == 3, err[-3000:]
+    assert "(parallel.straggler_ratio=1.5)" in warnings[0]
