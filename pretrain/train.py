@@ -209,6 +209,17 @@ def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
                 return ckpt.save_checkpoint(run_dir, at_step, parts, None, state, world, config_text,
                                             tok_path, cfg.checkpoint.keep, extra=pm.save_state)
 
+    def export_hf(at_step: int) -> None:  # checkpoint.hf_every: HF weights from the sharded state
+        from pretrain.hf.live_export import export_live
+
+        with watchdog.suspended():
+            if engine:  # DeepSpeed: parameters as the engine presents them (gathered under ZeRO-3)
+                with pm.full_parts() as parts:
+                    path = export_live(run_dir, at_step, parts, cfg, world, tok_path)
+            else:
+                path = export_live(run_dir, at_step, pm.parts, cfg, world, tok_path)
+        progress.write(f"wrote Hugging Face weights to {path}")
+
     def wait_for_saves() -> None:  # the background write in flight, if any (checkpoint.async)
         if saver is not None:
             with watchdog.suspended():
@@ -264,6 +275,8 @@ def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < tcfg.steps:
                 save(step)
                 last_saved = step
+            if cfg.checkpoint.hf_every and step % cfg.checkpoint.hf_every == 0 and step < tcfg.steps:
+                export_hf(step)
             if _agreed_signal(flag, world):
                 flag.boundary_reached()
                 path = save(step) if last_saved != step else ckpt.checkpoint_root(run_dir) / f"step_{step}"
@@ -276,6 +289,8 @@ def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
         watchdog.stop()
         if last_saved != step:
             save(step)
+        if cfg.checkpoint.hf_every:
+            export_hf(step)
         wait_for_saves()
         val_loss = run_eval(cfg, pm, world, run_dir)
     finally:
