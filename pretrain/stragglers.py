@@ -10,7 +10,8 @@ its compute time and its ratio to the median in ``metrics.jsonl``, and past
 
 Collective time is measured by timing the ``torch.distributed`` calls made from the
 training thread (FSDP's all-gathers and reduce-scatters, the trainer's all-reduces,
-pipeline send/recv). Calls issued with ``async_op=True`` count only until they return, and
+blocking send/recv). Calls issued with ``async_op=True`` (and pipeline parallel's batched
+point-to-point transfers) count only until they return, and
 DTensor's functional collectives (tensor parallel) are not timed: under those, waiting shows
 up as compute time of every rank alike, which moves the median, not the ranking.
 """
@@ -27,9 +28,9 @@ import time
 import torch
 import torch.distributed as dist
 
+# (not isend/irecv: P2POp checks its op by identity against torch's own functions)
 TIMED = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "reduce_scatter",
-         "broadcast", "all_to_all", "all_to_all_single", "barrier", "send", "recv", "isend", "irecv",
-         "batch_isend_irecv", "gather", "scatter", "reduce")
+         "broadcast", "all_to_all", "all_to_all_single", "barrier", "send", "recv", "gather", "scatter", "reduce")
 
 
 class CollectiveTimer:

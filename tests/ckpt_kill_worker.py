@@ -9,7 +9,8 @@ which checkpoints are complete. A last run finishes training; its ``metrics.json
 uninterrupted run's are written to OUT/result.json.
 
 Other MODES (comma-separated): ``signal`` sends SIGUSR1 to every rank while a background
-write is in flight; ``straggler`` makes rank 1 sleep in every step.
+write is in flight; ``straggler`` makes rank 1 sleep in every step (and writes
+checkpoints and Hugging Face weights every 2 steps).
 """
 
 from __future__ import annotations
@@ -146,7 +147,8 @@ def _last_step(run: Path) -> int:
 
 
 def straggler_run(nproc: int, data: Path, run: Path) -> dict:
-    ov = overrides(data, run, **{"train.steps": 6, "logging.log_every": 2})
+    ov = overrides(data, run, **{"train.steps": 6, "logging.log_every": 2, "checkpoint.every": 2,
+                                 "checkpoint.hf_every": 2})
     codes = wait_all(fork_run(nproc, ov, {"PRETRAIN_FAULT_SLOW_STEP_S": "0.4", "PRETRAIN_FAULT_RANK": "1"}))
     return {"codes": codes, "metrics": read_metrics(run)}
 

@@ -1,6 +1,7 @@
 """Background checkpoint writes: SIGKILL at random moments of a write never makes it the
 latest and the resumed run matches the uninterrupted one; SIGUSR1 waits for the write in
-flight; a slow rank is named as the straggler. (The runs: tests/ckpt_kill_worker.py.)"""
+flight; a slow rank is named as the straggler; HF weights written during training equal
+``pretrain export`` of the same step. (The runs: tests/ckpt_kill_worker.py.)"""
 
 import json
 import os
@@ -62,3 +63,13 @@ def test_two_process_kill_trials_and_straggler(tiny_dataset, tmp_path):
     warnings = [l for l in err.splitlines() if l.startswith("warning: straggler: rank 1 on ")]
     assert len(warnings) == 3, err[-3000:]
     assert "(parallel.straggler_ratio=1.5)" in warnings[0]
+    # the same run wrote HF weights every 2 steps from its sharded state: equal to pretrain export
+    from pretrain.hf.export import export_checkpoint
+
+    run = tmp_path / "straggler"
+    assert sorted(p.name for p in (run / "hf").iterdir()) == ["step_2", "step_4", "step_6"]
+    for n in (2, 4, 6):
+        ref = tmp_path / f"export_{n}"
+        export_checkpoint(str(run / "checkpoints" / f"step_{n}"), str(ref))
+        for f in ("model.safetensors", "config.json", "tokenizer.json"):
+            assert (run / "hf" / f"step_{n}" / f).read_bytes() == (ref / f).read_bytes(), (n, f)
