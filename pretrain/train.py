@@ -193,6 +193,9 @@ def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
     if world.is_main and (resume_from or init_weights):  # always logged, whatever logging.progress says
         print(f"resumed from {resume_from}: continuing at step {step + 1}" if resume_from else
               f"initialised weights from {init_weights}: starting at step 1", file=sys.stderr, flush=True)
+    elif world.is_main and cfg.checkpoint.resume == "auto":
+        print(f"checkpoint.resume=auto: no checkpoint under {ckpt.checkpoint_root(run_dir)}: starting at step 1",
+              file=sys.stderr, flush=True)
     tok_path = tokenizer_path(cfg, run_dir)
 
     def save(at_step: int) -> Path:

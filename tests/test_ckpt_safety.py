@@ -147,3 +147,21 @@ def test_checkpoint_of_another_shape_names_the_mismatch(tiny_dataset, trained, t
     with pytest.raises(UserError, match=r"model.n_layers=2 in the checkpoint, 3 here"):
         train(load_config("tiny", tiny_overrides(tiny_dataset, tmp_path / "r2", **{
             "model.n_layers": 3, "checkpoint.init_from": str(ckpt.latest_checkpoint(run))})))
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["--parallel.straggler_ratio=1"], "parallel.straggler_ratio: must be a finite number > 1"),
+    (["--parallel.straggler_ratio=inf"], "parallel.straggler_ratio"),
+    (["--parallel.straggler_ratio=nan"], "parallel.straggler_ratio"),
+    (["--checkpoint.hf_every=-1"], "checkpoint.hf_every: must be >= 0"),
+    (["--checkpoint.async=true", "--parallel.dp_engine=deepspeed"], "checkpoint.async: not supported"),
+    (["--checkpoint.async=yes"], "checkpoint.async: expected true or false"),
+])
+def test_new_keys_are_validated(overrides, needle):
+    with pytest.raises(UserError, match=needle):
+        load_config("tiny", overrides)
+
+
+def test_async_key_is_spelled_as_in_the_docs():
+    assert load_config("tiny", ["--checkpoint.async=true"]).checkpoint.async_ is True
+    assert load_config("tiny", []).checkpoint.async_ is False
