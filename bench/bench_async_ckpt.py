@@ -93,18 +93,19 @@ def worker(args) -> None:
     saver = AsyncSaver(world, 600)
     before = rss_mb()
     meter = PeakRSS()
-    stalls, writes = [], []
+    stalls, writes, phases = [], [], []
     for i in range(args.saves):
         dist.barrier()
         saver.save(out / "async", i + 1, pm.parts, opt, {"step": i + 1}, "{}", None, 1)
         stalls.append(saver.last_stall_s)
+        phases.append(saver.last_phases)
         train_step()  # training goes on while the write proceeds
         saver.wait()
         writes.append(saver.last_write_s)
     peak = meter.stop()
     saver.close()
     res = {"rank": rank, "sync": sync, "async_stall": stalls, "async_write": writes, "rss_before_mb": before,
-           "rss_peak_mb": peak}
+           "rss_peak_mb": peak, "phases": phases}
     gathered = [None] * ws
     dist.all_gather_object(gathered, res)
     if rank == 0:
@@ -119,6 +120,7 @@ def worker(args) -> None:
             "async_background_write_s": round(statistics.median(worst("async_write", slice(None))), 3),
             "peak_rss_mb_per_rank": [round(g["rss_peak_mb"]) for g in gathered],
             "staging_rss_increase_mb_per_rank": [round(g["rss_peak_mb"] - g["rss_before_mb"]) for g in gathered],
+            "async_stall_phases_rank0": [{k: round(v, 3) for k, v in p.items()} for p in gathered[0]["phases"]],
         }, indent=1))
     dist.barrier()
     dist.destroy_process_group()

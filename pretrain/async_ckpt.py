@@ -48,26 +48,32 @@ class AsyncSaver:
         self._error: BaseException | None = None
         self.last_stall_s = 0.0  # the training stall of the latest save (wait + staging)
         self.last_write_s = 0.0  # how long the latest background write took
+        self.last_phases: dict = {}  # where the latest stall went
 
     def save(self, run_dir, step: int, parts, optimizer, trainer_state: dict, config_text: str,
              tokenizer: str | None, keep: int) -> Path:
         """Stage ``step`` and start writing it; returns the path it will have once complete."""
         t0 = time.perf_counter()
         self.wait()
-        tmp = ckpt.begin_save(run_dir, step, self.world)
-        staged = self._stager.stage(ckpt.collect_state(parts, optimizer))
+        t1 = time.perf_counter()
+        state = ckpt.collect_state(parts, optimizer)
+        t2 = time.perf_counter()
+        staged = self._stager.stage(state)
+        self.last_phases = {"wait_s": t1 - t0, "state_dict_s": t2 - t1,
+                            "copy_s": time.perf_counter() - t2}
         rng = {k: (v.clone() if isinstance(v, torch.Tensor) else [t.clone() for t in v])
                for k, v in ckpt._rng_state().items()}
-        args = (tmp, step, staged, rng, json.loads(json.dumps(trainer_state)), config_text, tokenizer, keep)
+        args = (run_dir, step, staged, rng, json.loads(json.dumps(trainer_state)), config_text, tokenizer, keep)
         self._thread = threading.Thread(target=self._write, args=args, name=f"ckpt-write-{step}", daemon=True)
         self._thread.start()
         self.last_stall_s = time.perf_counter() - t0
-        return tmp.parent / f"step_{step}"
+        return ckpt.checkpoint_root(run_dir) / f"step_{step}"
 
-    def _write(self, tmp: Path, step: int, staged: dict, rng: dict, trainer_state: dict, config_text: str,
+    def _write(self, run_dir, step: int, staged: dict, rng: dict, trainer_state: dict, config_text: str,
                tokenizer: str | None, keep: int) -> None:
         t0 = time.perf_counter()
         try:
+            tmp = ckpt.begin_save(run_dir, step, self.world, self._barrier)
             delay = slow_save_s()  # test-only: widens the window a crash can hit
             time.sleep(delay / 2)
             dcp.save(staged, checkpoint_id=str(tmp), process_group=self.group)

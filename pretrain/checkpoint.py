@@ -102,8 +102,9 @@ def collect_state(parts, optimizer) -> dict:
     return state
 
 
-def begin_save(run_dir, step: int, world) -> Path:
-    """Collective: an empty ``.tmp_step_<step>`` for every rank to write into."""
+def begin_save(run_dir, step: int, world, barrier=None) -> Path:
+    """Collective (``barrier``, default the world's): an empty ``.tmp_step_<step>`` for every
+    rank to write into."""
     root = checkpoint_root(run_dir)
     tmp = root / f".tmp_step_{step}"
     if world.is_main:
@@ -111,7 +112,7 @@ def begin_save(run_dir, step: int, world) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-    world.barrier()
+    (barrier or world.barrier)()
     return tmp
 
 
