@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 
 # (not isend/irecv: P2POp checks its op by identity against torch's own functions)
-TIMED = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "reduce_scatter",
+TIMED = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "reduce_scatter_tensor",
+         "reduce_scatter_single", "reduce_scatter",
          "broadcast", "all_to_all", "all_to_all_single", "barrier", "send", "recv", "gather", "scatter", "reduce")
 
 

@@ -36,6 +36,9 @@ from pretrain.metrics import read_metrics  # noqa: E402
 
 STEPS = 24
 SLOW_S = 1.5
+# rank 1 sleeps this long in every step; the warning threshold stays below the ratio that
+# sleep gives on a loaded 2-core machine (steps of ~1 s: 2 * 2.0 / 3.0 = 1.33 for 2 ranks)
+STRAGGLER_SLEEP_S, STRAGGLER_RATIO = 1.0, 1.2
 
 
 def overrides(data: Path, run: Path, **extra) -> list[str]:
@@ -70,21 +73,47 @@ def fork_run(nproc: int, ov: list[str], env: dict) -> list[int]:
     return pids
 
 
-def wait_all(pids: list[int], timeout: float = 240) -> list[int]:
-    codes, deadline = [], time.time() + timeout
-    for pid in pids:
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                codes.append(os.waitstatus_to_exitcode(status))
-                break
-            if time.time() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                codes.append(-9)
-                break
-            time.sleep(0.02)
+def n_logged(run: Path) -> int:
+    path = run / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def run_to_end(nproc: int, ov: list[str], env: dict, run: Path, retries: list) -> list[int]:
+    """Fork the ranks and wait for them; relaunch (at most twice, recorded in ``retries``) when
+    they failed before logging a step: mosaicml-streaming's shared-memory registry is
+    machine-wide, and its start-up can race with other jobs' data loaders on the same machine."""
+    for _ in range(3):
+        before = n_logged(run)
+        codes = wait_all(fork_run(nproc, ov, env))
+        if codes == [0] * nproc or n_logged(run) > before:
+            return codes
+        retries.append(codes)
     return codes
+
+
+def exited(pids: list[int], status: dict) -> bool:
+    """True if any rank has exited (reaped into ``status``)."""
+    for p in pids:
+        if p not in status:
+            done, st = os.waitpid(p, os.WNOHANG)
+            if done:
+                status[p] = os.waitstatus_to_exitcode(st)
+    return bool(status)
+
+
+def wait_all(pids: list[int], timeout: float = 400, status: dict | None = None) -> list[int]:
+    status = dict(status or {})
+    deadline = time.time() + timeout
+    while not all(p in status for p in pids):
+        exited(pids, status)
+        if time.time() > deadline:
+            for p in pids:
+                if p not in status:
+                    os.kill(p, signal.SIGKILL)
+                    os.waitpid(p, 0)
+                    status[p] = -9
+        time.sleep(0.02)
+    return [status[p] for p in pids]
 
 
 def in_flight(run: Path) -> list[int]:
@@ -99,24 +128,30 @@ def latest_step(run: Path) -> int:
     return int(latest.name[5:]) if latest else 0
 
 
-def trial(nproc: int, data: Path, run: Path, rng: random.Random) -> dict:
+def trial(nproc: int, data: Path, run: Path, rng: random.Random, retries: list) -> dict:
     """Resume, let ``completed`` writes finish, SIGKILL every rank inside the next one."""
     before = latest_step(run)
     completed = rng.randint(0, 2)
     target = before + completed + 1  # the step whose background write gets killed
     ov = overrides(data, run, **{"checkpoint.every": 1, "checkpoint.async": "true", "checkpoint.keep": 2,
                                  "checkpoint.resume": "auto"})
-    pids = fork_run(nproc, ov, {"PRETRAIN_FAULT_SLOW_SAVE_S": str(SLOW_S)})
-    deadline = time.time() + 180
-    while target not in in_flight(run):
-        if time.time() > deadline or any(os.waitpid(p, os.WNOHANG)[0] for p in pids):
-            raise RuntimeError(f"the write of step {target} never started")
-        time.sleep(0.005)
+    for attempt in range(3):
+        logged, status = n_logged(run), {}
+        pids = fork_run(nproc, ov, {"PRETRAIN_FAULT_SLOW_SAVE_S": str(SLOW_S)})
+        deadline = time.time() + 300
+        while target not in in_flight(run) and not exited(pids, status) and time.time() < deadline:
+            time.sleep(0.005)
+        if target in in_flight(run) and not status:
+            break
+        codes = wait_all(pids, 60, status)
+        if n_logged(run) > logged or attempt == 2:
+            raise RuntimeError(f"the write of step {target} never started (exit codes {codes})")
+        retries.append(codes)  # died while starting up (see run_to_end)
     delay = rng.uniform(0.0, 0.6 * SLOW_S)
     time.sleep(delay)
     for p in pids:
         os.kill(p, signal.SIGKILL)
-    codes = wait_all(pids)
+    codes = wait_all(pids, status=status)
     return {"before": before, "killed_write_of": target, "delay_s": round(delay, 3), "codes": codes,
             "latest_after": latest_step(run), "in_flight_after": in_flight(run)}
 
@@ -146,10 +181,11 @@ def _last_step(run: Path) -> int:
     return recs[-1]["step"] if recs else 0
 
 
-def straggler_run(nproc: int, data: Path, run: Path) -> dict:
+def straggler_run(nproc: int, data: Path, run: Path, retries: list) -> dict:
     ov = overrides(data, run, **{"train.steps": 6, "logging.log_every": 2, "checkpoint.every": 2,
-                                 "checkpoint.hf_every": 2})
-    codes = wait_all(fork_run(nproc, ov, {"PRETRAIN_FAULT_SLOW_STEP_S": "0.4", "PRETRAIN_FAULT_RANK": "1"}))
+                                 "checkpoint.hf_every": 2, "parallel.straggler_ratio": STRAGGLER_RATIO})
+    env = {"PRETRAIN_FAULT_SLOW_STEP_S": str(STRAGGLER_SLEEP_S), "PRETRAIN_FAULT_RANK": "1"}
+    codes = run_to_end(nproc, ov, env, run, retries)
     return {"codes": codes, "metrics": read_metrics(run)}
 
 
@@ -158,18 +194,19 @@ def main() -> None:
         int(sys.argv[5])
     modes = sys.argv[6].split(",")
     rng = random.Random(seed)
-    result = {}
+    result = {"startup_retries": []}
+    retries = result["startup_retries"]
     if "straggler" in modes:
-        result["straggler"] = straggler_run(nproc, data, out / "straggler")
+        result["straggler"] = straggler_run(nproc, data, out / "straggler", retries)
     if "signal" in modes:
         result["signal"] = signal_run(nproc, data, out / "signal")
     if "kill" in modes:
         ref, run = out / "ref", out / "run"
-        codes = wait_all(fork_run(nproc, overrides(data, ref), {}))
+        codes = run_to_end(nproc, overrides(data, ref), {}, ref, retries)
         assert codes == [0] * nproc, codes
-        result["trials"] = [trial(nproc, data, run, rng) for _ in range(trials)]
+        result["trials"] = [trial(nproc, data, run, rng, retries) for _ in range(trials)]
         ov = overrides(data, run, **{"checkpoint.every": 1, "checkpoint.async": "true", "checkpoint.resume": "auto"})
-        result["final_codes"] = wait_all(fork_run(nproc, ov, {}))
+        result["final_codes"] = run_to_end(nproc, ov, {}, run, retries)
         result.update(ref=[r["loss"] for r in read_metrics(ref)], got=[r["loss"] for r in read_metrics(run)],
                       got_steps=[r["step"] for r in read_metrics(run)])
     (out / "result.json").write_text(json.dumps(result))

@@ -25,6 +25,8 @@ def run_worker(data, out, nproc: int, modes: str, seed: int = 0) -> tuple[dict, 
 
 
 def check_kill_trials(res: dict, nproc: int) -> None:
+    print("start-up retries (streaming's machine-wide registry):", res["startup_retries"])
+    assert len(res["startup_retries"]) <= 3
     for t in res["trials"]:
         print(t)
         assert t["codes"] == [-9] * nproc, t
@@ -57,12 +59,16 @@ def test_two_process_kill_trials_and_straggler(tiny_dataset, tmp_path):
     logged = [r for r in st["metrics"] if "straggler_rank" in r]
     assert [r["step"] for r in logged] == [2, 4, 6]
     for r in logged:
-        print({k: r[k] for k in ("straggler_rank", "straggler_ratio", "compute_time_max_s", "collective_wait_s")})
-        assert r["straggler_rank"] == 1 and r["straggler_ratio"] > 1.5, r
-        assert r["compute_time_max_s"] >= 0.4 and r["collective_wait_s"] >= 0.3, r  # rank 0 waited for rank 1
-    warnings = [l for l in err.splitlines() if l.startswith("warning: straggler: rank 1 on ")]
-    assert len(warnings) == 3, err[-3000:]
-    assert "(parallel.straggler_ratio=1.5)" in warnings[0]
+        print({k: r[k] for k in ("step", "straggler_rank", "straggler_ratio", "compute_time_max_s",
+                                 "compute_time_median_s", "collective_wait_s")})
+    # steps 1-2 include start-up (its noise can exceed the sleep); after that rank 1 is named
+    # every time, computing at least its sleep, while rank 0 waited for it inside collectives
+    for r in logged[1:]:
+        assert r["straggler_rank"] == 1 and r["straggler_ratio"] > 1.2, r
+        assert r["compute_time_max_s"] >= 1.0 and r["collective_wait_s"] >= 0.7, r
+    warnings = [l for l in err.splitlines() if l.startswith("warning: straggler: ")]
+    assert len(warnings) >= 2 and all(l.startswith("warning: straggler: rank 1 on ") for l in warnings), err[-3000:]
+    assert "(parallel.straggler_ratio=1.2)" in warnings[-1]
     # the same run wrote HF weights every 2 steps from its sharded state: equal to pretrain export
     from pretrain.hf.export import export_checkpoint
 
