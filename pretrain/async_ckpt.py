@@ -17,6 +17,7 @@ collectives by order per group).
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import threading
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.tensor import DTensor
 
 from pretrain import checkpoint as ckpt
 from pretrain.errors import UserError
@@ -41,9 +42,7 @@ class AsyncSaver:
         self.group = None
         if world.distributed:  # collective: every rank creates it, in the same order
             self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
-        pinned = world.device.type == "cuda"
-        self._stager = DefaultStager(StagingOptions(use_pinned_memory=pinned, use_shared_memory=False,
-                                                    use_async_staging=False, use_non_blocking_copy=False))
+        self._stager = HostStager(pinned=world.device.type == "cuda")
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.last_stall_s = 0.0  # the training stall of the latest save (wait + staging)
@@ -101,4 +100,36 @@ class AsyncSaver:
 
     def close(self) -> None:
         self.wait()
-        self._stager.close()
+        self._stager.buffers.clear()
+
+
+class HostStager:
+    """Copies a state dict into host buffers allocated once and reused by every later save
+    (so an async save costs one memcpy of the rank's state and one extra copy of host memory).
+    DTensors are staged as DTensors over the same mesh and placements, so DCP writes each
+    rank's shard with its global offsets exactly as from the live state."""
+
+    def __init__(self, pinned: bool):
+        self.pinned = pinned
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def stage(self, obj, key: tuple = ()):
+        if isinstance(obj, DTensor):
+            local = self._copy(obj.to_local(), key)
+            return DTensor.from_local(local, obj.device_mesh, obj.placements, run_check=False,
+                                      shape=obj.shape, stride=obj.stride())
+        if isinstance(obj, torch.Tensor):
+            return self._copy(obj, key)
+        if isinstance(obj, dict):
+            return {k: self.stage(v, key + (k,)) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self.stage(v, key + (i,)) for i, v in enumerate(obj))
+        return copy.deepcopy(obj)  # plain values (optimizer hyper-parameters)
+
+    def _copy(self, t: torch.Tensor, key: tuple) -> torch.Tensor:
+        buf = self.buffers.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.pinned)
+            self.buffers[key] = buf
+        buf.copy_(t.detach())
+        return buf
