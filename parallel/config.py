@@ -26,3 +26,4 @@ class ParallelConfig:
     reshard_after_forward: bool = True
     backend: str = spec("auto", choices=("auto", "gloo", "nccl"))
     timeout_s: float = spec(300.0, gt=0)  # watchdog: no progress for this long ends the run
+    straggler_ratio: float = spec(1.5, gt=1)  # warn when a rank's step compute time exceeds this x the median

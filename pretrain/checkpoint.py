@@ -3,7 +3,7 @@
 Layout of ``<run_dir>/checkpoints/step_<N>/``:
 - DCP files holding ``model.*`` and ``optim.*`` (resharded on load to any layout);
 - ``trainer_state.json``: step, tokens, scheduler and data-loader state (rank-independent);
-- ``rng_rank<r>.pt``: each rank's RNG state;
+- ``rng_rank<r>.pt``: each rank's RNG state (tensors only: loaded with ``weights_only=True``);
 - ``config.yaml`` (the resolved run config) and ``tokenizer.model`` when known;
 - ``meta.json``: written last, before the rename; its presence marks a complete checkpoint.
 
@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from parallel.pipeline import stage_union
+from pretrain.ckpt_safety import SafeLoadPlanner, SafeReader, load_tensors, read_dcp_metadata
 from pretrain.errors import UserError
 from pretrain.faults import maybe_kill
 
@@ -85,23 +86,48 @@ def save_checkpoint(run_dir, step: int, parts, optimizer, trainer_state: dict, w
     ``extra(tmp_dir)``, if given, runs on every rank after the DCP write and adds files of
     its own (e.g. a DeepSpeed engine's state) before the checkpoint is completed.
     """
+    tmp = begin_save(run_dir, step, world)
+    dcp.save(collect_state(parts, optimizer), checkpoint_id=str(tmp))
+    torch.save(_rng_state(), tmp / f"rng_rank{world.rank}.pt")
+    if extra is not None:
+        extra(tmp)
+    return finish_save(tmp, step, world, world.barrier, trainer_state, config_text, tokenizer, keep)
+
+
+def collect_state(parts, optimizer) -> dict:
+    """What DCP saves: this rank's shards of the model and optimizer state."""
+    state = {"model": _model_state(parts)}
+    if optimizer is not None:
+        state["optim"] = _optim_state(parts, optimizer)
+    return state
+
+
+def begin_save(run_dir, step: int, world, barrier=None) -> Path:
+    """Collective (``barrier``, default the world's): an empty ``.tmp_step_<step>`` for every
+    rank to write into."""
     root = checkpoint_root(run_dir)
-    final = root / f"step_{step}"
     tmp = root / f".tmp_step_{step}"
     if world.is_main:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
-    world.barrier()
-    state = {"model": _model_state(parts)}
-    if optimizer is not None:
-        state["optim"] = _optim_state(parts, optimizer)
-    dcp.save(state, checkpoint_id=str(tmp))
-    torch.save(_rng_state(), tmp / f"rng_rank{world.rank}.pt")
-    if extra is not None:
-        extra(tmp)
+        tmp.mkdir()
+    (barrier or world.barrier)()
+    return tmp
+
+
+def finish_save(tmp: Path, step: int, world, barrier, trainer_state: dict, config_text: str,
+                tokenizer: str | None, keep: int) -> Path:
+    """Complete a save once every rank has written its files into ``tmp``.
+
+    The one rule for "complete", for synchronous and background saves alike: rank 0 writes
+    ``meta.json`` (fsynced) only after ``barrier()`` saw every rank's shards and RNG file,
+    then renames ``.tmp_step_N`` to ``step_N``; only renamed directories holding
+    ``meta.json`` count, so a crash at any earlier moment leaves the previous one the latest.
+    """
+    root, final = tmp.parent, tmp.parent / f"step_{step}"
     maybe_kill("kill_in_save", step)
-    world.barrier()
+    barrier()
     if world.is_main:
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         (tmp / "config.yaml").write_text(config_text)
@@ -114,9 +140,9 @@ def save_checkpoint(run_dir, step: int, parts, optimizer, trainer_state: dict, w
         os.replace(tmp, final)
         _fsync_dir(root)
         if keep > 0:
-            for _, old in list_checkpoints(run_dir)[:-keep]:
+            for _, old in list_checkpoints(root.parent)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
-    world.barrier()
+    barrier()
     return final
 
 
@@ -124,21 +150,23 @@ def load_checkpoint(path: Path, parts, optimizer, world) -> dict:
     """Load model/optimizer (resharded to this layout) and RNG; returns the trainer state."""
     path = Path(path)
     check_checkpoint_dir(path)
-    state = {"model": _model_state(parts)}
-    if optimizer is not None:
-        state["optim"] = _optim_state(parts, optimizer)
+    rng, rng_state = path / f"rng_rank{world.rank}.pt", None
+    meta = json.loads((path / "meta.json").read_text())
+    if rng.is_file() and meta.get("world_size") == world.world_size:  # read (safely) before any weights
+        rng_state = load_tensors(rng, f"checkpoint {path}")
+    state = collect_state(parts, optimizer)
     try:
-        dcp.load(state, checkpoint_id=str(path))
+        _dcp_load(state, path)
+    except UserError:
+        raise
     except Exception as e:  # DCP raises many types; the user needs one line
         raise UserError(f"checkpoint {path} does not fit this model/optimizer: {_first_line(e)}") from None
     for part in parts:
         set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
     if optimizer is not None:
         set_optimizer_state_dict(stage_union(parts), optimizer, state["optim"])
-    rng = path / f"rng_rank{world.rank}.pt"
-    meta = json.loads((path / "meta.json").read_text())
-    if rng.is_file() and meta.get("world_size") == world.world_size:
-        _set_rng_state(torch.load(rng, weights_only=False))
+    if rng_state is not None:
+        _set_rng_state(rng_state)
     return read_trainer_state(path)
 
 
@@ -148,10 +176,18 @@ def load_model_weights(path: Path, model: torch.nn.Module) -> None:
     check_checkpoint_dir(path)
     sd = {"model": model.state_dict()}
     try:
-        dcp.load(sd, checkpoint_id=str(path))
+        _dcp_load(sd, path)
+    except UserError:
+        raise
     except Exception as e:
         raise UserError(f"checkpoint {path} does not fit this model: {_first_line(e)}") from None
     model.load_state_dict(sd["model"])
+
+
+def _dcp_load(state: dict, path: Path) -> None:
+    """``dcp.load`` that unpickles nothing but DCP's metadata records and plain values."""
+    read_dcp_metadata(path)  # refuse here, in one line, rather than inside DCP's exception wrapping
+    dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner())
 
 
 def check_checkpoint_dir(path: Path) -> None:
@@ -197,6 +233,8 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(st: dict) -> None:
+    if not (isinstance(st, dict) and isinstance(st.get("torch"), torch.Tensor)):
+        raise UserError("checkpoint: an rng_rank<r>.pt file does not hold an RNG state")
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import keyword
 import os
 import types
 import typing
@@ -87,6 +88,8 @@ class CheckpointConfig:
     resume: str = spec("off", path="required", note="off | auto | a step_N directory")
     init_from: str = spec("", path="optional")  # weights only (e.g. an imported HF model or an upcycled MoE)
     lock_wait_s: float = spec(120.0, ge=0)  # resume=auto: seconds to wait for a live run holding the run dir to exit
+    async_: bool = False  # `checkpoint.async`: stage to host memory, write in the background
+    hf_every: int = spec(0, ge=0, note="0: off")  # also write Hugging Face weights to <run_dir>/hf/step_N every N steps
 
 
 @dataclass
@@ -119,6 +122,9 @@ class Config:
         if self.optim.name == "muon" and self.parallel.dp_engine == "deepspeed":
             raise UserError("optim.name: muon is not supported with parallel.dp_engine=deepspeed "
                             "(DeepSpeed owns the optimizer step); use the default fsdp engine")
+        if self.checkpoint.async_ and self.parallel.dp_engine == "deepspeed":
+            raise UserError("checkpoint.async: not supported with parallel.dp_engine=deepspeed (its engine "
+                            "writes its own state synchronously); use checkpoint.async=false")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -219,6 +225,8 @@ def from_dict(cls, data: dict, prefix: str = ""):
     kwargs = {}
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else k
+        if keyword.iskeyword(k) and k + "_" in names:  # e.g. checkpoint.async -> field async_
+            k = k + "_"
         if k not in names:
             raise UserError(f"{key}: unknown key; allowed: {', '.join(sorted(names))}")
         kwargs[k] = _coerce(key, hints[k], v)

@@ -5,6 +5,11 @@ after the shards of step N are written, before the checkpoint is complete),
 ``raise_at_step`` (an exception on this rank at step N; with ``PRETRAIN_FAULT_RANK``
 only on that rank), ``nan_at_step`` (the loss of step N becomes NaN), ``hang_at_step``
 (step N sleeps ``PRETRAIN_FAULT_HANG_S`` seconds, default 3600: a hung rank).
+
+Slowness (no step number): ``PRETRAIN_FAULT_SLOW_SAVE_S`` makes every background checkpoint
+write take that many seconds longer (a wide window for crash tests);
+``PRETRAIN_FAULT_SLOW_STEP_S`` makes every step of this rank (``PRETRAIN_FAULT_RANK``, if
+set) sleep that long before its forward (a straggler).
 """
 
 from __future__ import annotations
@@ -37,3 +42,20 @@ def maybe_hang(point: str, step: int) -> None:
         import time
 
         time.sleep(float(os.environ.get("PRETRAIN_FAULT_HANG_S", "3600")))
+
+
+def _this_rank() -> bool:
+    rank = os.environ.get("PRETRAIN_FAULT_RANK")
+    return rank is None or rank == os.environ.get("RANK", "0")
+
+
+def slow_save_s() -> float:
+    return float(os.environ.get("PRETRAIN_FAULT_SLOW_SAVE_S", "0") or 0)
+
+
+def maybe_slow_step() -> None:
+    delay = float(os.environ.get("PRETRAIN_FAULT_SLOW_STEP_S", "0") or 0)
+    if delay > 0 and _this_rank():
+        import time
+
+        time.sleep(delay)

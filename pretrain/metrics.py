@@ -19,7 +19,7 @@ class MetricsWriter:
         if truncate_after_step is not None and self.path.exists():
             # On resume, drop records past the checkpoint so the file reads as one run.
             keep = [l for l in self.path.read_text().splitlines()
-                    if l.strip() and json.loads(l).get("step", 0) <= truncate_after_step]
+                    if l.strip() and _step_of(l) <= truncate_after_step]
             self.path.write_text("".join(l + "\n" for l in keep))
         self._f = open(self.path, "a")
         self._tb = None
@@ -44,6 +44,14 @@ class MetricsWriter:
         self._f.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _step_of(line: str) -> float:
+    """A record's step; a line torn by a crash mid-write counts as past every checkpoint."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return math.inf
 
 
 def _jsonable(v):

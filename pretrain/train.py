@@ -18,15 +18,17 @@ import parallel
 from models.config import ConfigError
 from models.transformer import build_model
 from pretrain import checkpoint as ckpt
+from pretrain.async_ckpt import AsyncSaver
 from pretrain.config import Config, _plain
 from pretrain.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, STATUS_FILE_ENV, UserError
-from pretrain.faults import fault_at, maybe_hang, maybe_kill
+from pretrain.faults import fault_at, maybe_hang, maybe_kill, maybe_slow_step
 from pretrain.flops import device_peak_flops, train_flops_per_token
 from pretrain.metrics import MetricsWriter, Progress
 from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.preflight import check_inputs
 from pretrain.resilience import PreemptionFlag, Watchdog
 from pretrain.run_lock import hold_run_dir
+from pretrain.stragglers import StragglerMonitor
 
 
 class Preempted(Exception):
@@ -170,16 +172,9 @@ def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
     if train_data.meta.get("vocab_size", 0) > cfg.model.vocab_size:
         raise UserError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the data's "
                         f"vocabulary ({train_data.meta['vocab_size']})")
-    resume_from, init_weights = None, None
-    if cfg.checkpoint.resume == "auto":
-        resume_from = ckpt.latest_checkpoint(run_dir)
-    elif cfg.checkpoint.resume not in ("off", ""):
-        resume_from = ckpt.resolve_checkpoint_arg(cfg.checkpoint.resume)
-    if resume_from is not None and ckpt.read_trainer_state(resume_from).get("weights_only"):
-        # A converted/imported checkpoint (step 0, no optimizer state): start from its weights.
-        init_weights, resume_from = resume_from, None
-    elif resume_from is None and cfg.checkpoint.init_from:
-        init_weights = ckpt.resolve_checkpoint_arg(cfg.checkpoint.init_from)
+    from pretrain.resume import resolve_start
+
+    resume_from, init_weights = resolve_start(cfg, run_dir)  # never a silent fresh start
     if init_weights is not None:  # before the optimizer: an engine copies the weights it starts from
         for part in pm.parts:
             ckpt.load_model_weights(init_weights, part)
@@ -208,14 +203,21 @@ def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
     peak = device_peak_flops(world.device)
     tokens_per_step = tcfg.global_batch * cfg.data.seq_len
     progress = Progress(tcfg.steps, step, cfg.logging.progress, world.is_main, cfg.logging.log_every)
-    if resume_from is not None:
-        progress.write(f"resumed from {resume_from} (step {step})")
+    if world.is_main and (resume_from or init_weights):  # always logged, whatever logging.progress says
+        print(f"resumed from {resume_from}: continuing at step {step + 1}" if resume_from else
+              f"initialised weights from {init_weights}: starting at step 1", file=sys.stderr, flush=True)
+    elif world.is_main and cfg.checkpoint.resume == "auto":
+        print(f"checkpoint.resume=auto: no checkpoint under {ckpt.checkpoint_root(run_dir)}: starting at step 1",
+              file=sys.stderr, flush=True)
     tok_path = tokenizer_path(cfg, run_dir)
 
     def save(at_step: int) -> Path:
         state = {"step": at_step, "tokens": tokens_seen, "nan_skipped": nan_skipped,
                  "scheduler": scheduler.state_dict(), "data": train_data.state_dict()}
         with watchdog.suspended():
+            if saver is not None:  # checkpoint.async: returns once the state is staged
+                return saver.save(run_dir, at_step, pm.parts, optimizer, state, config_text, tok_path,
+                                  cfg.checkpoint.keep)
             if not engine:
                 return ckpt.save_checkpoint(run_dir, at_step, pm.parts, optimizer, state, world,
                                             config_text, tok_path, cfg.checkpoint.keep)
@@ -223,7 +225,25 @@ def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
                 return ckpt.save_checkpoint(run_dir, at_step, parts, None, state, world, config_text,
                                             tok_path, cfg.checkpoint.keep, extra=pm.save_state)
 
+    def export_hf(at_step: int) -> None:  # checkpoint.hf_every: HF weights from the sharded state
+        from pretrain.hf.live_export import export_live
+
+        with watchdog.suspended():
+            if engine:  # DeepSpeed: parameters as the engine presents them (gathered under ZeRO-3)
+                with pm.full_parts() as parts:
+                    path = export_live(run_dir, at_step, parts, cfg, world, tok_path)
+            else:
+                path = export_live(run_dir, at_step, pm.parts, cfg, world, tok_path)
+        progress.write(f"wrote Hugging Face weights to {path}")
+
+    def wait_for_saves() -> None:  # the background write in flight, if any (checkpoint.async)
+        if saver is not None:
+            with watchdog.suspended():
+                saver.wait()
+
+    saver = AsyncSaver(world, cfg.parallel.timeout_s) if cfg.checkpoint.async_ else None
     watchdog = Watchdog(cfg.parallel.timeout_s if world.distributed else 0, world.rank)
+    stragglers = StragglerMonitor(world, cfg.parallel.straggler_ratio, cfg.logging.log_every)
     last_saved = step if resume_from is not None else -1
     val_loss = loss_val = None
     try:
@@ -233,6 +253,7 @@ def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
             if fault_at("raise_at_step", step + 1):
                 raise RuntimeError(f"injected fault at step {step + 1}")
             maybe_hang("hang_at_step", step + 1)
+            maybe_slow_step()
             loss = pm.forward_backward(split_micro_batches(batch, tcfg.micro_batch))
             if fault_at("nan_at_step", step + 1):
                 loss = loss * float("nan")
@@ -258,6 +279,7 @@ def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
                    "step_time_s": dt, "mfu": (flops_tok * tokens_per_step / dt / (peak * world.world_size))
                    if peak else None, "memory_mb": peak_memory_mb(world.device), "nan_skipped": nan_skipped}
             rec.update(pm.step_metrics())
+            rec.update(stragglers.step(step, dt))
             if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
                 with watchdog.suspended():
                     val_loss = run_eval(cfg, pm, world, run_dir)
@@ -269,9 +291,12 @@ def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < tcfg.steps:
                 save(step)
                 last_saved = step
+            if cfg.checkpoint.hf_every and step % cfg.checkpoint.hf_every == 0 and step < tcfg.steps:
+                export_hf(step)
             if _agreed_signal(flag, world):
                 flag.boundary_reached()
                 path = save(step) if last_saved != step else ckpt.checkpoint_root(run_dir) / f"step_{step}"
+                wait_for_saves()
                 progress.write(f"signal received: saved {path}; exiting for requeue")
                 _record_status(world.rank, EXIT_PREEMPTED)
                 world.barrier()  # no rank exits (and no launcher tears the job down) before that
@@ -280,9 +305,13 @@ def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
         watchdog.stop()
         if last_saved != step:
             save(step)
+        if cfg.checkpoint.hf_every:
+            export_hf(step)
+        wait_for_saves()
         val_loss = run_eval(cfg, pm, world, run_dir)
     finally:
         watchdog.stop()
+        stragglers.close()
         progress.close()
         if metrics:
             metrics.close()

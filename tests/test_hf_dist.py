@@ -1,5 +1,7 @@
 """Export of checkpoints saved by 2 gloo processes (FSDP2 dp_shard=2, and tp=2), read back in
-one process: transformers' logits equal the sharded model's own logits.
+one process: transformers' logits equal the sharded model's own logits. The Hugging Face
+weights written from the sharded state during training (``checkpoint.hf_every``; also under
+pp=2) equal ``pretrain export`` of the checkpoint of the same step, byte for byte.
 
 The worker half of this file runs under torchrun: ``python -m torch.distributed.run
 --standalone --nproc_per_node 2 tests/test_hf_dist.py OUT``.
@@ -23,6 +25,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 LAYOUTS = {"fsdp": {"dp_shard": 2}, "tp": {"tp": 2, "dp_shard": 1}}
+LIVE_ONLY = {"pp": {"pp": 2, "dp_shard": 1}}  # (no logits: the model is split over the ranks)
 MODEL = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32, qkv_bias=True)
 
 
@@ -40,6 +43,7 @@ def worker(out: Path) -> None:
     from parallel import ParallelConfig, build_world, parallelize
     from pretrain.checkpoint import save_checkpoint
     from pretrain.config import Config, _plain
+    from pretrain.hf.live_export import export_live
 
     dist.init_process_group("gloo")
     rank, ws = dist.get_rank(), dist.get_world_size()
@@ -48,7 +52,7 @@ def worker(out: Path) -> None:
     cfg.data.seq_len = 16
     text = yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False)
     x = tokens()
-    for name, layout in LAYOUTS.items():
+    for name, layout in {**LAYOUTS, **LIVE_ONLY}.items():
         pcfg = ParallelConfig(**layout)
         world = build_world(pcfg, rank, ws, 0, torch.device("cpu"))
         pm = parallelize(build_model(mc, init=False), pcfg, world, seed=3)
@@ -58,6 +62,9 @@ def worker(out: Path) -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
         save_checkpoint(out / name, 2, pm.parts, opt, {"step": 2}, world, text)
+        export_live(out / name, 2, pm.parts, cfg, world, None, max_shard_size="40KB")
+        if name in LIVE_ONLY:
+            continue
         with torch.no_grad():
             logits = pm.model(x)
         if isinstance(logits, DTensor):
@@ -69,7 +76,7 @@ def worker(out: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(480)
 def test_export_of_multi_process_checkpoints(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -78,10 +85,18 @@ def test_export_of_multi_process_checkpoints(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(Path(__file__)), str(tmp_path)]
-    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=200)
+    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert p.returncode == 0, p.stderr[-3000:]
-    for name in LAYOUTS:
+    for name in {**LAYOUTS, **LIVE_ONLY}:
         ckpt = tmp_path / name / "checkpoints" / "step_2"
+        export_checkpoint(str(ckpt), str(tmp_path / f"hf_sharded_{name}"), max_shard_size="40KB")
+        live, ref = tmp_path / name / "hf" / "step_2", tmp_path / f"hf_sharded_{name}"
+        weights = sorted(p.name for p in ref.iterdir() if "safetensors" in p.name)
+        assert len(weights) > 3 and sorted(p.name for p in live.iterdir() if "safetensors" in p.name) == weights
+        for f in weights + ["config.json", "generation_config.json"]:
+            assert (live / f).read_bytes() == (ref / f).read_bytes(), (name, f)
+        if name in LIVE_ONLY:
+            continue
         assert '"world_size": 2' in (ckpt / "meta.json").read_text()
         summary = export_checkpoint(str(ckpt), str(tmp_path / f"hf_{name}"))
         assert summary["architecture"] == "LlamaForCausalLM"
