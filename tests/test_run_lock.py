@@ -78,7 +78,7 @@ def _trained(data: Path, run: Path, steps: int) -> None:
                                                            "train.eval_batches": 1})))
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_two_concurrent_starts_one_refused(tiny_dataset, tmp_path):
     """Both started at once (each pauses 6 s at step 2): one finishes, the other exits 2 with
     one line naming the directory and the holder; the metrics are complete and unique."""
@@ -102,7 +102,7 @@ def test_two_concurrent_starts_one_refused(tiny_dataset, tmp_path):
     assert [s for s, _ in ckpt.list_checkpoints(run)] == [6]
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_kill9_holder_then_immediate_resume(tiny_dataset, tmp_path):
     """SIGKILL of the holder leaves no stale lock: a resume right after, with no wait, runs."""
     run = tmp_path / "run"
@@ -128,7 +128,7 @@ def test_kill9_holder_then_immediate_resume(tiny_dataset, tmp_path):
     assert _steps(run) == [1, 2, 3, 4, 5, 6]
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_refused_runs_write_nothing(tiny_dataset, tmp_path):
     """While a live process holds the run dir: `pretrain train` (resume off, or auto after a
     bounded wait) and `pretrain launch local` each exit 2 with one line and change nothing."""
@@ -159,7 +159,7 @@ def test_refused_runs_write_nothing(tiny_dataset, tmp_path):
     assert not run_lock.is_locked(missing) and not missing.exists()  # probing creates nothing
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_requeued_resume_waits_for_the_holder(tiny_dataset, tmp_path):
     """resume=auto on a held run dir waits (writing nothing) and continues once the holder exits."""
     run = tmp_path / "run"
@@ -184,7 +184,7 @@ def test_requeued_resume_waits_for_the_holder(tiny_dataset, tmp_path):
     assert _steps(run) == [1, 2, 3, 4, 5]
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_torchrun_ranks_all_learn_the_refusal_and_the_wait(tiny_dataset, tmp_path):
     """Under torchrun with 2 processes: a refused run ends on every rank with status 2 and one
     error line (no hang, nothing written); a resume=auto run waits, then trains to the end."""
@@ -197,16 +197,17 @@ def test_torchrun_ranks_all_learn_the_refusal_and_the_wait(tiny_dataset, tmp_pat
     lock = _hold(run)
     try:
         before = _snapshot(run)
-        t0 = time.time()
-        p = _run(torchrun, timeout=180, PRETRAIN_EXIT_STATUS_FILE=str(status))
+        # a rank left waiting in a collective would sit out the 900 s process-group timeout:
+        # the 240 s limit here would fail the test
+        p = _run([*torchrun, "--parallel.timeout_s=900"], timeout=240, PRETRAIN_EXIT_STATUS_FILE=str(status))
         assert p.returncode != 0 and status.read_text().strip() == "2", p.stderr[-3000:]
         err = _error_lines(p.stderr)
         assert len(err) == 1 and "[rank 0]" in err[0] and f"pid {os.getpid()}" in err[0], p.stderr[-3000:]
-        assert _snapshot(run) == before and time.time() - t0 < 120
+        assert _snapshot(run) == before
         w = _popen([*torchrun, "--checkpoint.resume=auto", "--checkpoint.lock_wait_s=120",
                     "--logging.progress=plain"])
         try:
-            _read_until(w.stderr, "waiting up to 120s", 150)
+            _read_until(w.stderr, "waiting up to 120s", 240)
             time.sleep(1.5)  # several polls: every rank stays in step with rank 0's attempts
             assert _snapshot(run) == before and w.poll() is None
             lock.release()
