@@ -32,7 +32,7 @@ class DataConfig:
     path: str = ""  # one dataset (shorthand for a one-entry mixture)
     mixture: list[DatasetSource] = field(default_factory=list)
     cache_dir: str = ""  # local cache for remote datasets (default: <run_dir>/data_cache)
-    tokenizer: str = ""  # sentencepiece .model (default: <path>/tokenizer.model)
+    tokenizer: str = ""  # sentencepiece .model or HF tokenizer.json (default: the dataset's copy)
     seq_len: int = 256
     shuffle: bool = True
     train_split: str = "train"

@@ -4,7 +4,8 @@ interface (see ``pretrain.data.tokenizer.load_tokenizer``).
 Special tokens come from the ``tokenizer_config.json`` (or ``special_tokens_map.json``) next to
 ``tokenizer.json``: ``bos_token``, ``eos_token``, ``pad_token``, ``unk_token``, as strings or
 ``{"content": ...}`` objects, as transformers writes them. Encoding never adds special tokens
-(training packs documents as ``doc EOS doc EOS``); decoding skips them.
+(training packs documents as ``doc EOS doc EOS``) nor parses special-token strings in
+the text (a literal ``</s>`` stays text, as with sentencepiece); decoding skips them.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ class HFTokenizer:
             self.tok = _Tok.from_file(str(self.path))
         except Exception as e:  # the Rust side raises a bare Exception for bad files
             raise UserError(f"{self.path}: not a valid tokenizer.json ({str(e).strip()[:120]})") from None
+        # A literal "</s>" in a document is text, not a document end (sentencepiece agrees).
+        self.tok.encode_special_tokens = True
         self.specials = _read_specials(self.path.parent)
         self._ids = {}
         for role in _ROLES:
@@ -128,3 +131,33 @@ def copy_files(files: dict[str, Path], dest_dir: Path) -> None:
         dst = dest_dir / name
         if not dst.exists() or dst.resolve() != src.resolve():
             shutil.copyfile(src, dst)
+
+
+def train_hf_bpe(docs, out_dir: str | os.PathLike, vocab_size: int = 512) -> Path:
+    """Train a small byte-level BPE ``tokenizer.json`` with Llama-style specials and config.
+
+    ``<unk>``=0, ``<s>``=1, ``</s>``=2, ``<pad>``=3; the post-processor prepends ``<s>`` as
+    Llama's does (``pretrain`` itself never adds specials). Byte-level, so every string
+    round-trips. Writes tokenizer.json, tokenizer_config.json and special_tokens_map.json.
+    """
+    from tokenizers import Tokenizer as _Tok, decoders, models, pre_tokenizers, processors, trainers
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    tok = _Tok(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(docs, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    tok.save(str(out / "tokenizer.json"))
+    cfg = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
+           "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+           "model_max_length": 4096}
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(
+        {k: cfg[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")}, indent=2) + "\n")
+    return out / "tokenizer.json"

@@ -38,7 +38,9 @@ def export_checkpoint(checkpoint: str, out: str, dtype: str = "fp32", max_shard_
     mc = cfg.model
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     arch, _, notes = choose(mc, sd, remote_code)
-    tok_path = Path(tokenizer) if tokenizer else path / "tokenizer.model"
+    from pretrain.data.tokenizer import find_tokenizer
+
+    tok_path = Path(tokenizer) if tokenizer else (find_tokenizer(path) or path / "tokenizer.model")
     if tokenizer and not tok_path.is_file():
         raise UserError(f"--tokenizer: {tok_path} not found")
     tok_ids = _token_ids(tok_path, mc.vocab_size)
@@ -58,9 +60,9 @@ def export_checkpoint(checkpoint: str, out: str, dtype: str = "fp32", max_shard_
         _write_generation_config(tmp, tok_ids, use_cache=arch is not REMOTE)
         files.append("generation_config.json")
         if tok_ids["source"]:
-            from pretrain.hf.tokenizer import write_tokenizer
+            from pretrain.data.tokenizer import load_tokenizer
 
-            files += write_tokenizer(tok_path, tmp, mc.max_seq_len)
+            files += load_tokenizer(tok_path).write_hf(tmp, mc.max_seq_len)
         else:
             notes.append(f"no tokenizer written: {tok_path} not found (pass --tokenizer)")
         summary = {"checkpoint": str(path), "out": str(out_dir), "architecture": arch.hf_class,
@@ -78,9 +80,9 @@ def export_checkpoint(checkpoint: str, out: str, dtype: str = "fp32", max_shard_
 def _token_ids(tok_path: Path, vocab_size: int) -> dict:
     if not tok_path.is_file():
         return {"source": None, "bos": BOS_ID, "eos": EOS_ID, "pad": PAD_ID}
-    from pretrain.data.tokenizer import Tokenizer
+    from pretrain.data.tokenizer import load_tokenizer
 
-    tok = Tokenizer(tok_path)
+    tok = load_tokenizer(tok_path)
     if tok.vocab_size > vocab_size:
         raise UserError(f"{tok_path}: tokenizer has {tok.vocab_size} pieces, more than the model's "
                         f"vocab_size={vocab_size}")
@@ -154,7 +156,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--remote-code", default="auto", choices=["auto", "always", "never"],
                     help="models no transformers class represents: export a modeling file (auto), always do, "
                          "or fail naming the feature (never)")
-    ap.add_argument("--tokenizer", help="sentencepiece .model (default: the checkpoint's tokenizer.model)")
+    ap.add_argument("--tokenizer", help="sentencepiece .model or tokenizer.json (default: the checkpoint's copy)")
     args = ap.parse_args(argv)
     s = export_checkpoint(args.checkpoint, args.out, args.dtype, args.max_shard_size, args.remote_code,
                           args.tokenizer)
