@@ -87,6 +87,12 @@ class LoggingConfig:
     log_every: int = 1
     progress: str = "auto"  # auto | bar | plain | off
     tensorboard: bool = False
+    wandb: bool = False  # log metrics.jsonl records + the config to Weights & Biases (rank 0)
+    wandb_project: str = "pretrain"
+    wandb_entity: str = ""  # default: the API key's default entity
+    wandb_name: str = ""  # default: the run directory's name
+    wandb_tags: list[str] = field(default_factory=list)
+    wandb_mode: str = "auto"  # auto (online when a key and the network are there, else offline) | online | offline | disabled
 
 
 @dataclass
@@ -112,6 +118,7 @@ class Config:
         _choice("parallel.dp_engine", self.parallel.dp_engine, ("fsdp", "deepspeed"))
         _choice("parallel.mixed_precision", self.parallel.mixed_precision, ("fp32", "bf16"))
         _choice("logging.progress", self.logging.progress, ("auto", "bar", "plain", "off"))
+        _choice("logging.wandb_mode", self.logging.wandb_mode, ("auto", "online", "offline", "disabled"))
         _positive("train.steps", self.train.steps)
         _positive("train.global_batch", self.train.global_batch)
         _positive("data.seq_len", self.data.seq_len)
