@@ -66,6 +66,7 @@ def export_checkpoint(checkpoint: str, out: str, dtype: str = "fp32", max_shard_
         else:
             notes.append(f"no tokenizer written: {tok_path} not found (pass --tokenizer)")
         summary = {"checkpoint": str(path), "out": str(out_dir), "architecture": arch.hf_class,
+                   "tokenizer_kind": tok_ids.get("kind"),
                    "remote_code": arch is REMOTE, "dtype": dtype, "files": sorted(files), "notes": notes}
         (tmp / "README.md").write_text(_readme(summary, mc))
         if out_dir.exists():
@@ -87,7 +88,7 @@ def _token_ids(tok_path: Path, vocab_size: int) -> dict:
         raise UserError(f"{tok_path}: tokenizer has {tok.vocab_size} pieces, more than the model's "
                         f"vocab_size={vocab_size}")
     ids = {"source": str(tok_path), "bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id}
-    return {k: (None if isinstance(v, int) and v < 0 else v) for k, v in ids.items()}
+    return {k: (None if isinstance(v, int) and v < 0 else v) for k, v in ids.items()} | {"kind": tok.kind}
 
 
 def _write_config(arch, mc, out: Path, torch_dtype, tok_ids: dict) -> None:
@@ -133,12 +134,17 @@ def _readme(summary: dict, mc) -> str:
                  else "."),
               "Hugging Face models attend causally over the whole input, so logits agree with training",
               "on a single document (no EOS inside); feed packed sequences one document at a time.", "",
-              "## Tokenizer",
-              "`AutoTokenizer` loads the sentencepiece model as `LlamaTokenizerFast` and encodes/decodes",
-              "text exactly as the training tokenizer (whitespace and newlines included). It adds no BOS",
-              "(`add_bos_token: false`): training documents start right after an EOS, so to condition on",
-              "a document start, prepend the EOS id (as `pretrain generate` does). Literal special-token",
-              "strings such as `</s>` inside text are parsed as special tokens by transformers.", ""]
+              "## Tokenizer"]
+    if summary.get("tokenizer_kind") == "hf":
+        lines += ["`AutoTokenizer` loads the training run's own `tokenizer.json` with the special tokens of",
+                  "its `tokenizer_config.json`; training packed documents as `doc EOS doc EOS` with no BOS",
+                  "(encode with `add_special_tokens=False` to match).", ""]
+    else:
+        lines += ["`AutoTokenizer` loads the sentencepiece model as `LlamaTokenizerFast` and encodes/decodes",
+                  "text exactly as the training tokenizer (whitespace and newlines included). It adds no BOS",
+                  "(`add_bos_token: false`): training documents start right after an EOS, so to condition on",
+                  "a document start, prepend the EOS id (as `pretrain generate` does). Literal special-token",
+                  "strings such as `</s>` inside text are parsed as special tokens by transformers.", ""]
     if summary["notes"]:
         lines += ["## Notes"] + [f"- {n}" for n in summary["notes"]] + [""]
     return "\n".join(lines) + "\n"
