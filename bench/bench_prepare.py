@@ -46,6 +46,7 @@ def main() -> None:
     enc_rate = n_tok / (time.process_time() - t)
     print(f"corpus {sum(map(len, docs)) / 2**20:.1f} MiB chars, {len(docs)} docs, {n_tok} tokens")
     print(f"tokenizer encode_batch (1 thread): {enc_rate:,.0f} tokens/s")
+    runs = {}
     for copies in (1, 10):
         cmd = [sys.executable, "-m", "pretrain", "data", "prepare", "--input", *[str(root / "c.parquet")] * copies,
                "--out", str(root / f"out{copies}"), "--tokenizer", str(tok_path), "--workers", str(args.workers),
@@ -63,6 +64,10 @@ def main() -> None:
         print(f"prepare x{copies}: {tokens} tokens, {wall:.1f}s wall, {cpu:.1f} CPU-s = {rate:,.0f} tokens/s "
               f"per core ({rate / enc_rate:.2f} of encode_batch; includes interpreter/torch start-up); "
               f"peak RSS of any prepare process so far {rss:.0f} MiB")
+        runs[copies] = (tokens, cpu)
+    (t1, c1), (t10, c10) = runs[1], runs[10]
+    marginal = (t10 - t1) / (c10 - c1)  # start-up cancels out
+    print(f"marginal (x10 - x1): {marginal:,.0f} tokens/s per core = {marginal / enc_rate:.2f} of encode_batch")
 
 
 if __name__ == "__main__":
