@@ -132,7 +132,9 @@ def finish_save(tmp: Path, step: int, world, barrier, trainer_state: dict, confi
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         (tmp / "config.yaml").write_text(config_text)
         if tokenizer and Path(tokenizer).is_file():
-            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+            from pretrain.data.tokenizer import copy_tokenizer_files
+
+            copy_tokenizer_files(tokenizer, tmp)  # tokenizer.model, or tokenizer.json + config
         meta = {"format": FORMAT_VERSION, "step": step, "world_size": world.world_size}
         _write_synced(tmp / "meta.json", json.dumps(meta))
         if final.exists():  # re-save of the same step (e.g. after a resume): replace it

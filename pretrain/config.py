@@ -35,7 +35,7 @@ class DataConfig:
     path: str = spec("", path="optional")  # one dataset (shorthand for a one-entry mixture)
     mixture: list[DatasetSource] = field(default_factory=list)
     cache_dir: str = spec("", path="optional")  # local cache for remote datasets (default: <run_dir>/data_cache)
-    tokenizer: str = spec("", path="optional")  # sentencepiece .model (default: <path>/tokenizer.model)
+    tokenizer: str = spec("", path="optional")  # sentencepiece .model or HF tokenizer.json (default: the dataset's copy)
     seq_len: int = spec(256, ge=1)
     shuffle: bool = True
     train_split: str = spec("train", nonempty=True)
@@ -98,6 +98,13 @@ class LoggingConfig:
     log_every: int = spec(1, ge=1)
     progress: str = spec("auto", choices=("auto", "bar", "plain", "off"))
     tensorboard: bool = False
+    wandb: bool = False  # log metrics.jsonl records + the config to Weights & Biases (rank 0)
+    wandb_project: str = spec("pretrain", nonempty=True)
+    wandb_entity: str = ""  # default: the API key's default entity
+    wandb_name: str = ""  # default: the run directory's name
+    wandb_tags: list[str] = field(default_factory=list)
+    # auto: online when a key and the network are there, else offline
+    wandb_mode: str = spec("auto", choices=("auto", "online", "offline", "disabled"))
 
 
 @dataclass
@@ -128,16 +135,6 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise UserError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
-
-
-def _positive(key: str, value) -> None:
-    if not value > 0:  # (NaN too)
-        raise UserError(f"{key}: must be positive, got {value}")
 
 
 # ---- YAML: 1.2-style booleans, so `resume: off` stays the string "off" ----------------

@@ -107,12 +107,12 @@ def generate_main(argv: list[str]) -> int:
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--greedy", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tokenizer", help="sentencepiece .model (default: the checkpoint's copy)")
+    ap.add_argument("--tokenizer", help="sentencepiece .model or tokenizer.json (default: the checkpoint's copy)")
     args = ap.parse_args(argv)
     cfg, model, path = load_for_inference(args.checkpoint)
-    from pretrain.data.tokenizer import Tokenizer
+    from pretrain.data.tokenizer import load_tokenizer
 
-    tok = Tokenizer(args.tokenizer or str(path / "tokenizer.model"))
+    tok = load_tokenizer(args.tokenizer or path)
     # Documents are packed as "... EOS doc EOS": EOS is the start-of-document context.
     ids = [tok.eos_id] + tok.encode(args.prompt)
     out = sample(model, ids, args.max_new_tokens, args.temperature, args.top_p, args.greedy,

@@ -22,6 +22,7 @@ class MetricsWriter:
                     if l.strip() and _step_of(l) <= truncate_after_step]
             self.path.write_text("".join(l + "\n" for l in keep))
         self._f = open(self.path, "a")
+        self.trackers: list = []  # e.g. pretrain.tracking.WandbTracker: log(record), close()
         self._tb = None
         if tensorboard:
             try:
@@ -35,6 +36,8 @@ class MetricsWriter:
         clean = {k: _jsonable(v) for k, v in record.items()}
         self._f.write(json.dumps(clean) + "\n")
         self._f.flush()
+        for t in self.trackers:
+            t.log(clean)
         if self._tb is not None:
             for k, v in clean.items():
                 if isinstance(v, (int, float)) and k != "step" and v is not None and math.isfinite(v):
@@ -42,6 +45,8 @@ class MetricsWriter:
 
     def close(self) -> None:
         self._f.close()
+        for t in self.trackers:
+            t.close()
         if self._tb is not None:
             self._tb.close()
 

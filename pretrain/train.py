@@ -199,6 +199,10 @@ def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
 
     metrics = MetricsWriter(run_dir, cfg.logging.tensorboard and world.is_main,
                             truncate_after_step=step) if world.is_main else None
+    if metrics and cfg.logging.wandb:
+        from pretrain.tracking import WandbTracker
+
+        metrics.trackers.append(WandbTracker(cfg.logging, run_dir, yaml.safe_load(config_text)))
     flops_tok = train_flops_per_token(cfg.model, cfg.data.seq_len)
     peak = device_peak_flops(world.device)
     tokens_per_step = tcfg.global_batch * cfg.data.seq_len

@@ -85,7 +85,7 @@ def test_prepare_writes_splits_meta_and_exact_token_stream(dataset, corpus, tok)
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == 512 and meta["sample_len"] == SAMPLE_LEN
     assert (meta["eos_id"], meta["pad_id"]) == (2, 0)
     assert (dataset / "tokenizer.model").read_bytes() == Path(tok.path).read_bytes()
-    assert len(list((dataset / "train").glob("shard.*.mds"))) > 3
+    assert len(list((dataset / "train").rglob("shard.*.mds"))) > 3
     docs = _docs(corpus)
     streams = _streams(docs, tok)
     assert meta["splits"]["val"]["documents"] == max(1, round(0.1 * len(docs)))
@@ -109,9 +109,9 @@ def test_prepare_is_deterministic_whatever_the_workers(dataset, corpus, tok, tmp
     prepare([str(corpus)], tmp_path / "w1", tok.path, sample_len=SAMPLE_LEN, val_fraction=0.1,
             workers=1, progress=False, shard_bytes=1 << 14)
     for split in ("train", "val"):
-        a = sorted((dataset / split).iterdir())
-        b = sorted((tmp_path / "w1" / split).iterdir())
-        assert [p.name for p in a] == [p.name for p in b]
+        a = sorted(p for p in (dataset / split).rglob("*") if p.is_file())
+        b = sorted(p for p in (tmp_path / "w1" / split).rglob("*") if p.is_file())
+        assert [p.relative_to(dataset) for p in a] == [p.relative_to(tmp_path / "w1") for p in b]
         assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b))
     m1, m2 = (json.loads((d / "meta.json").read_text()) for d in (dataset, tmp_path / "w1"))
     assert {k: v for k, v in m1.items() if k != "inputs"} == {k: v for k, v in m2.items() if k != "inputs"}
@@ -359,7 +359,7 @@ def test_remote_source_is_cached_locally(dataset, tmp_path):
     l = _global([TokenBatches(local, "train", 8, 0, 1, seed=2)], 4)
     assert all(torch.equal(x[k], y[k]) for x, y in zip(r, l) for k in x)
     (cached,) = [p for p in cache.iterdir() if not p.name.startswith(".")]
-    assert (cached / "meta.json").is_file() and list((cached / "train").glob("shard.*.mds"))
+    assert (cached / "meta.json").is_file() and list((cached / "train").rglob("shard.*.mds"))
     assert Path(resolve_tokenizer(remote)).read_bytes() == (dataset / "tokenizer.model").read_bytes()
     with pytest.raises(UserError, match="cannot fetch meta.json"):
         TokenBatches(_cfg(f"file://{tmp_path}/absent", seq_len=100, cache_dir=str(cache)),

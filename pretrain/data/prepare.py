@@ -2,12 +2,14 @@
 
 Layout of ``out_dir``::
 
-    train/ val/        MDS datasets, column ``tokens`` (ndarray:uint16, or int32 for big vocabs)
-    tokenizer.model    copy of the tokenizer used
+    train/ val/        MDS datasets, column ``tokens`` (ndarray:uint16, or int32 for big vocabs):
+                       index.json merged from one sub-directory per part (part-I-of-N/)
+    parts/             one record per finished part (stats, settings, token counts)
+    tokenizer.model    copy of the tokenizer used (or tokenizer.json + its config files)
     meta.json          vocab/ids, sample_len, dtype, per-split counts, unigram entropy
 
-Every document is followed by EOS; each split's token stream is concatenated and cut into
-blocks of ``sample_len`` tokens. The final partial block of a split is **padded** with
+Every document is followed by EOS; each packing group's token stream is concatenated and
+cut into blocks of ``sample_len`` tokens. The final partial block of a group is **padded** with
 ``pad_id`` (never produced by the tokenizer) and the pad count is recorded in meta.json,
 so small held-out splits keep their tokens; the loader ignores labels at pad positions.
 (With a foreign tokenizer that has no pad piece the partial block is dropped instead.)
@@ -15,25 +17,23 @@ so small held-out splits keep their tokens; the loader ignores labels at pad pos
 
 from __future__ import annotations
 
-import json
 import math
-import multiprocessing as mp
 import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from pretrain.data.sources import expand_inputs, iter_documents
-from pretrain.data.tokenizer import Tokenizer
+from pretrain.data import parts
+from pretrain.data.encode import Encoder
+from pretrain.data.readers import Unit, unit_documents
+from pretrain.data.sources import expand_inputs, list_units
+from pretrain.data.tokenizer import load_tokenizer
 from pretrain.errors import UserError
 
-FORMAT = "pretrain-mds-v1"
-COLUMN = "tokens"
+from pretrain.data.parts import COLUMN, FORMAT  # noqa: E402,F401  (re-exported)
 _VAL_SALT = np.uint64(0x5DEECE66D)
-
-_worker_sp = None
-_worker_dtype = None
+DEFAULT_GROUP_BYTES = 256 << 20  # a partial block per group is wasted: negligible at this size
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -68,37 +68,25 @@ def held_out_mask(n_docs: int, val_fraction: float, min_val_docs: int = 1) -> np
     return mask
 
 
-def _init_worker(model_path: str, dtype: str) -> None:
-    global _worker_sp, _worker_dtype
-    import sentencepiece as spm
-
-    _worker_sp = spm.SentencePieceProcessor(model_file=model_path)
-    _worker_dtype = np.dtype(dtype)
-
-
-def _encode_doc(text: str) -> np.ndarray:
-    ids = _worker_sp.encode(text)
-    ids.append(_worker_sp.eos_id())
-    return np.asarray(ids, dtype=_worker_dtype)
-
-
 class _SplitWriter:
-    """Concatenates documents' tokens and writes full blocks of sample_len to an MDS dir."""
+    """Concatenates documents' tokens and writes full blocks of sample_len to an MDS dir.
+
+    ``end_group()`` closes a packing group: its partial block is padded (or dropped), so
+    blocks never straddle groups and a group's blocks depend on nothing outside it.
+    """
 
     def __init__(self, out: Path, sample_len: int, dtype: str, pad_id: int, vocab: int,
                  shard_bytes: int, count_tokens: bool):
-        from streaming import MDSWriter  # imports torch; kept out of worker processes
-
-        self.writer = MDSWriter(out=str(out), columns={COLUMN: f"ndarray:{dtype}"},
-                                compression=None, size_limit=shard_bytes)
+        self.out, self.shard_bytes, self.writer = out, shard_bytes, None
         self.sample_len, self.dtype, self.pad_id = sample_len, np.dtype(dtype), pad_id
         self.parts: list[np.ndarray] = []
         self.buffered = 0
-        self.documents = self.tokens = self.samples = self.padded = 0
+        self.documents = self.tokens = self.samples = self.padded = self.dropped = 0
         self.counts = np.zeros(vocab, dtype=np.int64) if count_tokens else None
 
-    def add(self, ids: np.ndarray) -> None:
-        self.documents += 1
+    def add(self, ids: np.ndarray, n_docs: int) -> None:
+        """Tokens of ``n_docs`` whole documents (each ending in EOS)."""
+        self.documents += n_docs
         self.tokens += len(ids)
         if self.counts is not None:
             self.counts += np.bincount(ids, minlength=len(self.counts))[: len(self.counts)]
@@ -113,21 +101,31 @@ class _SplitWriter:
             self.parts, self.buffered = ([rest] if len(rest) else []), len(rest)
 
     def _write(self, block: np.ndarray) -> None:
+        if self.writer is None:
+            from streaming import MDSWriter  # imports torch; kept out of worker processes
+
+            self.writer = MDSWriter(out=str(self.out), columns={COLUMN: f"ndarray:{self.dtype.name}"},
+                                    compression=None, size_limit=self.shard_bytes)
         self.writer.write({COLUMN: np.ascontiguousarray(block, dtype=self.dtype)})
         self.samples += 1
 
-    def finish(self) -> dict:
-        dropped = 0
+    def end_group(self) -> None:
         if self.buffered:
             rest = np.concatenate(self.parts)
             if self.pad_id >= 0:
-                self.padded = self.sample_len - len(rest)
-                self._write(np.concatenate([rest, np.full(self.padded, self.pad_id, dtype=self.dtype)]))
+                pad = self.sample_len - len(rest)
+                self.padded += pad
+                self._write(np.concatenate([rest, np.full(pad, self.pad_id, dtype=self.dtype)]))
             else:  # a foreign tokenizer without a pad piece: nothing safe to pad with
-                dropped = len(rest)
-        self.writer.finish()
+                self.dropped += len(rest)
+        self.parts, self.buffered = [], 0
+
+    def finish(self) -> dict:
+        self.end_group()
+        if self.writer is not None:
+            self.writer.finish()
         return {"documents": self.documents, "tokens": self.tokens, "samples": self.samples,
-                "padded_tokens": self.padded, "dropped_tokens": dropped}
+                "padded_tokens": self.padded, "dropped_tokens": self.dropped}
 
 
 def unigram_entropy(counts: np.ndarray) -> float:
@@ -139,15 +137,33 @@ def unigram_entropy(counts: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+def plan_groups(units: list[Unit], group_bytes: int) -> list[list[Unit]]:
+    """Consecutive units packed into groups of at least ``group_bytes`` (the last may be less)."""
+    groups: list[list[Unit]] = [[]]
+    size = 0
+    for u in units:
+        if groups[-1] and size >= group_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(u)
+        size += u.nbytes
+    return groups if groups[0] else []
+
+
 def prepare(inputs: list[str] | str, out_dir: str | os.PathLike, tokenizer: str | os.PathLike,
             text_field: str = "text", sample_len: int = 2049, val_fraction: float = 0.01,
             min_val_docs: int = 1, workers: int = 2, progress: bool = True,
-            shard_bytes: int = 1 << 26, overwrite: bool = False) -> dict:
+            shard_bytes: int = 1 << 26, overwrite: bool = False, part: tuple[int, int] = (0, 1),
+            group_bytes: int = DEFAULT_GROUP_BYTES) -> dict:
     """Tokenize ``inputs`` into ``out_dir/{train,val}`` MDS shards; return the meta dict.
 
-    Deterministic for given inputs and tokenizer, whatever ``workers`` is: documents are
-    tokenized in worker processes but consumed in input order, and the held-out split is
-    chosen by a stable hash of the document index.
+    Inputs are cut into packing groups of about ``group_bytes`` (whole files, or Parquet row
+    groups); each group's token stream is packed on its own, and its documents are held out
+    by a stable hash of their index in the group. ``part=(i, n)`` tokenizes the i-th of n
+    contiguous slices of the groups into its own sub-directories (a cluster shard); with
+    n == 1 the dataset is merged and complete on return, otherwise ``merge_parts`` finishes
+    it once every part is done. Deterministic whatever ``workers`` and ``n`` are; a part
+    already done with the same settings is skipped, so an interrupted run resumes.
     """
     if sample_len < 2:
         raise UserError(f"sample_len must be >= 2, got {sample_len}")
@@ -155,85 +171,102 @@ def prepare(inputs: list[str] | str, out_dir: str | os.PathLike, tokenizer: str 
         raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if workers < 1:
         raise UserError(f"workers must be >= 1, got {workers}")
-    tok = Tokenizer(tokenizer)
+    if group_bytes < 1:
+        raise UserError(f"group_bytes must be >= 1, got {group_bytes}")
+    index, n_parts = part
+    if not (n_parts >= 1 and 0 <= index < n_parts):
+        raise UserError(f"--shard: {index}/{n_parts} is not i/N with 0 <= i < N")
+    tok = load_tokenizer(tokenizer)
     if tok.eos_id < 0:
-        raise UserError(f"{tok.path}: tokenizer has no EOS piece to separate documents")
+        raise UserError(f"{tok.path}: tokenizer has no EOS token to separate documents")
     paths = expand_inputs(inputs)
+    groups = plan_groups(list_units(paths, text_field), group_bytes)
     out = Path(out_dir)
-    _claim_out_dir(out, overwrite)
+    _claim_out_dir(out, overwrite, n_parts)
+    settings = {"tokenizer": parts.fingerprint(tok.files()), "vocab_size": tok.vocab_size,
+                "inputs": [[str(p), p.stat().st_size] for p in paths], "text_field": text_field,
+                "sample_len": sample_len, "val_fraction": val_fraction, "min_val_docs": min_val_docs,
+                "group_bytes": group_bytes, "parts": n_parts, "groups": len(groups)}
+    record = parts.done_record(out, index, settings, overwrite)
+    if record is None:
+        lo, hi = index * len(groups) // n_parts, (index + 1) * len(groups) // n_parts
+        record = _run_part(out, index, settings, tok, groups[lo:hi], len(groups) == 1,
+                           workers=workers, progress=progress, shard_bytes=shard_bytes)
+    if n_parts == 1:
+        return parts.merge_parts(out)
+    return record
 
-    # First pass validates every input and counts documents, so the held-out choice (which
-    # depends on the total) is known before any token is written and tqdm knows its total.
-    n_docs = sum(1 for _ in iter_documents(paths, text_field))
-    is_val = held_out_mask(n_docs, val_fraction, min_val_docs)
 
+def _run_part(out: Path, index: int, settings: dict, tok, groups: list[list[Unit]], only_group: bool,
+              workers: int, progress: bool, shard_bytes: int) -> dict:
+    name = parts.part_name(index, settings["parts"])
     dtype = token_dtype(tok.vocab_size)
-    splits = {"train": _SplitWriter(out / "train", sample_len, dtype, tok.pad_id, tok.vocab_size,
-                                    shard_bytes, count_tokens=True)}
-    if is_val.any():
-        splits["val"] = _SplitWriter(out / "val", sample_len, dtype, tok.pad_id, tok.vocab_size,
-                                     shard_bytes, count_tokens=False)
-    docs = iter_documents(paths, text_field)
-    pool = None
-    if workers > 1:
-        # spawn: the parent may hold threads (torch, tqdm); forking those is unsafe.
-        pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker,
-                                            initargs=(str(tok.path), dtype))
-        encoded = pool.imap(_encode_doc, docs, chunksize=16)
-    else:
-        _init_worker(str(tok.path), dtype)
-        encoded = map(_encode_doc, docs)
+    for split in ("train", "val"):
+        shutil.rmtree(out / split / name, ignore_errors=True)  # leftovers of an interrupted run
+    writers = {split: _SplitWriter(out / split / name, settings["sample_len"], dtype, tok.pad_id,
+                                   tok.vocab_size, shard_bytes, count_tokens=split == "train")
+               for split in ("train", "val")}
+    text_field = settings["text_field"]
+    encoder = Encoder(str(tok.path), dtype, workers)
+    from tqdm import tqdm
+
+    bar = tqdm(disable=not progress, unit="doc", desc=f"tokenizing {name}", dynamic_ncols=True)
     try:
-        from tqdm import tqdm
-
-        for i, ids in enumerate(tqdm(encoded, total=n_docs, disable=not progress, unit="doc",
-                                     desc="tokenizing", dynamic_ncols=True)):
-            splits["val" if is_val[i] else "train"].add(ids)
+        for group in groups:
+            n_docs = sum(1 for u in group for _ in unit_documents(u, text_field))
+            is_val = _group_mask(n_docs, settings, only_group)
+            docs = (d for u in group for d in unit_documents(u, text_field))
+            first = 0
+            for flat, lengths in encoder.map(docs):
+                val = is_val[first:first + len(lengths)]
+                first += len(lengths)
+                bar.update(len(lengths))
+                if not val.any():
+                    writers["train"].add(flat, len(lengths))
+                    continue
+                tok_val = np.repeat(val, lengths)
+                writers["train"].add(flat[~tok_val], int((~val).sum()))
+                writers["val"].add(flat[tok_val], int(val.sum()))
+            for w in writers.values():
+                w.end_group()
     finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-    stats = {name: w.finish() for name, w in splits.items()}
-    stats.setdefault("val", {"documents": 0, "tokens": 0, "samples": 0, "padded_tokens": 0,
-                             "dropped_tokens": 0})
+        encoder.close()
+        bar.close()
+    stats = {split: w.finish() for split, w in writers.items()}
+    return parts.write_record(out, index, settings, stats, writers["train"].counts, tok.files())
 
-    tok.save(out / "tokenizer.model")
-    meta = {
-        "format": FORMAT,
-        "column": COLUMN,
-        "vocab_size": tok.vocab_size,
-        "bos_id": tok.bos_id,
-        "eos_id": tok.eos_id,
-        "pad_id": tok.pad_id,
-        "sample_len": sample_len,
-        "dtype": dtype,
-        "final_block": "padded" if tok.pad_id >= 0 else "dropped",
-        "splits": stats,
-        "unigram_entropy": unigram_entropy(splits["train"].counts),
-        "val_fraction": val_fraction,
-        "text_field": text_field,
-        "inputs": [str(p) for p in paths],
-    }
-    tmp = out / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out / "meta.json")  # written last: its presence marks a complete dataset
-    return meta
+
+def _group_mask(n_docs: int, settings: dict, only_group: bool) -> np.ndarray:
+    # A one-document group among many holds nothing out; alone, it is the user's error.
+    if n_docs < 2 and not only_group:
+        return np.zeros(n_docs, dtype=bool)
+    return held_out_mask(n_docs, settings["val_fraction"], settings["min_val_docs"])
 
 
 def check_out_dir(out: Path, overwrite: bool) -> list[Path]:
-    """What a new dataset in ``out`` would replace; UserError unless ``overwrite``."""
+    """What a new dataset in ``out`` would replace; UserError unless ``overwrite``.
+
+    Only a complete dataset (meta.json) is refused; the leftovers of an interrupted
+    prepare are resumed instead.
+    """
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
-    old = [p for p in (out / "train", out / "val", out / "meta.json") if p.exists()]
-    if old and not overwrite:
-        raise UserError(f"{out}: already holds a prepared dataset ({old[0].name}); "
+    if (out / "meta.json").exists() and not overwrite:
+        raise UserError(f"{out}: already holds a prepared dataset (meta.json); "
                         f"pass --overwrite or choose another --out")
-    return old
+    return [p for p in (out / "train", out / "val", out / "parts", out / "meta.json") if p.exists()]
 
 
-def _claim_out_dir(out: Path, overwrite: bool) -> None:
-    for p in check_out_dir(out, overwrite):
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+def _claim_out_dir(out: Path, overwrite: bool, n_parts: int) -> None:
+    old = check_out_dir(out, overwrite)
+    if overwrite:
+        # One process owns the whole directory; cluster shards only drop the merged result.
+        for p in old if n_parts == 1 else [out / "meta.json", out / "train" / "index.json",
+                                            out / "val" / "index.json"]:
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
 

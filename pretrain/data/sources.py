@@ -1,18 +1,21 @@
-"""Reading documents from text files, globs, directories and JSONL (optionally gzipped)."""
+"""Naming inputs: files, globs, directories (walked) and Hugging Face ``datasets`` directories.
+
+Formats are read by ``pretrain.data.readers``: text and JSONL (plain, ``.gz``, ``.zst``),
+Parquet (by row group) and Arrow (what ``datasets``' ``save_to_disk`` writes).
+"""
 
 from __future__ import annotations
 
 import glob
-import gzip
-import io
-import json
 import os
 from pathlib import Path
 from typing import Iterator
 
+from pretrain.data.readers import Unit, file_units, unit_documents
 from pretrain.errors import UserError
 
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")
+# datasets' save_to_disk metadata next to its .arrow files: not documents
+_DATASETS_META = {"state.json", "dataset_info.json"}
 
 
 def expand_inputs(inputs: list[str] | str) -> list[Path]:
@@ -30,10 +33,7 @@ def expand_inputs(inputs: list[str] | str) -> list[Path]:
         item = str(item)
         p = Path(item)
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.is_file() and not _hidden(q.relative_to(p)))
-            if not found:
-                raise UserError(f"{item}: directory holds no files")
-            out.extend(found)
+            out.extend(_walk(p, item))
         elif p.is_file():
             out.append(p)
         elif glob.has_magic(item):
@@ -46,64 +46,32 @@ def expand_inputs(inputs: list[str] | str) -> list[Path]:
     return out
 
 
+def _walk(root: Path, label: str) -> list[Path]:
+    if (root / "dataset_dict.json").is_file():
+        splits = sorted(q.name for q in root.iterdir() if (q / "state.json").is_file())
+        raise UserError(f"{label}: a datasets DatasetDict; pass one split's directory "
+                        f"({', '.join(f'{label.rstrip(os.sep)}/{s}' for s in splits) or 'none found'})")
+    found = sorted(q for q in root.rglob("*") if q.is_file() and not _hidden(q.relative_to(root)))
+    arrow_dirs = {q.parent for q in found if q.suffix == ".arrow"}
+    found = [q for q in found if not (q.parent in arrow_dirs and q.name in _DATASETS_META)]
+    if not found:
+        raise UserError(f"{label}: directory holds no files")
+    return found
+
+
 def _hidden(rel: Path) -> bool:
     return any(part.startswith(".") for part in rel.parts)
 
 
-def is_jsonl(path: Path) -> bool:
-    return path.name.endswith(JSONL_SUFFIXES)
-
-
-def _open_text(path: Path):
-    try:
-        if path.name.endswith(".gz"):
-            return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-        return open(path, encoding="utf-8", newline="")
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+def list_units(paths: list[Path], text_field: str = "text") -> list[Unit]:
+    """Every file's units in order (Parquet files by row group)."""
+    return [u for p in paths for u in file_units(p, text_field)]
 
 
 def iter_file_documents(path: Path, text_field: str = "text") -> Iterator[str]:
-    """Documents of one file: each JSONL record's ``text_field``, or the whole text file.
-
-    Empty documents are skipped; an empty or unreadable file, bad JSON, a missing or
-    non-string field are UserErrors naming the file (and line).
-    """
-    try:
-        if path.stat().st_size == 0:
-            raise UserError(f"{path}: file is empty")
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
-    try:
-        with _open_text(path) as f:
-            if not is_jsonl(path):
-                text = f.read()
-                if not text.strip():
-                    raise UserError(f"{path}: file holds no text")
-                yield text
-                return
-            n = 0
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(rec, dict) or text_field not in rec:
-                    raise UserError(f"{path}:{lineno}: record has no field '{text_field}'")
-                text = rec[text_field]
-                if not isinstance(text, str):
-                    raise UserError(f"{path}:{lineno}: field '{text_field}' is not a string")
-                if text:
-                    n += 1
-                    yield text
-            if n == 0:
-                raise UserError(f"{path}: no documents (no non-empty '{text_field}' values)")
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
-    except (OSError, EOFError) as e:  # includes gzip.BadGzipFile
-        raise UserError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    """Documents of one file (every unit of it)."""
+    for unit in file_units(path, text_field):
+        yield from unit_documents(unit, text_field)
 
 
 def iter_documents(paths: list[Path], text_field: str = "text") -> Iterator[str]:

@@ -74,13 +74,16 @@ class Dataset:
         return _STORES[key]
 
     def tokenizer_path(self) -> str:
-        """Local path of the dataset's tokenizer.model (fetched into the cache for remotes)."""
-        local = Path(self.local) / "tokenizer.model"
-        if not local.is_file():
-            if self.remote is None:
-                raise UserError(f"{self.path}: has no tokenizer.model")
-            _fetch(self.remote, "tokenizer.model", local, self.path)
-        return str(local)
+        """Local path of the dataset's tokenizer (fetched into the cache for remotes):
+        tokenizer.model, or tokenizer.json with its config files beside it."""
+        names = self.meta.get("tokenizer_files") or ["tokenizer.model"]
+        for name in names:
+            local = Path(self.local) / name
+            if not local.is_file():
+                if self.remote is None:
+                    raise UserError(f"{self.path}: has no {name}")
+                _fetch(self.remote, name, local, self.path)
+        return str(Path(self.local) / ("tokenizer.json" if "tokenizer.json" in names else names[0]))
 
 
 def _open_streaming(ds: Dataset, split: str):

@@ -1,7 +1,13 @@
-"""SentencePiece BPE tokenizer for code and text, trained so that decode(encode(s)) == s.
+"""Tokenizers: the project's sentencepiece BPE (trained here so that decode(encode(s)) == s)
+and, through the same interface, a Hugging Face ``tokenizer.json`` (``pretrain.data.hf_tokenizer``).
 
-Ids follow the Llama convention the HF exporter relies on: pad=0, bos=1, eos=2, unk=3,
-then 256 byte-fallback pieces, then learned merges.
+``load_tokenizer(path)`` is the one place that tells the kinds apart; everything else
+(prepare, training, eval, generate, export) uses the interface: ``vocab_size``, ``bos_id``,
+``eos_id``, ``pad_id`` (-1 when absent), ``encode``, ``encode_batch``, ``decode``,
+``files()`` (what to copy into datasets and checkpoints) and ``write_hf`` (export files).
+
+Sentencepiece ids follow the Llama convention the HF exporter relies on: pad=0, bos=1,
+eos=2, unk=3, then 256 byte-fallback pieces, then learned merges.
 """
 
 from __future__ import annotations
@@ -96,8 +102,46 @@ def train_tokenizer(inputs: list[str] | str, out_prefix: str | os.PathLike, voca
     return path
 
 
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")  # what a dataset/checkpoint dir may hold
+
+
+def find_tokenizer(directory: str | os.PathLike) -> Path | None:
+    """The tokenizer file a dataset, checkpoint or export directory holds, if any."""
+    for name in TOKENIZER_FILES:
+        if (Path(directory) / name).is_file():
+            return Path(directory) / name
+    return None
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """A sentencepiece ``.model``, a ``tokenizer.json``, or a directory holding either."""
+    p = Path(path)
+    if p.is_dir():
+        found = find_tokenizer(p)
+        if found is None:
+            raise UserError(f"{p}: holds no tokenizer ({' or '.join(TOKENIZER_FILES)})")
+        p = found
+    if p.suffix == ".json":
+        from pretrain.data.hf_tokenizer import HFTokenizer
+
+        return HFTokenizer(p)
+    return Tokenizer(p)
+
+
+def copy_tokenizer_files(path: str | os.PathLike, dest_dir: str | os.PathLike) -> list[str]:
+    """Copy a tokenizer's files into ``dest_dir`` under their canonical names."""
+    from pretrain.data.hf_tokenizer import copy_files
+
+    files = load_tokenizer(path).files()
+    Path(dest_dir).mkdir(parents=True, exist_ok=True)
+    copy_files(files, Path(dest_dir))
+    return sorted(files)
+
+
 class Tokenizer:
     """A trained sentencepiece model: encode/decode without BOS/EOS (callers add them)."""
+
+    kind = "sentencepiece"
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -144,6 +188,16 @@ class Tokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))
+
+    def files(self) -> dict[str, Path]:
+        """Canonical name -> source path of every file this tokenizer consists of."""
+        return {"tokenizer.model": self.path}
+
+    def write_hf(self, out_dir: Path, max_len: int) -> list[str]:
+        """Files ``AutoTokenizer.from_pretrained(out_dir)`` loads as this tokenizer."""
+        from pretrain.hf.tokenizer import write_tokenizer
+
+        return write_tokenizer(self.path, out_dir, max_len)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Copy the model file to ``path`` (no-op when it already is that file)."""

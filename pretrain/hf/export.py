@@ -38,7 +38,9 @@ def export_checkpoint(checkpoint: str, out: str, dtype: str = "fp32", max_shard_
     mc = cfg.model
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     arch, _, notes = choose(mc, sd, remote_code)
-    tok_path = Path(tokenizer) if tokenizer else path / "tokenizer.model"
+    from pretrain.data.tokenizer import find_tokenizer
+
+    tok_path = Path(tokenizer) if tokenizer else (find_tokenizer(path) or path / "tokenizer.model")
     if tokenizer and not tok_path.is_file():
         raise UserError(f"--tokenizer: {tok_path} not found")
     tok_ids = _token_ids(tok_path, mc.vocab_size)
@@ -58,12 +60,13 @@ def export_checkpoint(checkpoint: str, out: str, dtype: str = "fp32", max_shard_
         _write_generation_config(tmp, tok_ids, use_cache=arch is not REMOTE)
         files.append("generation_config.json")
         if tok_ids["source"]:
-            from pretrain.hf.tokenizer import write_tokenizer
+            from pretrain.data.tokenizer import load_tokenizer
 
-            files += write_tokenizer(tok_path, tmp, mc.max_seq_len)
+            files += load_tokenizer(tok_path).write_hf(tmp, mc.max_seq_len)
         else:
             notes.append(f"no tokenizer written: {tok_path} not found (pass --tokenizer)")
         summary = {"checkpoint": str(path), "out": str(out_dir), "architecture": arch.hf_class,
+                   "tokenizer_kind": tok_ids.get("kind"),
                    "remote_code": arch is REMOTE, "dtype": dtype, "files": sorted(files), "notes": notes}
         (tmp / "README.md").write_text(_readme(summary, mc))
         if out_dir.exists():
@@ -78,14 +81,14 @@ def export_checkpoint(checkpoint: str, out: str, dtype: str = "fp32", max_shard_
 def _token_ids(tok_path: Path, vocab_size: int) -> dict:
     if not tok_path.is_file():
         return {"source": None, "bos": BOS_ID, "eos": EOS_ID, "pad": PAD_ID}
-    from pretrain.data.tokenizer import Tokenizer
+    from pretrain.data.tokenizer import load_tokenizer
 
-    tok = Tokenizer(tok_path)
+    tok = load_tokenizer(tok_path)
     if tok.vocab_size > vocab_size:
         raise UserError(f"{tok_path}: tokenizer has {tok.vocab_size} pieces, more than the model's "
                         f"vocab_size={vocab_size}")
     ids = {"source": str(tok_path), "bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id}
-    return {k: (None if isinstance(v, int) and v < 0 else v) for k, v in ids.items()}
+    return {k: (None if isinstance(v, int) and v < 0 else v) for k, v in ids.items()} | {"kind": tok.kind}
 
 
 def _write_config(arch, mc, out: Path, torch_dtype, tok_ids: dict) -> None:
@@ -131,12 +134,17 @@ def _readme(summary: dict, mc) -> str:
                  else "."),
               "Hugging Face models attend causally over the whole input, so logits agree with training",
               "on a single document (no EOS inside); feed packed sequences one document at a time.", "",
-              "## Tokenizer",
-              "`AutoTokenizer` loads the sentencepiece model as `LlamaTokenizerFast` and encodes/decodes",
-              "text exactly as the training tokenizer (whitespace and newlines included). It adds no BOS",
-              "(`add_bos_token: false`): training documents start right after an EOS, so to condition on",
-              "a document start, prepend the EOS id (as `pretrain generate` does). Literal special-token",
-              "strings such as `</s>` inside text are parsed as special tokens by transformers.", ""]
+              "## Tokenizer"]
+    if summary.get("tokenizer_kind") == "hf":
+        lines += ["`AutoTokenizer` loads the training run's own `tokenizer.json` with the special tokens of",
+                  "its `tokenizer_config.json`; training packed documents as `doc EOS doc EOS` with no BOS",
+                  "(encode with `add_special_tokens=False` to match).", ""]
+    else:
+        lines += ["`AutoTokenizer` loads the sentencepiece model as `LlamaTokenizerFast` and encodes/decodes",
+                  "text exactly as the training tokenizer (whitespace and newlines included). It adds no BOS",
+                  "(`add_bos_token: false`): training documents start right after an EOS, so to condition on",
+                  "a document start, prepend the EOS id (as `pretrain generate` does). Literal special-token",
+                  "strings such as `</s>` inside text are parsed as special tokens by transformers.", ""]
     if summary["notes"]:
         lines += ["## Notes"] + [f"- {n}" for n in summary["notes"]] + [""]
     return "\n".join(lines) + "\n"
@@ -158,7 +166,7 @@ def parser():
                     help="models no transformers class represents: export a modeling file (auto), always do, "
                          "or fail naming the feature (never)")
     ap.add_argument("--tokenizer", type=path(exists=True),
-                    help="sentencepiece .model (default: the checkpoint's tokenizer.model)")
+                    help="sentencepiece .model or tokenizer.json (default: the checkpoint's copy)")
     return ap
 
 

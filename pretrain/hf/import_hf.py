@@ -66,8 +66,10 @@ def import_model(model_dir: str, out: str) -> Path:
     cfg = Config(model=mc)
     cfg.data.seq_len = min(cfg.data.seq_len, mc.max_seq_len)
     cfg.validate()
-    tok = src / "tokenizer.model"
-    return write_weights_checkpoint(out, cfg, model, str(tok) if tok.is_file() else None)
+    from pretrain.data.tokenizer import find_tokenizer
+
+    tok = find_tokenizer(src)  # tokenizer.model, else tokenizer.json (+ its config)
+    return write_weights_checkpoint(out, cfg, model, str(tok) if tok else None)
 
 
 def _hf_names_used(arch, mc, sd: dict, tensors: dict) -> set[str]:
