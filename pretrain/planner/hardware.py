@@ -36,7 +36,7 @@ class Device:
     k_overhead: int = 512  # pipeline fill + epilogue of one GEMM output tile, in units of K
     gpus_per_node: int = 8
     # Sustained fractions of the datasheet rates (see module docstring).
-    gemm_efficiency: float = 0.64
+    gemm_efficiency: float = 0.62
     attention_efficiency: float = 0.40  # fused flash/SSD kernels, fwd+bwd
     hbm_efficiency: float = 0.80  # STREAM-like fraction of HBM bandwidth
     link_efficiency: float = 0.80  # NCCL bus bandwidth / link rate

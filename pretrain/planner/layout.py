@@ -122,6 +122,15 @@ class Recipe:
     accumulate_unsharded: bool = True  # FSDP2 no-sync micro-batches keep unsharded grads
     p2p_overlap: bool = False  # pipeline sends/receives hidden behind compute
     ce_bytes: int = 48  # HBM bytes per logit of the (unfused) cross-entropy, fwd + bwd
+    # With sequence parallel, a column-parallel linear saves its input sharded over tp and
+    # all-gathers it again in backward (Megatron-LM); torch's SequenceParallel saves the
+    # gathered input (this trainer).
+    sp_sharded_input: bool = False
+    # Data-parallel overlap: "last_backward" (gradient reduction hidden behind the last
+    # micro-batch's backward only, parameter gathers before the step's first forward) or
+    # "per_chunk" (Megatron's --overlap-grad-reduce / --overlap-param-gather: each model
+    # chunk reduces once its last backward is done and gathers just before its first forward).
+    dp_overlap: str = "last_backward"
 
 
 def project_recipe(cfg: Config) -> Recipe:
@@ -141,7 +150,7 @@ def megatron_recipe() -> Recipe:
     GEMMs (``--tp-comm-overlap``)."""
     return Recipe("megatron", param_bytes=2, compute_param_bytes=2, grad_bytes=4, master_bytes=4,
                   stream_bytes=2, act_bytes=2, tp_overlap="full", accumulate_unsharded=False,
-                  p2p_overlap=True, ce_bytes=64)
+                  p2p_overlap=True, ce_bytes=64, sp_sharded_input=True, dp_overlap="per_chunk")
 
 
 def config_layout(cfg: Config, world_size: int) -> Layout:

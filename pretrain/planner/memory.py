@@ -137,8 +137,8 @@ def activation_bytes(cfg: ModelConfig, layout: Layout, wl: Workload, recipe: Rec
     kinds = cfg.sublayer_kinds
     stored, recompute = 0.0, 0.0
     for i in layers:
-        full = ms.activation_bytes_per_token(kinds[i], cfg, layout.tp, layout.sp,
-                                             recipe.stream_bytes, recipe.act_bytes) * tokens
+        full = ms.activation_bytes_per_token(kinds[i], cfg, layout.tp, layout.sp, recipe.stream_bytes,
+                                             recipe.act_bytes, recipe.sp_sharded_input) * tokens
         if layout.ac == "full" or (layout.ac == "every_n" and i % layout.ac_every == 0):
             stored += cfg.d_model * recipe.stream_bytes * tokens / (layout.tp if layout.sp else 1)
             recompute = max(recompute, full)

@@ -219,11 +219,13 @@ def elementwise_bytes_per_token(kind: str, cfg: ModelConfig, tp: int, sp: bool,
 
 
 def activation_bytes_per_token(kind: str, cfg: ModelConfig, tp: int, sp: bool,
-                               stream_bytes: int, act_bytes: int) -> float:
-    """Bytes one sublayer keeps for backward per token (no recomputation)."""
+                               stream_bytes: int, act_bytes: int, sp_sharded_input: bool = False) -> float:
+    """Bytes one sublayer keeps for backward per token (no recomputation). Flash-style
+    kernels: no S x S score matrix is stored. ``sp_sharded_input``: see ``Recipe``."""
     d, a = cfg.d_model, act_bytes
     stream = d * stream_bytes / (tp if sp else 1)  # the sublayer input (norm backward)
-    normed = d * a  # the mixer input, gathered to full length with sp
+    # the mixer input: gathered to full length with sp, unless saved sharded
+    normed = d * a / (tp if sp and sp_sharded_input else 1)
     hd = cfg.dim_head
     if cfg.norm == "peri":
         stream += d * a
