@@ -124,6 +124,9 @@ def train(cfg: Config) -> dict:
 
 
 def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
+    from pretrain.layout_check import check_run
+
+    check_run(cfg, world.world_size)  # the layout checks `pretrain plan` shares
     setup_determinism(cfg)
     setup_kernels(cfg, world.device)
     run_dir = prepare_run_dir(cfg, world)

@@ -66,8 +66,9 @@ class Layout:
             parts.append("ac" + ("" if self.ac == "full" else f"/{self.ac_every}"))
         return " ".join(parts)
 
-    def overrides(self) -> list[str]:
-        """The config overrides that select this layout."""
+    def overrides(self, n_micro: int = 0) -> list[str]:
+        """The config overrides that select this layout (``n_micro``: pipeline micro-batches
+        per step, pinned with pp > 1 so the trainer runs the micro-batches planned)."""
         ov = {"parallel.tp": self.tp, "parallel.pp": self.pp, "train.micro_batch": self.micro_batch,
               "train.activation_checkpointing": self.ac}
         if self.ep > 1:
@@ -85,6 +86,8 @@ class Layout:
             ov.update({"parallel.dp_replicate": self.dp_replicate, "parallel.dp_shard": self.dp_shard})
         if self.pp > 1:
             ov.update({"parallel.pp_schedule": self.schedule, "parallel.pp_virtual_stages": self.vpp})
+            if n_micro:
+                ov["parallel.pp_microbatches"] = n_micro
         if self.ac == "every_n":
             ov["train.ac_every"] = self.ac_every
         return [f"--{k}={v}" for k, v in ov.items()]
@@ -183,8 +186,17 @@ def _vpp(p) -> int:
 
 
 def _micro(cfg: Config, sizes: dict) -> int:
+    """Sequences per forward as the trainer runs them (a pipeline re-splits the rank's rows
+    into ``parallel.runner.pipeline_microbatches`` of them)."""
+    from parallel.runner import pipeline_microbatches
+
     dp = sizes["dp_replicate"] * sizes["dp_shard"]
-    return cfg.train.micro_batch or max(cfg.train.global_batch // max(dp, 1), 1)
+    rows = max(cfg.train.global_batch // max(dp, 1), 1)
+    micro = cfg.train.micro_batch or rows
+    if sizes["pp"] > 1:
+        n = pipeline_microbatches(cfg.parallel.pp_microbatches, rows // max(micro, 1), sizes["pp"])
+        micro = max(rows // n, 1)
+    return micro
 
 
 def workload(cfg: Config) -> Workload:
