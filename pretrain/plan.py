@@ -61,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     gpn = _gpus_per_node(args)
     dev = hw.get_device(args.gpu_type, gpn)
     recipe = project_recipe(cfg) if args.recipe == "project" else megatron_recipe()
+    if args.gpu_type == "cpu":  # CPU runs use the pure-torch reference kernels
+        from dataclasses import replace
+
+        recipe = replace(recipe, reference_kernels=True)
     wl = workload(cfg)
     if args.dry_run:
         return _dry_run(cfg, args, recipe)

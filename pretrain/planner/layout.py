@@ -134,6 +134,9 @@ class Recipe:
     # "per_chunk" (Megatron's --overlap-grad-reduce / --overlap-param-gather: each model
     # chunk reduces once its last backward is done and gathers just before its first forward).
     dp_overlap: str = "last_backward"
+    # The pure-torch reference kernels (CPU) keep more for backward than fused ones: the
+    # norm's fp32 intermediate, SiLU's output, KV heads repeated to the query heads.
+    reference_kernels: bool = False
 
 
 def project_recipe(cfg: Config) -> Recipe:
