@@ -55,3 +55,23 @@ def test_issue_example_zbv_with_data_parallel_is_not_runnable():
     lay = Layout(tp=1, pp=2, dp_replicate=4, dp_shard=8, zero=3, schedule="zbv", vpp=2, micro_batch=1)
     plan = evaluate(cfg.model, lay, workload(cfg), H100, project_recipe(cfg), cfg)
     assert plan.unsupported and "zbv does not compose with data parallelism" in plan.unsupported
+
+
+def test_pp_microbatches_default_and_override():
+    """README: pipeline micro-batches per step default to the train.micro_batch slices, or
+    pp with one slice; parallel.pp_microbatches overrides and must divide the rows."""
+    from parallel.runner import pipeline_microbatches
+    from pretrain.planner.layout import config_layout
+
+    assert pipeline_microbatches(0, 4, 2) == 4
+    assert pipeline_microbatches(0, 1, 2) == 2
+    assert pipeline_microbatches(6, 4, 2) == 6
+    base = ["--parallel.pp=2", "--train.global_batch=8"]
+    assert config_layout(load_config("tiny", base), 2).micro_batch == 4  # 8 rows / pp
+    cfg = load_config("tiny", [*base, "--parallel.pp_microbatches=4"])
+    check_run(cfg, 2)
+    assert config_layout(cfg, 2).micro_batch == 2
+    with pytest.raises(UserError, match="parallel.pp_microbatches: 3 micro-batches do not divide the 8 rows"):
+        check_run(load_config("tiny", [*base, "--parallel.pp_microbatches=3"]), 2)
+    with pytest.raises(UserError, match="needs at least pp=2"):  # torch's 1F1B refuses 1 < pp
+        check_run(load_config("tiny", [*base, "--parallel.pp_microbatches=1"]), 2)
