@@ -38,15 +38,20 @@ def apply_compile(model: nn.Module) -> None:
 
 def check_layout(model: nn.Module, pcfg: ParallelConfig, world: World) -> None:
     """Reject a layout the model cannot be divided into (ConfigError naming the key)."""
+    check_model_layout(model.cfg, pcfg, world)
+
+
+def check_model_layout(cfg, pcfg: ParallelConfig, world: World) -> None:
+    """``check_layout`` from the model's config alone (``world`` needs only its sizes)."""
     from parallel.pipeline import check_pp
     from parallel.tp import check_tp
 
-    check_tp(model.cfg, world.tp_size)
+    check_tp(cfg, world.tp_size)
     if pcfg.ep > 1:  # expert parallel
         from parallel.expert_parallel import check_ep
 
-        check_ep(model.cfg, pcfg.ep)
-    check_pp(model.cfg, pcfg, world.pp_size)
+        check_ep(cfg, pcfg.ep)
+    check_pp(cfg, pcfg, world.pp_size)
     if world.pp_size > 1 and pcfg.pp_schedule == "zbv" and world.dp_size > 1:
         # torch's split input/weight backward runs FSDP's gradient hooks before the weight
         # gradients exist: the reduced gradients come out wrong (checked on torch 2.14)

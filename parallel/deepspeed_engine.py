@@ -56,12 +56,14 @@ def check_layout(pcfg: ParallelConfig, world: World) -> None:
                           "(use train.dtype=bf16 for bf16 autocast compute)")
 
 
+MISSING = "parallel.dp_engine=deepspeed needs the deepspeed package (pip install 'pretrain[deepspeed]')"
+
+
 def _import_deepspeed():
     try:
         import deepspeed
     except ImportError:
-        raise ConfigError("parallel.dp_engine=deepspeed needs the deepspeed package "
-                          "(pip install 'pretrain[deepspeed]')") from None
+        raise ConfigError(MISSING) from None
     from deepspeed.accelerator import get_accelerator
     from deepspeed.utils import logger as ds_logger
 

@@ -57,18 +57,25 @@ def param_costs(model: nn.Module) -> tuple[list[float], float, float]:
     return costs, 0.0, 2.0 * cfg.d_model * cfg.vocab_size
 
 
-def split_stages(cfg: ModelConfig, n_stages: int, costs: list[float], embed_cost: float,
-                 head_cost: float) -> list[list[int]]:
-    """Global sublayer indices of each stage (ConfigError if the model cannot be split)."""
+def check_split(cfg: ModelConfig, n_stages: int) -> list[int]:
+    """The ways ``split_stages`` can fail (ConfigError); returns the ``|`` marks."""
     n = cfg.n_sublayers
     if n_stages > n:
         raise ConfigError(f"parallel.pp: {n_stages} pipeline stages but the model has only {n} "
                           f"sublayers (lower parallel.pp or parallel.pp_virtual_stages)")
     marks = sorted({b for b in cfg.stage_boundaries() if 0 < b < n})
+    if marks and len(marks) + 1 != n_stages:
+        raise ConfigError(f"model.pattern: its '|' marks cut {len(marks) + 1} pipeline stages, but "
+                          f"parallel.pp * pp_virtual_stages = {n_stages}")
+    return marks
+
+
+def split_stages(cfg: ModelConfig, n_stages: int, costs: list[float], embed_cost: float,
+                 head_cost: float) -> list[list[int]]:
+    """Global sublayer indices of each stage (ConfigError if the model cannot be split)."""
+    n = cfg.n_sublayers
+    marks = check_split(cfg, n_stages)
     if marks:
-        if len(marks) + 1 != n_stages:
-            raise ConfigError(f"model.pattern: its '|' marks cut {len(marks) + 1} pipeline stages, but "
-                              f"parallel.pp * pp_virtual_stages = {n_stages}")
         cuts = [0] + marks + [n]
         return [list(range(a, b)) for a, b in zip(cuts, cuts[1:])]
     return _balanced(costs, n_stages, embed_cost, head_cost)
@@ -123,7 +130,7 @@ def check_pp(cfg: ModelConfig, pcfg, pp: int) -> None:
     if cfg.tie_embeddings:
         raise ConfigError("model.tie_embeddings: not supported with parallel.pp > 1 (embedding and "
                           "head live on different stages)")
-    split_stages(cfg, n_stages, [1.0] * cfg.n_sublayers, 0.0, 0.0)
+    check_split(cfg, n_stages)
 
 
 class _AuxLossGrad(torch.autograd.Function):
@@ -156,9 +163,27 @@ def attach_aux_losses(part: nn.Module, record: list) -> None:
     part.register_forward_hook(hook)
 
 
+def check_schedule(name: str, n_micro: int, pp: int) -> None:
+    """The micro-batch counts torch's schedule constructors refuse (ConfigError), checked
+    before anything is built (torch 2.14: 1F1B needs at least one micro-batch per stage;
+    interleaved 1F1B a whole number of micro-batches per round of ``pp``)."""
+    if n_micro < 1:
+        raise ConfigError(f"parallel.pp_microbatches: must be >= 1, got {n_micro}")
+    if name == "1f1b" and n_micro < pp:
+        raise ConfigError(f"parallel.pp_microbatches: {n_micro} micro-batches do not fit the 1f1b "
+                          f"schedule: it needs at least pp={pp}")
+    if name == "interleaved_1f1b":
+        rounds = max(1, n_micro // pp)
+        if n_micro % rounds:
+            raise ConfigError(f"parallel.pp_microbatches: {n_micro} micro-batches do not fit the "
+                              f"interleaved_1f1b schedule: not a multiple of its {rounds} rounds")
+
+
 def build_schedule(name: str, stages: list, n_micro: int, loss_fn):
     """The torch schedule object for ``name`` over this rank's ``stages``."""
     from torch.distributed.pipelining import schedules as S
+
+    check_schedule(name, n_micro, stages[0].group_size)
 
     if name in ("gpipe", "1f1b"):
         cls = S.ScheduleGPipe if name == "gpipe" else S.Schedule1F1B

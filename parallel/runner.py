@@ -121,10 +121,7 @@ class ParallelModel:
                 h.z_loss = z
 
     def _to_device(self, batch: dict) -> dict:
-        seq = batch["input_ids"].shape[-1]
-        if self.sequence_parallel and seq % self.world.tp_size:
-            raise ConfigError(f"data.seq_len: {seq} must be divisible by parallel.tp="
-                              f"{self.world.tp_size} with parallel.sequence_parallel")
+        check_sequence_split(batch["input_ids"].shape[-1], self.world.tp_size, self.sequence_parallel)
         return {k: v.to(self.world.device, non_blocking=True) for k, v in batch.items()}
 
     def _micro_loss(self, mb: dict, with_aux: bool = True) -> torch.Tensor:
@@ -251,6 +248,24 @@ class ParallelModel:
             p.train(mode)
 
 
+def check_sequence_split(seq: int, tp: int, sequence_parallel: bool) -> None:
+    if sequence_parallel and seq % tp:
+        raise ConfigError(f"data.seq_len: {seq} must be divisible by parallel.tp={tp} "
+                          f"with parallel.sequence_parallel")
+
+
+def check_pipeline_rows(rows: int, n_micro: int) -> None:
+    if rows % n_micro:
+        raise ConfigError(f"parallel.pp_microbatches: {n_micro} micro-batches do not divide the "
+                          f"{rows} rows per data-parallel rank")
+
+
+def pipeline_microbatches(pp_microbatches: int, n_given: int, pp: int) -> int:
+    """Pipeline micro-batches per step: ``parallel.pp_microbatches``, else the trainer's
+    ``train.micro_batch`` slices, else (one slice) ``pp``."""
+    return pp_microbatches or (n_given if n_given > 1 else pp)
+
+
 class PipelineModel(ParallelModel):
     """Runs each step through a torch.distributed.pipelining schedule over this rank's stages.
 
@@ -297,10 +312,7 @@ class PipelineModel(ParallelModel):
         return self._schedules[n_micro]
 
     def _run(self, batch: dict, n_micro: int, train: bool) -> list[torch.Tensor]:
-        rows = batch["input_ids"].shape[0]
-        if rows % n_micro:
-            raise ConfigError(f"parallel.pp_microbatches: {n_micro} micro-batches do not divide the "
-                              f"{rows} rows per data-parallel rank")
+        check_pipeline_rows(batch["input_ids"].shape[0], n_micro)
         sched = self._schedule(n_micro)
         args = (batch["input_ids"],) if self.has_first else ()
         kwargs = {"doc_ids": batch["doc_ids"]} if batch.get("doc_ids") is not None else {}
@@ -320,8 +332,7 @@ class PipelineModel(ParallelModel):
     def forward_backward(self, micro_batches: list[dict]) -> torch.Tensor:
         batch = {k: torch.cat([mb[k] for mb in micro_batches]) for k in micro_batches[0]}
         batch = self._to_device(batch)
-        n_micro = self.pp_microbatches or (len(micro_batches) if len(micro_batches) > 1
-                                           else self.world.pp_size)
+        n_micro = pipeline_microbatches(self.pp_microbatches, len(micro_batches), self.world.pp_size)
         self._last_n_micro = n_micro
         self._aux.clear()
         losses = self._run(batch, n_micro, train=True)

@@ -67,15 +67,19 @@ def main(argv: list[str] | None = None) -> int:
     gpn = _gpus_per_node(args)
     dev = hw.get_device(args.gpu_type, gpn)
     recipe = project_recipe(cfg) if args.recipe == "project" else megatron_recipe()
+    if args.gpu_type == "cpu":  # CPU runs use the pure-torch reference kernels
+        from dataclasses import replace
+
+        recipe = replace(recipe, reference_kernels=True)
     wl = workload(cfg)
     if args.dry_run:
         return _dry_run(cfg, args, recipe)
     try:
-        mine = evaluate(cfg.model, config_layout(cfg, args.gpus), wl, dev, recipe, cfg.parallel)
+        mine = evaluate(cfg.model, config_layout(cfg, args.gpus), wl, dev, recipe, cfg)
     except ValueError as e:  # the configured layout does not match the world size
         mine = None
         mine_error = str(e)
-    plans = rank(cfg.model, args.gpus, wl, dev, recipe, base_parallel=cfg.parallel)
+    plans = rank(cfg.model, args.gpus, wl, dev, recipe, base=cfg)
     if args.json:
         print(json.dumps({"configured": _plan_json(mine) if mine else None,
                           "ranked": [_plan_json(p) for p in plans if p.fits][:args.top]}, indent=1))
@@ -93,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     runnable = [p for p in fit if not p.unsupported]
     if runnable:
         print(f"\nfastest runnable: pretrain train {args.config} "
-              f"{' '.join(runnable[0].layout.overrides())}")
+              f"{' '.join(runnable[0].layout.overrides(wl.micro_batches(runnable[0].layout)))}")
     return 0
 
 
@@ -148,7 +152,7 @@ def _table(plans, dev) -> str:
 
 
 def _plan_json(p) -> dict:
-    return {"layout": p.layout.name, "overrides": p.layout.overrides(), "fits": p.fits,
+    return {"layout": p.layout.name, "overrides": p.layout.overrides(p.n_micro), "fits": p.fits,
             "problem": p.problem, "unsupported": p.unsupported,
             "peak_bytes": p.peak_bytes, "state_bytes": p.state_bytes,
             "memory": [b.parts for b in p.memory],

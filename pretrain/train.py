@@ -137,6 +137,9 @@ def train(cfg: Config) -> dict:
 
 
 def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
+    from pretrain.layout_check import check_run
+
+    check_run(cfg, world.world_size)  # the layout checks `pretrain plan` shares
     setup_determinism(cfg)
     setup_kernels(cfg, world.device)
     check_inputs(cfg)  # before the run directory exists: a missing input leaves nothing behind

@@ -160,3 +160,17 @@ def test_dry_run_error_through_the_cli_exits_2():
     assert p.returncode == 2, p.stderr
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert lines == ["error: parallel.tp: 3 does not divide model.vocab_size=512"]
+
+
+def test_cpu_device_measures_the_matmul_rate(monkeypatch):
+    """``--gpu-type cpu``: the peak is fp32 matmuls timed on this machine, shared by the
+    processes of a node (a fake clock makes the count exact)."""
+    import itertools
+
+    assert 1e8 < hw.get_device("cpu").peak_flops < 1e14  # a real measurement
+    ticks = itertools.count()
+    monkeypatch.setattr(hw.time, "perf_counter", lambda: next(ticks) * 0.01)
+    dev = hw.get_device("cpu", 2)
+    # t0 = 0, matmuls at 0.01-0.04 (4 of them), the loop ends at 0.05, the rate is read at 0.06
+    assert dev.peak_flops == pytest.approx(2 * 384**3 * 4 / 0.06 / 2)
+    assert dev.gpus_per_node == 2

@@ -66,8 +66,9 @@ class Layout:
             parts.append("ac" + ("" if self.ac == "full" else f"/{self.ac_every}"))
         return " ".join(parts)
 
-    def overrides(self) -> list[str]:
-        """The config overrides that select this layout."""
+    def overrides(self, n_micro: int = 0) -> list[str]:
+        """The config overrides that select this layout (``n_micro``: pipeline micro-batches
+        per step, pinned with pp > 1 so the trainer runs the micro-batches planned)."""
         ov = {"parallel.tp": self.tp, "parallel.pp": self.pp, "train.micro_batch": self.micro_batch,
               "train.activation_checkpointing": self.ac}
         if self.ep > 1:
@@ -85,6 +86,8 @@ class Layout:
             ov.update({"parallel.dp_replicate": self.dp_replicate, "parallel.dp_shard": self.dp_shard})
         if self.pp > 1:
             ov.update({"parallel.pp_schedule": self.schedule, "parallel.pp_virtual_stages": self.vpp})
+            if n_micro:
+                ov["parallel.pp_microbatches"] = n_micro
         if self.ac == "every_n":
             ov["train.ac_every"] = self.ac_every
         return [f"--{k}={v}" for k, v in ov.items()]
@@ -122,6 +125,18 @@ class Recipe:
     accumulate_unsharded: bool = True  # FSDP2 no-sync micro-batches keep unsharded grads
     p2p_overlap: bool = False  # pipeline sends/receives hidden behind compute
     ce_bytes: int = 48  # HBM bytes per logit of the (unfused) cross-entropy, fwd + bwd
+    # With sequence parallel, a column-parallel linear saves its input sharded over tp and
+    # all-gathers it again in backward (Megatron-LM); torch's SequenceParallel saves the
+    # gathered input (this trainer).
+    sp_sharded_input: bool = False
+    # Data-parallel overlap: "last_backward" (gradient reduction hidden behind the last
+    # micro-batch's backward only, parameter gathers before the step's first forward) or
+    # "per_chunk" (Megatron's --overlap-grad-reduce / --overlap-param-gather: each model
+    # chunk reduces once its last backward is done and gathers just before its first forward).
+    dp_overlap: str = "last_backward"
+    # The pure-torch reference kernels (CPU) keep more for backward than fused ones: the
+    # norm's fp32 intermediate, SiLU's output, KV heads repeated to the query heads.
+    reference_kernels: bool = False
 
 
 def project_recipe(cfg: Config) -> Recipe:
@@ -141,7 +156,7 @@ def megatron_recipe() -> Recipe:
     GEMMs (``--tp-comm-overlap``)."""
     return Recipe("megatron", param_bytes=2, compute_param_bytes=2, grad_bytes=4, master_bytes=4,
                   stream_bytes=2, act_bytes=2, tp_overlap="full", accumulate_unsharded=False,
-                  p2p_overlap=True, ce_bytes=64)
+                  p2p_overlap=True, ce_bytes=64, sp_sharded_input=True, dp_overlap="per_chunk")
 
 
 def config_layout(cfg: Config, world_size: int) -> Layout:
@@ -174,8 +189,17 @@ def _vpp(p) -> int:
 
 
 def _micro(cfg: Config, sizes: dict) -> int:
+    """Sequences per forward as the trainer runs them (a pipeline re-splits the rank's rows
+    into ``parallel.runner.pipeline_microbatches`` of them)."""
+    from parallel.runner import pipeline_microbatches
+
     dp = sizes["dp_replicate"] * sizes["dp_shard"]
-    return cfg.train.micro_batch or max(cfg.train.global_batch // max(dp, 1), 1)
+    rows = max(cfg.train.global_batch // max(dp, 1), 1)
+    micro = cfg.train.micro_batch or rows
+    if sizes["pp"] > 1:
+        n = pipeline_microbatches(cfg.parallel.pp_microbatches, rows // max(micro, 1), sizes["pp"])
+        micro = max(rows // n, 1)
+    return micro
 
 
 def workload(cfg: Config) -> Workload:

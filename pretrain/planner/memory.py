@@ -131,26 +131,40 @@ def _inflight(layout: Layout, n_micro: int, pp_rank: int) -> float:
 
 def activation_bytes(cfg: ModelConfig, layout: Layout, wl: Workload, recipe: Recipe,
                      layers: tuple[int, ...]) -> tuple[float, float]:
-    """(stored bytes of ``layers`` for one micro-batch, the extra peak while one checkpointed
-    sublayer is recomputed)."""
+    """(stored bytes of ``layers`` for one micro-batch, the extra peak of one sublayer's
+    backward: its recomputed activations if checkpointed, plus the gradients of its widest
+    intermediate and of that intermediate's input)."""
     tokens = layout.micro_batch * wl.seq_len
     kinds = cfg.sublayer_kinds
-    stored, recompute = 0.0, 0.0
+    stored, extra = 0.0, 0.0
     for i in layers:
-        full = ms.activation_bytes_per_token(kinds[i], cfg, layout.tp, layout.sp,
-                                             recipe.stream_bytes, recipe.act_bytes) * tokens
+        full = ms.activation_bytes_per_token(kinds[i], cfg, layout.tp, layout.sp, recipe.stream_bytes,
+                                             recipe.act_bytes, recipe.sp_sharded_input,
+                                             recipe.reference_kernels) * tokens
+        grads = 2 * ms.widest_per_token(kinds[i], cfg, layout.tp) * recipe.act_bytes * tokens
         if layout.ac == "full" or (layout.ac == "every_n" and i % layout.ac_every == 0):
             stored += cfg.d_model * recipe.stream_bytes * tokens / (layout.tp if layout.sp else 1)
-            recompute = max(recompute, full)
+            extra = max(extra, full + grads)
         else:
             stored += full
-    return stored, recompute
+            extra = max(extra, grads)
+    return stored, extra
 
 
-def logits_bytes(cfg: ModelConfig, layout: Layout, wl: Workload) -> float:
-    """fp32 logits and their gradient on the last stage; the fused loss chunks them (~1/8)."""
-    b = 2 * 4.0 * layout.micro_batch * wl.seq_len * cfg.vocab_size / layout.tp
-    return b / 8 if wl.fused_loss else b
+def logits_bytes(cfg: ModelConfig, layout: Layout, wl: Workload, recipe: Recipe | None = None) -> float:
+    """fp32 logits and their gradient on the last stage (the fused loss chunks them, ~1/8),
+    plus what the final norm keeps for backward (its input and output)."""
+    tokens = layout.micro_batch * wl.seq_len
+    # the reference cross-entropy's backward holds log-softmax and two gradients at once
+    copies = 3 if recipe is not None and recipe.reference_kernels else 2
+    b = copies * 4.0 * tokens * cfg.vocab_size / layout.tp
+    b = b / 8 if wl.fused_loss else b
+    if recipe is not None:
+        shard = layout.tp if layout.sp else 1
+        norm = cfg.d_model * (recipe.stream_bytes / shard + recipe.act_bytes)
+        norm += cfg.d_model * 4 / shard if recipe.reference_kernels else 0
+        b += norm * tokens
+    return b
 
 
 def rank_memory(cfg: ModelConfig, layout: Layout, wl: Workload, recipe: Recipe,
@@ -189,7 +203,9 @@ def rank_memory(cfg: ModelConfig, layout: Layout, wl: Workload, recipe: Recipe,
             peak_extra = max(peak_extra, extra)
         b.parts["activations"] = act * _inflight(layout, n_micro, r) + peak_extra
         if any(st.last for st in stages):
-            b.parts["logits"] = logits_bytes(cfg, layout, wl)
+            # the loss's tensors are freed before the last sublayer is recomputed: the peak
+            # holds one or the other
+            b.parts["logits"] = max(0.0, logits_bytes(cfg, layout, wl, recipe) - peak_extra)
         out.append(b)
     return out
 

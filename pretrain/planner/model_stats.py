@@ -219,11 +219,60 @@ def elementwise_bytes_per_token(kind: str, cfg: ModelConfig, tp: int, sp: bool,
 
 
 def activation_bytes_per_token(kind: str, cfg: ModelConfig, tp: int, sp: bool,
-                               stream_bytes: int, act_bytes: int) -> float:
-    """Bytes one sublayer keeps for backward per token (no recomputation)."""
+                               stream_bytes: int, act_bytes: int, sp_sharded_input: bool = False,
+                               reference: bool = False) -> float:
+    """Bytes one sublayer keeps for backward per token (no recomputation). Flash-style
+    kernels: no S x S score matrix is stored. ``sp_sharded_input``, ``reference``: see
+    ``Recipe``."""
+    extra = _reference_extra(kind, cfg, tp, sp, act_bytes) if reference else 0.0
+    return extra + _fused_activation_bytes(kind, cfg, tp, sp, stream_bytes, act_bytes, sp_sharded_input)
+
+
+def widest_per_token(kind: str, cfg: ModelConfig, tp: int) -> float:
+    """Elements per token of a sublayer's widest intermediate (per tp rank)."""
+    d = cfg.d_model
+    if kind == "mlp":
+        return cfg.ffn_dim / tp
+    if kind == "moe":
+        from models.moe import expert_width
+
+        return max(cfg.moe.top_k * expert_width(cfg), d)
+    if kind == "attention":
+        return max(cfg.n_heads * cfg.dim_head / tp, d)
+    mc = cfg.mamba
+    H = mc.expand * d // mc.head_dim if kind == "mamba" else cfg.hybrid.n_mamba_heads
+    return max(H * mc.head_dim / tp, d)
+
+
+def _reference_extra(kind: str, cfg: ModelConfig, tp: int, sp: bool, a: int) -> float:
+    """What ``kernels/reference.py`` keeps on top of fused kernels, per token."""
+    d, hd = cfg.d_model, cfg.dim_head
+    extra = d * 4 / (tp if sp else 1)  # RMSNorm's fp32 x * rsqrt (its weight gradient needs it)
+    if kind == "attention":
+        extra += 2 * (cfg.n_heads - cfg.kv_heads) * hd * a / tp  # K, V repeated per query head
+    elif kind == "mlp":
+        extra += cfg.ffn_dim * a / tp  # silu(gate)
+    elif kind == "moe":
+        from models.moe import expert_width
+
+        extra += (cfg.moe.top_k + cfg.moe.n_shared_experts / tp) * expert_width(cfg) * a
+    elif kind in ("mamba", "hybrid"):
+        # kernels/ssd.py's chunked scan in fp32: the decay and score matrices and the
+        # einsums' copies of them (4 x H x chunk), x*dt, its einsum copy, y before D and the
+        # state inputs (4 x H x P), the chunk states and their copy (2 x H x P x N / chunk)
+        mc = cfg.mamba
+        H = (mc.expand * d // mc.head_dim if kind == "mamba" else cfg.hybrid.n_mamba_heads) / tp
+        extra += 4 * (4 * H * mc.chunk_size + 4 * H * mc.head_dim
+                      + 2 * H * mc.head_dim * mc.d_state / mc.chunk_size)
+    return extra
+
+
+def _fused_activation_bytes(kind: str, cfg: ModelConfig, tp: int, sp: bool, stream_bytes: int,
+                            act_bytes: int, sp_sharded_input: bool) -> float:
     d, a = cfg.d_model, act_bytes
     stream = d * stream_bytes / (tp if sp else 1)  # the sublayer input (norm backward)
-    normed = d * a  # the mixer input, gathered to full length with sp
+    # the mixer input: gathered to full length with sp, unless saved sharded
+    normed = d * a / (tp if sp and sp_sharded_input else 1)
     hd = cfg.dim_head
     if cfg.norm == "peri":
         stream += d * a

@@ -18,17 +18,12 @@ def divisors(n: int) -> list[int]:
 
 def check(cfg: ModelConfig, layout: Layout, wl: Workload) -> str | None:
     """Why ``cfg`` cannot be laid out as ``layout`` (one line), or None."""
-    from parallel.pipeline import check_pp, stages_per_rank
+    from parallel.pipeline import check_pp
     from parallel.tp import check_tp
 
     try:
         check_tp(cfg, layout.tp)
-        if layout.pp > 1:
-            pcfg = _pcfg(layout)
-            n_stages = layout.pp * stages_per_rank(pcfg)
-            # check_pp fails only in these cases, before its (slow) balanced split
-            if cfg.stage_boundaries() or n_stages > cfg.n_sublayers or cfg.tie_embeddings:
-                check_pp(cfg, pcfg, layout.pp)
+        check_pp(cfg, _pcfg(layout), layout.pp)
     except ValueError as e:  # ConfigError included
         return str(e)
     if layout.ep > 1:
@@ -48,27 +43,34 @@ def check(cfg: ModelConfig, layout: Layout, wl: Workload) -> str | None:
     return None
 
 
-def supported(layout: Layout, base=None) -> str | None:
-    """Why this build's trainer cannot run ``layout`` (with the other ``parallel.*`` settings
-    of ``base``, a ParallelConfig) yet; None: it can."""
-    from parallel.world import resolve_layout
+def supported(cfg: ModelConfig, layout: Layout, wl: Workload, base=None) -> str | None:
+    """Why the trainer would refuse to run ``layout`` (with the rest of ``base``, a Config),
+    or None: the trainer's own start-up check (``pretrain.layout_check.check_run``)."""
+    from pretrain.errors import UserError
+    from pretrain.layout_check import check_run
 
-    p = _pcfg(layout, base)
     try:
-        resolve_layout(p, layout.world)
-        if p.dp_engine == "deepspeed":
-            from parallel.deepspeed_engine import check_layout
-            from parallel.world import World
-
-            check_layout(p, World(world_size=layout.world))
-    except ConfigError as e:
+        check_run(layout_config(cfg, layout, wl, base), layout.world)
+    except UserError as e:
         return str(e)
-    except ImportError:
-        return "parallel.dp_engine=deepspeed is not available in this build"
     return None
 
 
-def _pcfg(layout: Layout, base=None):
+def layout_config(cfg: ModelConfig, layout: Layout, wl: Workload, base=None):
+    """The run Config that selects ``layout`` for ``wl`` (other settings from ``base``)."""
+    from dataclasses import replace as _replace
+
+    from pretrain.config import Config
+
+    base = base or Config()
+    n_micro = wl.micro_batches(layout)
+    train = _replace(base.train, global_batch=wl.global_batch, micro_batch=layout.micro_batch,
+                     activation_checkpointing=layout.ac, ac_every=layout.ac_every)
+    return _replace(base, model=cfg, train=train, data=_replace(base.data, seq_len=wl.seq_len),
+                    parallel=_pcfg(layout, base.parallel, n_micro))
+
+
+def _pcfg(layout: Layout, base=None, n_micro: int = 0):
     from dataclasses import replace as _replace
 
     from parallel.config import ParallelConfig
@@ -79,6 +81,7 @@ def _pcfg(layout: Layout, base=None):
                           cp=layout.cp, ep=layout.ep, sequence_parallel=layout.sp,
                           pp_schedule=layout.schedule, dp_engine=engine,
                           pp_virtual_stages=layout.vpp if layout.schedule == "interleaved_1f1b" else 1,
+                          pp_microbatches=n_micro if layout.pp > 1 else 0,
                           zero_stage=layout.zero if layout.zero in (1, 2) else 2)
 
 
@@ -91,6 +94,7 @@ class Plan:
     problem: str | None = None  # cannot be divided / does not fit
     unsupported: str | None = None  # valid, but this build's trainer cannot run it
     notes: list[str] = field(default_factory=list)
+    n_micro: int = 0  # micro-batches per rank per step
 
     @property
     def peak_bytes(self) -> float:
@@ -102,14 +106,15 @@ class Plan:
 
 
 def evaluate(cfg: ModelConfig, layout: Layout, wl: Workload, dev: hw.Device, recipe: Recipe,
-             base_parallel=None) -> Plan:
-    """Memory and step time of ``layout`` (``base_parallel``: the config's other parallel.* keys)."""
+             base=None) -> Plan:
+    """Memory and step time of ``layout`` (``base``: the run Config, for its other settings)."""
     problem = check(cfg, layout, wl)
     if problem:
         return Plan(layout, [], None, False, problem)
     mem = rank_memory(cfg, layout, wl, recipe)
     est = estimate(cfg, layout, wl, dev, recipe)
-    plan = Plan(layout, mem, est, True, unsupported=supported(layout, base_parallel))
+    plan = Plan(layout, mem, est, True, unsupported=supported(cfg, layout, wl, base),
+                n_micro=wl.micro_batches(layout))
     if plan.peak_bytes > dev.usable_bytes:
         plan.fits = False
         plan.problem = (f"needs {plan.peak_bytes / 2**30:.1f} GiB per rank, "
@@ -159,10 +164,10 @@ def enumerate_layouts(cfg: ModelConfig, world: int, wl: Workload, dev: hw.Device
 
 
 def rank(cfg: ModelConfig, world: int, wl: Workload, dev: hw.Device, recipe: Recipe,
-         layouts: list[Layout] | None = None, base_parallel=None, **kw) -> list[Plan]:
+         layouts: list[Layout] | None = None, base=None, **kw) -> list[Plan]:
     """Every candidate evaluated; the ones that fit first, fastest first."""
     layouts = layouts if layouts is not None else enumerate_layouts(cfg, world, wl, dev, **kw)
-    plans = [evaluate(cfg, lay, wl, dev, recipe, base_parallel) for lay in layouts]
+    plans = [evaluate(cfg, lay, wl, dev, recipe, base) for lay in layouts]
     plans.sort(key=lambda p: (not p.fits, p.estimate.step_s if p.estimate else float("inf"),
                               p.peak_bytes))
     return plans

@@ -144,6 +144,35 @@ def _bubble(layout: Layout) -> float:
     return float(p - 1)  # gpipe, 1f1b
 
 
+def _per_chunk_exposed(grad: float, param: float, mb: float, n_micro: int, units: int,
+                       layout: Layout, pp_rank: int) -> float:
+    """Exposed seconds of the gradient reduce-scatter and parameter all-gather when each of
+    a rank's ``v`` model chunks reduces as soon as its last backward is done and gathers
+    just before its first forward of the next step (Megatron-LM's overlap options).
+
+    Interleaved 1F1B runs micro-batches in groups of ``pp``: the last group's backward goes
+    through the chunks in reverse, so chunk ``j``'s gradients are final ``j * pp`` chunk
+    backwards before the end, and chunk ``j``'s first forward comes ``j * pp`` chunk
+    forwards into the step. One link carries the chunks' collectives one after another;
+    within a chunk they are bucketed (``units / v`` buckets, the last one always exposed).
+    Rank ``r`` ends its backward ``r`` chunk backwards before rank 0 (pipeline drain).
+    """
+    v, g = layout.vpp, min(layout.pp, n_micro)
+    cb, cf = 2 * mb / (3 * v), mb / (3 * v)  # one chunk's backward / forward, one micro-batch
+    per_chunk = max(units / v, 1.0)
+    net = -float("inf")
+    for j in range(v - 1, -1, -1):
+        net = max(net, -(j * g + 1) * cb) + grad / v
+        net = max(net, -(j * g) * cb + grad / (v * per_chunk))
+    exposed = max(0.0, net - pp_rank * cb)
+    shift = param / (v * per_chunk)  # the first bucket precedes any compute
+    net = 0.0
+    for j in range(v):
+        net += param / v
+        shift += max(0.0, net - (j * g * cf + shift + cf * (1 - 1 / per_chunk)))
+    return exposed + (shift if param > 0 else 0.0)
+
+
 def dp_comm(full_params: int, layout: Layout, dev: hw.Device, recipe: Recipe) -> dict[str, float]:
     """Data-parallel collectives of one rank per step (before overlap): ``per_micro`` (FSDP
     parameter all-gathers, every micro-batch), ``grad`` (reduction, once per step), ``param``
@@ -203,10 +232,13 @@ def estimate(cfg: ModelConfig, layout: Layout, wl: Workload, dev: hw.Device,
         comm = dp_comm(c["full"], layout, dev, recipe)
         units = max(len(cfg.sublayer_kinds) // layout.pp, 1) + 1
         mb = sum(t.values())
-        bwd_window = 2 * mb / 3  # backward of the last micro-batch
         e = n_micro * (max(0.0, comm["per_micro"] - mb) + comm["per_micro"] / units)
-        e += max(0.0, comm["grad"] - bwd_window) + comm["grad"] / units
-        e += max(0.0, comm["param"] - mb / 3) + comm["param"] / units
+        if recipe.dp_overlap == "per_chunk":
+            e += _per_chunk_exposed(comm["grad"], comm["param"], mb, n_micro, units, layout, len(exposed))
+        else:
+            bwd_window = 2 * mb / 3  # backward of the last micro-batch
+            e += max(0.0, comm["grad"] - bwd_window) + comm["grad"] / units
+            e += max(0.0, comm["param"] - mb / 3) + comm["param"] / units
         exposed.append(e)
         sharded = c["sharded"] if layout.zero == 3 else c["full"] / (layout.dp if layout.zero >= 1 else 1)
         opt.append(hw.memory_time(sharded * (32 + recipe.param_bytes), dev))
