@@ -55,6 +55,10 @@ class MoEConfig:
     topk_groups: int = 1
     aux_loss_coef: float = 1e-2
     z_loss_coef: float = 1e-3
+    # Switch-loss statistics per sequence (DeepSeek-V3's sequence-wise balance loss, averaged
+    # over sequences: the same loss under every layout and micro-batch split) or per
+    # micro-batch (Switch/Mixtral; changes with the number of rows a rank holds).
+    aux_loss_scope: str = "sequence"  # sequence | micro_batch
     bias_update_rate: float = 0.0  # >0 enables DeepSeek-V3 aux-loss-free balancing
     n_shared_experts: int = 0
     shared_expert_gate: bool = False
@@ -190,6 +194,8 @@ class ModelConfig:
             need(m.top_k <= m.topk_groups * (m.n_experts // m.n_groups), "moe.top_k",
                  f"{m.top_k} exceeds the {m.topk_groups * (m.n_experts // m.n_groups)} experts in topk_groups groups")
             need(m.drop_policy in ("probs", "position"), "moe.drop_policy", "not in probs|position")
+            need(m.aux_loss_scope in ("sequence", "micro_batch"), "moe.aux_loss_scope",
+                 f"'{m.aux_loss_scope}' not in sequence|micro_batch")
             need(m.capacity_factor >= 0, "moe.capacity_factor", "must be >= 0 (0 = dropless)")
             need(m.expert_impl in ("auto", "grouped_mm", "loop", "bmm"), "moe.expert_impl",
                  f"'{m.expert_impl}' not in auto|grouped_mm|loop|bmm")
