@@ -203,8 +203,10 @@ def compare(got: dict, want: dict) -> dict:
     loss = max(abs(g - w) / abs(w) for g, w in zip(got["loss"], want["loss"]))
     grad, grad_at = rel_diff(got["grads"], want["grads"])
     weight, weight_at = rel_diff(got["weights"], want["weights"])
+    bias = [float((got["weights"][k] - w).abs().max()) for k, w in want["weights"].items()
+            if k.endswith("expert_bias")]
     return {"loss": loss, "grad": grad, "weight": weight, "grad_at": grad_at, "weight_at": weight_at,
-            "loss_curve": list(got["loss"])}
+            "loss_curve": list(got["loss"]), "expert_bias": max(bias, default=0.0)}
 
 
 QUANTITIES = ("loss", "grad", "weight")

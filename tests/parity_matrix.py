@@ -28,7 +28,7 @@ ELEMENTS = {  # name -> (dimension, layout keys)
 # 3-D / 4-D combinations at 8 ranks (ep borrows from dp_shard: no rank of its own)
 WIDE = [("dp_shard", "tp_sp", "pp_1f1b"), ("dp_replicate", "dp_shard", "tp"),
         ("dp_replicate", "tp_sp", "pp_interleaved"), ("dp_shard", "tp", "pp_gpipe")]
-WIDE_MOE = [("ep", "tp_sp", "pp_1f1b"), ("dp_shard", "ep", "pp_1f1b"), ("dp_replicate", "ep", "tp_sp"),
+WIDE_MOE = [("dp_shard", "ep", "pp_1f1b"), ("ep", "tp_sp", "pp_1f1b"), ("dp_replicate", "ep", "tp_sp"),
             ("dp_shard", "ep", "tp")]
 MOE_FAMILIES = ("moe", "deepseek")
 FAMILY_ORDER = ("dense", "mamba", "heads", "moe", "ladder")
@@ -53,6 +53,11 @@ EXTRAS = [
     {"name": "deepseek_ep2", "family": "deepseek", "layout": EP2},
     {"name": "deepseek_ep2_tp2_sp", "family": "deepseek", "layout": {**EP2, **SP, "dp_shard": 2}},
     {"name": "deepseek_ep2_pp2", "family": "deepseek", "layout": {**EP2, "pp": 2}},
+    # bf16 compute against the fp32 reference (tests/test_parity.py: bf16 tolerances)
+    {"name": "dense_dp_shard2_bf16", "layout": {"dp_shard": 2, "mixed_precision": "bf16"}, "probe_reduce": True},
+    {"name": "dense_dp_replicate2_bf16", "layout": {"dp_replicate": 2, "mixed_precision": "bf16"},
+     "probe_reduce": True},
+    {"name": "moe_ep2_bf16", "family": "moe", "layout": {**EP2, "mixed_precision": "bf16"}, "probe_reduce": True},
 ]
 
 
