@@ -6,10 +6,13 @@ rows, saved once per session by :func:`prepare_tokens`) with settings that make 
 sharp within the run (lr 1e-2, no warmup), and records (a) the per-step loss, (b) every
 parameter's gradient after step 1, gathered to full tensors by canonical name, and (c) the
 final weights (and MoE expert biases). The one-process reference of each job's numerics
-(:func:`ref_key`) runs once per session in the pytest process (:class:`References`), twice:
-with ``MICRO`` rows per micro-batch and with the whole batch in one micro-batch, an
-equivalent computation in another summation order. Their difference is the *noise floor*;
-a layout passes within ``max(1e-5, 10 x floor)`` per quantity (:func:`tolerance`).
+(:func:`ref_key`) runs once per session in the pytest process (:class:`References`), then
+again as equivalent computations that differ only in rounding: the whole batch in one
+micro-batch (the gradient summed in another order), and twice from initial weights moved
+by one ulp (:func:`perturb`; like a layout's reordered matmul sums, this perturbs the forward
+too, and shows how far the run amplifies rounding, e.g. through near-tie MoE routing). The
+largest difference is the *noise floor*; a layout passes within ``max(1e-5, 10 x floor)``
+per quantity (:func:`tolerance`).
 
 The worker (tests/parity_worker.py) runs many jobs on one torchrun process group and
 compares each with the cached reference on rank 0 (:func:`compare`), so only a few numbers
@@ -156,10 +159,23 @@ def merge_ranks(local: dict) -> dict | None:
     return merged
 
 
-def train(job: dict, micro: int | None = None, on_step=None) -> dict:
+@torch.no_grad()
+def perturb(pm, seed: int) -> None:
+    """Move every initial weight by about one float32 ulp (relative 2^-23, random sign): the
+    same model up to rounding (one process only)."""
+    g = torch.Generator().manual_seed(seed)
+    for part in pm.parts:
+        for p in part.parameters():
+            sign = torch.randint(0, 2, p.shape, generator=g).to(p.dtype) * 2 - 1
+            p.mul_(1 + sign * 2.0 ** -23)
+
+
+def train(job: dict, micro: int | None = None, on_step=None, perturb_seed: int | None = None) -> dict:
     """Run ``job``: per-step loss and grad norm, step-1 gradients and final weights (on rank
     0; None elsewhere). ``on_step(pm, step)`` runs after each backward (before clipping)."""
     pm, opt, world = build(job)
+    if perturb_seed is not None:
+        perturb(pm, perturb_seed)
     micro = micro or job.get("micro", MICRO)
     losses, norms, grads = [], [], None
     for step in range(job.get("steps", STEPS)):
@@ -210,6 +226,7 @@ def compare(got: dict, want: dict) -> dict:
 
 
 QUANTITIES = ("loss", "grad", "weight")
+PERTURB_SEEDS = (1, 2)
 
 
 def tolerance(floor: dict) -> dict:
@@ -255,9 +272,11 @@ class References:
             torch.set_num_threads(1)
             job = {**key, "tokens": self.tokens}
             ref = train(job, micro=MICRO)
-            alt = train(job, micro=GLOBAL_BATCH)  # the same step, summed in another order
-            floor = compare(alt, ref)
-            torch.save({"ref": ref, "floor": floor}, p)
+            floors = {"split": compare(train(job, micro=GLOBAL_BATCH), ref)}
+            for seed in PERTURB_SEEDS:
+                floors[f"ulp{seed}"] = compare(train(job, micro=MICRO, perturb_seed=seed), ref)
+            floor = {q: max(f[q] for f in floors.values()) for q in (*QUANTITIES, "expert_bias")}
+            torch.save({"ref": ref, "floor": floor, "floors": floors}, p)
         return p
 
     def floor(self, job: dict) -> dict:
