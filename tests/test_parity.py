@@ -80,7 +80,7 @@ def test_expert_bias_trajectory_matches_one_process(ci_results, refs, name):
     equals the one-process one exactly (unless rounding alone flips one in the one-process
     run's own perturbed runs: then within 10x that), and they moved."""
     job = next(j for j in CI_JOBS if j["name"] == name)
-    res, floor = ci_results[name], refs.floor(job)["expert_bias"]
+    res, floor = ci_results[name], max(f["expert_bias"] for f in refs.floor(job).values())
     print(f"{name}: expert bias max difference {res['expert_bias']:.1e} (floor {floor:.1e})")
     assert res["expert_bias"] <= 10 * floor, (res["expert_bias"], floor)
     ref = refs.ref(job)
@@ -122,14 +122,18 @@ def test_ci_subset_covers_every_pair_and_family():
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("family", matrix.FAMILY_ORDER + ("deepseek",))
 def test_noise_floor(refs, family):
-    """The one-process run against itself with another micro-batch split: the floor the
-    tolerances come from. Dense-routed families hold 1e-5 for loss and gradients."""
+    """The one-process run against itself with another micro-batch split and from one-ulp
+    perturbed weights: the floors the tolerances come from. Dense models hold 1e-5 for the
+    loss and gradients; every family's step-1 gradients stay within 2e-5 (no routing choice
+    has flipped yet); MoE losses and weights drift further (near-tie routing flips)."""
     floor = refs.floor({"family": family})
-    print(f"{family}: noise floor loss {floor['loss']:.2e}, grad {floor['grad']:.2e}, "
-          f"weight {floor['weight']:.2e}")
-    assert floor["loss"] > 0 or floor["grad"] > 0  # really a different summation order
-    if family not in matrix.MOE_FAMILIES:
-        assert parity.tolerance(floor)["loss"] == parity.tolerance(floor)["grad"] == 1e-5
+    tol = parity.tolerance(floor)
+    print(f"{family}: " + ", ".join(f"{q} floors {floor['split'][q]:.1e} split, {floor['ulp'][q]:.1e} ulp "
+                                    f"-> tol {tol[q]:.1e}" for q in parity.QUANTITIES))
+    assert floor["split"]["loss"] > 0 or floor["split"]["grad"] > 0  # really another order
+    assert tol["grad"] <= 2e-5, tol
+    if family == "dense":
+        assert tol["loss"] == tol["grad"] == 1e-5, tol
 
 
 @pytest.mark.timeout(300)
