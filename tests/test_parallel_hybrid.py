@@ -60,13 +60,13 @@ def results(parity_tokens, tmp_path_factory, ckpt_dir):
     return torchrun(2, OTHER_JOBS, tmp, 240)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("name", ["init_hybrid_tp2", "init_heads_tp2"])
 def test_initial_weights_do_not_depend_on_layout(results, name):
     assert _check_job(results, name)["max_abs_diff"] == 0.0
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_hybrid_heads_checkpoint_resumes_across_layouts(results, ref, ckpt_dir):
     # saved under tp=2 with SP, resumed under dp_shard=2 ...
     res = _check_job(results, "resume_heads_tp2_to_dp_shard2")
