@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean-venv
+.PHONY: demo test parity setup clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+
+# The whole layout matrix: every pair of parallel dimensions x every architecture family.
+parity: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m parity tests/test_parity.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -53,6 +53,10 @@ class MoEConfig:
     topk_groups: int = spec(1, ge=1)
     aux_loss_coef: float = spec(1e-2, ge=0)
     z_loss_coef: float = spec(1e-3, ge=0)
+    # Switch-loss statistics per sequence (DeepSeek-V3's sequence-wise balance loss, averaged
+    # over sequences: the same loss under every layout and micro-batch split) or per
+    # micro-batch (Switch/Mixtral; changes with the number of rows a rank holds).
+    aux_loss_scope: str = spec("sequence", choices=("sequence", "micro_batch"))
     bias_update_rate: float = spec(0.0, ge=0)  # >0 enables DeepSeek-V3 aux-loss-free balancing
     n_shared_experts: int = spec(0, ge=0)
     shared_expert_gate: bool = False

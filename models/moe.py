@@ -88,7 +88,7 @@ class _AttachAux(torch.autograd.Function):
     def forward(ctx, y, aux, scale: float):
         ctx.scale = scale
         ctx.aux_shape = aux.shape
-        return y.view_as(y)
+        return y.clone()
 
     @staticmethod
     def backward(ctx, g):
@@ -193,63 +193,72 @@ class MoE(nn.Module):
         x_sorted = xt.index_select(0, order // k)
         local_x, local_counts, handle = self.dispatch(x_sorted, counts)
         out = self.combine(self.run_local_experts(local_x, local_counts), handle)
-        # Back to (token, choice) slots (dropped slots zero), then the weighted sum as one bmm.
+        # Back to (token, choice) slots (dropped slots zero).
         if capacity is None:
             inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
             slots = out.index_select(0, inverse)
         else:
             slots = out.new_zeros(T * k, out.shape[-1]).index_copy(0, order, out)
-        y = torch.bmm(weights.to(slots.dtype).unsqueeze(1), slots.view(T, k, -1)).squeeze(1)
-
+        self._set_aux(logits, scores, idx, counts, shape[0] if x.dim() == 3 else 1)
+        if self.aux_loss_mode == "attach" and torch.is_grad_enabled():
+            # on the [T, k] weights: every output depends on them, and they are small to copy
+            weights = _AttachAux.apply(weights, self.aux_loss, float(self.aux_loss_scale))
+        # The weighted sum computed directly in the output's shape: the sublayer must not
+        # return a view (FSDP2 drops its pre-backward hook on views modified in place).
+        w = weights.to(slots.dtype).view(*shape[:-1], k, 1)
+        y = (slots.view(*shape[:-1], k, slots.shape[-1]) * w).sum(-2)
         if self.shared_expert is not None:
             s = self.shared_expert(xt)
             if self.shared_gate is not None:
                 s = s * torch.sigmoid(self.shared_gate(xt))
-            y = y + s
+            y = y + s.view_as(y)
+        return y
 
-        self._set_aux(logits, scores, selected, counts, T)
-        if self.aux_loss_mode == "attach" and torch.is_grad_enabled():
-            y = _AttachAux.apply(y, self.aux_loss, float(self.aux_loss_scale))
-        return y.view(*shape[:-1], y.shape[-1])
-
-    def _set_aux(self, logits, scores, selected, kept, T: int) -> None:
+    def _set_aux(self, logits, scores, idx, kept, n_seqs: int) -> None:
         m, E, k = self.moe_cfg, self.n_experts, self.top_k
         # Switch loss: f_i = share of assignments to expert i (sums to 1), P_i = mean routing
-        # probability (sigmoid scores normalised per token). Minimum (balanced) = 1.
+        # probability (sigmoid scores normalised per token), over each of ``G`` token groups
+        # (sequences, or the whole micro-batch), averaged over groups. Minimum (balanced) = 1.
         probs = scores if m.score_fn == "softmax" else scores / (scores.sum(-1, keepdim=True) + 1e-20)
         lse2 = torch.logsumexp(logits, -1).pow(2)
-        sel, n_kept, n_slots = selected.float(), kept.sum().float(), max(T * k, 1)
+        G = n_seqs if m.aux_loss_scope == "sequence" else 1
+        T = probs.shape[0]
+        group = torch.arange(G, device=idx.device).repeat_interleave(T // G)
+        sel_g = torch.bincount((group.unsqueeze(1) * E + idx).reshape(-1), minlength=G * E).view(G, E).float()
+        p_g = probs.view(G, T // G, E).sum(1)
+        n_kept, n = kept.sum().float(), torch.full((1,), float(T // G), device=probs.device)
         if self.token_group_sum is None:
-            f = sel / n_slots
-            lb = E * (f * probs.mean(0)).sum()
-            z = lse2.mean()
+            f = sel_g / (n * k)
+            lb = E * (f * p_g).sum(-1).mean() / n.squeeze()
+            z, sel_all, n_all = lse2.mean(), sel_g, n
         else:
-            lb, z, sel, n_kept, n_slots = self._group_aux(probs, lse2, sel, n_kept, T)
+            lb, z, sel_all, n_kept, n_all = self._group_aux(p_g, lse2, sel_g, n_kept, n)
         self.aux_loss = m.aux_loss_coef * lb + m.z_loss_coef * z
+        sel = sel_all.sum(0)
         self.stats = {
             "load_max_mean": (sel.max() / sel.mean().clamp_min(1e-9)).detach(),
-            "dropped": (1.0 - n_kept / n_slots).detach(),
+            "dropped": (1.0 - n_kept / (n_all.squeeze() * G * k)).detach(),
             "aux_loss": lb.detach(),
             "z_loss": z.detach(),
         }
 
-    def _group_aux(self, probs, lse2, sel, n_kept, T: int):
-        """Switch and z losses of the whole micro-batch when this rank routed only part of its
-        tokens (``token_group_sum`` sums over the ranks holding the other parts). The value is
-        the whole batch's; the gradient flows through this rank's tokens only, since each
-        rank's backward contributes its own tokens' share of the gradients."""
-        E, k = self.n_experts, self.top_k
-        p_sum, z_sum = probs.sum(0), lse2.sum()
-        n = torch.tensor([float(T)], device=p_sum.device)
-        tot = self.token_group_sum(torch.cat([sel, p_sum.detach(), z_sum.detach().view(1),
-                                              n_kept.view(1), n]))
-        sel_all, p_all, z_all, kept_all, n_all = tot.split([E, E, 1, 1, 1])
-        n_all = n_all.clamp_min(1.0)
+    def _group_aux(self, p_g, lse2, sel_g, n_kept, n):
+        """Switch and z losses when this rank routed only part of each group's tokens
+        (``token_group_sum`` sums over the ranks holding the other parts, e.g. sequence
+        parallel). The value is the whole groups'; the gradient flows through this rank's
+        tokens only, since each rank's backward contributes its own tokens' share."""
+        G, E, k = p_g.shape[0], self.n_experts, self.top_k
+        z_sum = lse2.sum()
+        tot = self.token_group_sum(torch.cat([sel_g.reshape(-1), p_g.detach().reshape(-1),
+                                              z_sum.detach().view(1), n_kept.view(1), n]))
+        sel_all, p_all, z_all, kept_all, n_all = tot.split([G * E, G * E, 1, 1, 1])
+        sel_all, p_all, n_all = sel_all.view(G, E), p_all.view(G, E), n_all.clamp_min(1.0)
         f = sel_all / (n_all * k)
-        lb_mine, z_mine = E * (f * p_sum).sum() / n_all, z_sum / n_all
-        lb = lb_mine + (E * (f * p_all).sum() / n_all - lb_mine).detach()
-        z = z_mine + (z_all / n_all - z_mine).detach()
-        return lb.reshape(()), z.reshape(()), sel_all, kept_all.reshape(()), n_all.reshape(()) * k
+        lb_mine = E * (f * p_g).sum(-1).mean() / n_all.squeeze()
+        lb = lb_mine + (E * (f * p_all).sum(-1).mean() / n_all.squeeze() - lb_mine).detach()
+        z_mine = z_sum / (n_all.squeeze() * G)
+        z = z_mine + (z_all.squeeze() / (n_all.squeeze() * G) - z_mine).detach()
+        return lb.reshape(()), z.reshape(()), sel_all, kept_all.reshape(()), n_all
 
     # ---- aux-loss-free balancing --------------------------------------------------
     def pop_load(self) -> torch.Tensor:
@@ -335,12 +344,12 @@ def moe_total_params(cfg: ModelConfig) -> int:
 
 
 def moe_flops_per_token(cfg: ModelConfig, seq_len: int = 0) -> float:
-    """Forward matmul FLOPs per token of one MoE sublayer (2 per active weight, plus the
-    top-k weighted-sum bmm; dropless). ``seq_len`` is unused: the cost does not depend on it."""
+    """Forward matmul FLOPs per token of one MoE sublayer (2 per active weight; dropless; the
+    top-k weighted sum is elementwise, not counted). ``seq_len`` is unused."""
     m, d, h = cfg.moe, cfg.d_model, expert_width(cfg)
     router = d * m.n_experts
     shared = 3 * d * h * m.n_shared_experts + (d if m.n_shared_experts and m.shared_expert_gate else 0)
-    return 2.0 * (router + m.top_k * 3 * d * h + shared + m.top_k * d)
+    return 2.0 * (router + m.top_k * 3 * d * h + shared)
 
 
 def count_params(cfg: ModelConfig) -> tuple[int, int]:

@@ -89,7 +89,13 @@ def reduce_sublayer_output(out: DTensor, layout, use_local_output: bool = True,
 
             return async_reduce(out, layout, use_local_output)
         out = out.redistribute(placements=(layout,))
-    return out.to_local() if use_local_output else out
+    return _owned(out.to_local()) if use_local_output else out
+
+
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    # to_local() returns a view; a sublayer output that is a view makes FSDP2 warn that an
+    # in-place op on it would drop its pre-backward hook. One [B, S, d] copy per sublayer.
+    return t.clone() if t._base is not None else t
 
 
 class RowwiseSublayerOutput(RowwiseParallel):
@@ -164,7 +170,7 @@ class ReplicateOverTP(ParallelStyle):
                      for x in inputs)
 
     def _output(self, mod, out, mesh):
-        return out.to_local() if isinstance(out, DTensor) and not self.keep_dtensor else out
+        return _owned(out.to_local()) if isinstance(out, DTensor) and not self.keep_dtensor else out
 
     def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
         return distribute_module(module, device_mesh, self._partition, self._input, self._output)

@@ -35,3 +35,15 @@ def tiny_overrides(data: Path, run_dir: Path, **extra) -> list[str]:
     ov = {"data.path": str(data), "logging.run_dir": str(run_dir), "logging.progress": "off"}
     ov.update(extra)
     return [f"--{k}={v}" for k, v in ov.items()]
+
+
+@pytest.fixture(scope="session")
+def parity_tokens(tiny_dataset, tmp_path_factory) -> Path:
+    """Global batches of ``tiny_dataset`` text for the multi-process tests (tests/parity.py);
+    also exported as PARITY_TOKENS for their torchrun workers (tests/test_parallel_worker.py)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import parity
+
+    path = parity.prepare_tokens(tiny_dataset, tmp_path_factory.mktemp("parity_data") / "tokens.pt")
+    os.environ["PARITY_TOKENS"] = str(path)
+    return path

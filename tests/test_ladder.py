@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import test_parallel_worker as W  # noqa: E402
 from torchrun_jobs import assert_steps_close, job_result, run_jobs  # noqa: E402
 
-STEPS = 10
+STEPS = 3  # these jobs check the asynchronous reductions; ladder parity: tests/test_parity.py
 LADDER = {"residual": "ladder"}
 LADDER_FROM2 = {"residual": "ladder", "ladder_from": 2}  # sublayers 0, 1 standard
 LADDER_MOE = {"residual": "ladder", "pattern": "*E", "moe": {"n_experts": 4, "top_k": 2}}
@@ -27,7 +27,7 @@ JOBS_2 = [
     {"name": "tp2_ladder", "layout": TP2, "model": LADDER, "steps": STEPS},
     {"name": "tp2_sp_ladder", "layout": {**TP2, "sequence_parallel": True}, "model": LADDER, "steps": STEPS},
     {"name": "tp2_ladder_ac", "layout": TP2, "model": LADDER, "kw": {"ac": "full"}, "steps": 3},
-    {"name": "tp2_ladder_from2", "layout": TP2, "model": LADDER_FROM2, "steps": 5},
+    {"name": "tp2_ladder_from2", "layout": TP2, "model": LADDER_FROM2, "steps": STEPS},
     {"name": "tp2_sp_ladder_moe", "layout": {**TP2, "sequence_parallel": True}, "model": LADDER_MOE, "steps": 3},
     {"name": "tp2_ladder_compile", "layout": TP2, "model": LADDER, "kw": {"compile": True}, "steps": 3},
     {"name": "tp2_standard", "layout": TP2, "steps": 3},
@@ -47,14 +47,13 @@ def torchrun(nproc: int, jobs: list[dict], tmp, timeout: float) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ref():
+def ref(parity_tokens):
     torch.set_num_threads(1)
-    return {"ladder": W.run_layout({}, STEPS, LADDER), "standard": W.run_layout({}, 3),
-            "ladder_from2": W.run_layout({}, 5, LADDER_FROM2), "ladder_moe": W.run_layout({}, 3, LADDER_MOE)}
+    return {"ladder": W.run_layout({}, STEPS, LADDER), "standard": W.run_layout({}, 3)}
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(parity_tokens, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ladder")
     out = torchrun(2, JOBS_2, tmp, 240)
     out.update(torchrun(4, JOBS_4, tmp, 200))
@@ -65,19 +64,6 @@ _job = job_result
 
 
 _close = assert_steps_close
-
-
-LADDER_JOBS = [j["name"] for j in JOBS_2 + JOBS_4 if j.get("model") in (LADDER, LADDER_FROM2, LADDER_MOE)]
-
-
-@pytest.mark.timeout(500)
-@pytest.mark.parametrize("name", LADDER_JOBS)
-def test_ladder_tp_matches_single_process(results, ref, name):
-    res = _job(results, name)
-    want = ref["ladder_" + name.rsplit("_", 1)[1] if name.endswith(("from2", "moe")) else "ladder"]
-    n = len(res["loss"])
-    _close(res["loss"], want["loss"][:n], 1e-5)
-    _close(res["grad_norm"], want["grad_norm"][:n], 1e-4)
 
 
 @pytest.mark.timeout(500)

@@ -217,6 +217,39 @@ def test_aux_loss_over_split_tokens_equals_whole_batch(score_fn):
     torch.testing.assert_close(got_grad, want_grad)
 
 
+@pytest.mark.parametrize("score_fn", ["softmax", "sigmoid"])
+def test_sequence_balance_loss_does_not_depend_on_the_micro_batch_split(score_fn):
+    """``aux_loss_scope=sequence`` (default): the Switch loss is each sequence's, averaged, so
+    a batch split into micro-batches (or over data-parallel ranks) optimises the same loss,
+    also when sequence parallel splits every sequence over two "ranks"; ``micro_batch``
+    scope is the Switch loss of the whole micro-batch and differs."""
+    m = make_moe(n_experts=4, top_k=2, score_fn=score_fn, aux_loss_coef=0.3, z_loss_coef=0.7)
+    x = torch.randn(4, 6, 16)
+    m(x)
+    whole, whole_grad = m.aux_loss.detach(), torch.autograd.grad(m.aux_loss, m.router.weight)[0]
+    per_seq = []
+    for row in x:
+        m(row.unsqueeze(0))
+        per_seq.append(m.aux_loss)
+    torch.testing.assert_close(whole, torch.stack(per_seq).mean().detach())
+    torch.testing.assert_close(whole_grad, torch.autograd.grad(torch.stack(per_seq).mean(), m.router.weight)[0])
+    seen, halves = [], x.chunk(2, dim=1)  # sequence parallel: every sequence split in two
+    m.token_group_sum = lambda t: seen.append(t.clone()) or t
+    for h in halves:
+        m(h)
+    got_grad = torch.zeros_like(whole_grad)
+    for i, h in enumerate(halves):
+        m.token_group_sum = lambda t, o=seen[1 - i]: t + o
+        m(h)
+        torch.testing.assert_close(m.aux_loss, whole)
+        got_grad += torch.autograd.grad(m.aux_loss, m.router.weight)[0]
+    torch.testing.assert_close(got_grad, whole_grad)
+    m.token_group_sum = None
+    m.moe_cfg.aux_loss_scope = "micro_batch"
+    m(x)
+    assert not torch.allclose(m.aux_loss, whole)
+
+
 def test_collect_aux_losses_and_metrics_over_model():
     cfg = make_cfg(pattern="*E", n_layers=2, n_experts=4, top_k=2)
     model = build_model(cfg)

@@ -33,14 +33,18 @@ def model_cfg(**kw):
     return ModelConfig(**{**TINY, **kw})
 
 
-def global_batch(step: int, vocab: int = 512, eos: int = 0) -> dict:
-    """A layout-independent synthetic batch (with document boundaries) for ``step``."""
-    g = torch.Generator().manual_seed(1000 + step)
-    x = torch.randint(1, vocab, (GLOBAL_BATCH, SEQ + 1), generator=g)
-    x[torch.rand(x.shape, generator=g) < 0.05] = eos
-    inputs, labels = x[:, :-1].contiguous(), x[:, 1:].contiguous()
-    isd = (inputs == eos).long()
-    return {"input_ids": inputs, "labels": labels, "doc_ids": isd.cumsum(1) - isd}
+_TOKENS: dict[str, dict] = {}
+
+
+def global_batch(step: int) -> dict:
+    """The layout-independent global batch of ``step``: the first ``SEQ`` tokens of the rows
+    of the parity harness's learnable text (tests/parity.py; the file in PARITY_TOKENS, set
+    by the ``parity_tokens`` fixture)."""
+    path = os.environ["PARITY_TOKENS"]
+    if path not in _TOKENS:
+        _TOKENS[path] = torch.load(path)
+    t = _TOKENS[path]
+    return {k: v[step % v.shape[0], :GLOBAL_BATCH, :SEQ].contiguous() for k, v in t.items()}
 
 
 def rank_batches(step: int, world) -> list[dict]:

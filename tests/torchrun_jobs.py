@@ -69,6 +69,9 @@ def serve_jobs(run_job, spec_path: str, out_path: str, combine=None) -> None:
         dist.all_gather_object(gathered, res)
         errors = [r for r in gathered if "error" in r]
         results[job["name"]] = errors[0] if errors else (combine or (lambda rs: rs[0]))(gathered)
+        if rank == 0:  # after every job: a launch that times out still shows how far it got
+            tmp = Path(f"{out_path}.partial")
+            tmp.write_text(json.dumps(results))
         dist.barrier()
     if rank == 0:
         Path(out_path).write_text(json.dumps(results))

@@ -1,0 +1,323 @@
+"""The parity harness: every multi-process layout computes the same model as one process.
+
+A *job* is ``(family, model overrides, parallelize options, layout)``. It trains ``STEPS``
+optimizer steps on learnable text (the ``tiny_dataset`` fixture's stdlib source, 128-token
+rows, saved once per session by :func:`prepare_tokens`) with settings that make attention
+sharp within the run (lr 1e-2, no warmup), and records (a) the per-step loss, (b) every
+parameter's gradient after step 1, gathered to full tensors by canonical name, and (c) the
+final weights (and MoE expert biases). The one-process reference of each job's numerics
+(:func:`ref_key`) runs once per session in the pytest process (:class:`References`), then
+again as equivalent computations that differ only in rounding, which give two noise
+floors: *split*, the whole batch in one micro-batch (the gradient summed in another order),
+and *ulp*, the larger of two runs from initial weights moved by one ulp (:func:`perturb`:
+like a layout's reordered matmul sums this perturbs the forward too, and it shows how far
+the run itself amplifies rounding, e.g. when a near-tie MoE routing choice flips). A layout
+passes within ``max(1e-5, 10 x split floor, ulp floor)`` per quantity (:func:`tolerance`):
+its drift may not exceed the one-process run's own drift under a rounding-level change.
+
+The worker (tests/parity_worker.py) runs many jobs on one torchrun process group and
+compares each with the cached reference on rank 0 (:func:`compare`), so only a few numbers
+cross back. The layout matrix is generated (tests/parity_matrix.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+SEQ, GLOBAL_BATCH, MICRO, STEPS = 128, 8, 2, 10
+# lr 2e-2 on a 0.1-std init: within 10 steps the loss falls below the unigram entropy and the
+# mean largest attention probability triples (test_parity.py checks both); the noise floor
+# stays ~1e-7 (loss, gradients) and a few 1e-6 (weights). A 0.02 init needs lr 3e-2 for the
+# same sharpness, where the run turns chaotic (weight floor ~1e-1).
+LR, CLIP = 2e-2, 1.0
+BASE = dict(vocab_size=512, d_model=64, n_layers=2, pattern="*-", n_heads=4, n_kv_heads=2,
+            max_seq_len=SEQ, init_std=0.1)
+MAMBA = dict(d_state=16, head_dim=32, n_groups=2, chunk_size=32)
+FAMILIES = {
+    "dense": {},
+    # "M-*-": Mamba-2 (4 heads of 32, 2 groups), MLP, attention, MLP
+    "mamba": dict(pattern="M-*-", n_layers=1, mamba=MAMBA),
+    # "P-" x 2: 4 attention heads (2 KV) + 4 Mamba heads of 16 side by side (Falcon-H1)
+    "heads": dict(pattern="P-", mamba={**MAMBA, "head_dim": 16},
+                  hybrid=dict(n_attn_heads=4, n_mamba_heads=4)),
+    # Mixtral-style: 8 softmax-routed experts, top-2, Switch + z losses
+    "moe": dict(pattern="*E", moe=dict(n_experts=8, top_k=2, aux_loss_coef=1e-2, z_loss_coef=1e-3)),
+    "ladder": dict(residual="ladder"),
+    # DeepSeek-V3-style routing: groups, sigmoid, shared expert, aux-loss-free bias balancing
+    "deepseek": dict(pattern="*E", moe=dict(n_experts=16, top_k=4, ffn_hidden=48, score_fn="sigmoid",
+                                       n_groups=4, topk_groups=2, n_shared_experts=1,
+                                       bias_update_rate=1e-3, aux_loss_coef=1e-4, z_loss_coef=0.0)),
+}
+# parallelize options that do not change the computed numbers (share the reference)
+NUMERICS_FREE = ("ac", "ac_every", "compile")
+
+
+def model_cfg(family: str = "dense", **over):
+    """The family's tiny ModelConfig with ``over`` (nested dicts merge into their section)."""
+    from models.config import HybridHeadsConfig, MambaConfig, ModelConfig, MoEConfig
+
+    kw = {**BASE, **FAMILIES[family]}
+    for k, v in over.items():
+        kw[k] = {**kw[k], **v} if isinstance(v, dict) and isinstance(kw.get(k), dict) else v
+    for key, cls in (("moe", MoEConfig), ("mamba", MambaConfig), ("hybrid", HybridHeadsConfig)):
+        if isinstance(kw.get(key), dict):
+            kw[key] = cls(**kw[key])
+    return ModelConfig(**kw)
+
+
+# ---- data ----------------------------------------------------------------------------
+
+def prepare_tokens(dataset: Path, out: Path, steps: int = 16) -> Path:
+    """Save ``steps`` global batches of the dataset's train split (``input_ids``, ``labels``,
+    ``doc_ids``, each ``[steps, GLOBAL_BATCH, SEQ]``) to ``out``; returns ``out``."""
+    from pretrain.config import DataConfig
+    from pretrain.data.loader import eval_batches
+
+    batches = eval_batches(DataConfig(path=str(dataset), seq_len=SEQ), "train", GLOBAL_BATCH, steps,
+                           cache_dir=str(out.parent / "cache"))
+    torch.save({k: torch.stack([b[k] for b in batches]) for k in ("input_ids", "labels", "doc_ids")}, out)
+    return out
+
+
+_TOKENS: dict[str, dict] = {}
+
+
+def rank_batches(tokens: str, step: int, dp_rank: int, dp_size: int, micro: int) -> list[dict]:
+    """This dp rank's rows of global batch ``step``, in micro-batches of ``micro`` rows."""
+    if tokens not in _TOKENS:
+        _TOKENS[tokens] = torch.load(tokens)
+    rows = GLOBAL_BATCH // dp_size
+    b = {k: v[step, dp_rank * rows:(dp_rank + 1) * rows] for k, v in _TOKENS[tokens].items()}
+    micro = min(micro, rows)
+    return [{k: v[i:i + micro] for k, v in b.items()} for i in range(0, rows, micro)]
+
+
+# ---- one run -------------------------------------------------------------------------
+
+def build(job: dict):
+    """``(ParallelModel, optimizer, world)`` of ``job`` on the current process group (or one
+    process without one)."""
+    import torch.distributed as dist
+
+    from models.transformer import build_model
+    from parallel import ParallelConfig, build_world, parallelize
+    from pretrain.config import OptimConfig
+    from pretrain.optim import build_optimizer
+
+    pcfg = ParallelConfig(**job.get("layout", {}))
+    ws = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = build_world(pcfg, rank, ws, 0, torch.device("cpu"))
+    kw = dict(job.get("kw", {}))
+    if pcfg.mixed_precision == "bf16":
+        kw["autocast_dtype"] = torch.bfloat16
+    model = build_model(model_cfg(job.get("family", "dense"), **job.get("model", {})), init=False)
+    pm = parallelize(model, pcfg, world, seed=0, **kw)
+    opt = build_optimizer(pm.parts, OptimConfig(lr=LR, warmup_steps=0, weight_decay=0.1))
+    return pm, opt, world
+
+
+def gather_full(pm, what: str) -> dict[str, torch.Tensor]:
+    """This rank's parameters' full (gathered) gradients or values by canonical name, plus
+    MoE expert biases for ``what == "weights"`` (every rank must call: DTensor gathers)."""
+    from torch.distributed.tensor import DTensor
+
+    from parallel.init import canonical_name
+
+    out = {}
+    for part in pm.parts:
+        for name, p in part.named_parameters():
+            t = p.grad if what == "grads" else p
+            if t is None:
+                continue
+            full = t.full_tensor() if isinstance(t, DTensor) else t
+            out[canonical_name(name)] = full.detach().float().clone()
+        if what == "weights":
+            for name, b in part.named_buffers():
+                if name.endswith("expert_bias"):
+                    out[canonical_name(name)] = b.detach().float().clone()
+    return out
+
+
+def merge_ranks(local: dict) -> dict | None:
+    """Rank 0 gets the union of every rank's ``local`` (pipeline stages hold different names)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return local
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(local, parts, dst=0)
+    if parts is None:
+        return None
+    merged = {}
+    for p in parts:
+        for k, v in p.items():
+            merged.setdefault(k, v)
+    return merged
+
+
+@torch.no_grad()
+def perturb(pm, seed: int) -> None:
+    """Move every initial weight by about one float32 ulp (relative 2^-23, random sign): the
+    same model up to rounding (one process only)."""
+    g = torch.Generator().manual_seed(seed)
+    for part in pm.parts:
+        for p in part.parameters():
+            sign = torch.randint(0, 2, p.shape, generator=g).to(p.dtype) * 2 - 1
+            p.mul_(1 + sign * 2.0 ** -23)
+
+
+def train(job: dict, micro: int | None = None, on_step=None, perturb_seed: int | None = None) -> dict:
+    """Run ``job``: per-step loss and grad norm, step-1 gradients and final weights (on rank
+    0; None elsewhere). ``on_step(pm, step)`` runs after each backward (before clipping)."""
+    pm, opt, world = build(job)
+    if perturb_seed is not None:
+        perturb(pm, perturb_seed)
+    micro = micro or job.get("micro", MICRO)
+    losses, norms, grads = [], [], None
+    for step in range(job.get("steps", STEPS)):
+        loss = pm.forward_backward(rank_batches(job["tokens"], step, world.dp_rank, world.dp_size, micro))
+        losses.append(pm.reduce_loss(loss))
+        if on_step is not None:
+            on_step(pm, step)
+        if step == 0:
+            grads = merge_ranks(gather_full(pm, "grads"))
+        norms.append(float(pm.clip_grad_norm_(CLIP)))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        pm.after_optimizer_step()
+    return {"loss": losses, "grad_norm": norms, "grads": grads,
+            "weights": merge_ranks(gather_full(pm, "weights"))}
+
+
+# ---- comparison ----------------------------------------------------------------------
+
+def rel_diff(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> tuple[float, str]:
+    """Largest ``|got - want| / |want|`` (L2 norms) over tensors matched by name, and its name."""
+    if got.keys() != want.keys():
+        missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+        raise AssertionError(f"parameter names differ: missing {missing[:5]}, unexpected {extra[:5]}")
+    worst, where = 0.0, ""
+    for k, w in want.items():
+        g = got[k]
+        if g.shape != w.shape:
+            raise AssertionError(f"{k}: shape {tuple(g.shape)} vs {tuple(w.shape)}")
+        d = float((g - w).norm() / w.norm().clamp_min(1e-12))
+        if d > worst:
+            worst, where = d, k
+    return worst, where
+
+
+def compare(got: dict, want: dict) -> dict:
+    """The three parity numbers of a run against a reference: per-step loss (largest relative
+    difference), step-1 gradients and final weights (largest per-tensor relative difference)."""
+    n = len(want["loss"])
+    assert len(got["loss"]) == n, (len(got["loss"]), n)
+    loss = max(abs(g - w) / abs(w) for g, w in zip(got["loss"], want["loss"]))
+    grad, grad_at = rel_diff(got["grads"], want["grads"])
+    weight, weight_at = rel_diff(got["weights"], want["weights"])
+    bias = [float((got["weights"][k] - w).abs().max()) for k, w in want["weights"].items()
+            if k.endswith("expert_bias")]
+    return {"loss": loss, "grad": grad, "weight": weight, "grad_at": grad_at, "weight_at": weight_at,
+            "loss_curve": list(got["loss"]), "expert_bias": max(bias, default=0.0)}
+
+
+QUANTITIES = ("loss", "grad", "weight")
+PERTURB_SEEDS = (1, 2)
+
+
+def tolerance(floor: dict) -> dict:
+    """Per quantity: ``max(1e-5, 10 x the split floor, the ulp floor)`` (:class:`References`)."""
+    return {q: max(1e-5, 10 * floor["split"][q], floor["ulp"][q]) for q in QUANTITIES}
+
+
+def check(name: str, diff: dict, floor: dict) -> None:
+    """Assert a job's parity numbers are within tolerance; print them with the floors."""
+    tol = tolerance(floor)
+    print(f"{name}: " + ", ".join(f"{q} {diff[q]:.2e} (floors {floor['split'][q]:.1e} split, "
+                                  f"{floor['ulp'][q]:.1e} ulp; tol {tol[q]:.1e})" for q in QUANTITIES))
+    for q in QUANTITIES:
+        where = diff.get(f"{q}_at", "")
+        assert diff[q] <= tol[q], f"{name}: {q} differs by {diff[q]:.3e} {where} > {tol[q]:.1e} ({floor})"
+
+
+# ---- references ----------------------------------------------------------------------
+
+def ref_key(job: dict) -> dict:
+    """What determines a job's one-process numbers (layout and numerics-free options aside)."""
+    kw = {k: v for k, v in job.get("kw", {}).items() if k not in NUMERICS_FREE}
+    return {"family": job.get("family", "dense"), "model": job.get("model", {}), "kw": kw,
+            "steps": job.get("steps", STEPS)}
+
+
+def key_name(key: dict) -> str:
+    return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+class References:
+    """One-process reference runs and their noise floors, computed once per key per session
+    and saved in ``root`` (the worker loads ``path(key)``)."""
+
+    def __init__(self, root: Path, tokens: Path):
+        self.root, self.tokens = root, str(tokens)
+        self.floors: dict[str, dict] = {}
+
+    def path(self, job: dict) -> Path:
+        key = ref_key(job)
+        p = self.root / f"ref_{key_name(key)}.pt"
+        if not p.is_file():
+            torch.set_num_threads(1)
+            job = {**key, "tokens": self.tokens}
+            ref = train(job, micro=MICRO)
+            floors = {"split": compare(train(job, micro=GLOBAL_BATCH), ref)}
+            for seed in PERTURB_SEEDS:
+                floors[f"ulp{seed}"] = compare(train(job, micro=MICRO, perturb_seed=seed), ref)
+            torch.save({"ref": ref, "floors": floors}, p)
+        return p
+
+    def floor(self, job: dict) -> dict:
+        """``{"split": numbers, "ulp": largest numbers of the perturbed runs}``."""
+        p = self.path(job)
+        if str(p) not in self.floors:
+            runs = torch.load(p)["floors"]
+            ulp = [v for k, v in runs.items() if k.startswith("ulp")]
+            keys = (*QUANTITIES, "expert_bias")
+            self.floors[str(p)] = {"split": {q: runs["split"][q] for q in keys},
+                                   "ulp": {q: max(r[q] for r in ulp) for q in keys}}
+        return self.floors[str(p)]
+
+    def ref(self, job: dict) -> dict:
+        return torch.load(self.path(job))["ref"]
+
+
+# ---- sharpness -----------------------------------------------------------------------
+
+@torch.no_grad()
+def attention_sharpness(model, batch: dict) -> float:
+    """Mean over heads and queries of the largest attention probability in one forward of a
+    one-process ``model`` (uniform causal attention over 128 keys gives about 0.04)."""
+    import kernels
+
+    seen, orig = [], kernels.attention
+
+    def probe(q, k, v, doc_ids=None):
+        H, Hkv = q.shape[2], k.shape[2]
+        qh, kh = q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
+        s = (qh @ kh.transpose(-1, -2)) / q.shape[-1] ** 0.5
+        S = s.shape[-1]
+        mask = torch.ones(S, S, dtype=torch.bool).tril()
+        if doc_ids is not None:
+            mask = mask & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+        seen.append(s.masked_fill(~mask, float("-inf")).softmax(-1).amax(-1).mean())
+        return orig(q, k, v, doc_ids)
+
+    kernels.attention = probe
+    try:
+        model(batch["input_ids"], doc_ids=batch["doc_ids"])
+    finally:
+        kernels.attention = orig
+    return float(torch.stack(seen).mean())

@@ -1,0 +1,130 @@
+"""The layout matrix of the parity harness, generated (not hand-listed).
+
+Elements, each of size 2: ``dp_shard``, ``dp_replicate``, ``tp`` (with and without sequence
+parallel), ``pp`` (each schedule) and ``ep`` (carved out of ``dp_shard``, so it doubles it).
+:func:`all_jobs` is every element alone (2 ranks), every pair of elements of different
+dimensions (4 ranks) and a set of 3-D/4-D combinations (8 ranks), for each architecture
+family of ``parity.FAMILIES`` (``ep`` only for MoE families: it shards experts), plus the
+named variants (:data:`EXTRAS`). Layouts the trainer cannot run carry the message it must
+refuse them with (:func:`expected_refusal`). :func:`ci_jobs` is the subset CI runs: every
+element and every pair once (families in rotation) and every family, plus the extras.
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+ELEMENTS = {  # name -> (dimension, layout keys)
+    "dp_shard": ("dp_shard", {"dp_shard": 2}),
+    "dp_replicate": ("dp_replicate", {"dp_replicate": 2}),
+    "tp": ("tp", {"tp": 2}),
+    "tp_sp": ("tp", {"tp": 2, "sequence_parallel": True}),
+    "pp_gpipe": ("pp", {"pp": 2, "pp_schedule": "gpipe"}),
+    "pp_1f1b": ("pp", {"pp": 2, "pp_schedule": "1f1b"}),
+    "pp_interleaved": ("pp", {"pp": 2, "pp_schedule": "interleaved_1f1b", "pp_virtual_stages": 2}),
+    "pp_zbv": ("pp", {"pp": 2, "pp_schedule": "zbv"}),
+    "ep": ("ep", {"ep": 2}),
+}
+# 3-D / 4-D combinations at 8 ranks (ep borrows from dp_shard: no rank of its own)
+WIDE = [("dp_shard", "tp_sp", "pp_1f1b"), ("dp_replicate", "dp_shard", "tp"),
+        ("dp_replicate", "tp_sp", "pp_interleaved"), ("dp_shard", "tp", "pp_gpipe")]
+WIDE_MOE = [("dp_shard", "ep", "pp_1f1b"), ("ep", "tp_sp", "pp_1f1b"), ("dp_replicate", "ep", "tp_sp"),
+            ("dp_shard", "ep", "tp")]
+MOE_FAMILIES = ("moe", "deepseek")
+FAMILY_ORDER = ("dense", "mamba", "heads", "moe", "ladder")
+
+# Named variants kept from the earlier per-file tests: options that must not change the
+# numbers (activation checkpointing, compile), other losses, other model shapes.
+TP2 = {"tp": 2, "dp_shard": 1}
+SP = {**TP2, "sequence_parallel": True}
+EP2 = {"dp_shard": 2, "ep": 2}
+EXTRAS = [
+    {"name": "dense_tp2_sp_fused_zloss", "layout": SP, "kw": {"fused_loss": True, "z_loss": 0.01}},
+    {"name": "dense_tp2_sp_dp_shard2_ac", "layout": {**SP, "dp_shard": 2}, "kw": {"ac": "full"}},
+    {"name": "dense_tp4_replicated_kv", "layout": {"tp": 4, "dp_shard": 1}},
+    {"name": "ladder_tp2_ac", "family": "ladder", "layout": TP2, "kw": {"ac": "full"}},
+    {"name": "ladder_tp2_compile", "family": "ladder", "layout": TP2, "kw": {"compile": True}},
+    {"name": "ladder_from1_pp2", "family": "ladder", "model": {"ladder_from": 1}, "layout": {"pp": 2, "dp_shard": 1}},
+    {"name": "ladder_from2_tp2", "family": "ladder", "model": {"ladder_from": 2}, "layout": TP2},
+    {"name": "ladder_moe_tp2_sp", "family": "moe", "model": {"residual": "ladder"}, "layout": SP},
+    {"name": "mamba_ladder_tp2_sp", "family": "mamba", "model": {"residual": "ladder"}, "layout": SP},
+    {"name": "heads_ladder_tp2", "family": "heads", "model": {"residual": "ladder"}, "layout": TP2},
+    {"name": "moe_ep2_edp2_micro1", "family": "moe", "layout": {"dp_shard": 4, "ep": 2}, "micro": 1},
+    {"name": "deepseek_ep2", "family": "deepseek", "layout": EP2},
+    {"name": "deepseek_ep2_tp2_sp", "family": "deepseek", "layout": {**EP2, **SP, "dp_shard": 2}},
+    {"name": "deepseek_ep2_pp2", "family": "deepseek", "layout": {**EP2, "pp": 2}},
+    # bf16 compute against the fp32 reference (tests/test_parity.py: bf16 tolerances)
+    {"name": "dense_dp_shard2_bf16", "layout": {"dp_shard": 2, "mixed_precision": "bf16"}, "probe_reduce": True},
+    {"name": "dense_dp_replicate2_bf16", "layout": {"dp_replicate": 2, "mixed_precision": "bf16"},
+     "probe_reduce": True},
+    {"name": "moe_ep2_bf16", "family": "moe", "layout": {**EP2, "mixed_precision": "bf16"}, "probe_reduce": True},
+]
+
+
+def layout_of(elements: tuple[str, ...]) -> dict:
+    """The parallel config of a combination of elements (every dimension given explicitly)."""
+    out = {"dp_shard": 1}
+    for e in elements:
+        for k, v in ELEMENTS[e][1].items():
+            out[k] = out.get(k, 1) * v if k == "dp_shard" else v
+    if "ep" in elements:
+        out["dp_shard"] *= 2  # dp_shard = edp x ep
+    return out
+
+
+def world_of(layout: dict) -> int:
+    return layout.get("dp_replicate", 1) * layout["dp_shard"] * layout.get("tp", 1) * layout.get("pp", 1)
+
+
+def expected_refusal(layout: dict) -> str | None:
+    """The start of the one line the trainer refuses ``layout`` with, or None if it runs."""
+    dp = layout.get("dp_replicate", 1) * layout.get("dp_shard", 1)
+    if layout.get("pp_schedule") == "zbv" and dp > 1:
+        return "parallel.pp_schedule: zbv does not compose with data parallelism"
+    return None
+
+
+def _job(family: str, elements: tuple[str, ...]) -> dict:
+    layout = layout_of(elements)
+    job = {"name": f"{family}__{'+'.join(elements)}", "family": family, "layout": layout,
+           "world": world_of(layout)}
+    refusal = expected_refusal(layout)
+    if refusal:
+        job["refuse"] = refusal
+    return job
+
+
+def combos(family: str) -> list[tuple[str, ...]]:
+    names = [e for e in ELEMENTS if e != "ep" or family in MOE_FAMILIES]
+    pairs = [c for c in combinations(names, 2) if ELEMENTS[c[0]][0] != ELEMENTS[c[1]][0]]
+    wide = WIDE + (WIDE_MOE if family in MOE_FAMILIES else [])
+    return [(e,) for e in names] + pairs + wide
+
+
+def all_jobs() -> list[dict]:
+    """The whole matrix (``make parity``): the DeepSeek-style MoE joins for layouts with ep."""
+    jobs = [_job(f, c) for f in FAMILY_ORDER for c in combos(f)]
+    jobs += [_job("deepseek", c) for c in combos("deepseek") if "ep" in c]
+    return jobs + extras()
+
+
+def extras() -> list[dict]:
+    out = []
+    for j in EXTRAS:
+        layout = {"dp_shard": 1, **j["layout"]}
+        out.append({"family": "dense", **j, "layout": layout, "world": world_of(layout)})
+    return out
+
+
+def ci_jobs() -> list[dict]:
+    """Every element and every pair once, families in rotation (ep ones over the MoE
+    families), two 8-rank jobs (3-D dense, 4-D MoE), and the extras."""
+    out, turn = [], {False: 0, True: 0}
+    for c in combos("moe"):  # a MoE family has every element
+        if len(c) == 3:
+            continue
+        fams = MOE_FAMILIES if "ep" in c else FAMILY_ORDER
+        out.append(_job(fams[turn["ep" in c] % len(fams)], c))
+        turn["ep" in c] += 1
+    out += [_job("dense", WIDE[0]), _job("moe", WIDE_MOE[0])]
+    return out + extras()
