@@ -12,6 +12,7 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     cp: int = 1
+    cp_mode: str = "ring"  # ring | alltoall: context-parallel attention (parallel/ring_attention.py)
     ep: int = 1
     sequence_parallel: bool = False
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | zbv
