@@ -158,7 +158,8 @@ def make_cp_plan(world, mode: str, sequence_parallel: bool = False) -> CPPlan | 
 
 def gather_doc_ids(doc_ids: torch.Tensor, plan: CPPlan) -> torch.Tensor:
     """[B, S/cp] local document ids -> [B, S] global ones in natural order."""
-    parts = funcol.wait_tensor(funcol.all_gather_tensor(doc_ids.contiguous(), 0, plan.group))
+    parts = doc_ids.new_empty((plan.size * doc_ids.shape[0], *doc_ids.shape[1:]))
+    dist.all_gather_into_tensor(parts, doc_ids.contiguous(), group=plan.group)
     return unsplit(list(parts.chunk(plan.size, 0)), dim=1)
 
 
@@ -190,8 +191,7 @@ def set_cp_context(ctx, plan: CPPlan, doc_ids: torch.Tensor | None):
 
 def install_cp(model: nn.Module, plan: CPPlan) -> None:
     """Give every forward of ``model`` (a whole model or a pipeline stage) its CP context,
-    route MoE routing statistics over the cp (x tp) group, and scale attached MoE aux-loss
-    gradients by cp. Call after tensor parallelism (its context wrapper runs inside)."""
+    and route MoE routing statistics over the cp (x tp) group. Call after tensor parallelism (its context wrapper runs inside)."""
     orig = model.make_context
 
     def make_context(seq_len, device, doc_ids):
@@ -203,4 +203,3 @@ def install_cp(model: nn.Module, plan: CPPlan) -> None:
     for m in model.modules():
         if hasattr(m, "token_group_sum"):  # MoE: aux losses over the whole sequence
             m.token_group_sum = partial(_tp_sum, plan.aux_group)
-            m.aux_loss_scale = getattr(m, "aux_loss_scale", 1.0) * plan.size

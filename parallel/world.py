@@ -90,6 +90,8 @@ def resolve_layout(pcfg: ParallelConfig, world_size: int) -> dict[str, int]:
         raise ConfigError(f"parallel.backend: '{pcfg.backend}' is not one of auto, gloo, nccl")
     if pcfg.dp_engine not in ("fsdp", "deepspeed"):  # deepspeed: parallel/deepspeed_engine.py
         raise ConfigError(f"parallel.dp_engine: '{pcfg.dp_engine}' is not one of fsdp, deepspeed")
+    if world_size % pcfg.cp:
+        raise ConfigError(f"parallel.cp: {pcfg.cp} does not divide the world size {world_size}")
     fixed = pcfg.pp * pcfg.dp_replicate * pcfg.cp * pcfg.tp
     shard = pcfg.dp_shard
     if shard == -1:

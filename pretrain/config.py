@@ -125,6 +125,15 @@ class Config:
                 raise UserError(f"parallel.{k}: must be >= 1")
         if self.parallel.dp_shard == 0 or self.parallel.dp_shard < -1:
             raise UserError("parallel.dp_shard: must be >= 1, or -1 for the rest of the world")
+        if self.parallel.cp > 1:  # context parallel (parallel/context_parallel.py)
+            from parallel.context_parallel import check_cp_layout, check_cp_model, check_cp_seq
+
+            try:
+                check_cp_layout(self.parallel)
+                check_cp_seq(self.data.seq_len, self.parallel.cp)
+                check_cp_model(self.model, self.parallel, self.parallel.tp)
+            except ConfigError as e:
+                raise UserError(str(e)) from None
         if not (0.0 < self.optim.decay_fraction <= 1.0):
             raise UserError("optim.decay_fraction: must be in (0, 1]")
         for i, src in enumerate(self.data.mixture):

@@ -70,13 +70,14 @@ def attn_job(job: dict) -> dict:
 def run_job(job: dict) -> dict:
     if job["kind"] == "attn":
         return attn_job(job)
-    from tests.cp_parity import train_job
+    from cp_parity import resume_job, train_job
 
-    return train_job(job)
+    return resume_job(job) if job["kind"] == "resume" else train_job(job)
 
 
 if __name__ == "__main__":
-    from tests.torchrun_jobs import serve_jobs
+    sys.path.insert(0, str(ROOT / "tests"))
+    from torchrun_jobs import serve_jobs
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     serve_jobs(run_job, sys.argv[1], sys.argv[2])

@@ -94,7 +94,7 @@ def local_param_counts(cfg: ModelConfig, layout: Layout, shard_rank: int = 0) ->
     (after FSDP, for ``shard_rank``), ``largest_unit`` (the biggest FSDP unit, unsharded)
     and ``root`` (embedding/head unit, unsharded)."""
     out = []
-    shard = layout.dp_shard if layout.zero == 3 else 1
+    shard = layout.dp_shard * layout.cp if layout.zero == 3 else 1  # FSDP over dp_shard x cp
     kinds = cfg.sublayer_kinds
     per_kind = {}
     for k in set(kinds):
@@ -133,7 +133,7 @@ def activation_bytes(cfg: ModelConfig, layout: Layout, wl: Workload, recipe: Rec
                      layers: tuple[int, ...]) -> tuple[float, float]:
     """(stored bytes of ``layers`` for one micro-batch, the extra peak while one checkpointed
     sublayer is recomputed)."""
-    tokens = layout.micro_batch * wl.seq_len
+    tokens = layout.micro_batch * wl.seq_len / layout.cp  # context parallel: local tokens
     kinds = cfg.sublayer_kinds
     stored, recompute = 0.0, 0.0
     for i in layers:
@@ -149,7 +149,7 @@ def activation_bytes(cfg: ModelConfig, layout: Layout, wl: Workload, recipe: Rec
 
 def logits_bytes(cfg: ModelConfig, layout: Layout, wl: Workload) -> float:
     """fp32 logits and their gradient on the last stage; the fused loss chunks them (~1/8)."""
-    b = 2 * 4.0 * layout.micro_batch * wl.seq_len * cfg.vocab_size / layout.tp
+    b = 2 * 4.0 * layout.micro_batch * wl.seq_len * cfg.vocab_size / layout.tp / layout.cp
     return b / 8 if wl.fused_loss else b
 
 
@@ -169,9 +169,9 @@ def rank_memory(cfg: ModelConfig, layout: Layout, wl: Workload, recipe: Recipe,
             optim = c["sharded"] * (recipe.master_bytes + recipe.optim_bytes)
             gathered = (2 * c["largest_unit"] + c["root"]) * recipe.compute_param_bytes \
                 + c["largest_unit"] * recipe.grad_bytes
-            if layout.dp_shard > 1:
+            if layout.dp_shard * layout.cp > 1:
                 b.parts["fsdp_buffers"] = gathered
-            if n_micro > 1 and recipe.accumulate_unsharded and layout.dp_shard > 1:
+            if n_micro > 1 and recipe.accumulate_unsharded and layout.dp_shard * layout.cp > 1:
                 # no-sync micro-batches accumulate unsharded gradients (FSDP2)
                 b.parts["grad_accumulation"] = (c["full"] - c["sharded"]) * recipe.grad_bytes
                 b.notes.append("micro-batches accumulate unsharded grads")
@@ -190,6 +190,10 @@ def rank_memory(cfg: ModelConfig, layout: Layout, wl: Workload, recipe: Recipe,
         b.parts["activations"] = act * _inflight(layout, n_micro, r) + peak_extra
         if any(st.last for st in stages):
             b.parts["logits"] = logits_bytes(cfg, layout, wl)
+        if layout.cp > 1:  # K/V blocks in flight (ring) or head-sharded q/k/v/out (all-to-all)
+            from pretrain.planner.cp import cp_memory_bytes
+
+            b.parts["cp_buffers"] = cp_memory_bytes(cfg, layout, wl, recipe)
         out.append(b)
     return out
 
