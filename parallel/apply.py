@@ -52,11 +52,11 @@ def check_layout(model: nn.Module, pcfg: ParallelConfig, world: World) -> None:
 
         check_cp_layout(pcfg)
         check_cp_model(model.cfg, pcfg, world.tp_size)
-    if world.pp_size > 1 and pcfg.pp_schedule == "zbv" and world.dp_size > 1:
+    if world.pp_size > 1 and pcfg.pp_schedule == "zbv" and world.dp_size * world.cp_size > 1:
         # torch's split input/weight backward runs FSDP's gradient hooks before the weight
         # gradients exist: the reduced gradients come out wrong (checked on torch 2.14)
         raise ConfigError("parallel.pp_schedule: zbv does not compose with data parallelism yet; "
-                          "use interleaved_1f1b with parallel.dp_shard/dp_replicate > 1")
+                          "use interleaved_1f1b with parallel.dp_shard/dp_replicate/cp > 1")
     if pcfg.mixed_precision not in ("fp32", "bf16"):
         raise ConfigError(f"parallel.mixed_precision: '{pcfg.mixed_precision}' is not one of fp32, bf16")
 

@@ -21,6 +21,7 @@ scale their gradient by ``cp`` instead.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from functools import partial
 
@@ -32,6 +33,9 @@ from torch import nn
 from models.config import ConfigError
 
 CP_MODES = ("ring", "alltoall")
+# Mamba-2 (M) and P mixers pass recurrent state between cp ranks in a separate module; until
+# it is installed by :func:`install_cp` they would be silently wrong, so cp refuses them.
+RECURRENT_CP_READY = False
 
 
 # ---- layout rules -----------------------------------------------------------------------
@@ -64,9 +68,19 @@ def attention_heads(cfg) -> list[tuple[str, int, int]]:
     return out
 
 
+RECURRENT_KINDS = ("mamba", "hybrid")  # state passing under cp: wired in separately
+
+
 def check_cp_model(cfg, pcfg, tp: int = 1) -> None:
-    """Rules that need the model: all-to-all attention splits each tp rank's heads over cp."""
-    if pcfg.cp <= 1 or pcfg.cp_mode != "alltoall":
+    """Rules that need the model: recurrent mixers need their own cp support (state passing,
+    not part of this module), and all-to-all attention splits each tp rank's heads over cp."""
+    if pcfg.cp <= 1:
+        return
+    rec = [k for k in RECURRENT_KINDS if k in cfg.sublayer_kinds]
+    if rec and not RECURRENT_CP_READY:
+        raise ConfigError(f"parallel.cp: context parallel does not support the {'/'.join(rec)} "
+                          f"sublayers of model.pattern yet; use cp=1")
+    if pcfg.cp_mode != "alltoall":
         return
     for key, heads, _ in attention_heads(cfg):
         local = heads // tp if heads % tp == 0 else heads
@@ -88,10 +102,18 @@ def flatten_cp_dims(world) -> None:
         world.mesh["cp", "tp"]._flatten("cp_tp")
 
 
+def _slice(mesh, *dims):
+    # torch warns that slicing flattened dims from the root mesh will change; it is the
+    # documented way to get the (dp_replicate, dp_shard_cp) HSDP mesh on torch 2.14
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Slicing a flattened dim")
+        return mesh[dims if len(dims) > 1 else dims[0]]
+
+
 def fsdp_mesh(world):
     """The data-parallel mesh FSDP uses: ``dp_shard`` (x ``cp``), with ``dp_replicate`` as HSDP."""
     shard = "dp_shard_cp" if world.cp_size > 1 else "dp_shard"
-    return world.mesh["dp_replicate", shard] if world.dp_replicate > 1 else world.mesh[shard]
+    return _slice(world.mesh, "dp_replicate", shard) if world.dp_replicate > 1 else _slice(world.mesh, shard)
 
 
 # ---- the split --------------------------------------------------------------------------
@@ -150,7 +172,7 @@ def make_cp_plan(world, mode: str, sequence_parallel: bool = False) -> CPPlan | 
     """The CPPlan of this rank (None without context parallelism)."""
     if world.cp_size == 1:
         return None
-    aux = world.mesh["cp_tp"] if sequence_parallel and world.tp_size > 1 else world.mesh["cp"]
+    aux = _slice(world.mesh, "cp_tp") if sequence_parallel and world.tp_size > 1 else world.mesh["cp"]
     return CPPlan(world.cp_size, world.cp_rank, world.mesh.get_group("cp"), mode, aux.get_group())
 
 

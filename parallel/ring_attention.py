@@ -72,9 +72,11 @@ def _probs(s, lse):
 
 
 def _tiles(kind: str, sq_total: int, sk_total: int):
-    """(row start, rows, visible keys) per query tile; causal tiles skip the masked keys."""
-    for t in range(0, sq_total, TILE):
-        sq = min(TILE, sq_total - t)
+    """(row start, rows, visible keys) per query tile; causal tiles skip the masked keys.
+    Long key blocks get shorter tiles (about ``TILE * TILE`` scores per head)."""
+    rows = max(16, min(TILE, TILE * TILE // max(sk_total, 1)))
+    for t in range(0, sq_total, rows):
+        sq = min(rows, sq_total - t)
         yield t, sq, (t + sq if kind == "causal" else sk_total)
 
 
@@ -120,10 +122,14 @@ def merge(out, lse, out_b, lse_b):
 # ---- the ring ---------------------------------------------------------------------------
 
 class CPGroup:
-    """The cp process group as the ring sees it: size, rank, neighbours' global ranks."""
+    """The cp process group as the ring sees it: size, rank, neighbours' global ranks
+    (``group=None``: one rank, no communication)."""
 
     def __init__(self, group):
         self.group = group
+        if group is None:
+            self.size, self.rank = 1, 0
+            return
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.next = dist.get_global_rank(group, (self.rank + 1) % self.size)
@@ -222,9 +228,11 @@ class _RingAttention(torch.autograd.Function):
                 buf, works = acc_in
                 _wait(works)
                 dkv += buf
+            if cp.size == 1:  # nothing travels: the block is this rank's own
+                acc_in = (dkv, [])
+                break
             _wait(sent)
-            send_buf = dkv
-            recv, works = cp.exchange(send_buf, tag=2 * j + 1)  # on to the next holder
+            recv, works = cp.exchange(dkv, tag=2 * j + 1)  # on to the next holder
             sent, acc_in = works[:1], (recv, works[1:])
             if pending is not None:
                 kv, works = pending

@@ -101,9 +101,30 @@ def build(layout: dict, model: str, kw: dict):
     return pm, opt, world
 
 
-def train(data: dict, layout: dict, model: str, steps: int, kw: dict | None = None) -> dict:
+def blockwise_attention(pm) -> None:
+    """One process, attention through the ring's block arithmetic (one rank, no transfers):
+    how far a different summation order alone moves the run (the noise floor)."""
+    from kernels.reference import doc_segments
+    from parallel.ring_attention import CPGroup, ring_attention
+
+    for part in pm.parts:
+        orig = part.make_context
+
+        def make_context(seq_len, device, doc_ids, orig=orig):
+            ctx = orig(seq_len, device, doc_ids)
+            ctx.attention = lambda q, k, v, d: ring_attention(
+                q, k, v, doc_segments(d) if d is not None else None, CPGroup(None))
+            return ctx
+
+        part.make_context = make_context
+
+
+def train(data: dict, layout: dict, model: str, steps: int, kw: dict | None = None,
+          floor: bool = False) -> dict:
     """Loss per step, gradients after step 1 and final weights (full tensors by name)."""
     pm, opt, world = build(layout, model, kw or {})
+    if floor:
+        blockwise_attention(pm)
     losses, grads = [], None
     for step in range(steps):
         loss = pm.forward_backward(batches(data, step, world.dp_rank, world.dp_size))
