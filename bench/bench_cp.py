@@ -114,6 +114,9 @@ def worker(spec: dict) -> dict:
     ra._wait, ra._seq_to_heads, ra._heads_to_seq = timed(orig_wait), timed(orig_s2h), timed(orig_h2s)
     mb = pm._to_device(batch)
     act, loss = saved_bytes(lambda: pm._micro_loss(mb))
+    if spec["steps"] == 0:  # memory only
+        ra._wait, ra._seq_to_heads, ra._heads_to_seq = orig_wait, orig_s2h, orig_h2s
+        return {"act_bytes": act, "step_s": float("nan"), "exposed_share": float("nan")}
     loss.backward()
     times, shares = [], []
     for _ in range(spec["steps"] + 1):
@@ -162,7 +165,7 @@ def main() -> None:
     ap.add_argument("--cps", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--modes", nargs="+", default=["ring", "alltoall"])
     ap.add_argument("--d-model", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=2, help="timed steps (0: memory only)")
     ap.add_argument("--doc-mask", action="store_true",
                     help="document masking (one process then builds and saves an S x S mask)")
     a = ap.parse_args()
