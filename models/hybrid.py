@@ -56,7 +56,8 @@ class HybridHeadsMixer(nn.Module):
         if ctx is not None and ctx.rope is not None:
             q, k = kernels.apply_rotary(q, k, *ctx.rope)
         doc_ids = ctx.doc_ids if ctx is not None and self.use_doc_mask else None
-        return kernels.attention(q, k, v, doc_ids).reshape(B, S, -1)
+        attend = getattr(ctx, "attention", None) or kernels.attention
+        return attend(q, k, v, doc_ids).reshape(B, S, -1)
 
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
         doc_ids = ctx.doc_ids if ctx is not None and self.mamba_doc_reset else None

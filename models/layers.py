@@ -8,6 +8,7 @@ so a column-sharded projection simply yields fewer local heads.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -25,6 +26,9 @@ class Context:
     # set by parallel code: ``before_sublayer(idx, stream, pending) -> (stream, pending)``,
     # called in ladder mode before each sublayer (see parallel/ladder.py)
     grad_seam: object | None = None
+    # set by parallel code (context parallel): replaces ``kernels.attention`` for this
+    # forward, same signature ``(q, k, v, doc_ids) -> out`` on this rank's tokens
+    attention: Callable | None = None
 
 
 class RMSNorm(nn.Module):
@@ -66,7 +70,8 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, S, -1, self.head_dim)
         if ctx.rope is not None:
             q, k = kernels.apply_rotary(q, k, *ctx.rope)
-        out = kernels.attention(q, k, v, ctx.doc_ids if self.use_doc_mask else None)
+        attend = ctx.attention or kernels.attention
+        out = attend(q, k, v, ctx.doc_ids if self.use_doc_mask else None)
         return self.wo(out.reshape(B, S, -1))
 
 

@@ -52,11 +52,16 @@ def check_model_layout(cfg, pcfg: ParallelConfig, world: World) -> None:
 
         check_ep(cfg, pcfg.ep)
     check_pp(cfg, pcfg, world.pp_size)
-    if world.pp_size > 1 and pcfg.pp_schedule == "zbv" and world.dp_size > 1:
+    if world.cp_size > 1:  # context parallel
+        from parallel.context_parallel import check_cp_layout, check_cp_model
+
+        check_cp_layout(pcfg)
+        check_cp_model(cfg, pcfg, world.tp_size)
+    if world.pp_size > 1 and pcfg.pp_schedule == "zbv" and world.dp_size * world.cp_size > 1:
         # torch's split input/weight backward runs FSDP's gradient hooks before the weight
         # gradients exist: the reduced gradients come out wrong (checked on torch 2.14)
         raise ConfigError("parallel.pp_schedule: zbv does not compose with data parallelism yet; "
-                          "use interleaved_1f1b with parallel.dp_shard/dp_replicate > 1")
+                          "use interleaved_1f1b with parallel.dp_shard/dp_replicate/cp > 1")
     if pcfg.mixed_precision not in ("fp32", "bf16"):
         raise ConfigError(f"parallel.mixed_precision: '{pcfg.mixed_precision}' is not one of fp32, bf16")
 
@@ -79,14 +84,17 @@ def parallelize(model: nn.Module, pcfg: ParallelConfig, world: World, *, ac: str
     if not meta and world.distributed:
         raise ValueError("parallelize: build the model on the meta device for multi-process runs "
                          "(build_model(..., init=False))")
+    from parallel.context_parallel import make_cp_plan
+
+    cp = make_cp_plan(world, pcfg.cp_mode, pcfg.sequence_parallel)
     common = dict(z_loss=z_loss, fused_loss=fused_loss, autocast_dtype=autocast_dtype,
-                  sequence_parallel=pcfg.sequence_parallel)
+                  sequence_parallel=pcfg.sequence_parallel, cp=cp)
     if world.pp_size > 1:
         parts, stage_ids, n_stages = _split(model, pcfg, world, stage_costs)
     else:
         parts, stage_ids, n_stages = [model], [0], 1
     for part in parts:
-        _parallelize_part(part, pcfg, world, ac, ac_every, compile, z_loss, fused_loss)
+        _parallelize_part(part, pcfg, world, ac, ac_every, compile, z_loss, fused_loss, cp)
         if meta:
             materialize(part, world.device, seed)
     if world.pp_size > 1:
@@ -107,7 +115,7 @@ def _split(model, pcfg, world, stage_costs):
     return parts, mine, n_stages
 
 
-def _parallelize_part(part, pcfg, world, ac, ac_every, compile, z_loss, fused_loss) -> None:
+def _parallelize_part(part, pcfg, world, ac, ac_every, compile, z_loss, fused_loss, cp=None) -> None:
     if world.ep_size > 1:  # expert parallel: experts become Shard(0) DTensors over ep first
         from parallel.expert_parallel import apply_ep
 
@@ -121,12 +129,16 @@ def _parallelize_part(part, pcfg, world, ac, ac_every, compile, z_loss, fused_lo
         from parallel.ladder import mark_ladder_async
 
         mark_ladder_async(part)  # ladder residual: output reductions stay pending until join
+    if cp is not None:  # context parallel: per-forward RoPE positions and attention
+        from parallel.context_parallel import install_cp
+
+        install_cp(part, cp)
     if fused_loss:
         make_fused_head(part, z_loss)
     apply_activation_checkpointing(part, ac, ac_every)
     if compile:
         apply_compile(part)
-    if world.dp_size > 1:
+    if world.dp_size * world.cp_size > 1:
         from parallel.expert_parallel import expert_fsdp_options
 
         # expert parallel: experts FSDP-sharded over edp (and dp_replicate), not dp

@@ -14,6 +14,7 @@ class ParallelConfig:
     tp: int = spec(1, ge=1)
     pp: int = spec(1, ge=1)
     cp: int = spec(1, ge=1)
+    cp_mode: str = spec("ring", choices=("ring", "alltoall"))  # context-parallel attention (parallel/ring_attention.py)
     ep: int = spec(1, ge=1)
     sequence_parallel: bool = False
     pp_schedule: str = spec("1f1b", choices=("gpipe", "1f1b", "interleaved_1f1b", "zbv"))

@@ -26,8 +26,10 @@ def apply_data_parallel(model: nn.Module, world, pcfg: ParallelConfig, **layer_k
     ``layer_kw`` go to each sublayer's ``fully_shard`` (expert parallel: the experts' mesh)."""
     mesh = world.mesh
     mp = mp_policy(pcfg)
-    if world.dp_shard > 1:
-        dp_mesh = mesh["dp_replicate", "dp_shard"] if world.dp_replicate > 1 else mesh["dp_shard"]
+    if world.dp_shard * world.cp_size > 1:  # context parallel: shard over dp_shard x cp
+        from parallel.context_parallel import fsdp_mesh
+
+        dp_mesh = fsdp_mesh(world)
         for layer in model.layers.values():
             fully_shard(layer, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=pcfg.reshard_after_forward,
                         **layer_kw)

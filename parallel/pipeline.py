@@ -138,17 +138,18 @@ class _AuxLossGrad(torch.autograd.Function):
     stage's MoE auxiliary loss trains without reaching the loss on the last stage)."""
 
     @staticmethod
-    def forward(ctx, out, aux):
-        ctx.aux_shape = aux.shape
+    def forward(ctx, out, aux, scale=1.0):
+        ctx.aux_shape, ctx.scale = aux.shape, scale
         return out.view_as(out)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, grad.new_ones(ctx.aux_shape)
+        return grad, grad.new_full(ctx.aux_shape, ctx.scale), None
 
 
-def attach_aux_losses(part: nn.Module, record: list) -> None:
-    """Forward hook: fold the stage's auxiliary losses into its output's backward."""
+def attach_aux_losses(part: nn.Module, record: list, scale: float = 1.0) -> None:
+    """Forward hook: fold the stage's auxiliary losses into its output's backward (with
+    gradient ``scale``: the cp size under context parallelism)."""
     from parallel.runner import aux_losses
 
     def hook(module, args, out):
@@ -157,8 +158,8 @@ def attach_aux_losses(part: nn.Module, record: list) -> None:
             return out
         record.append(aux.detach().float())
         if isinstance(out, tuple):
-            return (_AuxLossGrad.apply(out[0], aux),) + tuple(out[1:])
-        return _AuxLossGrad.apply(out, aux)
+            return (_AuxLossGrad.apply(out[0], aux, scale),) + tuple(out[1:])
+        return _AuxLossGrad.apply(out, aux, scale)
 
     part.register_forward_hook(hook)
 

@@ -79,8 +79,9 @@ class ParallelModel:
 
     def __init__(self, parts: list[nn.Module], world: World, *, z_loss: float = 0.0,
                  fused_loss: bool = False, autocast_dtype: torch.dtype | None = None,
-                 sequence_parallel: bool = False):
+                 sequence_parallel: bool = False, cp=None):
         self.parts = parts
+        self.cp = cp  # parallel.context_parallel.CPPlan (None: no context parallelism)
         self.world = world
         self.z_loss = z_loss
         self.fused_loss = fused_loss
@@ -121,6 +122,8 @@ class ParallelModel:
                 h.z_loss = z
 
     def _to_device(self, batch: dict) -> dict:
+        if self.cp is not None:  # context parallel: this rank's two chunks of every row
+            batch = self.cp.split(batch)
         check_sequence_split(batch["input_ids"].shape[-1], self.world.tp_size, self.sequence_parallel)
         return {k: v.to(self.world.device, non_blocking=True) for k, v in batch.items()}
 
@@ -132,7 +135,11 @@ class ParallelModel:
         else:
             logits = model(mb["input_ids"], **kwargs)
             loss = tp_mod.cross_entropy(logits, mb["labels"], z_loss=self.z_loss if with_aux else 0.0)
-        return loss + aux_losses(model) if with_aux else loss
+        if not with_aux:
+            return loss
+        if self.cp is not None:  # the global batch's mean (see parallel/context_parallel.py)
+            return loss * self.cp.loss_scale(mb["labels"]) + self.cp.scale_aux(aux_losses(model))
+        return loss + aux_losses(model)
 
     def forward_backward(self, micro_batches: list[dict]) -> torch.Tensor:
         """Accumulate gradients over ``micro_batches``; returns this rank's mean loss (detached).
@@ -289,13 +296,17 @@ class PipelineModel(ParallelModel):
         from parallel.pipeline import attach_aux_losses
 
         for part in parts:
-            attach_aux_losses(part, self._aux)
+            attach_aux_losses(part, self._aux, scale=self.cp.size if self.cp is not None else 1.0)
 
     def _loss_fn(self, out, labels):
         if self.fused_loss:
-            return out.reshape(())  # the head already returned the loss
-        z = self.z_loss if torch.is_grad_enabled() else 0.0  # held-out loss: no z-loss
-        return tp_mod.cross_entropy(out, labels, z_loss=z)
+            loss = out.reshape(())  # the head already returned the loss
+        else:
+            z = self.z_loss if torch.is_grad_enabled() else 0.0  # held-out loss: no z-loss
+            loss = tp_mod.cross_entropy(out, labels, z_loss=z)
+        if self.cp is not None and torch.is_grad_enabled():  # context parallel: global mean
+            loss = loss * self.cp.loss_scale(labels)
+        return loss
 
     def _schedule(self, n_micro: int):
         from torch.distributed.pipelining import PipelineStage

@@ -37,6 +37,7 @@ class World:
     dp_replicate: int = 1
     dp_shard: int = 1
     cp_size: int = 1
+    cp_rank: int = 0
     # expert parallel (parallel/expert_parallel.py): dp_shard = edp x ep; ep_mesh has dims
     # EP_MESH_DIMS over the same ranks as ``mesh``
     ep_size: int = 1
@@ -81,12 +82,16 @@ def resolve_layout(pcfg: ParallelConfig, world_size: int) -> dict[str, int]:
     for key in ("pp", "dp_replicate", "tp", "cp", "ep", "pp_virtual_stages"):
         if getattr(pcfg, key) < 1:
             raise ConfigError(f"parallel.{key}: must be >= 1, got {getattr(pcfg, key)}")
-    if pcfg.cp > 1:
-        raise ConfigError("parallel.cp: context parallel is not implemented yet; use 1")
+    if pcfg.cp > 1:  # context parallel: parallel/context_parallel.py
+        from parallel.context_parallel import check_cp_layout
+
+        check_cp_layout(pcfg)
     if pcfg.backend not in ("auto", "gloo", "nccl"):
         raise ConfigError(f"parallel.backend: '{pcfg.backend}' is not one of auto, gloo, nccl")
     if pcfg.dp_engine not in ("fsdp", "deepspeed"):  # deepspeed: parallel/deepspeed_engine.py
         raise ConfigError(f"parallel.dp_engine: '{pcfg.dp_engine}' is not one of fsdp, deepspeed")
+    if world_size % pcfg.cp:
+        raise ConfigError(f"parallel.cp: {pcfg.cp} does not divide the world size {world_size}")
     fixed = pcfg.pp * pcfg.dp_replicate * pcfg.cp * pcfg.tp
     shard = pcfg.dp_shard
     if shard == -1:
@@ -118,16 +123,21 @@ def build_world(pcfg: ParallelConfig, rank: int, world_size: int, local_rank: in
         return world
     from torch.distributed.device_mesh import init_device_mesh
 
+    from parallel.context_parallel import flatten_cp_dims
+
     world.mesh = init_device_mesh(device.type, tuple(sizes[d] for d in MESH_DIMS),
                                   mesh_dim_names=MESH_DIMS)
     coord = dict(zip(MESH_DIMS, world.mesh.get_coordinate()))
     world.pp_rank, world.tp_rank = coord["pp"], coord["tp"]
     # Ranks that differ only in tp/pp/cp read the same rows of the global batch.
     world.dp_rank = coord["dp_replicate"] * sizes["dp_shard"] + coord["dp_shard"]
+    world.cp_rank = coord["cp"]
+    flatten_cp_dims(world)  # dp_shard x cp as one FSDP dim (and cp x tp) when cp > 1
     if pcfg.ep > 1:
-        # expert parallel: a second mesh over the same ranks with dp_shard unflattened into
-        # (edp, ep), row-major, so ep groups are consecutive dp_shard coordinates (cp is 1)
-        ep_sizes = (sizes["pp"], sizes["dp_replicate"], sizes["dp_shard"] // pcfg.ep, pcfg.ep, sizes["tp"])
+        # expert parallel: a second mesh over the same ranks with dp_shard x cp unflattened into
+        # (edp, ep), row-major, so ep groups are consecutive (dp_shard, cp) coordinates
+        ep_sizes = (sizes["pp"], sizes["dp_replicate"], sizes["dp_shard"] * sizes["cp"] // pcfg.ep, pcfg.ep,
+                    sizes["tp"])
         world.ep_mesh = init_device_mesh(device.type, ep_sizes, mesh_dim_names=EP_MESH_DIMS)
     return world
 

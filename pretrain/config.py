@@ -132,6 +132,15 @@ class Config:
         if self.checkpoint.async_ and self.parallel.dp_engine == "deepspeed":
             raise UserError("checkpoint.async: not supported with parallel.dp_engine=deepspeed (its engine "
                             "writes its own state synchronously); use checkpoint.async=false")
+        if self.parallel.cp > 1:  # context parallel (parallel/context_parallel.py)
+            from parallel.context_parallel import check_cp_layout, check_cp_model, check_cp_seq
+
+            try:
+                check_cp_layout(self.parallel)
+                check_cp_seq(self.data.seq_len, self.parallel.cp)
+                check_cp_model(self.model, self.parallel, self.parallel.tp)
+            except ConfigError as e:
+                raise UserError(str(e)) from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

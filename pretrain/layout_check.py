@@ -50,7 +50,7 @@ def _check(cfg: Config, world_size: int) -> None:
     micro = t.micro_batch or rows
     if rows % micro:  # the trainer's micro-batch split
         raise ConfigError(f"train.micro_batch: {micro} does not divide the per-rank batch of {rows}")
-    check_sequence_split(cfg.data.seq_len, sizes["tp"], p.sequence_parallel)
+    check_sequence_split(cfg.data.seq_len // sizes["cp"], sizes["tp"], p.sequence_parallel)  # cp: local tokens
     if sizes["pp"] > 1 and p.dp_engine != "deepspeed":
         n_micro = pipeline_microbatches(p.pp_microbatches, rows // micro, sizes["pp"])
         check_pipeline_rows(rows, n_micro)

@@ -71,7 +71,7 @@ def dry_run(cfg: Config, world_size: int) -> list[dict]:
                         apply_ep(part, world)
                     if world.tp_size > 1:
                         apply_tp(part, TPContext(world.mesh["tp"], part.cfg, pcfg.sequence_parallel))
-                    if world.dp_size > 1 and not deepspeed:
+                    if world.dp_size * world.cp_size > 1 and not deepspeed:
                         apply_data_parallel(part, world, pcfg, **expert_fsdp_options(part, world))
                     n += _local_numel(part)
                 out.append({"pp_rank": pp_rank, "stages": [s for s, _ in parts], "params": n})

@@ -20,6 +20,7 @@ class Layout:
     dp_shard: int = 1
     ep: int = 1
     cp: int = 1
+    cp_mode: str = "ring"  # ring | alltoall (context parallel attention)
     zero: int = 3
     schedule: str = "1f1b"
     vpp: int = 1  # stages per pp rank
@@ -61,6 +62,8 @@ class Layout:
         parts.append(dp)
         if self.ep > 1:
             parts.append(f"ep{self.ep}")
+        if self.cp > 1:
+            parts.append(f"cp{self.cp}" + ("(a2a)" if self.cp_mode == "alltoall" else ""))
         parts.append(f"mb{self.micro_batch}")
         if self.ac != "off":
             parts.append("ac" + ("" if self.ac == "full" else f"/{self.ac_every}"))
@@ -75,6 +78,7 @@ class Layout:
             ov["parallel.ep"] = self.ep
         if self.cp > 1:
             ov["parallel.cp"] = self.cp
+            ov["parallel.cp_mode"] = self.cp_mode
         if self.tp > 1:
             ov["parallel.sequence_parallel"] = str(self.sp).lower()
         if self.zero in (1, 2):
@@ -165,7 +169,7 @@ def config_layout(cfg: Config, world_size: int) -> Layout:
     sizes = _fill(p, world_size)
     zero = (p.zero_stage if p.dp_engine == "deepspeed" else (3 if sizes["dp_shard"] > 1 else 0))
     return Layout(tp=sizes["tp"], pp=sizes["pp"], dp_replicate=sizes["dp_replicate"],
-                  dp_shard=sizes["dp_shard"], ep=p.ep, cp=p.cp, zero=zero,
+                  dp_shard=sizes["dp_shard"], ep=p.ep, cp=p.cp, cp_mode=p.cp_mode, zero=zero,
                   schedule=p.pp_schedule, vpp=_vpp(p), micro_batch=_micro(cfg, sizes),
                   sp=p.sequence_parallel and p.tp > 1, ac=cfg.train.activation_checkpointing,
                   ac_every=cfg.train.ac_every)

@@ -94,7 +94,7 @@ def local_param_counts(cfg: ModelConfig, layout: Layout, shard_rank: int = 0) ->
     (after FSDP, for ``shard_rank``), ``largest_unit`` (the biggest FSDP unit, unsharded)
     and ``root`` (embedding/head unit, unsharded)."""
     out = []
-    shard = layout.dp_shard if layout.zero == 3 else 1
+    shard = layout.dp_shard * layout.cp if layout.zero == 3 else 1  # FSDP over dp_shard x cp
     kinds = cfg.sublayer_kinds
     per_kind = {}
     for k in set(kinds):
@@ -134,7 +134,7 @@ def activation_bytes(cfg: ModelConfig, layout: Layout, wl: Workload, recipe: Rec
     """(stored bytes of ``layers`` for one micro-batch, the extra peak of one sublayer's
     backward: its recomputed activations if checkpointed, plus the gradients of its widest
     intermediate and of that intermediate's input)."""
-    tokens = layout.micro_batch * wl.seq_len
+    tokens = layout.micro_batch * wl.seq_len / layout.cp  # context parallel: local tokens
     kinds = cfg.sublayer_kinds
     stored, extra = 0.0, 0.0
     for i in layers:
@@ -154,7 +154,7 @@ def activation_bytes(cfg: ModelConfig, layout: Layout, wl: Workload, recipe: Rec
 def logits_bytes(cfg: ModelConfig, layout: Layout, wl: Workload, recipe: Recipe | None = None) -> float:
     """fp32 logits and their gradient on the last stage (the fused loss chunks them, ~1/8),
     plus what the final norm keeps for backward (its input and output)."""
-    tokens = layout.micro_batch * wl.seq_len
+    tokens = layout.micro_batch * wl.seq_len / layout.cp  # context parallel: local tokens
     # the reference cross-entropy's backward holds log-softmax and two gradients at once
     copies = 3 if recipe is not None and recipe.reference_kernels else 2
     b = copies * 4.0 * tokens * cfg.vocab_size / layout.tp
@@ -183,9 +183,9 @@ def rank_memory(cfg: ModelConfig, layout: Layout, wl: Workload, recipe: Recipe,
             optim = c["sharded"] * (recipe.master_bytes + recipe.optim_bytes)
             gathered = (2 * c["largest_unit"] + c["root"]) * recipe.compute_param_bytes \
                 + c["largest_unit"] * recipe.grad_bytes
-            if layout.dp_shard > 1:
+            if layout.dp_shard * layout.cp > 1:
                 b.parts["fsdp_buffers"] = gathered
-            if n_micro > 1 and recipe.accumulate_unsharded and layout.dp_shard > 1:
+            if n_micro > 1 and recipe.accumulate_unsharded and layout.dp_shard * layout.cp > 1:
                 # no-sync micro-batches accumulate unsharded gradients (FSDP2)
                 b.parts["grad_accumulation"] = (c["full"] - c["sharded"]) * recipe.grad_bytes
                 b.notes.append("micro-batches accumulate unsharded grads")
@@ -206,6 +206,10 @@ def rank_memory(cfg: ModelConfig, layout: Layout, wl: Workload, recipe: Recipe,
             # the loss's tensors are freed before the last sublayer is recomputed: the peak
             # holds one or the other
             b.parts["logits"] = max(0.0, logits_bytes(cfg, layout, wl, recipe) - peak_extra)
+        if layout.cp > 1:  # K/V blocks in flight (ring) or head-sharded q/k/v/out (all-to-all)
+            from pretrain.planner.cp import cp_memory_bytes
+
+            b.parts["cp_buffers"] = cp_memory_bytes(cfg, layout, wl, recipe)
         out.append(b)
     return out
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from models.config import ConfigError, ModelConfig
 from pretrain.planner import hardware as hw
+from pretrain.planner.cp import cp_choices
 from pretrain.planner.layout import Layout, Recipe, Workload
 from pretrain.planner.memory import rank_memory, state_bytes
 from pretrain.planner.timing import StepEstimate, estimate
@@ -26,13 +27,19 @@ def check(cfg: ModelConfig, layout: Layout, wl: Workload) -> str | None:
         check_pp(cfg, _pcfg(layout), layout.pp)
     except ValueError as e:  # ConfigError included
         return str(e)
+    if layout.cp > 1:
+        from pretrain.planner.cp import check_cp
+
+        why = check_cp(cfg, layout, wl)
+        if why:
+            return why
     if layout.ep > 1:
         if "moe" not in cfg.sublayer_kinds:
             return "parallel.ep: the model has no MoE sublayers"
         if cfg.moe.n_experts % layout.ep:
             return f"parallel.ep: {layout.ep} does not divide model.moe.n_experts={cfg.moe.n_experts}"
-        if layout.dp_shard % layout.ep:
-            return f"parallel.ep: {layout.ep} must divide parallel.dp_shard={layout.dp_shard}"
+        if (layout.dp_shard * layout.cp) % layout.ep:
+            return f"parallel.ep: {layout.ep} must divide parallel.dp_shard*cp={layout.dp_shard * layout.cp}"
     if wl.global_batch % layout.dp:
         return f"train.global_batch: {wl.global_batch} is not divisible by the {layout.dp} data-parallel ranks"
     if wl.micro_batches(layout) < 1:
@@ -78,7 +85,7 @@ def _pcfg(layout: Layout, base=None, n_micro: int = 0):
     engine = "deepspeed" if layout.zero in (1, 2) else "fsdp"
     dp_rep, dp_shard = (layout.dp, 1) if layout.zero == 0 else (layout.dp_replicate, layout.dp_shard)
     return _replace(base or ParallelConfig(), dp_replicate=dp_rep, dp_shard=dp_shard, tp=layout.tp, pp=layout.pp,
-                          cp=layout.cp, ep=layout.ep, sequence_parallel=layout.sp,
+                          cp=layout.cp, cp_mode=layout.cp_mode, ep=layout.ep, sequence_parallel=layout.sp,
                           pp_schedule=layout.schedule, dp_engine=engine,
                           pp_virtual_stages=layout.vpp if layout.schedule == "interleaved_1f1b" else 1,
                           pp_microbatches=n_micro if layout.pp > 1 else 0,
@@ -138,28 +145,40 @@ def enumerate_layouts(cfg: ModelConfig, world: int, wl: Workload, dev: hw.Device
         for pp in divisors(world // tp):
             if pp > n_sub:
                 continue
-            dp = world // (tp * pp)
-            dp_splits = [(1, dp, z) for z in zero_stages if dp > 1 or z == 3] if dp > 1 else [(1, 1, 3)]
-            if dp > 1 and 3 in zero_stages:
-                nodes_span = max(1, dp * tp // dev.gpus_per_node)
-                inner = dp // nodes_span
-                if 1 < inner < dp and dp % inner == 0:
-                    dp_splits.append((dp // inner, inner, 3))  # HSDP: shard inside a node
-            scheds = [("1f1b", 1)] if pp == 1 else \
-                [(s, v) for s in schedules for v in ((2,) if s != "1f1b" else (1,))
-                 if pp * v <= n_sub]
-            eps = [e for e in divisors(dp) if e <= max_ep and has_moe
-                   and cfg.moe.n_experts % e == 0] or [1]
-            for rep, shard, zero in dp_splits:
-                for sched, vpp in scheds:
-                    for mb in micro_batches:
-                        for ac in recompute:
-                            for ep in eps:
-                                if ep > 1 and (zero != 3 or shard % ep):
-                                    continue
-                                out.append(Layout(tp=tp, pp=pp, dp_replicate=rep, dp_shard=shard,
-                                                  ep=ep, zero=zero, schedule=sched, vpp=vpp,
-                                                  micro_batch=mb, sp=tp > 1, ac=ac))
+            for cp in cp_choices(cfg, wl, world // (tp * pp)):  # long sequences only
+                for mode in (("ring", "alltoall") if cp > 1 else ("ring",)):
+                    out += _layouts(cfg, world // (tp * pp * cp), tp, pp, cp, mode, dev, zero_stages,
+                                    micro_batches, recompute, schedules, max_ep, n_sub, has_moe)
+    return out
+
+
+def _layouts(cfg, dp, tp, pp, cp, cp_mode, dev, zero_stages, micro_batches, recompute, schedules,
+             max_ep, n_sub, has_moe) -> list[Layout]:
+    """The candidates of one (tp, pp, cp) with ``dp`` data-parallel ranks."""
+    out = []
+    dp_splits = [(1, dp, z) for z in zero_stages if dp > 1 or z == 3] if dp > 1 else [(1, 1, 3)]
+    if dp > 1 and 3 in zero_stages:
+        nodes_span = max(1, dp * tp // dev.gpus_per_node)
+        inner = dp // nodes_span
+        if 1 < inner < dp and dp % inner == 0:
+            dp_splits.append((dp // inner, inner, 3))  # HSDP: shard inside a node
+    if cp > 1:  # the trainer shards over dp_shard x cp (FSDP) whenever cp > 1
+        dp_splits = [d for d in dp_splits if d[2] == 3] or [(1, dp, 3)]
+    scheds = [("1f1b", 1)] if pp == 1 else \
+        [(s, v) for s in schedules for v in ((2,) if s != "1f1b" else (1,))
+         if pp * v <= n_sub]
+    eps = [e for e in divisors(dp) if e <= max_ep and has_moe
+           and cfg.moe.n_experts % e == 0] or [1]
+    for rep, shard, zero in dp_splits:
+        for sched, vpp in scheds:
+            for mb in micro_batches:
+                for ac in recompute:
+                    for ep in eps:
+                        if ep > 1 and (zero != 3 or (shard * cp) % ep):
+                            continue
+                        out.append(Layout(tp=tp, pp=pp, dp_replicate=rep, dp_shard=shard,
+                                          ep=ep, cp=cp, cp_mode=cp_mode, zero=zero, schedule=sched, vpp=vpp,
+                                          micro_batch=mb, sp=tp > 1, ac=ac))
     return out
 
 

@@ -24,6 +24,7 @@ class SublayerTime:
     tp_fwd: float  # tensor-parallel collectives (before overlap)
     tp_bwd: float
     ep: float  # expert-parallel all-to-alls, forward + backward
+    cp: float = 0.0  # context-parallel attention communication left exposed, fwd + bwd
 
 
 @dataclass
@@ -50,7 +51,7 @@ def _gemm_fwd_bwd(m: float, k: int, n: int, dev: hw.Device) -> tuple[float, floa
 def sublayer_time(kind: str, checkpointed: bool, cfg: ModelConfig, layout: Layout, wl: Workload,
                   dev: hw.Device, recipe: Recipe) -> SublayerTime:
     """Times of one ``kind`` sublayer for one micro-batch on one rank."""
-    tokens = layout.micro_batch * wl.seq_len
+    tokens = layout.micro_batch * wl.seq_len / layout.cp  # context parallel: local tokens
     tp = layout.tp
     gemm_f = gemm_b = 0.0
     for lin in ms.linears(kind, cfg, tp):
@@ -84,11 +85,15 @@ def sublayer_time(kind: str, checkpointed: bool, cfg: ModelConfig, layout: Layou
         group = hw.group_for(dims, 3, dev.gpus_per_node)
         nbytes = tokens * cfg.moe.top_k * cfg.d_model * recipe.act_bytes / tp
         ep = 4 * hw.all_to_all_time(nbytes, group, dev)  # dispatch + combine, fwd + bwd
+    from pretrain.planner.cp import cp_attention_comm
+
+    cp = cp_attention_comm(kind, cfg, layout, wl, dev, recipe, fused_f)[1]
     if checkpointed:
         bwd += fwd
         tp_b += tp_f
         ep *= 1.5
-    return SublayerTime(fwd, bwd, tp_f, tp_b, ep)
+        cp *= 1.5
+    return SublayerTime(fwd, bwd, tp_f, tp_b, ep, cp)
 
 
 def _checkpointed(i: int, layout: Layout) -> bool:
@@ -105,10 +110,11 @@ def stage_time(layers: tuple[int, ...], first: bool, last: bool, cfg: ModelConfi
         if key not in cache:
             cache[key] = sublayer_time(kinds[i], key[1], cfg, layout, wl, dev, recipe)
         times.append((i, cache[key]))
-    out = {"compute": 0.0, "tp_comm": 0.0, "ep_comm": 0.0}
+    out = {"compute": 0.0, "tp_comm": 0.0, "ep_comm": 0.0, "cp_comm": 0.0}
     for j, (i, t) in enumerate(times):
         out["compute"] += t.fwd + t.bwd
         out["ep_comm"] += t.ep
+        out["cp_comm"] += t.cp
         fwd_c, bwd_c = t.tp_fwd, t.tp_bwd
         if recipe.tp_overlap == "full":
             fwd_c, bwd_c = max(0.0, fwd_c - t.fwd), max(0.0, bwd_c - t.bwd)
@@ -116,7 +122,7 @@ def stage_time(layers: tuple[int, ...], first: bool, last: bool, cfg: ModelConfi
             # the next sublayer computes while this one's reduction is in flight
             fwd_c = max(0.0, fwd_c - times[j + 1][1].fwd)
         out["tp_comm"] += fwd_c + bwd_c
-    tokens = layout.micro_batch * wl.seq_len
+    tokens = layout.micro_batch * wl.seq_len / layout.cp
     d, tp = cfg.d_model, layout.tp
     group = hw.group_for(layout.dims, 4, dev.gpus_per_node)
     if first:
@@ -180,12 +186,14 @@ def dp_comm(full_params: int, layout: Layout, dev: hw.Device, recipe: Recipe) ->
     dims = [layout.pp, layout.dp, layout.cp, layout.tp]
     dp_group = hw.group_for(dims, 1, dev.gpus_per_node)
     out = {"per_micro": 0.0, "grad": 0.0, "param": 0.0}
-    if layout.dp == 1:
+    if layout.dp * layout.cp == 1:
         return out
     grads = full_params * recipe.grad_bytes
     params = full_params * recipe.compute_param_bytes
-    if layout.zero == 3 and layout.dp_shard > 1:
-        shard = hw.group_for(layout.dims, 2, dev.gpus_per_node)
+    if layout.zero == 3 and layout.dp_shard * layout.cp > 1:
+        # FSDP over dp_shard x cp (adjacent mesh dims: one group of their product)
+        flat = [layout.pp, layout.dp_replicate, layout.dp_shard * layout.cp, layout.tp]
+        shard = hw.group_for(flat, 2, dev.gpus_per_node)
         out["per_micro"] = 2 * hw.all_gather_time(params, shard, dev)
         out["grad"] = hw.reduce_scatter_time(grads, shard, dev)
         if layout.dp_replicate > 1:
@@ -211,7 +219,7 @@ def estimate(cfg: ModelConfig, layout: Layout, wl: Workload, dev: hw.Device,
     counts = local_param_counts(cfg, layout)
     per_rank = []
     for stages in ranks:
-        t = {"compute": 0.0, "tp_comm": 0.0, "ep_comm": 0.0}
+        t = {"compute": 0.0, "tp_comm": 0.0, "ep_comm": 0.0, "cp_comm": 0.0}
         for st in stages:
             for k, v in stage_time(st.layers, st.first, st.last, cfg, layout, wl, dev, recipe, cache).items():
                 t[k] += v
@@ -219,7 +227,7 @@ def estimate(cfg: ModelConfig, layout: Layout, wl: Workload, dev: hw.Device,
     mb_time = [sum(t.values()) for t in per_rank]
     t_max = max(mb_time)
     critical = per_rank[mb_time.index(t_max)]
-    tokens = layout.micro_batch * wl.seq_len
+    tokens = layout.micro_batch * wl.seq_len / layout.cp
     p2p = 0.0
     if layout.pp > 1 and not recipe.p2p_overlap:
         cross = layout.world // layout.pp >= dev.gpus_per_node
@@ -246,7 +254,8 @@ def estimate(cfg: ModelConfig, layout: Layout, wl: Workload, dev: hw.Device,
     tokens_step = wl.global_batch * wl.seq_len
     mfu = train_flops_per_token(cfg, wl.seq_len) * tokens_step / step / (layout.world * dev.peak_flops)
     parts = {"compute": n_micro * critical["compute"], "tp_comm": n_micro * critical["tp_comm"],
-             "ep_comm": n_micro * critical["ep_comm"], "p2p": n_micro * p2p,
+             "ep_comm": n_micro * critical["ep_comm"], "cp_comm": n_micro * critical["cp_comm"],
+             "p2p": n_micro * p2p,
              "bubble": bubble * (t_max + p2p), "dp_comm": max(exposed), "optimizer": max(opt)}
     return StepEstimate(step, tokens_step / step, mfu, parts, dev.peak_flops)
 

@@ -1,0 +1,193 @@
+"""Parity runs for context parallelism: one layout trained on real text, compared with the
+same training in one process (loss per step, every gradient after step 1 by name, final
+weights). Used in-process for the reference and under torchrun by tests/test_cp_worker.py.
+
+Data: a token stream of the ``tiny_dataset`` fixture (stdlib source, 512-token BPE) cut into
+rows of ``SEQ + 1`` tokens; documents (EOS-separated) cross the cp chunk boundaries.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+SEQ, ROWS, MICRO, STEPS = 1024, 2, 1, 10
+MODELS = {
+    "dense": dict(pattern="*-", n_layers=2),
+    "mqa": dict(pattern="*-", n_layers=2, n_kv_heads=1),
+    "ladder": dict(pattern="*-", n_layers=2, residual="ladder", ladder_from=1),
+    "moe": dict(pattern="*E", n_layers=2, moe=dict(n_experts=4, top_k=2, aux_loss_coef=0.01,
+                                                  z_loss_coef=0.001, bias_update_rate=0.001)),
+}
+BASE = dict(vocab_size=512, d_model=64, n_heads=4, n_kv_heads=2, max_seq_len=SEQ, doc_mask=True)
+
+
+def model_cfg(name: str):
+    from models.config import ModelConfig, MoEConfig
+
+    kw = {**BASE, **MODELS[name]}
+    if isinstance(kw.get("moe"), dict):
+        kw["moe"] = MoEConfig(**kw["moe"])
+    return ModelConfig(**kw)
+
+
+def write_tokens(data_dir: Path, out: Path, steps: int = STEPS) -> Path:
+    """Save the token stream the runs read (read once here: opening the store is collective)."""
+    import json
+
+    import numpy as np
+
+    from pretrain.data.store import open_dataset, read_block
+
+    ds = open_dataset(str(data_dir))
+    store = ds.store("train")
+    need, parts, n, b = steps * ROWS * (SEQ + 1), [], 0, 0
+    while n < need:
+        blk = np.asarray(read_block(store, b)).astype(np.int64)
+        parts.append(blk)
+        n, b = n + len(blk), b + 1
+    eos = int(json.loads((Path(data_dir) / "meta.json").read_text())["eos_id"])
+    torch.save({"tokens": torch.from_numpy(np.concatenate(parts)[:need]), "eos": eos}, out)
+    return out
+
+
+def batches(data: dict, step: int, dp_rank: int, dp_size: int) -> list[dict]:
+    """This dp rank's micro-batches of step ``step`` (the same global batch for any layout)."""
+    from pretrain.data.loader import doc_ids_of
+
+    toks = data["tokens"].view(-1, ROWS, SEQ + 1)[step]
+    rows = ROWS // dp_size
+    x = toks[dp_rank * rows:(dp_rank + 1) * rows]
+    inputs, labels = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+    b = {"input_ids": inputs, "labels": labels, "doc_ids": doc_ids_of(inputs, data["eos"])}
+    return [{k: v[i:i + MICRO] for k, v in b.items()} for i in range(0, rows, MICRO)]
+
+
+def _full(p):
+    from torch.distributed.tensor import DTensor
+
+    return (p.full_tensor() if isinstance(p, DTensor) else p).detach().float().clone()
+
+
+def named(parts, grads: bool) -> dict:
+    """Full tensors of every parameter (or its gradient) of this rank's parts, canonical names."""
+    from parallel.init import canonical_name
+
+    out = {}
+    for part in parts:
+        for name, p in part.named_parameters():
+            t = p.grad if grads else p
+            if grads and t is None:
+                t = torch.zeros_like(p)
+            out[canonical_name(name)] = _full(t)
+    return out
+
+
+def build(layout: dict, model: str, kw: dict):
+    import torch.distributed as dist
+
+    from models.transformer import build_model
+    from parallel import ParallelConfig, build_world, parallelize
+    from pretrain.config import OptimConfig
+    from pretrain.optim import build_optimizer
+
+    pcfg = ParallelConfig(**layout)
+    ws = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = build_world(pcfg, rank, ws, 0, torch.device("cpu"))
+    pm = parallelize(build_model(model_cfg(model), init=False), pcfg, world, seed=0, **kw)
+    opt = build_optimizer(pm.parts, OptimConfig(lr=3e-3, warmup_steps=0, weight_decay=0.1))
+    return pm, opt, world
+
+
+def blockwise_attention(pm) -> None:
+    """One process, attention through the ring's block arithmetic (one rank, no transfers):
+    how far a different summation order alone moves the run (the noise floor)."""
+    from kernels.reference import doc_segments
+    from parallel.ring_attention import CPGroup, ring_attention
+
+    for part in pm.parts:
+        orig = part.make_context
+
+        def make_context(seq_len, device, doc_ids, orig=orig):
+            ctx = orig(seq_len, device, doc_ids)
+            ctx.attention = lambda q, k, v, d: ring_attention(
+                q, k, v, doc_segments(d) if d is not None else None, CPGroup(None))
+            return ctx
+
+        part.make_context = make_context
+
+
+def train(data: dict, layout: dict, model: str, steps: int, kw: dict | None = None,
+          floor: bool = False) -> dict:
+    """Loss per step, gradients after step 1 and final weights (full tensors by name)."""
+    pm, opt, world = build(layout, model, kw or {})
+    if floor:
+        blockwise_attention(pm)
+    losses, grads = [], None
+    for step in range(steps):
+        loss = pm.forward_backward(batches(data, step, world.dp_rank, world.dp_size))
+        losses.append(pm.reduce_loss(loss))
+        if step == 0:
+            grads = named(pm.parts, grads=True)
+        pm.clip_grad_norm_(1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        pm.after_optimizer_step()
+    return {"loss": losses, "grads": grads, "weights": named(pm.parts, grads=False)}
+
+
+def compare(got: dict, ref: dict) -> dict:
+    """Largest loss difference and largest gradient / weight differences (absolute, and
+    relative to the largest reference entry of the same tensor) over this rank's tensors."""
+    out = {"loss": got["loss"], "names": sorted(got["grads"])}
+    out["loss_diff"] = max(abs(a - b) for a, b in zip(got["loss"], ref["loss"]))
+    for key in ("grads", "weights"):
+        worst, rel = 0.0, 0.0
+        for name, t in got[key].items():
+            r = ref[key][name]
+            d = float((t - r).abs().max())
+            worst, rel = max(worst, d), max(rel, d / max(float(r.abs().max()), 1e-12))
+        out[f"{key}_diff"], out[f"{key}_rel"] = worst, rel
+    return out
+
+
+def train_job(job: dict) -> dict:
+    data = torch.load(job["tokens"])
+    ref = torch.load(job["ref"])[job.get("model", "dense")]
+    got = train(data, job["layout"], job.get("model", "dense"), job.get("steps", STEPS), job.get("kw"))
+    return compare(got, ref)
+
+
+def resume_job(job: dict) -> dict:
+    """Train to ``save_at`` under ``save`` and checkpoint into ``dir`` (if ``save``), then
+    (if ``load``) resume under ``load`` up to ``steps``: losses of the resumed steps and the
+    final weights compared with the uninterrupted one-process run."""
+    from pretrain import checkpoint as ckpt
+
+    data = torch.load(job["tokens"])
+    save_at, model = job["save_at"], job.get("model", "dense")
+    if job.get("save") is not None:
+        pm, opt, world = build(job["save"], model, {})
+        for step in range(save_at):
+            pm.forward_backward(batches(data, step, world.dp_rank, world.dp_size))
+            pm.clip_grad_norm_(1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        ckpt.save_checkpoint(job["dir"], save_at, pm.parts, opt, {"step": save_at}, world, "x: 1\n")
+    if job.get("load") is None:
+        return {}
+    pm, opt, world = build(job["load"], model, {})
+    ckpt.load_checkpoint(Path(job["dir"]) / "checkpoints" / f"step_{save_at}", pm.parts, opt, world)
+    losses = []
+    for step in range(save_at, job["steps"]):
+        losses.append(pm.reduce_loss(pm.forward_backward(batches(data, step, world.dp_rank, world.dp_size))))
+        pm.clip_grad_norm_(1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    ref = torch.load(job["ref"])[model]
+    got = {"loss": losses, "weights": named(pm.parts, grads=False)}
+    worst = max(float((t - ref["weights"][n]).abs().max()) for n, t in got["weights"].items())
+    return {"loss": losses, "want": ref["loss"][save_at:job["steps"]], "weights_diff": worst,
+            "loss_diff": max(abs(a - b) for a, b in zip(losses, ref["loss"][save_at:]))}
