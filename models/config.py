@@ -65,6 +65,21 @@ class MoEConfig:
 
 
 @dataclass
+class RopeScalingConfig:
+    """RoPE scaling for context extension, HF ``rope_scaling`` semantics (models/rope_scaling.py)."""
+
+    type: str = "none"  # none | linear | llama3 | yarn
+    factor: float = 1.0  # new context length / original context length
+    original_max_seq_len: int = 0  # the pretraining length (llama3: required; yarn: 0 = max_seq_len)
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    attention_factor: float = 0.0  # yarn: cos/sin multiplier (0: 0.1 ln(factor) + 1)
+    truncate: bool = True  # yarn: round the ramp's ends to whole dimensions
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 32000
     d_model: int = 256
@@ -78,6 +93,7 @@ class ModelConfig:
     max_seq_len: int = 2048
     position: str = "rope"  # rope | none
     rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)  # context extension
     norm_eps: float = 1e-5
     norm: str = "pre"  # pre | peri (Peri-LN: also a norm on each sublayer output)
     tie_embeddings: bool = False
@@ -193,6 +209,10 @@ class ModelConfig:
             need(m.capacity_factor >= 0, "moe.capacity_factor", "must be >= 0 (0 = dropless)")
             need(m.expert_impl in ("auto", "grouped_mm", "loop", "bmm"), "moe.expert_impl",
                  f"'{m.expert_impl}' not in auto|grouped_mm|loop|bmm")
+        if self.rope_scaling.type != "none":
+            from models.rope_scaling import check_rope_scaling
+
+            check_rope_scaling(self.rope_scaling, self.max_seq_len)
         if self.residual == "parallel":
             need(all(c in "*-|" for c in self.pattern) and "*-" in self.full_pattern.replace("|", ""),
                  "residual", "'parallel' needs a pattern of attention+MLP pairs ('*-')")

@@ -1,0 +1,165 @@
+"""Worker for tests/test_cp_recurrent.py (holds no tests itself): Mamba-2 / ``P`` models
+trained with their sequences split over cp ranks (zig-zag chunks, state passing from
+``parallel/cp_recurrent.py``) against the same training in one process, on real text.
+
+``python -m torch.distributed.run --nproc_per_node N tests/test_cp_recurrent_worker.py SPEC OUT``
+
+Attention sublayers are not this module's subject (ring attention is built elsewhere):
+here they gather the full K/V over the cp group (:func:`gathered_attention`), which is
+exact and simple. Rank 0 also runs the one-process reference and reports max differences.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+for p in (ROOT, ROOT / "tests"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import kernels  # noqa: E402
+from kernels.ssd import segment_ids  # noqa: E402
+from models.layers import Context, rope_tables  # noqa: E402
+from parallel.cp_recurrent import all_gather_autograd, zigzag_chunks, zigzag_shard  # noqa: E402
+
+SEQ, BATCH, LR = 128, 2, 3e-3
+_ATTN: dict = {}  # this batch's global layout, read by gathered_attention
+
+
+def model_cfg(model: dict):
+    from test_parallel_worker import model_cfg as build_cfg
+
+    return build_cfg(**{"max_seq_len": SEQ, **model})
+
+
+def batches(data: str, steps: int, cp: int) -> list[dict]:
+    """Real-text batches; extra document boundaries at awkward places relative to the cp
+    chunks (exactly at a chunk start, one token after, one before the end, two in a chunk)
+    on row 0, none added on row 1 (a document spanning every chunk)."""
+    from pretrain.config import DataConfig
+    from pretrain.data.loader import TokenBatches
+
+    it = TokenBatches(DataConfig(path=data, seq_len=SEQ, shuffle=False), "train", BATCH, 0, 1, seed=0)
+    n = SEQ // (2 * cp)
+    cuts = torch.zeros(BATCH, SEQ, dtype=torch.long)
+    for pos in (n, 2 * n + 1, 3 * n - 1, 3 * n + 2, 3 * n + 5, SEQ - n):
+        cuts[0, pos] = 1
+    out = []
+    for _ in range(steps):
+        b = next(it)
+        b["doc_ids"] = b["doc_ids"] + cuts.cumsum(1)
+        out.append(b)
+    return out
+
+
+def local_slice(t: torch.Tensor, cp: int, rank: int) -> torch.Tensor:
+    n = t.shape[1] // (2 * cp)
+    return torch.cat([t[:, c * n:(c + 1) * n] for c in zigzag_chunks(cp)[rank]], 1)
+
+
+def gathered_attention(q, k, v, doc_ids=None):
+    """Causal attention of local queries over the K/V of all cp ranks (global positions)."""
+    st = _ATTN
+    B, S, H, D = q.shape
+    kf, vf = (all_gather_autograd(t, st["group"]).transpose(0, 1).reshape(B, -1, *t.shape[2:]) for t in (k, v))
+    if kf.shape[2] != H:
+        kf, vf = (t.repeat_interleave(H // t.shape[2], dim=2) for t in (kf, vf))
+    mask = (st["pos_all"].unsqueeze(0) <= st["pos"].unsqueeze(1)).unsqueeze(0)
+    if doc_ids is not None:
+        mask = mask & (st["seg"].unsqueeze(2) == st["seg_all"].unsqueeze(1))
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), kf.transpose(1, 2), vf.transpose(1, 2),
+                                         attn_mask=mask.unsqueeze(1))
+    return out.transpose(1, 2)
+
+
+def forward_loss(model, batch: dict, cp: int, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """(this rank's share of the mean token loss, global mean loss detached)."""
+    labels, n_tok = batch["labels"], (batch["labels"] != -100).sum()
+    if cp == 1:
+        logits = model(batch["input_ids"], batch["doc_ids"])
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / n_tok
+        return loss, loss.detach()
+    rank = dist.get_rank(group)
+    x, ids, lab = (local_slice(batch[k], cp, rank) for k in ("input_ids", "doc_ids", "labels"))
+    shard = zigzag_shard(group, SEQ, ids)
+    pos = shard.positions()
+    seg = segment_ids(batch["doc_ids"])
+    _ATTN.update(group=group, pos=pos, pos_all=torch.cat([local_slice(torch.arange(SEQ)[None], cp, r)[0]
+                                                         for r in range(cp)]),
+                 seg=local_slice(seg, cp, rank), seg_all=torch.cat([local_slice(seg, cp, r) for r in range(cp)], 1))
+    cfg = model.cfg
+    ctx = Context(rope=rope_tables(cfg.dim_head, x.shape[1], cfg.rope_theta, positions=pos),
+                  doc_ids=ids, recurrent_shard=shard)
+    h, _ = model.run_stack(model.tok_embeddings(x), ctx, None)
+    logits = model.output(model.norm(h))
+    loss = F.cross_entropy(logits.flatten(0, 1), lab.flatten(), reduction="sum") / n_tok
+    total = loss.detach().clone()
+    dist.all_reduce(total, group=group)
+    return loss, total
+
+
+def train(model_kw: dict, data: str, steps: int, cp: int, group=None, cuts_cp: int | None = None) -> dict:
+    from models.transformer import build_model
+
+    model = build_model(model_cfg(model_kw), seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+    losses, grads = [], {}
+    saved = kernels.attention
+    if cp > 1:
+        kernels.attention = gathered_attention
+    try:
+        for step, batch in enumerate(batches(data, steps, cuts_cp or cp)):
+            loss, total = forward_loss(model, batch, cp, group)
+            loss.backward()
+            for p in model.parameters():
+                if cp > 1:  # each rank's loss covers its tokens: gradients add up
+                    dist.all_reduce(p.grad, group=group)
+            losses.append(float(total))
+            if step == 0:
+                grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    finally:
+        kernels.attention = saved
+    return {"losses": losses, "grads": grads, "weights": {n: p.detach().clone() for n, p in model.named_parameters()}}
+
+
+def _max_diff(a: dict, b: dict) -> tuple[float, str]:
+    worst = max(((float((a[k] - b[k]).abs().max()), k) for k in a), default=(0.0, ""))
+    return worst
+
+
+def run_job(job: dict) -> dict:
+    """Train ``job['model']`` with cp = world size; rank 0 compares with one process."""
+    torch.manual_seed(0)
+    cp = dist.get_world_size()
+    got = train(job["model"], job["data"], job["steps"], cp, dist.group.WORLD)
+    if dist.get_rank() != 0:
+        return {}
+    want = train(job["model"], job["data"], job["steps"], 1, cuts_cp=cp)
+    g, gname = _max_diff(got["grads"], want["grads"])
+    w, wname = _max_diff(got["weights"], want["weights"])
+    gscale = max(float(t.abs().max()) for t in want["grads"].values())
+    # noise floor: one process again with SSD's chunk_size changed (same maths, other
+    # summation order); AdamW turns rounding in near-zero gradients into lr-sized steps
+    other = {**job["model"], "mamba": {**job["model"]["mamba"], "chunk_size": 8}}
+    floor = train(other, job["data"], job["steps"], 1, cuts_cp=cp)
+    return {"weight_noise": _max_diff(floor["weights"], want["weights"])[0],
+            "grad_noise": _max_diff(floor["grads"], want["grads"])[0],"losses": got["losses"], "ref_losses": want["losses"],
+            "loss_diff": max(abs(a - b) for a, b in zip(got["losses"], want["losses"])),
+            "grad_diff": g, "grad_worst": gname, "grad_scale": gscale,
+            "weight_diff": w, "weight_worst": wname, "n_params": len(want["grads"])}
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from torchrun_jobs import serve_jobs
+
+    serve_jobs(run_job, sys.argv[1], sys.argv[2])
