@@ -47,3 +47,26 @@ def test_recurrent_cp_matches_one_process(results):
         assert r["grad_diff"] <= TOL, (name, r["grad_worst"])
         # AdamW amplifies rounding in near-zero gradients: 10x the measured floor at most
         assert r["weight_diff"] <= max(TOL, 10 * r["weight_noise"]), (name, r["weight_worst"])
+
+
+def test_initial_state_contribution_is_linear():
+    """``ssd(initial_state=S) == ssd() + ssd_state_output(S)``, with document resets, in fp64:
+    what lets a cp rank add the state entering its chunk after the fact."""
+    import torch
+
+    from kernels.ssd import ssd_chunked, ssd_state_output
+
+    g = torch.Generator().manual_seed(0)
+    b, L, H, P, G, N = 2, 37, 4, 8, 2, 16
+    x = torch.randn(b, L, H, P, generator=g, dtype=torch.float64)
+    dt = torch.rand(b, L, H, generator=g, dtype=torch.float64) * 0.2
+    A = -torch.rand(H, generator=g, dtype=torch.float64) * 4
+    B, C = (torch.randn(b, L, G, N, generator=g, dtype=torch.float64) for _ in range(2))
+    S = torch.randn(b, H, P, N, generator=g, dtype=torch.float64)
+    ids = torch.zeros(b, L, dtype=torch.long)
+    ids[0, 20:] = 1  # row 0: a document starts at 20; row 1: one document
+    for seq_idx in (ids, None):
+        want = ssd_chunked(x, dt, A, B, C, 8, seq_idx=seq_idx, initial_state=S)
+        got = ssd_chunked(x, dt, A, B, C, 8, seq_idx=seq_idx) + ssd_state_output(C, dt, A, S, seq_idx)
+        assert (got - want).abs().max() < 1e-12
+    assert ssd_state_output(C, dt, A, S, ids)[0, 20:].abs().max() == 0
