@@ -205,7 +205,7 @@ class Mamba2Mixer(nn.Module):
             parts = {}
             for part, xp, hp in zip(_CONV_PARTS, piece.split(widths, -1), halo.split(widths, -1)):
                 parts[part] = getattr(self, f"conv_{part}")(xp, seq_idx, hp.transpose(1, 2))[0]
-            b, L = xp.shape[:2]
+            b, L = piece.shape[:2]
             H, G = parts["x"].shape[-1] // P, parts["B"].shape[-1] // N
             C = parts["C"].view(b, L, G, N)
             y, final = ssd(parts["x"].view(b, L, H, P), dt, A, parts["B"].view(b, L, G, N), C,

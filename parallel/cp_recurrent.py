@@ -25,7 +25,7 @@ single-device code (see ``Mamba2Mixer._mix_sharded``):
 ``pieces = shard.split(t)``            local [B, S, ...] -> list of [B, L_j, ...]
 ``shard.cat(pieces)``                  the inverse
 ``shard.halo(pieces, width, doc_reset)`` -> per piece [B, width, ...] preceding inputs
-``shard.entering_states(finals, log_decays, doc_reset)`` -> per piece [B, *state]
+``shard.entering_states(finals, log_decays | transitions=, doc_reset)`` -> per piece [B, *state]
 
 Build one per batch with :func:`zigzag_shard` (or :class:`RecurrentShard` for another layout)
 and put it on the model's ``Context.recurrent_shard``.
@@ -166,22 +166,30 @@ class RecurrentShard:
         return out
 
     # ---- state passing -----------------------------------------------------------------
-    def entering_states(self, finals: list[torch.Tensor], log_decays: list[torch.Tensor],
-                        doc_reset: bool = True) -> list[torch.Tensor]:
-        """States entering each local piece.
+    def entering_states(self, finals: list[torch.Tensor], log_decays: list[torch.Tensor] | None = None,
+                        doc_reset: bool = True, transitions: list[torch.Tensor] | None = None
+                        ) -> list[torch.Tensor]:
+        """States entering each local piece (differentiable; collective over the cp group).
 
-        ``finals[j]`` [B, *state]: piece j's final state when started from zero;
-        ``log_decays[j]`` [B, *prefix of state]: log of the factor the piece applies to its
-        entering state (summed over the piece, ignoring resets: the shard applies document
-        resets itself when ``doc_reset``). Returns [B, *state] per piece (finals' dtype).
+        ``finals[j]`` [B, *state]: piece j's final state when started from zero. How the
+        piece maps its entering state to its end, one of:
+        ``log_decays[j]`` [B, *prefix of state]: a diagonal decay, ``S -> exp(d) * S``
+        (Mamba-2: the sum of ``dt * A`` over the piece);
+        ``transitions[j]`` [B, *state[:-1], k]: a matrix on the last state dim, ``S -> S @ M``
+        (delta-rule mixers: the product of ``alpha_t (I - beta_t k_t k_t^T)``).
+        Both ignore document resets: with ``doc_reset`` the shard applies them itself.
+        Returns [B, *state] per piece (finals' dtype).
         """
-        shape = finals[0].shape
-        d = log_decays[0]
-        n_state, n_dec = finals[0][0].numel(), d[0].numel()
-        packed = torch.stack([torch.cat([f.reshape(shape[0], -1), ld.reshape(shape[0], -1).to(f.dtype)], 1)
-                              for f, ld in zip(finals, log_decays)])
-        allp = all_gather_autograd(packed, self.group)  # [world, n_local, B, n_state + n_dec]
-        bcast = (shape[0], *d.shape[1:], *[1] * (len(shape) - d.dim()))
+        if (log_decays is None) == (transitions is None):
+            raise ValueError("give exactly one of log_decays and transitions")
+        moves = log_decays if log_decays is not None else transitions
+        shape, mshape = finals[0].shape, moves[0].shape
+        n_state = finals[0][0].numel()
+        packed = torch.stack([torch.cat([f.reshape(shape[0], -1), m.reshape(shape[0], -1).to(f.dtype)], 1)
+                              for f, m in zip(finals, moves)])
+        allp = all_gather_autograd(packed, self.group)  # [world, n_local, B, n_state + n_move]
+        if log_decays is not None:
+            mshape = (*mshape, *[1] * (len(shape) - len(mshape)))
         reset = doc_reset and self.meta is not None
         states, S = {}, None
         for c in range(max(self.mine) + 1):
@@ -191,11 +199,11 @@ class RecurrentShard:
                 if S is None:
                     S = F
                 else:
-                    dec = allp[r, j, :, n_state:].view(bcast).exp()
-                    if reset:  # a document starting inside chunk c-1 cuts what entered it
+                    m = allp[r, j, :, n_state:].view(mshape)
+                    S = F + (m.exp() * S if log_decays is not None else S @ m)
+                    if reset:  # a document starting inside chunk c-1 cut what entered it
                         inside = self._info(c - 1)[:, 3].bool().to(F.device)
-                        dec = dec.masked_fill(inside.view(-1, *[1] * (dec.dim() - 1)), 0.0)
-                    S = F + dec * S
+                        S = torch.where(inside.view(-1, *[1] * (len(shape) - 1)), F, S)
                 if reset:
                     keep = self._keep(c).to(device=F.device, dtype=F.dtype)
                     S = S * keep.view(-1, *[1] * (len(shape) - 1))

@@ -136,8 +136,74 @@ def _max_diff(a: dict, b: dict) -> tuple[float, str]:
     return worst
 
 
+def delta_rule(q, k, v, alpha, beta, ids, S0=None):
+    """A toy gated delta rule, token by token: ``S_t = S_{t-1} alpha_t (I - beta_t k_t k_t^T)
+    + beta_t v_t k_t^T``, ``o_t = S_t q_t`` (S [B, H, dv, dk]), the state reset where ``ids``
+    changes. Returns (o, final state, the product of the transitions, o's part due to S0)."""
+    B, L, H, dk = k.shape
+    eye = torch.eye(dk, dtype=k.dtype)
+    S = torch.zeros(B, H, v.shape[-1], dk, dtype=k.dtype)
+    P = eye.expand(B, H, dk, dk)
+    live = torch.ones(B, dtype=torch.bool)
+    outs, corr = [], []
+    for t in range(L):
+        if t > 0:
+            same = ids[:, t] == ids[:, t - 1]
+            S, live = S * same.view(B, 1, 1, 1), live & same
+        kt = k[:, t]
+        M = alpha[:, t, :, None, None] * (eye - beta[:, t, :, None, None] * kt.unsqueeze(-1) * kt.unsqueeze(-2))
+        S = S @ M + beta[:, t, :, None, None] * v[:, t].unsqueeze(-1) * kt.unsqueeze(-2)
+        P = P @ M
+        outs.append((S @ q[:, t].unsqueeze(-1)).squeeze(-1))
+        if S0 is not None:
+            corr.append((S0 @ P @ q[:, t].unsqueeze(-1)).squeeze(-1) * live.view(B, 1, 1))
+    o = torch.stack(outs, 1)
+    return o, S, P, (torch.stack(corr, 1) if S0 is not None else None)
+
+
+def run_delta(job: dict) -> dict:
+    """The shard's matrix transitions (``transitions=``) on the toy delta rule: outputs and
+    input gradients equal the one-process recurrence."""
+    cp, rank = dist.get_world_size(), dist.get_rank()
+    g = torch.Generator().manual_seed(7)
+    B, L, H, dk, dv = 2, 8 * cp, 2, 4, 3
+    k = F.normalize(torch.randn(B, L, H, dk, generator=g, dtype=torch.float64), dim=-1)
+    full = {"q": torch.randn(B, L, H, dk, generator=g, dtype=torch.float64), "k": k,
+            "v": torch.randn(B, L, H, dv, generator=g, dtype=torch.float64),
+            "alpha": 0.5 + 0.5 * torch.rand(B, L, H, generator=g, dtype=torch.float64),
+            "beta": torch.rand(B, L, H, generator=g, dtype=torch.float64)}
+    ids = torch.zeros(B, L, dtype=torch.long)
+    for pos in (8, 17, 23, 24):  # row 0: at a chunk start, inside, twice in one chunk
+        if pos < L:
+            ids[0, pos:] += 1
+    w = torch.randn(B, L, H, dv, generator=g, dtype=torch.float64)
+    ref_in = {n: t.clone().requires_grad_() for n, t in full.items()}
+    ref_o = delta_rule(*ref_in.values(), ids)[0]
+    (ref_o * w).sum().backward()
+    mine = {n: t.clone().requires_grad_() for n, t in full.items()}
+    shard = zigzag_shard(dist.group.WORLD, L, local_slice(ids, cp, rank))
+    pieces = {n: shard.split(local_slice(t, cp, rank)) for n, t in mine.items()}
+    id_pieces = shard.split(local_slice(ids, cp, rank))
+    runs = [delta_rule(*(pieces[n][j] for n in full), id_pieces[j]) for j in range(len(id_pieces))]
+    states = shard.entering_states([r[1] for r in runs], transitions=[r[2] for r in runs])
+    outs = [r[0] + delta_rule(*(pieces[n][j] for n in full), id_pieces[j], S0=states[j])[3]
+            for j, r in enumerate(runs)]
+    o = shard.cat(outs)
+    (o * local_slice(w, cp, rank)).sum().backward()
+    got = all_gather_autograd(o.detach(), dist.group.WORLD)
+    o_full = torch.cat([got[r] for r in range(cp)], 1)
+    want = torch.cat([local_slice(ref_o.detach(), cp, r) for r in range(cp)], 1)
+    grads = {}
+    for n, t in mine.items():
+        dist.all_reduce(t.grad)
+        grads[n] = float((t.grad - ref_in[n].grad).abs().max())
+    return {"out_diff": float((o_full - want).abs().max()), "grad_diffs": grads}
+
+
 def run_job(job: dict) -> dict:
     """Train ``job['model']`` with cp = world size; rank 0 compares with one process."""
+    if job.get("kind") == "delta":
+        return run_delta(job)
     torch.manual_seed(0)
     cp = dist.get_world_size()
     got = train(job["model"], job["data"], job["steps"], cp, dist.group.WORLD)
