@@ -33,10 +33,10 @@ TOL = 1e-5
 def results(request, tiny_dataset, tmp_path_factory):
     jobs = [{**j, "data": str(tiny_dataset), "steps": STEPS} for j in JOBS[request.param]]
     return run_jobs("test_cp_recurrent_worker.py", request.param, jobs,
-                    tmp_path_factory.mktemp(f"cp{request.param}"), timeout=240)
+                    tmp_path_factory.mktemp(f"cp{request.param}"), timeout=480)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_recurrent_cp_matches_one_process(results):
     for name in results:
         r = job_result(results, name)
