@@ -31,19 +31,44 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module", params=[2, 4])
 def results(request, tiny_dataset, tmp_path_factory):
-    jobs = [{**j, "data": str(tiny_dataset), "steps": STEPS} for j in JOBS[request.param]]
-    return run_jobs("test_cp_recurrent_worker.py", request.param, jobs,
-                    tmp_path_factory.mktemp(f"cp{request.param}"), timeout=480)
+    tmp = tmp_path_factory.mktemp(f"cp{request.param}")
+    jobs = [{**j, "data": str(tiny_dataset), "steps": STEPS, "out": str(tmp)} for j in JOBS[request.param]]
+    return request.param, run_jobs("test_cp_recurrent_worker.py", request.param, jobs, tmp, timeout=480)
+
+
+def compare(model: dict, saved: str, data: str, cp: int) -> dict:
+    """Max differences of a cp run from one process, and the one-process noise floor."""
+    import torch
+
+    from test_cp_recurrent_worker import max_diff, train
+
+    torch.set_num_threads(1)
+    got = torch.load(saved)
+    want = train(model, data, STEPS, 1, cuts_cp=cp)
+    # noise floor: one process again with SSD's chunk_size changed (same maths, other
+    # summation order); AdamW turns rounding in near-zero gradients into lr-sized steps
+    floor = train({**model, "mamba": {**model["mamba"], "chunk_size": 8}}, data, STEPS, 1, cuts_cp=cp)
+    g, gname = max_diff(got["grads"], want["grads"])
+    w, wname = max_diff(got["weights"], want["weights"])
+    return {"losses": got["losses"], "ref_losses": want["losses"],
+            "loss_diff": max(abs(a - b) for a, b in zip(got["losses"], want["losses"])),
+            "grad_diff": g, "grad_worst": gname, "grad_noise": max_diff(floor["grads"], want["grads"])[0],
+            "grad_scale": max(float(t.abs().max()) for t in want["grads"].values()),
+            "weight_diff": w, "weight_worst": wname, "weight_noise": max_diff(floor["weights"], want["weights"])[0],
+            "n_params": len(want["grads"])}
 
 
 @pytest.mark.timeout(900)
-def test_recurrent_cp_matches_one_process(results):
-    for name in results:
-        r = job_result(results, name)
+def test_recurrent_cp_matches_one_process(results, tiny_dataset):
+    cp, res = results
+    for job in JOBS[cp]:
+        name = job["name"]
+        r = job_result(res, name)
         if name.startswith("delta"):  # matrix transitions (a gated delta rule), fp64
             print(f"{name}: output diff {r['out_diff']:.1e}, input grad diffs {r['grad_diffs']}")
             assert r["out_diff"] < 1e-12 and max(r["grad_diffs"].values()) < 1e-12, r
             continue
+        r = compare(job["model"], r["saved"], str(tiny_dataset), cp)
         print(f"{name}: loss diff {r['loss_diff']:.2e}, grad diff {r['grad_diff']:.2e} "
               f"({r['grad_worst']}, grads up to {r['grad_scale']:.2e}; noise floor {r['grad_noise']:.2e}), "
               f"weight diff {r['weight_diff']:.2e} (noise floor {r['weight_noise']:.2e})")
