@@ -139,6 +139,22 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, D=None, seq_idx=None, initial_s
     return (y, final) if return_final_state else y
 
 
+def ssd_state_output(C, dt, A, state, seq_idx=None):
+    """The output contribution of an initial ``state`` [b, H, P, N] to a segment:
+    ``y_t = exp(sum_{s<=t} dt_s A) C_t . state`` for tokens before the first reset of
+    ``seq_idx`` (0 after it). ``ssd(..., initial_state=S)`` equals ``ssd(...)`` plus this,
+    which lets context parallelism add a late-known state cheaply. Returns fp32 [b, L, H, P]
+    (fp64 for fp64 inputs)."""
+    b, L, G, N = C.shape
+    H, P = state.shape[1], state.shape[2]
+    cd = _compute_dtype(state)
+    decay = torch.exp((dt.to(cd) * A.to(cd)).cumsum(1))  # [b, L, H]
+    if seq_idx is not None:
+        decay = decay * (segment_ids(seq_idx) == 0).unsqueeze(-1).to(cd)
+    y = torch.einsum("blgn,bgqn->blgq", C.to(cd), state.to(cd).reshape(b, G, (H // G) * P, N))
+    return y.reshape(b, L, H, P) * decay.unsqueeze(-1)
+
+
 def ssd_flops(batch: int, seq_len: int, n_heads: int, head_dim: int, n_groups: int, d_state: int,
               chunk_size: int) -> float:
     """Matmul FLOPs of ``ssd_chunked`` as torch's FlopCounterMode counts them (forward)."""

@@ -67,6 +67,21 @@ class MoEConfig:
 
 
 @dataclass
+class RopeScalingConfig:
+    """RoPE scaling for context extension, HF ``rope_scaling`` semantics (models/rope_scaling.py)."""
+
+    type: str = spec("none", choices=("none", "linear", "llama3", "yarn"))
+    factor: float = spec(1.0, ge=1)  # new context length / original context length
+    original_max_seq_len: int = spec(0, ge=0)  # the pretraining length (llama3: required; yarn: 0 = max_seq_len)
+    low_freq_factor: float = spec(1.0, gt=0)  # llama3
+    high_freq_factor: float = spec(4.0, gt=0)  # llama3
+    beta_fast: float = spec(32.0, gt=0)  # yarn
+    beta_slow: float = spec(1.0, gt=0)  # yarn
+    attention_factor: float = spec(0.0, ge=0, note="0: 0.1 ln(factor) + 1")  # yarn: cos/sin multiplier
+    truncate: bool = True  # yarn: round the ramp's ends to whole dimensions
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = spec(32000, ge=1)
     d_model: int = spec(256, ge=1)
@@ -80,6 +95,7 @@ class ModelConfig:
     max_seq_len: int = spec(2048, ge=1)
     position: str = spec("rope", choices=("rope", "none"))
     rope_theta: float = spec(10000.0, gt=0)
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)  # context extension
     norm_eps: float = spec(1e-5, gt=0)
     norm: str = spec("pre", choices=("pre", "peri"))  # peri (Peri-LN: also a norm on each sublayer output)
     tie_embeddings: bool = False
@@ -179,6 +195,10 @@ class ModelConfig:
             need(1 <= m.topk_groups <= m.n_groups, "moe.topk_groups", f"must be in 1..{m.n_groups}")
             need(m.top_k <= m.topk_groups * (m.n_experts // m.n_groups), "moe.top_k",
                  f"{m.top_k} exceeds the {m.topk_groups * (m.n_experts // m.n_groups)} experts in topk_groups groups")
+        if self.rope_scaling.type != "none":
+            from models.rope_scaling import check_rope_scaling
+
+            check_rope_scaling(self.rope_scaling, self.max_seq_len)
         if self.residual == "parallel":
             need(all(c in "*-|" for c in self.pattern) and "*-" in self.full_pattern.replace("|", ""),
                  "residual", "'parallel' needs a pattern of attention+MLP pairs ('*-')")

@@ -62,7 +62,7 @@ class HybridHeadsMixer(nn.Module):
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
         doc_ids = ctx.doc_ids if ctx is not None and self.mamba_doc_reset else None
         a = self.attend(x, ctx)
-        m = self.mamba.mix(x, doc_ids)
+        m = self.mamba.mix(x, doc_ids, shard=ctx.recurrent_shard if ctx is not None else None)
         return self.out_proj(torch.cat([a, m.to(a.dtype)], dim=-1))
 
 

@@ -29,6 +29,10 @@ class Context:
     # set by parallel code (context parallel): replaces ``kernels.attention`` for this
     # forward, same signature ``(q, k, v, doc_ids) -> out`` on this rank's tokens
     attention: Callable | None = None
+    # set by context-parallel code: this rank's pieces of each sequence and the state/halo
+    # exchanges recurrent mixers need (``parallel.cp_recurrent.RecurrentShard``: split, cat,
+    # halo, entering_states); None on one device
+    recurrent_shard: object | None = None
 
 
 class RMSNorm(nn.Module):
@@ -42,11 +46,20 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(head_dim: int, seq_len: int, theta: float, device=None,
-                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [S, head_dim/2] (fp32) for rotate-half RoPE."""
+                positions: torch.Tensor | None = None, scaling=None,
+                max_seq_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [S, head_dim/2] (fp32) for rotate-half RoPE; ``scaling`` is a
+    ``RopeScalingConfig`` (context extension, see models/rope_scaling.py)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    mult = 1.0
+    if scaling is not None and scaling.type != "none":
+        from models.rope_scaling import rope_inv_freq
+
+        inv_freq, mult = rope_inv_freq(head_dim, theta, scaling, device, max_seq_len)
     pos = positions.float() if positions is not None else torch.arange(seq_len, dtype=torch.float32, device=device)
     freqs = torch.outer(pos, inv_freq)
+    if mult != 1.0:  # YaRN's attention factor scales q and k alike
+        return freqs.cos() * mult, freqs.sin() * mult
     return freqs.cos(), freqs.sin()
 
 

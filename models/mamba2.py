@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from kernels.ssd import causal_conv1d, causal_conv1d_step, segment_ids, ssd, ssd_flops, ssd_step
+from kernels.ssd import (causal_conv1d, causal_conv1d_step, segment_ids, ssd, ssd_flops, ssd_state_output,
+                         ssd_step)
 from models.config import ConfigError, ModelConfig
 
 _IN_PARTS = ("z", "x", "B", "C", "dt")  # Hugging Face in_proj order
@@ -141,7 +142,8 @@ class Mamba2Mixer(nn.Module):
         """x [B, S, D] -> [B, S, D]. With ``cache``, continue from it and leave the final
         states in it (prefill)."""
         doc_ids = ctx.doc_ids if ctx is not None and self.mamba_cfg.doc_reset else None
-        return self._out(self.mix(x, doc_ids, cache))
+        shard = ctx.recurrent_shard if ctx is not None else None
+        return self._out(self.mix(x, doc_ids, cache, shard))
 
     def _out(self, y):
         return self.out_proj(y) if self.out_proj is not None else y
@@ -157,8 +159,13 @@ class Mamba2Mixer(nn.Module):
         return dt, -torch.exp(self.A_log.float())
 
     def mix(self, u: torch.Tensor, doc_ids: torch.Tensor | None = None,
-            cache: Mamba2Cache | None = None) -> torch.Tensor:
-        """Everything before ``out_proj``: [B, S, D] -> gated-normed SSD output [B, S, d_inner]."""
+            cache: Mamba2Cache | None = None, shard=None) -> torch.Tensor:
+        """Everything before ``out_proj``: [B, S, D] -> gated-normed SSD output [B, S, d_inner].
+        ``shard`` (``Context.recurrent_shard``): ``u`` holds pieces of longer sequences."""
+        if shard is not None:
+            if cache is not None:
+                raise ValueError("a recurrent shard (context parallel) cannot prefill a cache")
+            return self._mix_sharded(u, doc_ids, shard)
         b, L, _ = u.shape
         seq_idx = segment_ids(doc_ids) if doc_ids is not None else None
         p = self._project(u)
@@ -178,6 +185,36 @@ class Mamba2Mixer(nn.Module):
         if cache is not None:
             out, cache.ssm = out
         return self.norm(out.reshape(b, L, H * P).to(p["z"].dtype), p["z"])
+
+    def _mix_sharded(self, u: torch.Tensor, doc_ids, shard) -> torch.Tensor:
+        """``mix`` on a context-parallel shard: each piece runs from a zero state with its
+        conv halo, then gets the contribution of the state entering it (exact)."""
+        p = self._project(u)
+        widths = [p[part].shape[-1] for part in _CONV_PARTS]
+        K = self.conv_x.weight.shape[-1]
+        conv_in = torch.cat([p[part] for part in _CONV_PARTS], -1)
+        pieces = shard.split(conv_in)
+        halos = shard.halo(pieces, K - 1, doc_ids is not None)
+        ids = shard.split(doc_ids) if doc_ids is not None else [None] * len(pieces)
+        dt_all, A = self._dt_A(p["dt"])
+        dts = shard.split(dt_all)
+        P, N = self.head_dim, self.d_state
+        runs = []
+        for piece, halo, pid, dt in zip(pieces, halos, ids, dts):
+            seq_idx = segment_ids(pid) if pid is not None else None
+            parts = {}
+            for part, xp, hp in zip(_CONV_PARTS, piece.split(widths, -1), halo.split(widths, -1)):
+                parts[part] = getattr(self, f"conv_{part}")(xp, seq_idx, hp.transpose(1, 2))[0]
+            b, L = piece.shape[:2]
+            H, G = parts["x"].shape[-1] // P, parts["B"].shape[-1] // N
+            C = parts["C"].view(b, L, G, N)
+            y, final = ssd(parts["x"].view(b, L, H, P), dt, A, parts["B"].view(b, L, G, N), C,
+                           self.mamba_cfg.chunk_size, D=self.D, seq_idx=seq_idx, return_final_state=True)
+            runs.append((y, final, (dt * A).sum(1), C, dt, seq_idx))
+        states = shard.entering_states([r[1] for r in runs], [r[2] for r in runs], doc_ids is not None)
+        ys = [(y + ssd_state_output(C, dt, A, S, seq_idx).to(y.dtype)).flatten(2)
+              for (y, _, _, C, dt, seq_idx), S in zip(runs, states)]
+        return self.norm(shard.cat(ys).to(p["z"].dtype), p["z"])
 
     # ---- generation ----------------------------------------------------------------------
     def allocate_cache(self, batch: int, device=None, dtype=None) -> Mamba2Cache:

@@ -309,9 +309,68 @@ def test_mixture_weights_and_determinism(dataset, dataset2):
             assert (it.sample(g) == solo.sample(k)).all()
 
 
-def test_seq_len_longer_than_blocks_is_a_user_error(dataset):
-    with pytest.raises(UserError, match=r"data.seq_len=256 .*exceeds what the data holds \(sample_len 256"):
-        TokenBatches(_cfg(dataset, seq_len=SAMPLE_LEN), "train", 4, 0, 1, seed=0)
+def test_long_sequences_span_consecutive_blocks(dataset):
+    blocks = [b.astype(np.int64) for b in _blocks(dataset, "train")]
+    meta = json.loads((dataset / "meta.json").read_text())["splits"]["train"]
+    stream, real = np.concatenate(blocks), len(blocks) * SAMPLE_LEN - meta["padded_tokens"]
+    seq = 3 * SAMPLE_LEN + 10  # a window spans 4 or 5 stored blocks
+    W = seq + 1
+    it = TokenBatches(_cfg(dataset, seq_len=seq, shuffle=False), "train", 2, 0, 1, seed=0)
+    n = it.meta["windows"]
+    assert n == min(len(stream) // W, (real - 2) // W + 1) and n >= 10
+    for c in (0, 2, n - 2):  # the last batch reaches the padded tail of the split when it can
+        it.cursor = c
+        b = next(it)
+        for r in range(2):
+            want = torch.from_numpy(stream[(c + r) * W:(c + r + 1) * W])
+            assert torch.equal(b["input_ids"][r], want[:-1])
+            lab = want[1:].clone()
+            lab[(c + r) * W + 1 + torch.arange(seq) >= real] = IGNORE_INDEX
+            assert torch.equal(b["labels"][r], lab)
+        assert torch.equal(b["doc_ids"], doc_ids_of(b["input_ids"], it.eos_id))
+    # layout independence and exact resume (shuffled), as for short windows
+    cfg = _cfg(dataset, seq_len=seq)
+    ref = _global([TokenBatches(cfg, "train", 4, 0, 1, seed=3)], n // 4 + 3)  # crosses an epoch
+    two = [TokenBatches(cfg, "train", 4, r, 2, seed=3) for r in range(2)]
+    for a, b in zip(ref[:3], _global(two, 3)):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    resumed = [TokenBatches(cfg, "train", 4, r, 2, seed=3) for r in range(2)]
+    for r in resumed:
+        r.load_state_dict(json.loads(json.dumps(two[0].state_dict())))
+    for a, b in zip(ref[3:], _global(resumed, len(ref) - 3)):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(UserError, match="too small for data.seq_len"):
+        TokenBatches(_cfg(dataset, seq_len=len(stream)), "train", 1, 0, 1, seed=0)
+
+
+def test_context_parallel_ranks_read_only_their_spans(dataset):
+    from pretrain.data.loader import span_doc_ids
+
+    seq, cp = 4 * SAMPLE_LEN, 4  # 8 chunks of 128 tokens; rank i holds chunks i and 7 - i
+    n = seq // (2 * cp)
+    it = TokenBatches(_cfg(dataset, seq_len=seq), "train", 3, 0, 1, seed=1)
+    # a batch in which documents end (they are long: look for one)
+    cur = next(c for c in range(0, 60, 3) if int((it.batch_at(c)["input_ids"] == it.eos_id).sum()) > 1)
+    full = it.batch_at(cur)
+    got = {}
+    for r in range(cp):
+        spans = [(c * n, (c + 1) * n) for c in (r, 2 * cp - 1 - r)]
+        it._blocks.clear()
+        part = it.spans_at(cur, spans)
+        # a chunk of 128 tokens lies in at most 2 blocks of 256: 3 rows x 2 chunks x 2
+        assert len(it._blocks) <= 12
+        for k, (a, b) in enumerate(spans):
+            got[a] = {key: part[key][:, k * n:(k + 1) * n] for key in ("input_ids", "labels", "doc_ids")}
+            got[a]["eos"] = part["span_eos"][:, k]
+    starts = sorted(got)
+    for key in ("input_ids", "labels"):
+        assert torch.equal(torch.cat([got[a][key] for a in starts], 1), full[key])
+    eos = torch.stack([got[a]["eos"] for a in starts], 1)
+    before = eos.cumsum(1) - eos  # what the cp ranks would all-gather
+    ids = span_doc_ids(torch.cat([got[a]["doc_ids"] for a in starts], 1), [(a, a + n) for a in starts], before)
+    assert torch.equal(ids, full["doc_ids"])
+    with pytest.raises(ValueError, match="outside"):
+        it.spans_at(0, [(0, seq + 1)])
 
 
 def test_loader_errors(dataset, corpus, tmp_path):

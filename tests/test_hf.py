@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from models.config import ModelConfig
+from models.config import ModelConfig, RopeScalingConfig
 from models.transformer import build_model
 from parallel.world import World
 from pretrain.checkpoint import save_checkpoint
@@ -212,8 +212,10 @@ def test_import_transformers_llama(tmp_path):
     assert max_diff(ours, hf, x) < 1e-4
 
 
-@pytest.mark.parametrize("kw", [dict(residual="ladder", ladder_from=1), dict(norm="peri", qkv_bias=True)],
-                         ids=["ladder", "peri_ln"])
+@pytest.mark.parametrize("kw", [dict(residual="ladder", ladder_from=1), dict(norm="peri", qkv_bias=True),
+                                dict(norm="peri", rope_scaling=RopeScalingConfig(type="yarn", factor=4.0,
+                                                                                 original_max_seq_len=16))],
+                         ids=["ladder", "peri_ln", "peri_ln_yarn"])
 def test_remote_code_export(kw, tmp_path, tokenizer):
     model, ckpt = make_checkpoint(tmp_path / "run", tiny(**kw), tokenizer, steps=2)
     with pytest.raises(UserError, match="ladder residual" if "residual" in kw else "Peri-LN"):

@@ -1,7 +1,10 @@
 """Training batches from prepared datasets: deterministic, resumable, layout-independent.
 
 Samples are windows of ``seq_len + 1`` tokens cut from the stored blocks (each block of
-``sample_len`` tokens holds ``sample_len // (seq_len + 1)`` of them). Every *global sample
+``sample_len`` tokens holds ``sample_len // (seq_len + 1)`` of them). A window longer than a
+block is cut from the split's token stream (consecutive blocks, as prepare wrote them):
+window ``w`` is tokens ``[w * (seq_len + 1), (w + 1) * (seq_len + 1))``, and a rank needing
+part of it (context parallel, :meth:`TokenBatches.spans_at`) reads only those blocks. Every *global sample
 index* ``g`` maps deterministically to one window:
 
 * mixture: ``g`` picks a source by a seeded choice proportional to the weights. Chunks of
@@ -51,19 +54,20 @@ class _Source:
         meta = ds.meta
         self.sample_len = int(meta["sample_len"])
         self.window = seq_len + 1
+        # 0: windows longer than a block span consecutive blocks (the split's token stream)
         self.per_block = self.sample_len // self.window
-        if self.per_block == 0:
-            raise UserError(f"data.seq_len={seq_len} (+1 for the shifted labels) exceeds what the data "
-                            f"holds (sample_len {self.sample_len} in {ds.path}); lower data.seq_len or "
-                            f"re-prepare with --sample-len >= {self.window}")
         stats = meta["splits"].get(split) or {}
         blocks, padded = int(stats.get("samples", 0)), int(stats.get("padded_tokens", 0))
         if blocks == 0:
             raise UserError(f"{ds.path}: split '{split}' holds no samples")
-        # Windows of the padded last block that still carry at least one real label.
-        real_last = self.sample_len - padded
-        last = sum(1 for j in range(self.per_block) if real_last - j * self.window >= 2)
-        self.n_windows = (blocks - 1) * self.per_block + last
+        if self.per_block:
+            # Windows of the padded last block that still carry at least one real label.
+            real_last = self.sample_len - padded
+            last = sum(1 for j in range(self.per_block) if real_last - j * self.window >= 2)
+            self.n_windows = (blocks - 1) * self.per_block + last
+        else:
+            stored, real = blocks * self.sample_len, blocks * self.sample_len - padded
+            self.n_windows = min(stored // self.window, max(0, (real - 2) // self.window + 1))
         if self.n_windows == 0:
             raise UserError(f"{ds.path}: split '{split}' is too small for data.seq_len={seq_len}")
         self.store = ds.store(split)
@@ -179,20 +183,31 @@ class TokenBatches:
         epoch, pos = divmod(k, self.sources[s].n_windows)
         return s, (int(self._perm(s, epoch)[pos]) if self.shuffle else pos)
 
-    def window(self, s: int, w: int) -> np.ndarray:
-        """Tokens (seq_len + 1) of window ``w`` of source ``s``."""
-        src = self.sources[s]
-        b, j = divmod(w, src.per_block)
+    def _block(self, s: int, b: int) -> np.ndarray:
         key = (s, b)
         block = self._blocks.get(key)
         if block is None:
-            block = read_block(src.store, b)
+            block = read_block(self.sources[s].store, b)
             self._blocks[key] = block
             if len(self._blocks) > _BLOCK_CACHE:
                 self._blocks.popitem(last=False)
         else:
             self._blocks.move_to_end(key)
-        return block[j * src.window:(j + 1) * src.window]
+        return block
+
+    def window(self, s: int, w: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Tokens ``[start, stop)`` (default all seq_len + 1) of window ``w`` of source ``s``,
+        reading only the stored blocks they lie in."""
+        src = self.sources[s]
+        stop = src.window if stop is None else stop
+        if src.per_block:
+            b, j = divmod(w, src.per_block)
+            return self._block(s, b)[j * src.window + start:j * src.window + stop]
+        first, last = w * src.window + start, w * src.window + stop  # in the split's token stream
+        L = src.sample_len
+        parts = [self._block(s, b)[max(first - b * L, 0):min(last - b * L, L)]
+                 for b in range(first // L, (last - 1) // L + 1)] if last > first else []
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def sample(self, g: int) -> np.ndarray:
         return self.window(*self.locate(g))
@@ -215,6 +230,36 @@ class TokenBatches:
         out = {"input_ids": inputs, "labels": labels}
         if self.with_doc_ids:
             out["doc_ids"] = doc_ids_of(inputs, self.eos_id)
+        return out
+
+    def spans_at(self, cursor: int, spans: list[tuple[int, int]]) -> dict:
+        """Only input positions ``spans`` (``[start, stop)`` within ``[0, seq_len)``, in order)
+        of this rank's rows at ``cursor``, e.g. a context-parallel rank's chunks: reads just
+        the blocks those tokens lie in. Returns ``input_ids`` and ``labels`` [B, sum of span
+        lengths] (as ``batch_at`` sliced at the spans) and, with doc ids, ``doc_ids`` counted
+        from each span's start plus ``span_eos`` [B, n_spans] (EOS inputs in each span):
+        :func:`span_doc_ids` turns them into ``batch_at``'s ids given every span's counts."""
+        for a, b in spans:
+            if not 0 <= a < b <= self.seq_len:
+                raise ValueError(f"span ({a}, {b}) outside [0, {self.seq_len})")
+        start = cursor + self.dp_rank * self.local_batch
+        rows, pads = [], set()
+        for g in range(start, start + self.local_batch):
+            s, w = self.locate(g)
+            rows.append(np.concatenate([self.window(s, w, a, b + 1) for a, b in spans]))
+            pads.add(self.sources[s].pad_id)
+        x = torch.from_numpy(np.stack(rows).astype(np.int64))
+        # each span was read with one extra token (its last label): drop it from the inputs
+        offsets = np.cumsum([0] + [b - a + 1 for a, b in spans[:-1]])
+        keep = torch.cat([torch.arange(b - a) + int(o) for o, (a, b) in zip(offsets, spans)])
+        inputs, labels = x[:, keep], x[:, keep + 1]
+        for pad in pads - {-1}:
+            labels[labels == pad] = IGNORE_INDEX
+        out = {"input_ids": inputs, "labels": labels}
+        if self.with_doc_ids:
+            parts = inputs.split([b - a for a, b in spans], dim=1)
+            out["doc_ids"] = torch.cat([doc_ids_of(p, self.eos_id) for p in parts], 1)
+            out["span_eos"] = torch.stack([(p == self.eos_id).sum(1) for p in parts], 1)
         return out
 
     def __iter__(self):
@@ -260,6 +305,14 @@ def doc_ids_of(inputs: torch.Tensor, eos_id: int) -> torch.Tensor:
     """Per-token document index within each row; it increments *after* each EOS."""
     eos = (inputs == eos_id).long()
     return eos.cumsum(dim=1) - eos
+
+
+def span_doc_ids(doc_ids: torch.Tensor, spans: list[tuple[int, int]], eos_before: torch.Tensor) -> torch.Tensor:
+    """``spans_at``'s per-span ``doc_ids`` -> the whole row's ids (as ``batch_at``), given
+    ``eos_before`` [B, n_spans]: EOS inputs before each span's start in the row (the sum of
+    the ``span_eos`` of all earlier positions, e.g. gathered over the cp ranks)."""
+    parts = doc_ids.split([b - a for a, b in spans], dim=1)
+    return torch.cat([p + eos_before[:, i:i + 1] for i, p in enumerate(parts)], 1)
 
 
 def _check_compatible(datasets: list[Dataset], eos_id: int | None, model_vocab: int | None) -> None:

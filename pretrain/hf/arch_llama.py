@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from models.config import ModelConfig
+from models.config import ConfigError, ModelConfig
+from models.rope_scaling import rope_scaling_from_hf, rope_scaling_to_hf
+from pretrain.errors import UserError
 from pretrain.hf.common import Arch, base_issues, blocks, need, rope_issues, take
 
 
@@ -56,7 +58,7 @@ def attention_config(mc: ModelConfig) -> dict:
     return {
         "vocab_size": mc.vocab_size, "hidden_size": mc.d_model,
         "num_attention_heads": mc.n_heads, "num_key_value_heads": mc.kv_heads, "head_dim": mc.dim_head,
-        "max_position_embeddings": mc.max_seq_len, "rope_theta": mc.rope_theta, "rope_scaling": None,
+        "max_position_embeddings": mc.max_seq_len, "rope_theta": mc.rope_theta, "rope_scaling": rope_scaling_to_hf(mc.rope_scaling),
         "rms_norm_eps": mc.norm_eps, "tie_word_embeddings": mc.tie_embeddings, "hidden_act": "silu",
         "attention_dropout": 0.0,
     }
@@ -69,11 +71,15 @@ def attention_from_config(hf: dict, arch: str) -> dict:
          f"{arch}: hidden_act {hf.get('hidden_act')!r} (only SwiGLU/silu MLPs exist here)")
     d, nh = hf["hidden_size"], hf["num_attention_heads"]
     hd = hf.get("head_dim") or d // nh
+    try:
+        scaling = rope_scaling_from_hf(hf.get("rope_scaling"))
+    except ConfigError as e:
+        raise UserError(f"{arch}: {e}") from None
     return dict(vocab_size=hf["vocab_size"], d_model=d, n_heads=nh,
                 n_kv_heads=hf.get("num_key_value_heads") or nh,
                 head_dim=0 if hd * nh == d else hd,
                 max_seq_len=hf.get("max_position_embeddings", 2048),
-                rope_theta=float(hf.get("rope_theta", 10000.0)),
+                rope_theta=float(hf.get("rope_theta", 10000.0)), rope_scaling=scaling,
                 norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
                 tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
 

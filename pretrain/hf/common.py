@@ -89,9 +89,10 @@ def blocks(mc: ModelConfig, size: int = 2) -> list[str] | None:
 def rope_issues(hf: dict, arch: str) -> None:
     """Reject HF configs whose positions our RoPE cannot reproduce."""
     scaling = hf.get("rope_scaling")
-    if scaling and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default"):
+    if scaling and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default", "linear",
+                                                                             "llama3", "yarn"):
         raise UserError(f"{arch}: rope_scaling {scaling.get('rope_type') or scaling.get('type')!r} "
-                        "has no equivalent here (only plain RoPE)")
+                        "has no equivalent here (plain RoPE, linear, llama3 or yarn)")
     if hf.get("partial_rotary_factor", 1.0) != 1.0:
         raise UserError(f"{arch}: partial_rotary_factor != 1 has no equivalent here")
 

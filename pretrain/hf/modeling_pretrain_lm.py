@@ -366,12 +366,22 @@ class PretrainLMForCausalLM(PreTrainedModel, GenerationMixin):
         if a["position"] == "rope" and any(k in ("attention", "hybrid") for k in a["sublayers"]):
             hd = a["head_dim"]
             inv = 1.0 / (a["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
+            mult = 1.0
+            if a.get("rope_scaling"):  # context extension: transformers' own RoPE variants
+                from types import SimpleNamespace
+
+                from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+                spec = SimpleNamespace(rope_theta=a["rope_theta"], head_dim=hd, hidden_size=a["d_model"],
+                                       num_attention_heads=a["n_heads"], partial_rotary_factor=1.0,
+                                       max_position_embeddings=a["max_seq_len"], rope_scaling=a["rope_scaling"])
+                inv, mult = ROPE_INIT_FUNCTIONS[a["rope_scaling"]["rope_type"]](spec, device)
             if valid is not None:  # left padding: positions count real tokens only
                 pos = (valid.long().cumsum(-1) - 1).clamp(min=0).float()
             else:
                 pos = torch.arange(S, dtype=torch.float32, device=device).expand(B, S)
             freqs = pos.unsqueeze(-1) * inv
-            rope = (freqs.cos(), freqs.sin())
+            rope = (freqs.cos() * mult, freqs.sin() * mult)
         return Side(rope, mask, valid)
 
     def run_stack(self, h, side):

@@ -27,6 +27,11 @@ def architecture(mc: ModelConfig) -> dict:
          "n_kv_heads": mc.kv_heads, "head_dim": mc.dim_head, "ffn_dim": mc.ffn_dim,
          "position": mc.position, "rope_theta": mc.rope_theta, "norm_eps": mc.norm_eps, "norm": mc.norm,
          "residual": mc.residual, "ladder_from": mc.ladder_from, "qkv_bias": mc.qkv_bias}
+    if mc.rope_scaling.type != "none":
+        from models.rope_scaling import rope_scaling_to_hf
+
+        a["rope_scaling"] = rope_scaling_to_hf(mc.rope_scaling)
+        a["max_seq_len"] = mc.max_seq_len
     if "moe" in kinds:
         from models.moe import expert_width
 
