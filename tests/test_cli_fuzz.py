@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from models.fields import Spec
 from tests.config_fuzz_util import Leaf, assert_one_error, invalid_texts, run_cli, tree
 
-FUZZ = settings(max_examples=10, derandomize=True, database=None, deadline=None,
+FUZZ = settings(max_examples=8, derandomize=True, database=None, deadline=None,
                 suppress_health_check=list(HealthCheck))
 FLAGS = (argparse._StoreTrueAction, argparse._HelpAction, argparse._SubParsersAction)
 

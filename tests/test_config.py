@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from pretrain.config import load_config
@@ -81,3 +83,23 @@ def test_string_override_taken_as_typed(text):
 
 def test_checkpoint_keep_zero_keeps_all():
     assert load_config("tiny", ["--checkpoint.keep=0"]).checkpoint.keep == 0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("override,needle", [
+    ("--data.path={tmp}/missing", "data.path: dataset directory not found"),
+    ("--checkpoint.init_from={tmp}/missing", "checkpoint.init_from: no complete checkpoint"),
+    ("--logging.run_dir={file}/run", "logging.run_dir: "),
+])
+def test_missing_inputs_leave_no_run_dir(tmp_path, override, needle):
+    """Inputs are checked before the run directory (and its config.yaml) is created."""
+    from pretrain.train import train
+
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "data").mkdir()  # only meta.json is read before the run directory is made
+    (tmp_path / "data" / "meta.json").write_text(json.dumps(
+        {"vocab_size": 512, "eos_id": 2, "pad_id": 0, "sample_len": 33, "dtype": "uint16", "splits": {}}))
+    ov = override.format(tmp=tmp_path, file=tmp_path / "file")
+    with pytest.raises(UserError, match=needle):
+        train(load_config("tiny", [f"--logging.run_dir={tmp_path}/run", f"--data.path={tmp_path}/data", ov]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "file"]

@@ -20,7 +20,7 @@ from pretrain.config import Config, apply_overrides, from_dict, load_yaml, resol
 from tests.config_fuzz_util import assert_one_error, invalid_texts, leaves, run_cli, tree, valid_values, _text
 
 LEAVES = leaves()
-FUZZ = settings(max_examples=12, derandomize=True, database=None, deadline=None,
+FUZZ = settings(max_examples=8, derandomize=True, database=None, deadline=None,
                 suppress_health_check=list(HealthCheck))
 
 
