@@ -12,7 +12,7 @@ floors: *split*, the whole batch in one micro-batch (the gradient summed in anot
 and *ulp*, the larger of two runs from initial weights moved by one ulp (:func:`perturb`:
 like a layout's reordered matmul sums this perturbs the forward too, and it shows how far
 the run itself amplifies rounding, e.g. when a near-tie MoE routing choice flips). A layout
-passes within ``max(1e-5, 10 x split floor, ulp floor)`` per quantity (:func:`tolerance`):
+passes within ``max(1e-5, 10 x split floor, 3 x ulp floor)`` per quantity (:func:`tolerance`):
 its drift may not exceed the one-process run's own drift under a rounding-level change.
 
 The worker (tests/parity_worker.py) runs many jobs on one torchrun process group and
@@ -231,8 +231,9 @@ PERTURB_SEEDS = (1, 2)
 
 
 def tolerance(floor: dict) -> dict:
-    """Per quantity: ``max(1e-5, 10 x the split floor, the ulp floor)`` (:class:`References`)."""
-    return {q: max(1e-5, 10 * floor["split"][q], floor["ulp"][q]) for q in QUANTITIES}
+    """Per quantity: ``max(1e-5, 10 x the split floor, 3 x the ulp floor)`` (:class:`References`;
+    3x: the ulp floor is the larger of only two samples of a chaotic spread)."""
+    return {q: max(1e-5, 10 * floor["split"][q], 3 * floor["ulp"][q]) for q in QUANTITIES}
 
 
 def check(name: str, diff: dict, floor: dict) -> None:
