@@ -2,8 +2,9 @@
 and conv halos give the one-process losses, gradients and weights.
 
 One torchrun per world size (tests/test_cp_recurrent_worker.py) trains each model for 10
-steps on real text with the sequence split in zig-zag chunks; rank 0 compares with one
-process (final weights within 10x a measured noise floor, see the worker). Documents start exactly at, just after and just before chunk boundaries; SSD's
+steps on real text with the sequence split in zig-zag chunks; this process compares with
+one-process training (final weights within 10x a measured noise floor, see ``compare``).
+Documents start exactly at, just after and just before chunk boundaries; SSD's
 chunk_size (12) divides no cp chunk (32 or 16 tokens). The ``delta`` jobs check the
 mechanism's matrix transitions (for delta-rule mixers) on a toy gated delta rule.
 """
@@ -31,12 +32,18 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module", params=[2, 4])
 def results(request, tiny_dataset, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp(f"cp{request.param}")
-    jobs = [{**j, "data": str(tiny_dataset), "steps": STEPS, "out": str(tmp)} for j in JOBS[request.param]]
-    return request.param, run_jobs("test_cp_recurrent_worker.py", request.param, jobs, tmp, timeout=480)
+    import torch
+
+    from test_cp_recurrent_worker import batches
+
+    cp, tmp = request.param, tmp_path_factory.mktemp(f"cp{request.param}")
+    data = batches(str(tiny_dataset), STEPS, cp)
+    torch.save(data, tmp / "batches.pt")
+    jobs = [{**j, "batches": str(tmp / "batches.pt"), "out": str(tmp)} for j in JOBS[cp]]
+    return cp, data, run_jobs("test_cp_recurrent_worker.py", cp, jobs, tmp, timeout=480)
 
 
-def compare(model: dict, saved: str, data: str, cp: int) -> dict:
+def compare(model: dict, saved: str, data: list[dict]) -> dict:
     """Max differences of a cp run from one process, and the one-process noise floor."""
     import torch
 
@@ -44,10 +51,10 @@ def compare(model: dict, saved: str, data: str, cp: int) -> dict:
 
     torch.set_num_threads(1)
     got = torch.load(saved)
-    want = train(model, data, STEPS, 1, cuts_cp=cp)
+    want = train(model, data, 1)
     # noise floor: one process again with SSD's chunk_size changed (same maths, other
     # summation order); AdamW turns rounding in near-zero gradients into lr-sized steps
-    floor = train({**model, "mamba": {**model["mamba"], "chunk_size": 8}}, data, STEPS, 1, cuts_cp=cp)
+    floor = train({**model, "mamba": {**model["mamba"], "chunk_size": 8}}, data, 1)
     g, gname = max_diff(got["grads"], want["grads"])
     w, wname = max_diff(got["weights"], want["weights"])
     return {"losses": got["losses"], "ref_losses": want["losses"],
@@ -59,8 +66,8 @@ def compare(model: dict, saved: str, data: str, cp: int) -> dict:
 
 
 @pytest.mark.timeout(900)
-def test_recurrent_cp_matches_one_process(results, tiny_dataset):
-    cp, res = results
+def test_recurrent_cp_matches_one_process(results):
+    cp, data, res = results
     for job in JOBS[cp]:
         name = job["name"]
         r = job_result(res, name)
@@ -68,7 +75,7 @@ def test_recurrent_cp_matches_one_process(results, tiny_dataset):
             print(f"{name}: output diff {r['out_diff']:.1e}, input grad diffs {r['grad_diffs']}")
             assert r["out_diff"] < 1e-12 and max(r["grad_diffs"].values()) < 1e-12, r
             continue
-        r = compare(job["model"], r["saved"], str(tiny_dataset), cp)
+        r = compare(job["model"], r["saved"], data)
         print(f"{name}: loss diff {r['loss_diff']:.2e}, grad diff {r['grad_diff']:.2e} "
               f"({r['grad_worst']}, grads up to {r['grad_scale']:.2e}; noise floor {r['grad_noise']:.2e}), "
               f"weight diff {r['weight_diff']:.2e} (noise floor {r['weight_noise']:.2e})")
