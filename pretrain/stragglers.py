@@ -78,7 +78,9 @@ class StragglerMonitor:
         self.world, self.ratio, self.every = world, ratio, max(every, 1)
         self.timer = CollectiveTimer() if world.distributed else None
         self.hosts: list[str] = [socket.gethostname()]
-        self._step_s = 0.0
+        self._step_s = 0.0  # summed over the window
+        self._wait_s = 0.0
+        self._n = 0  # steps in the window
         self._mark = 0.0
         if self.timer is not None:
             hosts: list = [None] * world.world_size
@@ -86,22 +88,30 @@ class StragglerMonitor:
             self.hosts = hosts
             self.timer.install()
 
+    def begin_step(self) -> None:
+        """Call where the step's timing starts (saves and evaluations between steps don't count)."""
+        if self.timer is not None:
+            self._mark = self.timer.total
+
     def step(self, step: int, step_s: float) -> dict:
         """Call once per step on every rank; returns the metrics to record at log steps."""
         self._step_s += step_s
-        if self.timer is None or step % self.every:
+        if self.timer is None:
             return {}
-        wait = self.timer.total - self._mark
-        local = torch.tensor([self._step_s, wait], dtype=torch.float64)
+        self._wait_s += self.timer.total - self._mark
+        self._n += 1
+        if step % self.every:
+            return {}
+        local = torch.tensor([self._step_s, self._wait_s], dtype=torch.float64)
         out = torch.empty(self.world.world_size * 2, dtype=torch.float64)
         dist.all_gather_into_tensor(out, local)
-        self._mark, self._step_s = self.timer.total, 0.0
+        n, self._n = self._n, 0
+        self._step_s = self._wait_s = 0.0
         steps, waits = out[0::2].tolist(), out[1::2].tolist()
         compute = [max(s - w, 0.0) for s, w in zip(steps, waits)]
         slow = max(range(len(compute)), key=compute.__getitem__)
         median = statistics.median(compute)
         ratio = compute[slow] / median if median > 0 else 1.0
-        n = min(self.every, step)
         rec = {"straggler_rank": slow, "straggler_ratio": ratio, "compute_time_max_s": compute[slow] / n,
                "compute_time_median_s": median / n, "collective_wait_s": waits[self.world.rank] / n}
         if ratio > self.ratio and self.world.is_main:

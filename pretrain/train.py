@@ -256,6 +256,7 @@ def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
     try:
         while step < tcfg.steps:
             t0 = time.perf_counter()
+            stragglers.begin_step()
             batch = next(train_data)
             if fault_at("raise_at_step", step + 1):
                 raise RuntimeError(f"injected fault at step {step + 1}")
