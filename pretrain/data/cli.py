@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, type=path(), help="output dataset directory")
     g = r.add_mutually_exclusive_group(required=True)
     g.add_argument("--tokenizer", type=path(exists=True), help="sentencepiece .model to use")
-    g.add_argument("--vocab-size", type=integer(ge=MIN_VOCAB), help="train a tokenizer of this size on the inputs first")
+    g.add_argument("--vocab-size", type=integer(ge=MIN_VOCAB),
+                   help="train a tokenizer of this size on the inputs first")
     r.add_argument("--text-field", default="text", type=name(), help="JSONL field holding the text")
     r.add_argument("--sample-len", type=integer(ge=2), default=2049, help="tokens per stored block")
     r.add_argument("--val-fraction", type=number(ge=0, lt=1, note="0: none held out"), default=0.01,
