@@ -126,17 +126,6 @@ def _hints(cls: type) -> dict:
     return _HINTS[cls]
 
 
-def leaf_kinds(tp: Any) -> list[str]:
-    """Scalar kinds a field of annotation ``tp`` holds (tuple elements, list items)."""
-    origin = typing.get_origin(tp)
-    if origin in (tuple, list):
-        return [k for a in typing.get_args(tp) if a is not Ellipsis for k in leaf_kinds(a)]
-    if origin in (typing.Union, types.UnionType):
-        return [k for a in typing.get_args(tp) if a is not type(None) for k in leaf_kinds(a)]
-    kind = _kind(tp)
-    return [kind] if kind else []
-
-
 def check_fields(obj: Any, prefix: str = "") -> None:
     """Check every field of dataclass ``obj`` (recursively) against its declaration."""
     hints = _hints(type(obj))

@@ -26,7 +26,7 @@ from pretrain.errors import UserError
 
 @dataclass
 class DatasetSource:
-    path: str = spec("", path="required")  # local MDS directory (holding train/ and val/) or remote URL (s3://, gs://, ...)
+    path: str = spec("", path="required")  # local MDS directory (holding train/, val/) or URL (s3://, gs://, ...)
     weight: float = spec(1.0, gt=0)
 
 
@@ -65,7 +65,7 @@ class OptimConfig:
 class TrainConfig:
     steps: int = spec(1000, ge=1)
     global_batch: int = spec(16, ge=1)  # sequences per optimizer step (all data-parallel ranks)
-    micro_batch: int = spec(0, ge=0, note="0: global_batch / dp")  # sequences per forward on one rank (0: global_batch / dp)
+    micro_batch: int = spec(0, ge=0, note="0: global_batch / dp")  # sequences per forward on one rank
     seed: int = spec(0, ge=0)
     dtype: str = spec("fp32", choices=("fp32", "bf16"))  # autocast compute
     activation_checkpointing: str = spec("off", choices=("off", "full", "every_n"))

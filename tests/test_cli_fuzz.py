@@ -122,6 +122,8 @@ def test_bad_option_values_refused(prefix, base, action, sandbox):
 
 @pytest.mark.parametrize("argv,needle", [
     (["eval", "--checkpoint={dir}"], "checkpoint"),  # an existing directory that is no checkpoint
+    (["eval", "--checkpoint={tmp}/missing"], "no complete checkpoint"),
+    (["export", "--checkpoint={tmp}/missing", "--out={tmp}/hf"], "no complete checkpoint"),
     (["export", "--checkpoint={dir}", "--out={tmp}/hf"], "checkpoint"),
     (["export", "--checkpoint={dir}", "--out={tmp}/hf", "--max-shard-size=5XB"], "--max-shard-size"),
     (["data", "prepare", "--input={tmp}/none.jsonl", "--out={tmp}/ds", "--vocab-size=300"], "none.jsonl"),

@@ -156,7 +156,7 @@ def parser():
     ap = Parser(prog="pretrain export",
                 description="Write a checkpoint (saved under any parallel layout) in Hugging Face "
                             "format: config.json, safetensors, generation config, tokenizer.")
-    ap.add_argument("--checkpoint", required=True, type=path(exists=True),
+    ap.add_argument("--checkpoint", required=True, type=path(),
                     help="step_N directory or run directory (newest)")
     ap.add_argument("--out", required=True, type=path(), help="new output directory")
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weight dtype (default fp32)")
