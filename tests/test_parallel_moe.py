@@ -66,8 +66,8 @@ def ref(parity_tokens):
 @pytest.fixture(scope="module")
 def results(parity_tokens, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("parallel_moe")
-    out = _torchrun(2, JOBS_2, tmp, 150)
-    out.update(_torchrun(4, JOBS_4, tmp, 300))
+    out = _torchrun(2, JOBS_2, tmp, 400)
+    out.update(_torchrun(4, JOBS_4, tmp, 600))
     out["tmp"] = str(tmp)
     return out
 

@@ -124,14 +124,14 @@ def test_ci_subset_covers_every_pair_and_family():
 def test_noise_floor(refs, family):
     """The one-process run against itself with another micro-batch split and from one-ulp
     perturbed weights: the floors the tolerances come from. Dense models hold 1e-5 for the
-    loss and gradients; every family's step-1 gradients stay within 2e-5 (no routing choice
+    loss and gradients; every family's step-1 gradients stay within 3e-5 (no routing choice
     has flipped yet); MoE losses and weights drift further (near-tie routing flips)."""
     floor = refs.floor({"family": family})
     tol = parity.tolerance(floor)
     print(f"{family}: " + ", ".join(f"{q} floors {floor['split'][q]:.1e} split, {floor['ulp'][q]:.1e} ulp "
                                     f"-> tol {tol[q]:.1e}" for q in parity.QUANTITIES))
     assert floor["split"]["loss"] > 0 or floor["split"]["grad"] > 0  # really another order
-    assert tol["grad"] <= 2e-5, tol
+    assert tol["grad"] <= 3e-5, tol
     if family == "dense":
         assert tol["loss"] == tol["grad"] == 1e-5, tol
 
