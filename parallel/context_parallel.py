@@ -33,9 +33,9 @@ from torch import nn
 from models.config import ConfigError
 
 CP_MODES = ("ring", "alltoall")
-# Mamba-2 (M) and P mixers pass recurrent state between cp ranks in a separate module; until
-# it is installed by :func:`install_cp` they would be silently wrong, so cp refuses them.
-RECURRENT_CP_READY = False
+# Mamba-2 (M) and P mixers pass recurrent state between cp ranks (parallel/cp_recurrent.py):
+# :func:`set_cp_context` gives them their shard of each sequence.
+RECURRENT_CP_READY = True
 
 
 # ---- layout rules -----------------------------------------------------------------------
@@ -185,12 +185,19 @@ def gather_doc_ids(doc_ids: torch.Tensor, plan: CPPlan) -> torch.Tensor:
     return unsplit(list(parts.chunk(plan.size, 0)), dim=1)
 
 
-def set_cp_context(ctx, plan: CPPlan, doc_ids: torch.Tensor | None):
+def set_cp_context(ctx, plan: CPPlan, doc_ids: torch.Tensor | None, seq_len: int, recurrent: bool = False):
     """Set every per-forward context-parallel field of ``ctx`` (a ``models.layers.Context``
-    built for the global sequence length): RoPE tables at this rank's global positions and
-    ``ctx.attention``, the ring or all-to-all attention with the global document runs."""
+    built for the global sequence length ``seq_len``): RoPE tables at this rank's global
+    positions, ``ctx.attention``, the ring or all-to-all attention with the global document
+    runs, and (``recurrent``: the model has Mamba-2 / ``P`` sublayers) ``ctx.recurrent_shard``,
+    this rank's pieces of each sequence with their state and conv-halo exchanges."""
     from kernels.reference import doc_segments
     from parallel.ring_attention import CPGroup, alltoall_attention, ring_attention
+
+    if recurrent:
+        from parallel.cp_recurrent import zigzag_shard
+
+        ctx.recurrent_shard = zigzag_shard(plan.group, seq_len, doc_ids)
 
     if ctx.rope is not None:
         seq_len = ctx.rope[0].shape[0]
@@ -215,9 +222,11 @@ def install_cp(model: nn.Module, plan: CPPlan) -> None:
     """Give every forward of ``model`` (a whole model or a pipeline stage) its CP context,
     and route MoE routing statistics over the cp (x tp) group. Call after tensor parallelism (its context wrapper runs inside)."""
     orig = model.make_context
+    recurrent = any(k in RECURRENT_KINDS for k in model.cfg.sublayer_kinds)
 
     def make_context(seq_len, device, doc_ids):
-        return set_cp_context(orig(seq_len * plan.size, device, doc_ids), plan, doc_ids)
+        n = seq_len * plan.size
+        return set_cp_context(orig(n, device, doc_ids), plan, doc_ids, n, recurrent)
 
     model.make_context = make_context
     from parallel.tp_moe import _tp_sum

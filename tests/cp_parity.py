@@ -19,6 +19,10 @@ MODELS = {
     "ladder": dict(pattern="*-", n_layers=2, residual="ladder", ladder_from=1),
     "moe": dict(pattern="*E", n_layers=2, moe=dict(n_experts=4, top_k=2, aux_loss_coef=0.01,
                                                   z_loss_coef=0.001, bias_update_rate=0.001)),
+    # recurrent mixers: state passing (parallel/cp_recurrent.py) wired through the trainer's path
+    "hybrid": dict(pattern="M-*-", n_layers=1, mamba=dict(d_state=16, head_dim=16, n_groups=2, chunk_size=48)),
+    "heads": dict(pattern="P-", n_layers=1, mamba=dict(d_state=16, head_dim=16, n_groups=2, chunk_size=48),
+                  hybrid=dict(n_attn_heads=4, n_mamba_heads=4)),
 }
 BASE = dict(vocab_size=512, d_model=64, n_heads=4, n_kv_heads=2, max_seq_len=SEQ, doc_mask=True)
 
@@ -26,9 +30,12 @@ BASE = dict(vocab_size=512, d_model=64, n_heads=4, n_kv_heads=2, max_seq_len=SEQ
 def model_cfg(name: str):
     from models.config import ModelConfig, MoEConfig
 
+    from models.config import HybridHeadsConfig, MambaConfig
+
     kw = {**BASE, **MODELS[name]}
-    if isinstance(kw.get("moe"), dict):
-        kw["moe"] = MoEConfig(**kw["moe"])
+    for key, cls in (("moe", MoEConfig), ("mamba", MambaConfig), ("hybrid", HybridHeadsConfig)):
+        if isinstance(kw.get(key), dict):
+            kw[key] = cls(**kw[key])
     return ModelConfig(**kw)
 
 
