@@ -193,3 +193,30 @@ def test_muon_flops_and_bytes():
     assert newton_schulz_flops(64, 256) == 5 * (2 * 64 * 64 * 256 * 2 + 2 * 64 ** 3)
     assert newton_schulz_flops(256, 64) == newton_schulz_flops(64, 256)
     assert math.isfinite(newton_schulz_flops(1, 1))
+
+
+def test_planner_counts_muon():
+    """The planner adds Newton-Schulz work (spread over the sharding ranks) and the exchange."""
+    from dataclasses import replace
+
+    from pretrain.config import load_config
+    from pretrain.planner import hardware as hw
+    from pretrain.planner.layout import Layout, Recipe, Workload
+    from pretrain.planner.muon import muon_matrices
+    from pretrain.planner.timing import estimate
+
+    cfg = load_config("mamba2_hybrid_8b").model
+    dev = hw.get_device("h100")
+    wl = Workload(4096, 256)
+    one = Layout(tp=1, dp_shard=1, micro_batch=1)
+    eight = Layout(tp=1, dp_shard=8, micro_batch=1)
+    recipe = Recipe("project")
+    adam = {lay: estimate(cfg, lay, wl, dev, recipe).parts["optimizer"] for lay in (one, eight)}
+    muon = {lay: estimate(cfg, lay, replace(wl, optimizer="muon"), dev, recipe).parts["optimizer"]
+            for lay in (one, eight)}
+    assert muon[one] > adam[one] and muon[eight] > adam[eight]
+    assert (muon[eight] - adam[eight]) < (muon[one] - adam[one]) / 4  # spread over 8 owners
+    shapes = muon_matrices("mamba", cfg)
+    assert (1, cfg.d_model, cfg.mamba.expand * cfg.d_model) in shapes  # out_proj
+    moe = load_config("moe_mixtral_tiny").model
+    assert (4, 64, 192) in muon_matrices("moe", moe, ep=2)  # 8 experts over ep 2

@@ -102,6 +102,7 @@ class Workload:
     seq_len: int
     global_batch: int  # sequences per optimizer step
     fused_loss: bool = False
+    optimizer: str = "adamw"  # optim.name (muon adds Newton-Schulz work and its exchange)
 
     def micro_batches(self, layout: Layout) -> int:
         """Micro-batches per rank per step (0 when the batch does not divide)."""
@@ -207,7 +208,7 @@ def _micro(cfg: Config, sizes: dict) -> int:
 
 
 def workload(cfg: Config) -> Workload:
-    return Workload(cfg.data.seq_len, cfg.train.global_batch, cfg.train.fused_loss)
+    return Workload(cfg.data.seq_len, cfg.train.global_batch, cfg.train.fused_loss, cfg.optim.name)
 
 
 @dataclass

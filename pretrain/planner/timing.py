@@ -236,7 +236,7 @@ def estimate(cfg: ModelConfig, layout: Layout, wl: Workload, dev: hw.Device,
     bubble = _bubble(layout)
     pipeline = (n_micro + bubble) * (t_max + p2p)
     exposed, opt = [], []
-    for t, c in zip(per_rank, counts):
+    for stages, t, c in zip(ranks, per_rank, counts):
         comm = dp_comm(c["full"], layout, dev, recipe)
         units = max(len(cfg.sublayer_kinds) // layout.pp, 1) + 1
         mb = sum(t.values())
@@ -250,6 +250,10 @@ def estimate(cfg: ModelConfig, layout: Layout, wl: Workload, dev: hw.Device,
         exposed.append(e)
         sharded = c["sharded"] if layout.zero == 3 else c["full"] / (layout.dp if layout.zero >= 1 else 1)
         opt.append(hw.memory_time(sharded * (32 + recipe.param_bytes), dev))
+        if wl.optimizer == "muon":
+            from pretrain.planner.muon import muon_step_time
+
+            opt[-1] += muon_step_time(cfg, layout, [i for st in stages for i in st.layers], dev)
     step = pipeline + max(exposed) + max(opt)
     tokens_step = wl.global_batch * wl.seq_len
     mfu = train_flops_per_token(cfg, wl.seq_len) * tokens_step / step / (layout.world * dev.peak_flops)
