@@ -65,6 +65,10 @@ def leaves(cls=Config, prefix: str = "", getter=lambda c: c) -> list[Leaf]:
                     return f"--{key}=[{{{body}}}]"
                 out.append(Leaf(key, kind, field_spec(g), render,
                                 (lambda get, n: lambda c: getattr(get(c)[0], n))(get, g.name)))
+        elif origin is list:  # a list of scalars: one element
+            def render(text, key=key, kind=KINDS[args[0]]):
+                return f"--{key}=[{json.dumps(text, ensure_ascii=False) if kind == 'str' else text}]"
+            out.append(Leaf(key, KINDS[args[0]], sp, render, (lambda get: lambda c: get(c)[0])(get)))
         elif origin is tuple:
             default = f.default
             for i, a in enumerate(args):
