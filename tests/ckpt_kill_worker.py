@@ -78,6 +78,15 @@ def n_logged(run: Path) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
+def clean_streaming_shm() -> None:
+    """Drop the shared memory of killed ranks' data loaders: mosaicml-streaming registers it
+    machine-wide, and a SIGKILLed leader never unlinks it, so the next run's loader would find
+    a stale registry ("prefix was not registered by local leader")."""
+    from streaming.base.util import clean_stale_shared_memory
+
+    clean_stale_shared_memory()
+
+
 def run_to_end(nproc: int, ov: list[str], env: dict, run: Path, retries: list) -> list[int]:
     """Fork the ranks and wait for them; relaunch (at most twice, recorded in ``retries``) when
     they failed before logging a step: mosaicml-streaming's shared-memory registry is
@@ -88,6 +97,7 @@ def run_to_end(nproc: int, ov: list[str], env: dict, run: Path, retries: list) -
         if codes == [0] * nproc or n_logged(run) > before:
             return codes
         retries.append(codes)
+        clean_streaming_shm()
     return codes
 
 
@@ -147,11 +157,13 @@ def trial(nproc: int, data: Path, run: Path, rng: random.Random, retries: list) 
         if n_logged(run) > logged or attempt == 2:
             raise RuntimeError(f"the write of step {target} never started (exit codes {codes})")
         retries.append(codes)  # died while starting up (see run_to_end)
+        clean_streaming_shm()
     delay = rng.uniform(0.0, 0.6 * SLOW_S)
     time.sleep(delay)
     for p in pids:
         os.kill(p, signal.SIGKILL)
     codes = wait_all(pids, status=status)
+    clean_streaming_shm()
     return {"before": before, "killed_write_of": target, "delay_s": round(delay, 3), "codes": codes,
             "latest_after": latest_step(run), "in_flight_after": in_flight(run)}
 
