@@ -125,14 +125,18 @@ def sbatch_options(args, job: TrainJob) -> list[str]:
     opts += ["--requeue", f"--signal=B:USR1@{args.grace}", "--open-mode=append",
              f"--output={_sbatch_value('run directory', out)}",
              f"--chdir={_sbatch_value('working directory', str(job.workdir))}"]
-    for extra in args.sbatch:
-        if not extra.startswith("--"):
-            raise UserError(f"--sbatch {extra!r}: expected an sbatch long option such as --reservation=x")
-        key, sep, value = extra.partition("=")
-        if not key[2:].replace("-", "").isalnum():
-            raise UserError(f"--sbatch {extra!r}: not an sbatch option name")
-        opts.append(f"{key}={_sbatch_value(key, value)}" if sep else key)
+    opts += [sbatch_extra(extra) for extra in args.sbatch]
     return opts
+
+
+def sbatch_extra(extra: str) -> str:
+    """One ``--sbatch`` value as a quoted ``#SBATCH`` option (UserError naming it if unusable)."""
+    if not extra.startswith("--"):
+        raise UserError(f"--sbatch {extra!r}: expected an sbatch long option such as --reservation=x")
+    key, sep, value = extra.partition("=")
+    if not key[2:].replace("-", "").isalnum():
+        raise UserError(f"--sbatch {extra!r}: not an sbatch option name")
+    return f"{key}={_sbatch_value(key, value)}" if sep else key
 
 
 def render(args, job: TrainJob, env: dict[str, str]) -> str:

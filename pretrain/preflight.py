@@ -35,3 +35,13 @@ def check_inputs(cfg: Config) -> None:
                 ckpt.resolve_checkpoint_arg(arg)
             except UserError as e:
                 raise UserError(f"{key}: {e}") from None
+
+
+def check_run_dir(cfg: Config) -> None:
+    """Refuse a ``logging.run_dir`` that is, or lies under, a file (before anything is made)."""
+    path = Path(cfg.logging.run_dir)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise UserError(f"logging.run_dir: {p} exists and is not a directory")
+            return

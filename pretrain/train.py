@@ -25,7 +25,7 @@ from pretrain.faults import fault_at, maybe_hang, maybe_kill, maybe_slow_step
 from pretrain.flops import device_peak_flops, train_flops_per_token
 from pretrain.metrics import MetricsWriter, Progress
 from pretrain.optim import build_optimizer, build_scheduler
-from pretrain.preflight import check_inputs
+from pretrain.preflight import check_inputs, check_run_dir
 from pretrain.resilience import PreemptionFlag, Watchdog
 from pretrain.run_lock import hold_run_dir
 from pretrain.stragglers import StragglerMonitor
@@ -128,6 +128,8 @@ def train(cfg: Config) -> dict:
         try:
             # one live run per run dir: rank 0 locks it before anything is written
             lock_wait = cfg.checkpoint.lock_wait_s if cfg.checkpoint.resume == "auto" else 0.0
+            check_inputs(cfg)  # before the run directory exists: a missing input leaves nothing behind
+            check_run_dir(cfg)
             with hold_run_dir(Path(cfg.logging.run_dir), lock_wait, world):
                 return _train(cfg, world, flag)
         finally:
@@ -142,7 +144,6 @@ def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
     check_run(cfg, world.world_size)  # the layout checks `pretrain plan` shares
     setup_determinism(cfg)
     setup_kernels(cfg, world.device)
-    check_inputs(cfg)  # before the run directory exists: a missing input leaves nothing behind
     run_dir = prepare_run_dir(cfg, world)
     tcfg = cfg.train
     config_text = yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False)

@@ -133,7 +133,7 @@ def test_resume_auto_skips_an_unreadable_newest_and_logs_what_it_loaded(tiny_dat
 def test_init_from_that_does_not_exist_is_an_error(tiny_dataset, tmp_path):
     cfg = load_config("tiny", tiny_overrides(tiny_dataset, tmp_path / "run",
                                              **{"checkpoint.init_from": str(tmp_path / "nope")}))
-    with pytest.raises(UserError, match=r"checkpoint.init_from: .*nope does not exist"):
+    with pytest.raises(UserError, match=r"checkpoint.init_from: .*nope"):
         train(cfg)
     assert not ckpt.list_checkpoints(tmp_path / "run")
 
@@ -150,10 +150,10 @@ def test_checkpoint_of_another_shape_names_the_mismatch(tiny_dataset, trained, t
 
 
 @pytest.mark.parametrize("overrides,needle", [
-    (["--parallel.straggler_ratio=1"], "parallel.straggler_ratio: must be a finite number > 1"),
+    (["--parallel.straggler_ratio=1"], "parallel.straggler_ratio: .* expected a finite number > 1"),
     (["--parallel.straggler_ratio=inf"], "parallel.straggler_ratio"),
     (["--parallel.straggler_ratio=nan"], "parallel.straggler_ratio"),
-    (["--checkpoint.hf_every=-1"], "checkpoint.hf_every: must be >= 0"),
+    (["--checkpoint.hf_every=-1"], "checkpoint.hf_every: -1 is not allowed; expected an integer >= 0"),
     (["--checkpoint.async=true", "--parallel.dp_engine=deepspeed"], "checkpoint.async: not supported"),
     (["--checkpoint.async=yes"], "checkpoint.async: expected true or false"),
 ])

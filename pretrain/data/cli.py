@@ -59,14 +59,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--group-bytes", type=integer(ge=1), default=DEFAULT_GROUP_BYTES,
                    help="input bytes per packing group (whole files or Parquet row groups; default 256 MiB)")
     c = r.add_argument_group("spreading over a cluster")
-    c.add_argument("--shard", metavar="I/N", help="tokenize only the I-th of N parts (0-based) into its own "
+    c.add_argument("--shard", metavar="I/N", type=name(), help="tokenize only the I-th of N parts (0-based) into its own "
                                                   "sub-directories; `pretrain data merge` joins them")
     c.add_argument("--shards", type=integer(ge=0), default=0, metavar="N", help="with --runner: run all N parts")
     c.add_argument("--runner", choices=("local", "slurm"),
                    help="local: N concurrent processes, then merge; slurm: a job array of the unfinished "
                         "parts and a merge job after it")
     for key in ("partition", "account", "time", "mem"):
-        c.add_argument(f"--{key}", help=f"SLURM --{key}")
+        c.add_argument(f"--{key}", type=name(), help=f"SLURM --{key}")
     c.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
                    help="extra #SBATCH option, e.g. --sbatch=--qos=low (repeatable)")
     c.add_argument("--dry-run", action="store_true", help="slurm: write the scripts, submit nothing")
@@ -90,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     t0 = time.perf_counter()
+    if getattr(args, "sbatch", None):  # checked before any work, like launch slurm's
+        from launch.slurm import sbatch_extra
+
+        for extra in args.sbatch:
+            sbatch_extra(extra)
     if args.cmd == "corpus":
         from pretrain.data.corpus import stdlib_corpus
 

@@ -44,7 +44,7 @@ def run_local(args, n: int, timeout: float | None = None) -> dict:
 
 
 def _sbatch_lines(args, name: str, log: str) -> list[str]:
-    from launch.slurm import _sbatch_value
+    from launch.slurm import _sbatch_value, sbatch_extra
 
     lines = [f"#SBATCH --job-name={_sbatch_value('--job-name', name)}",
              f"#SBATCH --output={_sbatch_value('--out', log)}",
@@ -54,11 +54,7 @@ def _sbatch_lines(args, name: str, log: str) -> list[str]:
         value = getattr(args, key)
         if value:
             lines.append(f"#SBATCH --{key}={_sbatch_value('--' + key, value)}")
-    for extra in args.sbatch:
-        if not extra.startswith("--"):
-            raise UserError(f"--sbatch {extra!r}: expected an sbatch long option such as --qos=x")
-        key, sep, value = extra.partition("=")
-        lines.append(f"#SBATCH {key}={_sbatch_value(key, value)}" if sep else f"#SBATCH {key}")
+    lines += [f"#SBATCH {sbatch_extra(extra)}" for extra in args.sbatch]
     return lines
 
 
