@@ -21,7 +21,7 @@ test: $(STAMP)
 
 # The whole layout matrix: every pair of parallel dimensions x every architecture family.
 parity: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -m parity tests/test_parity.py
+	$(VENV)/bin/python -m pytest -q -m parity
 
 clean-venv:
 	rm -rf $(VENV)
