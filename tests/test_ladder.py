@@ -115,10 +115,14 @@ def test_standard_mode_stays_synchronous_and_differs(results, ref):
     assert std["issued"] == [0, 0, 0] and std["grad_issued"] == [0, 0, 0]
     _close(std["loss"], ref["standard"]["loss"], 1e-5)
     lad = _job(results, "tp2_ladder")
-    # same data, same init: by step 3 the curves differ by 10x the parity tolerance (the
-    # tiny depth-scaled init keeps step 1 within 1e-5), so the mode really applied under tp
-    assert abs(lad["loss"][2] - std["loss"][2]) > 1e-4 * abs(std["loss"][2])
-    assert abs(ref["ladder"]["loss"][2] - ref["standard"]["loss"][2]) > 1e-4 * abs(std["loss"][2])
+    # same data, same init: by step 3 ladder and standard differ by 10x more than the same
+    # mode differs between layouts (at least 4 fp32 ulps of the loss), so the mode really
+    # applied under tp
+    noise = max(max(abs(a - b) for a, b in zip(std["loss"], ref["standard"]["loss"])),
+                4 * abs(std["loss"][2]) * 2.0 ** -23)
+    print(f"ladder - standard at step 3: {abs(lad['loss'][2] - std['loss'][2]):.2e}; layout noise {noise:.2e}")
+    assert abs(lad["loss"][2] - std["loss"][2]) > 10 * noise
+    assert abs(ref["ladder"]["loss"][2] - ref["standard"]["loss"][2]) > 10 * noise
 
 
 # ---- pretrain convert-ladder ------------------------------------------------------------
