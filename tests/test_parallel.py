@@ -152,7 +152,7 @@ def _pcfg(**kw):
 @pytest.mark.parametrize("kw,world,needle", [
     ({"tp": 3}, 4, "parallel: pp*dp_replicate*cp*tp = 1*1*1*3 = 3 does not divide the world size 4"),
     ({"tp": 2, "dp_shard": 1}, 4, "parallel: pp*dp_replicate*dp_shard*cp*tp = 1*1*1*1*2 = 2 does not match"),
-    ({"cp": 2}, 2, "parallel.cp:"),
+    ({"cp": 4}, 6, "parallel.cp: 4 does not divide the world size 6"),
 ])
 def test_layout_must_fit_world(kw, world, needle):
     from parallel import resolve_layout
