@@ -112,7 +112,8 @@ def test_eval_and_generate_cli(tiny_dataset, tmp_path):
     (["train", "/no/such.yaml"], "config file not found"),
     (["train", "tiny", "--model.n_heads=5"], "model.n_heads"),
     (["train", "tiny", "--data.path=/no/such/data", "--logging.run_dir={tmp}/r"], "/no/such/data"),
-    (["train", "tiny", "--data.path={data}", "--data.seq_len=200", "--model.max_seq_len=256",
+    # (a seq_len longer than the stored blocks is valid: samples span consecutive blocks)
+    (["train", "tiny", "--data.path={data}", "--data.seq_len=300", "--model.max_seq_len=256",
       "--logging.run_dir={tmp}/r"], "data.seq_len"),
     (["train", "tiny", "--data.path={data}", "--model.vocab_size=100", "--logging.run_dir={tmp}/r"], "vocab"),
     (["eval", "--checkpoint", "{tmp}/nothing"], "no complete checkpoint"),
