@@ -124,7 +124,7 @@ def test_kill9_holder_then_immediate_resume(tiny_dataset, tmp_path):
     assert not run_lock.is_locked(run)
     p = _run([*args, "--checkpoint.resume=auto", "--checkpoint.lock_wait_s=0", "--logging.progress=plain"])
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "resumed from" in p.stdout and "step_2" in p.stdout
+    assert "resumed from" in p.stderr and "step_2" in p.stderr
     assert _steps(run) == [1, 2, 3, 4, 5, 6]
 
 
@@ -180,7 +180,7 @@ def test_requeued_resume_waits_for_the_holder(tiny_dataset, tmp_path):
         if p.poll() is None:
             p.kill()
     assert p.returncode == 0, err[-2000:]
-    assert "resumed from" in out and "step_3" in out
+    assert "resumed from" in err and "step_3" in err
     assert _steps(run) == [1, 2, 3, 4, 5]
 
 
@@ -218,7 +218,7 @@ def test_torchrun_ranks_all_learn_the_refusal_and_the_wait(tiny_dataset, tmp_pat
     finally:
         lock.release()
     assert w.returncode == 0, err[-3000:]
-    assert "resumed from" in out and "step_2" in out
+    assert "resumed from" in err and "step_2" in err
     assert _steps(run) == [1, 2, 3, 4]
 
 

@@ -124,7 +124,7 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster, megatron_data, tmp_
     assert f"requeueing job {job}" in out
     # ... and the requeued one resumed from it and finished
     assert f"restart 1: 2 node(s) x 1 process(es)" in out
-    assert f"resumed from {run / 'checkpoints' / f'step_{saved[0]}'} (step {saved[0]})" in out
+    assert f"resumed from {run / 'checkpoints' / f'step_{saved[0]}'}: continuing at step {saved[0] + 1}" in out
     assert out.rstrip().endswith("training exited with status 0")
     got = [r["loss"] for r in read_metrics(run)]
     assert len(got) == STEPS and all(math.isclose(g, w, rel_tol=1e-5) for g, w in zip(got, want)), (got, want)
