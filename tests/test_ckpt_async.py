@@ -66,9 +66,11 @@ def test_two_process_kill_trials_and_straggler(tiny_dataset, tmp_path):
     for r in logged[1:]:
         assert r["straggler_rank"] == 1 and r["straggler_ratio"] > 1.2, r
         assert r["compute_time_max_s"] >= 1.0 and r["collective_wait_s"] >= 0.7, r
-    warnings = [l for l in err.splitlines() if l.startswith("warning: straggler: ")]
+    # stderr also holds the kill trials, which run at the default ratio (1.5) and may flag a
+    # rank slowed by machine noise; only the straggler run uses 1.2
+    warnings = [l for l in err.splitlines()
+                if l.startswith("warning: straggler: ") and l.endswith("(parallel.straggler_ratio=1.2)")]
     assert len(warnings) >= 2 and all(l.startswith("warning: straggler: rank 1 on ") for l in warnings), err[-3000:]
-    assert "(parallel.straggler_ratio=1.2)" in warnings[-1]
     # the same run wrote HF weights every 2 steps from its sharded state: equal to pretrain export
     from pretrain.hf.export import export_checkpoint
 
