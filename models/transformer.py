@@ -9,6 +9,10 @@ Seams for ``parallel/`` (no-ops on one device):
   ``norm`` and ``output`` may be set to ``None`` on middle/last stages.
 - ``Sublayer.forward`` returns the sublayer's output *before* it joins the stream,
   so a row-parallel reduction may be left pending until ``join`` uses it.
+- ``stream_shards``: the stream holds ``1/stream_shards`` of each sequence's positions
+  (sequence and context parallel split it), so ``make_context`` builds RoPE tables for
+  the full length; ``context_hooks`` (``hook(ctx, seq_len, doc_ids) -> ctx``, in order)
+  give each forward's ``Context`` its parallel fields.
 """
 
 from __future__ import annotations
@@ -82,6 +86,8 @@ class LanguageModel(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.tie_weights()
+        self.stream_shards = 1
+        self.context_hooks: list[Callable] = []
 
     def tie_weights(self) -> None:
         """Share the embedding with the LM head (re-run after ``to_empty``, which unties)."""
@@ -90,11 +96,16 @@ class LanguageModel(nn.Module):
 
     # ---- forward ----------------------------------------------------------------
     def make_context(self, seq_len: int, device, doc_ids: torch.Tensor | None) -> Context:
+        """The forward's Context for a stream of ``seq_len`` local positions."""
+        seq_len *= self.stream_shards
         rope = None
         if self.cfg.position == "rope" and any(l.kind in ("attention", "hybrid") for l in self.layers.values()):
             rope = rope_tables(self.cfg.dim_head, seq_len, self.cfg.rope_theta, device,
                                scaling=self.cfg.rope_scaling, max_seq_len=self.cfg.max_seq_len)
-        return Context(rope=rope, doc_ids=doc_ids)
+        ctx = Context(rope=rope, doc_ids=doc_ids)
+        for hook in self.context_hooks:
+            ctx = hook(ctx, seq_len, doc_ids)
+        return ctx
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None,
                 pending: torch.Tensor | None = None) -> torch.Tensor:

@@ -126,14 +126,16 @@ def _parallelize_part(part, pcfg, world, ac, ac_every, compile, z_loss, fused_lo
 
         apply_ep(part, world)
     if world.tp_size > 1:
+        from parallel.ladder import apply_ladder, plan_ladder
         from parallel.tp import TPContext, apply_tp
 
-        # compiled sublayers schedule their own collectives: no deferred gradients there
-        ctx = TPContext(world.mesh["tp"], part.cfg, pcfg.sequence_parallel, defer_input_grads=not compile)
-        apply_tp(part, ctx, fused_head=fused_loss)
-        from parallel.ladder import mark_ladder_async
-
-        mark_ladder_async(part)  # ladder residual: output reductions stay pending until join
+        # ladder residual: which reductions overlap (compiled sublayers schedule their own
+        # collectives: no deferred input gradients there)
+        ladder = plan_ladder(part, defer_input_grads=not compile)
+        apply_tp(part, TPContext(world.mesh["tp"], part.cfg, pcfg.sequence_parallel),
+                 fused_head=fused_loss, ladder=ladder)
+        if ladder is not None:
+            apply_ladder(part, ladder, world.mesh["tp"], pcfg.sequence_parallel)
     if cp is not None:  # context parallel: per-forward RoPE positions and attention
         from parallel.context_parallel import install_cp
 

@@ -6,8 +6,8 @@ Inputs, labels and document ids are split alike (:func:`split_batch`); RoPE uses
 global positions of the local tokens and document ids stay global, so documents cross
 chunk boundaries freely.
 
-The model reaches CP through one seam: :func:`install_cp` wraps the model's
-``make_context`` so that every forward's ``Context`` gets its CP fields from
+The model reaches CP through one seam: :func:`install_cp` adds a hook to the model's
+``context_hooks`` so that every forward's ``Context`` gets its CP fields from
 :func:`set_cp_context` (the one place that sets them): the RoPE tables of this rank's
 positions and ``Context.attention`` (ring or all-to-all attention over the cp group).
 
@@ -220,15 +220,12 @@ def set_cp_context(ctx, plan: CPPlan, doc_ids: torch.Tensor | None, seq_len: int
 
 def install_cp(model: nn.Module, plan: CPPlan) -> None:
     """Give every forward of ``model`` (a whole model or a pipeline stage) its CP context,
-    and route MoE routing statistics over the cp (x tp) group. Call after tensor parallelism (its context wrapper runs inside)."""
-    orig = model.make_context
+    and route MoE routing statistics over the cp (x tp) group. Call after tensor parallelism
+    (the ladder's gradient-seam hook, if any, runs first)."""
     recurrent = any(k in RECURRENT_KINDS for k in model.cfg.sublayer_kinds)
-
-    def make_context(seq_len, device, doc_ids):
-        n = seq_len * plan.size
-        return set_cp_context(orig(n, device, doc_ids), plan, doc_ids, n, recurrent)
-
-    model.make_context = make_context
+    model.stream_shards *= plan.size
+    model.context_hooks.append(
+        lambda ctx, seq_len, doc_ids: set_cp_context(ctx, plan, doc_ids, seq_len, recurrent))
     from parallel.tp_moe import _tp_sum
 
     for m in model.modules():

@@ -3,8 +3,11 @@
 With ``model.residual=ladder`` sublayer k reads a stream that does not yet contain
 sublayer k-1's output, so k-1's row-parallel reduction (all-reduce, or reduce-scatter
 with sequence parallel) need not be waited until ``join`` adds it one sublayer later.
-:func:`mark_ladder_async` flags the output projections of the ladder sublayers; the
-tp seam :func:`parallel.tp.reduce_sublayer_output` then calls :func:`async_reduce`,
+One step of ``parallelize`` owns the overlap: :func:`plan_ladder` decides which sublayers
+overlap what (the tp plans read it through ``TPContext.async_output`` and
+``input_boundary``), and :func:`apply_ladder` installs the input boundaries, the gradient
+seam and the stage-output wait. A flagged row-parallel output projection's reduction
+goes through :func:`parallel.tp.reduce_sublayer_output`, which calls :func:`async_reduce`,
 which issues the collective through DTensor's functional collectives
 (``redistribute(async_op=True)``) and returns an ``AsyncCollectiveTensor`` that waits
 at first use. ``standard`` and ``parallel`` keep the synchronous path.
@@ -33,15 +36,13 @@ the collectives of a compiled sublayer itself): there the boundary stays synchro
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed._functional_collectives import AsyncCollectiveTensor
-
-# set on a row-parallel output projection whose reduction may stay pending
-ASYNC_ATTR = "ladder_async_reduce"
-
 
 class _Counter:
     issued = 0  # forward output reductions
@@ -64,21 +65,39 @@ class _CountedACT(AsyncCollectiveTensor):
         return super().trigger_wait()
 
 
-def mark_ladder_async(model: torch.nn.Module) -> int:
-    """Flag the row-parallel output reductions of ``model``'s ladder sublayers as
-    asynchronous; returns how many were flagged (0 unless ``residual == 'ladder'``)."""
-    cfg = model.cfg
-    if cfg.residual != "ladder":
-        return 0
+@dataclass(frozen=True)
+class LadderPlan:
+    """Which sublayers (by name) of a model or pipeline stage overlap their tp reductions."""
+
+    async_outputs: frozenset  # output reduction pending until ``join``
+    input_boundaries: frozenset  # input-gradient reduction deferred one sublayer
+
+    def sublayer_context(self, name: str, ctx):
+        """``ctx`` (a ``TPContext``) with this sublayer's overlap flags."""
+        return replace(ctx, async_output=name in self.async_outputs,
+                       input_boundary=name in self.input_boundaries)
+
+
+def plan_ladder(model: nn.Module, defer_input_grads: bool = True) -> LadderPlan | None:
+    """The overlap plan of ``model`` under tp (None unless ``model.residual == 'ladder'``,
+    the one place parallel/ reads it). ``defer_input_grads=False`` (compiled sublayers
+    schedule their own collectives) keeps the backward synchronous."""
+    if model.cfg.residual != "ladder":
+        return None
+    subs = ladder_sublayers(model)
+    deferred = {name for name, sub in subs if sub.kind in DEFERRABLE_KINDS} if defer_input_grads else set()
+    return LadderPlan(frozenset(name for name, _ in subs), frozenset(deferred))
+
+
+def apply_ladder(model: nn.Module, plan: LadderPlan, mesh, sequence_parallel: bool) -> None:
+    """Install ``plan`` on a tp-sharded ``model``: input boundaries, the per-forward gradient
+    seam, and (a stage before the last) the wait of the outputs it sends."""
     if model.output is None:  # a pipeline stage before the last: (stream, pending) leave it
         model.register_forward_hook(_wait_stage_outputs)
-    n = 0
-    for _, sub in ladder_sublayers(model):
-        for m in sub.modules():
-            if getattr(m, "tp_sublayer_output", False):
-                setattr(m, ASYNC_ATTR, True)
-                n += 1
-    return n
+    for name in sorted(plan.input_boundaries, key=int):
+        model.layers[name].register_forward_pre_hook(_boundary_hook(int(name), mesh, sequence_parallel))
+    if plan.input_boundaries:
+        model.context_hooks.append(_with_grad_seam)
 
 
 def _wait_stage_outputs(module, args, out):
@@ -247,37 +266,17 @@ def _boundary_hook(idx: int, mesh, sequence_parallel: bool):
 
 
 def ladder_sublayers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, sublayer) of the sublayers whose output may stay pending: ladder mode, from
+    """(name, sublayer) of a ladder model's sublayers whose output may stay pending: from
     ``ladder_from``, without Peri-LN (its output norm would wait at once anyway)."""
-    cfg = model.cfg
-    if cfg.residual != "ladder":
-        return []
     subs = ((name, getattr(sub, "_checkpoint_wrapped_module", sub)) for name, sub in model.layers.items())
     return [(name, sub) for name, sub in subs
-            if int(name) >= cfg.ladder_from and getattr(sub, "out_norm", None) is None]
+            if int(name) >= model.cfg.ladder_from and getattr(sub, "out_norm", None) is None]
 
 
-def deferrable_sublayers(model: nn.Module) -> set[str]:
-    """Names of the ladder sublayers whose input-gradient reduction may also be deferred
-    (kinds whose tp plan reads a replicated input)."""
-    return {name for name, sub in ladder_sublayers(model) if sub.kind in DEFERRABLE_KINDS}
-
-
+# kinds whose tp plan reads a replicated input, so their input-gradient reduction may be deferred
 DEFERRABLE_KINDS = {"attention", "mlp", "mamba", "hybrid"}
 
 
-def install_input_boundary(sub: nn.Module, idx: int, mesh, sequence_parallel: bool) -> None:
-    """Make ``sub``'s input a deferred-gradient boundary (see the module docstring)."""
-    sub.register_forward_pre_hook(_boundary_hook(idx, mesh, sequence_parallel))
-
-
-def install_grad_seam(model: nn.Module) -> None:
-    """Give every forward of ``model`` a fresh :class:`DeferredInputGrads` seam."""
-    orig = model.make_context
-
-    def make_context(*args, **kw):
-        ctx = orig(*args, **kw)
-        ctx.grad_seam = DeferredInputGrads()
-        return ctx
-
-    model.make_context = make_context
+def _with_grad_seam(ctx, seq_len, doc_ids):
+    ctx.grad_seam = DeferredInputGrads()  # a fresh seam for every forward
+    return ctx

@@ -32,6 +32,7 @@ from torch.distributed.tensor.parallel.style import ParallelStyle
 
 import kernels
 from models.config import ConfigError, ModelConfig
+from parallel.ladder import LadderPlan, async_reduce
 
 
 @dataclass
@@ -41,9 +42,11 @@ class TPContext:
     mesh: object  # 1-D tp DeviceMesh
     cfg: ModelConfig
     sequence_parallel: bool
-    # ladder residual: let input-gradient reductions wait one sublayer (parallel/ladder.py)
-    defer_input_grads: bool = False
-    # this sublayer's input is a ladder boundary: the norm and mixer get a Replicate DTensor
+    # ladder residual (parallel/ladder.py's LadderPlan sets both per sublayer): this
+    # sublayer's output reduction stays pending until ``join`` uses it ...
+    async_output: bool = False
+    # ... and its input is a boundary whose input-gradient reduction waits one sublayer:
+    # the norm and mixer get a Replicate DTensor
     input_boundary: bool = False
 
     @property
@@ -85,8 +88,6 @@ def reduce_sublayer_output(out: DTensor, layout, use_local_output: bool = True,
     """
     if out.placements != (layout,):
         if async_op:
-            from parallel.ladder import async_reduce
-
             return async_reduce(out, layout, use_local_output)
         out = out.redistribute(placements=(layout,))
     return _owned(out.to_local()) if use_local_output else out
@@ -99,16 +100,15 @@ def _owned(t: torch.Tensor) -> torch.Tensor:
 
 
 class RowwiseSublayerOutput(RowwiseParallel):
-    """RowwiseParallel whose output reduction goes through :func:`reduce_sublayer_output`."""
+    """RowwiseParallel whose output reduction goes through :func:`reduce_sublayer_output`
+    (left pending when ``async_op``: a ladder sublayer's ``TPContext.async_output``)."""
 
-    @staticmethod
-    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
-        return reduce_sublayer_output(outputs, output_layouts[0], use_local_output,
-                                      async_op=getattr(mod, "ladder_async_reduce", False))
+    def __init__(self, *, async_op: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.async_op = async_op
 
-    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
-        module.tp_sublayer_output = True  # found by parallel.ladder.mark_ladder_async
-        return super()._apply(module, device_mesh)
+    def _prepare_output_fn(self, output_layouts, use_local_output, mod, outputs, device_mesh):
+        return reduce_sublayer_output(outputs, output_layouts[0], use_local_output, async_op=self.async_op)
 
 
 class ReplicatedKVHeads(ParallelStyle):
@@ -216,7 +216,7 @@ def _attention_plan(sub: nn.Module, ctx: TPContext) -> None:
         kv_head = (ctx.rank * local_q) // (cfg.n_heads // cfg.kv_heads)
         plan["mixer.wk"] = ReplicatedKVHeads(kv_head, cfg.dim_head)
         plan["mixer.wv"] = ReplicatedKVHeads(kv_head, cfg.dim_head)
-    plan["mixer.wo"] = RowwiseSublayerOutput(output_layouts=ctx.stream_layout)
+    plan["mixer.wo"] = RowwiseSublayerOutput(output_layouts=ctx.stream_layout, async_op=ctx.async_output)
     parallelize_module(sub, ctx.mesh, plan)
 
 
@@ -233,7 +233,7 @@ def _mlp_plan(sub: nn.Module, ctx: TPContext) -> None:
     plan["mixer"] = _mixer_input(ctx)
     plan["mixer.w_gate"] = ColwiseParallel(use_local_output=True)
     plan["mixer.w_up"] = ColwiseParallel(use_local_output=True)
-    plan["mixer.w_down"] = RowwiseSublayerOutput(output_layouts=ctx.stream_layout)
+    plan["mixer.w_down"] = RowwiseSublayerOutput(output_layouts=ctx.stream_layout, async_op=ctx.async_output)
     parallelize_module(sub, ctx.mesh, plan)
 
 
@@ -275,24 +275,17 @@ def check_tp(cfg: ModelConfig, tp: int) -> None:
             TP_CHECKS[kind](cfg, tp)
 
 
-def apply_tp(model: nn.Module, ctx: TPContext, fused_head: bool = False) -> None:
-    """Shard ``model`` (a whole model or one pipeline stage of it) over the tp mesh."""
+def apply_tp(model: nn.Module, ctx: TPContext, fused_head: bool = False,
+             ladder: LadderPlan | None = None) -> None:
+    """Shard ``model`` (a whole model or one pipeline stage of it) over the tp mesh; with a
+    ``ladder`` plan, each sublayer's plan gets its overlap flags from it."""
     sp = ctx.sequence_parallel
     if model.tok_embeddings is not None:
         # vocab-parallel embedding: rows sharded, partial sums reduced into the stream layout
         parallelize_module(model.tok_embeddings, ctx.mesh,
                            RowwiseSublayerOutput(input_layouts=Replicate(), output_layouts=ctx.stream_layout))
-    from parallel import ladder
-
-    deferred = ladder.deferrable_sublayers(model) if ctx.defer_input_grads else set()
     for name, sub in model.layers.items():
-        if name in deferred:
-            TP_PLANS[sub.kind](sub, replace(ctx, input_boundary=True))
-            ladder.install_input_boundary(sub, int(name), ctx.mesh, sp)
-        else:
-            TP_PLANS[sub.kind](sub, ctx)
-    if deferred:
-        ladder.install_grad_seam(model)
+        TP_PLANS[sub.kind](sub, ladder.sublayer_context(name, ctx) if ladder is not None else ctx)
     if model.norm is not None:
         style = SequenceParallel(use_local_output=not fused_head) if sp else ReplicateOverTP()
         parallelize_module(model.norm, ctx.mesh, style)
@@ -302,8 +295,8 @@ def apply_tp(model: nn.Module, ctx: TPContext, fused_head: bool = False) -> None
         else:  # logits stay a vocab-sharded DTensor for the loss-parallel cross-entropy
             parallelize_module(model.output, ctx.mesh, ColwiseParallel(
                 input_layouts=ctx.stream_layout, output_layouts=Shard(-1), use_local_output=False))
-    if sp:
-        _full_length_context(model, ctx.size)
+    if sp:  # mixers see the full sequence after the all-gather: RoPE tables for all of it
+        model.stream_shards *= ctx.size
     plain = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
     if plain:
         raise RuntimeError(f"tensor-parallel plan left parameters unsharded: {plain[:5]}")
@@ -317,17 +310,6 @@ class _VocabShardOnly(ParallelStyle):
             mod.register_parameter("weight", nn.Parameter(
                 distribute_tensor(mod.weight, mesh, [Shard(0)], src_data_rank=None)))
         return distribute_module(module, device_mesh, part)
-
-
-def _full_length_context(model: nn.Module, tp: int) -> None:
-    # With SP the stream holds S/tp positions per rank, but mixers see the full sequence
-    # after the all-gather, so the rope tables are built for tp times the local length.
-    orig = model.make_context
-
-    def make_context(seq_len, device, doc_ids):
-        return orig(seq_len * tp, device, doc_ids)
-
-    model.make_context = make_context
 
 
 # ---- loss over vocab-sharded logits ------------------------------------------------------

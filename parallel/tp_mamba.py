@@ -102,7 +102,7 @@ def _mamba_plan(sub: nn.Module, ctx: TPContext) -> None:
     plan = _norms(sub, ctx)
     plan["mixer"] = _mixer_input(ctx)
     plan.update(mamba_inner_plan("mixer."))
-    plan["mixer.out_proj"] = RowwiseSublayerOutput(output_layouts=ctx.stream_layout)
+    plan["mixer.out_proj"] = RowwiseSublayerOutput(output_layouts=ctx.stream_layout, async_op=ctx.async_output)
     parallelize_module(sub, ctx.mesh, plan)
     targets = shard_direct_params(sub.mixer, ctx)
     local_params_in_forward(sub.mixer, targets)

@@ -114,16 +114,13 @@ def blockwise_attention(pm) -> None:
     from kernels.reference import doc_segments
     from parallel.ring_attention import CPGroup, ring_attention
 
+    def blockwise(ctx, seq_len, doc_ids):
+        ctx.attention = lambda q, k, v, d: ring_attention(
+            q, k, v, doc_segments(d) if d is not None else None, CPGroup(None))
+        return ctx
+
     for part in pm.parts:
-        orig = part.make_context
-
-        def make_context(seq_len, device, doc_ids, orig=orig):
-            ctx = orig(seq_len, device, doc_ids)
-            ctx.attention = lambda q, k, v, d: ring_attention(
-                q, k, v, doc_segments(d) if d is not None else None, CPGroup(None))
-            return ctx
-
-        part.make_context = make_context
+        part.context_hooks.append(blockwise)
 
 
 def train(data: dict, layout: dict, model: str, steps: int, kw: dict | None = None,
