@@ -19,19 +19,23 @@ Two modes:
   shards, the full sequence of ``H/N`` heads is attended with ``kernels.attention`` in
   natural order, and a second all-to-all turns it back.
 
-Block compute is pure torch (fp32 scores, query tiles of ``TILE`` rows to bound memory);
-it runs on any device and is what the CPU tests prove.
+Block compute: pure torch (fp32 scores, query tiles of ``TILE`` rows to bound memory), the
+reference, on any device; or PyTorch's fused SDPA kernels with their log-sum-exp
+(``kernels/attention_block.py``). ``PRETRAIN_KERNEL_ATTENTION_BLOCK=torch|fused`` chooses;
+by default CUDA uses the fused kernel and CPU the reference (the CPU tests prove both).
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
 import kernels
+from kernels import attention_block
 
 TILE = 1024  # query rows per score tile: memory O(TILE x block) instead of O(block^2)
 
@@ -110,6 +114,31 @@ def block_backward(q, k, v, dout, delta, lse, kind, seg_q, seg_k, scale):
     return dq, dk, dv
 
 
+BLOCK_ENV = "PRETRAIN_KERNEL_ATTENTION_BLOCK"
+
+
+def use_fused_blocks(device: torch.device) -> bool:
+    """Whether blocks run the fused kernel (``BLOCK_ENV``; default: on CUDA only)."""
+    choice = os.environ.get(BLOCK_ENV, "auto")
+    if choice not in ("auto", "torch", "fused"):
+        raise ValueError(f"{BLOCK_ENV}={choice!r}: use torch, fused or auto")
+    return choice == "fused" or (choice == "auto" and device.type == "cuda")
+
+
+def _forward_block(fused, q, k, v, kind, seg_q, seg_k, scale):
+    if fused:
+        mask = _tile_mask(kind, seg_q, seg_k, 0, q.shape[-2], k.shape[-2], q.device)
+        return attention_block.block_forward(q, k, v, mask, scale)
+    return block_forward(q, k, v, kind, seg_q, seg_k, scale)
+
+
+def _backward_block(fused, q, k, v, dout, out, delta, lse, kind, seg_q, seg_k, scale):
+    if fused:
+        mask = _tile_mask(kind, seg_q, seg_k, 0, q.shape[-2], k.shape[-2], q.device)
+        return attention_block.block_backward(q, k, v, dout, out, lse, mask, scale)
+    return block_backward(q, k, v, dout, delta, lse, kind, seg_q, seg_k, scale)
+
+
 def merge(out, lse, out_b, lse_b):
     """Log-sum-exp merge of two partial attention results (rows with -inf lse carry 0)."""
     new = torch.logaddexp(lse, lse_b)
@@ -183,19 +212,20 @@ class _RingAttention(torch.autograd.Function):
         lse = torch.full(qg.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
         kv = torch.stack([kg, vg]).contiguous()
         seg_all = seg  # [B, S] global document runs (None: causal only)
+        fused = use_fused_blocks(q.device)
         for j in range(cp.size):
             src = (cp.rank - j) % cp.size
             pending = cp.exchange(kv, tag=j) if j < cp.size - 1 else None  # before compute
             for qs, ks, kind, qc, kc in _blocks(cp, src, c):
                 sq, sk = _seg_chunks(seg_all, (qc, kc), c)
-                o_b, l_b = block_forward(qg[..., qs, :], kv[0][..., ks, :], kv[1][..., ks, :], kind,
-                                         sq, sk, scale)
+                o_b, l_b = _forward_block(fused, qg[..., qs, :], kv[0][..., ks, :], kv[1][..., ks, :], kind,
+                                          sq, sk, scale)
                 out[..., qs, :], lse[..., qs] = merge(out[..., qs, :], lse[..., qs], o_b, l_b)
             if pending is not None:
                 kv, works = pending
                 _wait(works)
         ctx.save_for_backward(q, k, v, out, lse, seg)
-        ctx.cp = cp
+        ctx.cp, ctx.fused = cp, fused
         B, S, H, D = q.shape
         return out.permute(0, 3, 1, 2, 4).reshape(B, S, H, D).to(q.dtype)
 
@@ -218,9 +248,9 @@ class _RingAttention(torch.autograd.Function):
             dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
             for qs, ks, kind, qc, kc in _blocks(cp, src, c):
                 sq, sk = _seg_chunks(seg, (qc, kc), c)
-                g_q, g_k, g_v = block_backward(qg[..., qs, :], kv[0][..., ks, :], kv[1][..., ks, :],
-                                               dog[..., qs, :], delta[..., qs], lse[..., qs], kind,
-                                               sq, sk, scale)
+                g_q, g_k, g_v = _backward_block(ctx.fused, qg[..., qs, :], kv[0][..., ks, :], kv[1][..., ks, :],
+                                                dog[..., qs, :], out[..., qs, :], delta[..., qs], lse[..., qs],
+                                                kind, sq, sk, scale)
                 dq[..., qs, :] += g_q
                 dkv[0][..., ks, :] += g_k
                 dkv[1][..., ks, :] += g_v

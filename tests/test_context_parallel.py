@@ -29,6 +29,7 @@ SAVE_AT = 5
 ATTN = [
     {"name": "ring_gqa_docs", "mode": "ring", "shape": [2, 64, 4, 2, 8], "docs": True, "tile": 5},
     {"name": "ring_mqa", "mode": "ring", "shape": [2, 64, 4, 1, 8], "docs": False},
+    {"name": "ring_gqa_docs_fused", "mode": "ring", "shape": [2, 64, 4, 2, 8], "docs": True, "blocks": "fused"},
     {"name": "alltoall_gqa_docs", "mode": "alltoall", "shape": [2, 64, 4, 2, 8], "docs": True},
     {"name": "alltoall_mqa_docs", "mode": "alltoall", "shape": [2, 64, 4, 1, 8], "docs": True},
 ]

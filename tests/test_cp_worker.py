@@ -40,6 +40,7 @@ def attn_job(job: dict) -> dict:
     from parallel.context_parallel import chunk_positions, unsplit
 
     ra.TILE = job.get("tile", ra.TILE)
+    os.environ[ra.BLOCK_ENV] = job.get("blocks", "auto")  # torch (reference) or fused block kernels
     n, r = dist.get_world_size(), dist.get_rank()
     B, S, H, Hkv, D = job["shape"]
     q, k, v, w, doc = _attn_inputs(B, S, H, Hkv, D, job["docs"])
