@@ -100,15 +100,26 @@ def _owned(t: torch.Tensor) -> torch.Tensor:
 
 
 class RowwiseSublayerOutput(RowwiseParallel):
-    """RowwiseParallel whose output reduction goes through :func:`reduce_sublayer_output`
-    (left pending when ``async_op``: a ladder sublayer's ``TPContext.async_output``)."""
+    """RowwiseParallel whose output reduction goes through :func:`reduce_sublayer_output`."""
 
-    def __init__(self, *, async_op: bool = False, **kwargs):
-        super().__init__(**kwargs)
-        self.async_op = async_op
+    @staticmethod
+    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+        return reduce_sublayer_output(outputs, output_layouts[0], use_local_output)
 
-    def _prepare_output_fn(self, output_layouts, use_local_output, mod, outputs, device_mesh):
-        return reduce_sublayer_output(outputs, output_layouts[0], use_local_output, async_op=self.async_op)
+
+class PendingRowwiseSublayerOutput(RowwiseSublayerOutput):
+    """The same, with the reduction left pending until first use (a ladder sublayer)."""
+
+    @staticmethod
+    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+        return reduce_sublayer_output(outputs, output_layouts[0], use_local_output, async_op=True)
+
+
+def sublayer_output(ctx: TPContext) -> RowwiseSublayerOutput:
+    """The style of a sublayer's row-parallel output projection (pending with
+    ``ctx.async_output``)."""
+    style = PendingRowwiseSublayerOutput if ctx.async_output else RowwiseSublayerOutput
+    return style(output_layouts=ctx.stream_layout)
 
 
 class ReplicatedKVHeads(ParallelStyle):
@@ -216,7 +227,7 @@ def _attention_plan(sub: nn.Module, ctx: TPContext) -> None:
         kv_head = (ctx.rank * local_q) // (cfg.n_heads // cfg.kv_heads)
         plan["mixer.wk"] = ReplicatedKVHeads(kv_head, cfg.dim_head)
         plan["mixer.wv"] = ReplicatedKVHeads(kv_head, cfg.dim_head)
-    plan["mixer.wo"] = RowwiseSublayerOutput(output_layouts=ctx.stream_layout, async_op=ctx.async_output)
+    plan["mixer.wo"] = sublayer_output(ctx)
     parallelize_module(sub, ctx.mesh, plan)
 
 
@@ -233,7 +244,7 @@ def _mlp_plan(sub: nn.Module, ctx: TPContext) -> None:
     plan["mixer"] = _mixer_input(ctx)
     plan["mixer.w_gate"] = ColwiseParallel(use_local_output=True)
     plan["mixer.w_up"] = ColwiseParallel(use_local_output=True)
-    plan["mixer.w_down"] = RowwiseSublayerOutput(output_layouts=ctx.stream_layout, async_op=ctx.async_output)
+    plan["mixer.w_down"] = sublayer_output(ctx)
     parallelize_module(sub, ctx.mesh, plan)
 
 

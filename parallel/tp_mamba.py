@@ -24,11 +24,11 @@ from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_modul
 
 from models.config import ConfigError, ModelConfig
 from parallel.tp import (
-    RowwiseSublayerOutput,
     TPContext,
     _mixer_input,
     _norms,
     register_tp_plan,
+    sublayer_output,
 )
 
 HEAD_PROJ = ("z_proj", "x_proj", "dt_proj")
@@ -102,7 +102,7 @@ def _mamba_plan(sub: nn.Module, ctx: TPContext) -> None:
     plan = _norms(sub, ctx)
     plan["mixer"] = _mixer_input(ctx)
     plan.update(mamba_inner_plan("mixer."))
-    plan["mixer.out_proj"] = RowwiseSublayerOutput(output_layouts=ctx.stream_layout, async_op=ctx.async_output)
+    plan["mixer.out_proj"] = sublayer_output(ctx)
     parallelize_module(sub, ctx.mesh, plan)
     targets = shard_direct_params(sub.mixer, ctx)
     local_params_in_forward(sub.mixer, targets)
