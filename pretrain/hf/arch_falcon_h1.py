@@ -12,19 +12,22 @@ grouped by ``mamba_n_groups`` as ours.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from models.config import HybridHeadsConfig, ModelConfig
-from pretrain.hf.arch_llama import (attention_config, attention_from_config, attn_from_hf, attn_to_hf,
-                                    ends_from_hf, ends_to_hf, mlp_from_hf, mlp_to_hf)
-from pretrain.hf.arch_mamba import mamba_from_config, mixer_from_hf, mixer_to_hf
-from pretrain.hf.common import Arch, base_issues, blocks, need, take
+from pretrain.hf.arch_llama import attention_config, attention_from_config
+from pretrain.hf.arch_mamba import mamba_from_config
+from pretrain.hf.common import base_issues, blocks, need
+from pretrain.hf.pieces import Attention, MambaMixer, MappedArch, Piece, mlp, norm
 
 WHERE = "FalconH1ForCausalLM"
 
 
-class FalconH1(Arch):
+class FalconH1(MappedArch):
     hf_class = WHERE
+    ends = ("model.embed_tokens.weight", "model.final_layernorm.weight")
     model_types = ("falcon_h1",)
 
     def issues(self, mc, sd):
@@ -51,18 +54,12 @@ class FalconH1(Arch):
                "mamba_norm_before_gate": False, "mamba_rms_norm": True, "projectors_bias": False}
         return cfg
 
-    def export_weights(self, mc, sd):
-        split = mc.hybrid.n_attn_heads * mc.dim_head
-        out = ends_to_hf(mc, sd, "model.embed_tokens.weight", "model.final_layernorm.weight")
+    def pieces(self, mc):
+        split, out = mc.hybrid.n_attn_heads * mc.dim_head, []
         for i in range(len(blocks(mc))):
-            p, f, dst = f"layers.{2 * i}.mixer.", f"layers.{2 * i + 1}.", f"model.layers.{i}."
-            out[f"{dst}input_layernorm.weight"] = sd[f"layers.{2 * i}.norm.weight"]
-            w = sd[f"{p}out_proj.weight"]
-            view = {**sd, f"{p}wo.weight": w[:, :split], f"{p}mamba.out_proj.weight": w[:, split:]}
-            out.update(attn_to_hf(view, p, f"{dst}self_attn.", False))
-            out.update(mixer_to_hf(view, f"{p}mamba.", f"{dst}mamba."))
-            out[f"{dst}pre_ff_layernorm.weight"] = sd[f"{f}norm.weight"]
-            out.update(mlp_to_hf(sd, f"{f}mixer.", f"{dst}feed_forward."))
+            a, f, dst = f"layers.{2 * i}.", f"layers.{2 * i + 1}.", f"model.layers.{i}."
+            out += [(a, dst, norm("input_layernorm")), (f"{a}mixer.", dst, HybridHeads(split)),
+                    (f, dst, norm("pre_ff_layernorm")), (f"{f}mixer.", f"{dst}feed_forward.", mlp())]
         return out
 
     def import_config(self, hf):
@@ -90,19 +87,28 @@ class FalconH1(Arch):
 
     def import_weights(self, hf, mc, t):
         m = _multipliers(hf, mc)
-        t = {k: v * m[_kind(k)] if _kind(k) in m else v for k, v in t.items()}
-        out = ends_from_hf(mc, t, "model.embed_tokens.weight", "model.final_layernorm.weight", WHERE)
-        for i in range(mc.n_layers):
-            p, f, src = f"layers.{2 * i}.mixer.", f"layers.{2 * i + 1}.", f"model.layers.{i}."
-            out[f"layers.{2 * i}.norm.weight"] = take(t, f"{src}input_layernorm.weight", WHERE)
-            att = attn_from_hf(t, f"{src}self_attn.", p, False, WHERE)
-            mam = mixer_from_hf(t, f"{src}mamba.", f"{p}mamba.", WHERE)
-            out[f"{p}out_proj.weight"] = torch.cat([att.pop(f"{p}wo.weight"), mam.pop(f"{p}mamba.out_proj.weight")], 1)
-            out.update(att)
-            out.update(mam)
-            out[f"{f}norm.weight"] = take(t, f"{src}pre_ff_layernorm.weight", WHERE)
-            out.update(mlp_from_hf(t, f"{src}feed_forward.", f"{f}mixer.", WHERE))
-        return out
+        return super().import_weights(hf, mc, {k: v * m[_kind(k)] if _kind(k) in m else v for k, v in t.items()})
+
+
+@dataclass(frozen=True)
+class HybridHeads(Piece):
+    """Our ``P`` mixer <-> Falcon-H1's ``self_attn`` and ``mamba``: our one ``out_proj`` over
+    [attention | mamba] is their ``o_proj`` and ``mamba.out_proj`` side by side."""
+
+    split: int  # attention columns of out_proj
+
+    def to_hf(self, sd, ours, theirs):
+        w = sd[f"{ours}out_proj.weight"]
+        view = {**sd, f"{ours}wo.weight": w[:, :self.split], f"{ours}mamba.out_proj.weight": w[:, self.split:]}
+        return {**Attention().to_hf(view, ours, f"{theirs}self_attn."),
+                **MambaMixer().to_hf(view, f"{ours}mamba.", f"{theirs}mamba.")}
+
+    def from_hf(self, t, theirs, ours, where):
+        att = Attention().from_hf(t, f"{theirs}self_attn.", ours, where)
+        mam = MambaMixer().from_hf(t, f"{theirs}mamba.", f"{ours}mamba.", where)
+        out = {f"{ours}out_proj.weight": torch.cat([att.pop(f"{ours}wo.weight"),
+                                                    mam.pop(f"{ours}mamba.out_proj.weight")], 1)}
+        return {**out, **att, **mam}
 
 
 def _kind(name: str) -> str:

@@ -9,49 +9,14 @@ biases export with a zero o_proj bias.
 
 from __future__ import annotations
 
-import torch
-
 from models.config import ConfigError, ModelConfig
 from models.rope_scaling import rope_scaling_from_hf, rope_scaling_to_hf
 from pretrain.errors import UserError
-from pretrain.hf.common import Arch, base_issues, blocks, need, rope_issues, take
+from pretrain.hf.common import base_issues, blocks, need, rope_issues
+from pretrain.hf.pieces import Attention, MappedArch, mlp, norm
 
 
-# ---- pieces shared by every decoder-style mapping ---------------------------------------
-
-def attn_to_hf(sd: dict, src: str, dst: str, qkv_bias: bool, o_bias: bool = False) -> dict:
-    """Our ``wq/wk/wv/wo`` under ``src`` -> HF ``q_proj/k_proj/v_proj/o_proj`` under ``dst``."""
-    out = {}
-    for ours, theirs in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj")):
-        out[f"{dst}{theirs}.weight"] = sd[f"{src}{ours}.weight"]
-        if qkv_bias and ours != "wo":
-            out[f"{dst}{theirs}.bias"] = sd[f"{src}{ours}.bias"]
-    if o_bias:
-        w = sd[f"{src}wo.weight"]
-        out[f"{dst}o_proj.bias"] = torch.zeros(w.shape[0], dtype=w.dtype)
-    return out
-
-
-def attn_from_hf(t: dict, src: str, dst: str, qkv_bias: bool, where: str) -> dict:
-    out = {}
-    for ours, theirs in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj")):
-        out[f"{dst}{ours}.weight"] = take(t, f"{src}{theirs}.weight", where)
-        if qkv_bias and ours != "wo":
-            out[f"{dst}{ours}.bias"] = take(t, f"{src}{theirs}.bias", where)
-    ob = t.get(f"{src}o_proj.bias")
-    need(ob is None or not ob.any(), f"{where}: {src}o_proj.bias is non-zero; the attention output "
-                                     "projection here has no bias")
-    return out
-
-
-def mlp_to_hf(sd: dict, src: str, dst: str, names=("gate_proj", "up_proj", "down_proj")) -> dict:
-    return {f"{dst}{h}.weight": sd[f"{src}{o}.weight"] for o, h in zip(("w_gate", "w_up", "w_down"), names)}
-
-
-def mlp_from_hf(t: dict, src: str, dst: str, where: str, names=("gate_proj", "up_proj", "down_proj")) -> dict:
-    return {f"{dst}{o}.weight": take(t, f"{src}{h}.weight", where)
-            for o, h in zip(("w_gate", "w_up", "w_down"), names)}
-
+# ---- config fields shared by every decoder-style mapping ---------------------------------
 
 def attention_config(mc: ModelConfig) -> dict:
     """The HF attention/RoPE/norm fields shared by Llama-family configs."""
@@ -84,22 +49,9 @@ def attention_from_config(hf: dict, arch: str) -> dict:
                 tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
 
 
-def ends_to_hf(mc: ModelConfig, sd: dict, embed: str, final_norm: str) -> dict:
-    out = {embed: sd["tok_embeddings.weight"], final_norm: sd["norm.weight"]}
-    if not mc.tie_embeddings:
-        out["lm_head.weight"] = sd["output.weight"]
-    return out
-
-
-def ends_from_hf(mc: ModelConfig, t: dict, embed: str, final_norm: str, where: str) -> dict:
-    out = {"tok_embeddings.weight": take(t, embed, where), "norm.weight": take(t, final_norm, where)}
-    out["output.weight"] = out["tok_embeddings.weight"] if mc.tie_embeddings else take(t, "lm_head.weight", where)
-    return out
-
-
 # ---- Llama -------------------------------------------------------------------------------
 
-class Llama(Arch):
+class Llama(MappedArch):
     hf_class = "LlamaForCausalLM"
     model_types = ("llama",)
 
@@ -112,14 +64,13 @@ class Llama(Arch):
         return {"model_type": "llama", **attention_config(mc), "intermediate_size": mc.ffn_dim,
                 "num_hidden_layers": len(blocks(mc)), "attention_bias": mc.qkv_bias, "mlp_bias": False}
 
-    def export_weights(self, mc, sd):
-        out = ends_to_hf(mc, sd, "model.embed_tokens.weight", "model.norm.weight")
+    def pieces(self, mc):
+        out = []
         for i in range(len(blocks(mc))):
             a, m, dst = f"layers.{2 * i}.", f"layers.{2 * i + 1}.", f"model.layers.{i}."
-            out[f"{dst}input_layernorm.weight"] = sd[f"{a}norm.weight"]
-            out.update(attn_to_hf(sd, f"{a}mixer.", f"{dst}self_attn.", mc.qkv_bias, o_bias=mc.qkv_bias))
-            out[f"{dst}post_attention_layernorm.weight"] = sd[f"{m}norm.weight"]
-            out.update(mlp_to_hf(sd, f"{m}mixer.", f"{dst}mlp."))
+            out += [(a, dst, norm("input_layernorm")),
+                    (f"{a}mixer.", f"{dst}self_attn.", Attention(mc.qkv_bias, o_bias=mc.qkv_bias)),
+                    (m, dst, norm("post_attention_layernorm")), (f"{m}mixer.", f"{dst}mlp.", mlp())]
         return out
 
     def import_config(self, hf):
@@ -127,14 +78,3 @@ class Llama(Arch):
         return ModelConfig(pattern="*-", n_layers=hf["num_hidden_layers"], ffn_hidden=hf["intermediate_size"],
                            qkv_bias=bool(hf.get("attention_bias", False)),
                            **attention_from_config(hf, "LlamaForCausalLM"))
-
-    def import_weights(self, hf, mc, t):
-        where = "LlamaForCausalLM"
-        out = ends_from_hf(mc, t, "model.embed_tokens.weight", "model.norm.weight", where)
-        for i in range(mc.n_layers):
-            a, m, src = f"layers.{2 * i}.", f"layers.{2 * i + 1}.", f"model.layers.{i}."
-            out[f"{a}norm.weight"] = take(t, f"{src}input_layernorm.weight", where)
-            out.update(attn_from_hf(t, f"{src}self_attn.", f"{a}mixer.", mc.qkv_bias, where))
-            out[f"{m}norm.weight"] = take(t, f"{src}post_attention_layernorm.weight", where)
-            out.update(mlp_from_hf(t, f"{src}mlp.", f"{m}mixer.", where))
-        return out

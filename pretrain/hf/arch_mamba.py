@@ -12,9 +12,9 @@ default (``partial_rotary_factor`` 0.5); we export full rotation (factor 1.0).
 from __future__ import annotations
 
 from models.config import MambaConfig, ModelConfig
-from pretrain.hf.arch_llama import (attention_config, attention_from_config, attn_from_hf, attn_to_hf,
-                                    ends_from_hf, ends_to_hf, mlp_from_hf, mlp_to_hf)
-from pretrain.hf.common import Arch, base_issues, blocks, need, stack, strip_prefix, take
+from pretrain.hf.arch_llama import attention_config, attention_from_config
+from pretrain.hf.common import base_issues, blocks, need, stack
+from pretrain.hf.pieces import Attention, MambaMixer, MappedArch, mlp, norm
 
 
 def mamba_issues(mc: ModelConfig, fixed_dt_limit: bool = False) -> list[str]:
@@ -25,23 +25,6 @@ def mamba_issues(mc: ModelConfig, fixed_dt_limit: bool = False) -> list[str]:
     if fixed_dt_limit and tuple(mm.dt_limit) != (0.0, float("inf")):
         out.append(f"model.mamba.dt_limit={tuple(mm.dt_limit)}")
     return out
-
-
-def mixer_to_hf(sd: dict, src: str, dst: str) -> dict:
-    from models.mamba2 import to_hf_mamba2
-
-    return {dst + k: v for k, v in to_hf_mamba2(sd, src).items()}
-
-
-def mixer_from_hf(t: dict, src: str, dst: str, where: str) -> dict:
-    from models.mamba2 import from_hf_mamba2
-
-    part = strip_prefix(t, src)
-    for k in ("in_proj.weight", "conv1d.weight", "dt_bias", "A_log", "D", "norm.weight", "out_proj.weight"):
-        take(part, k, f"{where} ({src})")
-    need("in_proj.bias" not in part and "out_proj.bias" not in part,
-         f"{where}: projection biases in {src} (use_bias=true) have no equivalent here")
-    return {dst + k: v for k, v in from_hf_mamba2(part).items()}
 
 
 def mamba_from_config(hf: dict, prefix: str, where: str) -> MambaConfig:
@@ -55,8 +38,9 @@ def mamba_from_config(hf: dict, prefix: str, where: str) -> MambaConfig:
                        dt_limit=(float(lim[0]), float(lim[1])))
 
 
-class Mamba2(Arch):
+class Mamba2(MappedArch):
     hf_class = "Mamba2ForCausalLM"
+    ends = ("backbone.embeddings.weight", "backbone.norm_f.weight")
     model_types = ("mamba2",)
 
     def issues(self, mc, sd):
@@ -75,12 +59,10 @@ class Mamba2(Arch):
                 "tie_word_embeddings": mc.tie_embeddings, "hidden_act": "silu",
                 "time_step_min": mm.dt_min, "time_step_max": mm.dt_max, "time_step_floor": mm.dt_init_floor}
 
-    def export_weights(self, mc, sd):
-        out = ends_to_hf(mc, sd, "backbone.embeddings.weight", "backbone.norm_f.weight")
-        for i in range(mc.n_sublayers):
-            out[f"backbone.layers.{i}.norm.weight"] = sd[f"layers.{i}.norm.weight"]
-            out.update(mixer_to_hf(sd, f"layers.{i}.mixer.", f"backbone.layers.{i}.mixer."))
-        return out
+    def pieces(self, mc):
+        return [piece for i in range(mc.n_sublayers)
+                for piece in ((f"layers.{i}.", f"backbone.layers.{i}.", norm("norm")),
+                              (f"layers.{i}.mixer.", f"backbone.layers.{i}.mixer.", MambaMixer()))]
 
     def import_config(self, hf):
         where = "Mamba2ForCausalLM"
@@ -95,17 +77,10 @@ class Mamba2(Arch):
                            n_heads=1, norm_eps=eps, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
                            mamba=mm)
 
-    def import_weights(self, hf, mc, t):
-        where = "Mamba2ForCausalLM"
-        out = ends_from_hf(mc, t, "backbone.embeddings.weight", "backbone.norm_f.weight", where)
-        for i in range(mc.n_sublayers):
-            out[f"layers.{i}.norm.weight"] = take(t, f"backbone.layers.{i}.norm.weight", where)
-            out.update(mixer_from_hf(t, f"backbone.layers.{i}.mixer.", f"layers.{i}.mixer.", where))
-        return out
 
-
-class Bamba(Arch):
+class Bamba(MappedArch):
     hf_class = "BambaForCausalLM"
+    ends = ("model.embed_tokens.weight", "model.final_layernorm.weight")
     model_types = ("bamba",)
 
     def issues(self, mc, sd):
@@ -126,17 +101,14 @@ class Bamba(Arch):
                 "mamba_expand": mm.expand, "mamba_chunk_size": mm.chunk_size, "mamba_conv_bias": mm.conv_bias,
                 "mamba_proj_bias": False, "partial_rotary_factor": 1.0}
 
-    def export_weights(self, mc, sd):
-        out = ends_to_hf(mc, sd, "model.embed_tokens.weight", "model.final_layernorm.weight")
+    def pieces(self, mc):
+        out = []
         for i, blk in enumerate(blocks(mc)):
             a, f, dst = f"layers.{2 * i}.", f"layers.{2 * i + 1}.", f"model.layers.{i}."
-            out[f"{dst}input_layernorm.weight"] = sd[f"{a}norm.weight"]
-            if blk == "M-":
-                out.update(mixer_to_hf(sd, f"{a}mixer.", f"{dst}mamba."))
-            else:
-                out.update(attn_to_hf(sd, f"{a}mixer.", f"{dst}self_attn.", False))
-            out[f"{dst}pre_ff_layernorm.weight"] = sd[f"{f}norm.weight"]
-            out.update(mlp_to_hf(sd, f"{f}mixer.", f"{dst}feed_forward."))
+            mixer = (f"{a}mixer.", f"{dst}mamba.", MambaMixer()) if blk == "M-" else \
+                (f"{a}mixer.", f"{dst}self_attn.", Attention())
+            out += [(a, dst, norm("input_layernorm")), mixer,
+                    (f, dst, norm("pre_ff_layernorm")), (f"{f}mixer.", f"{dst}feed_forward.", mlp())]
         return out
 
     def import_config(self, hf):
@@ -154,17 +126,3 @@ class Bamba(Arch):
         mm.head_dim = mm.expand * hf["hidden_size"] // hf["mamba_n_heads"] if d_head == "auto" else d_head
         return ModelConfig(pattern=kinds[0] if same else "".join(kinds), n_layers=n if same else 1,
                            ffn_hidden=hf["intermediate_size"], mamba=mm, **attention_from_config(hf, where))
-
-    def import_weights(self, hf, mc, t):
-        where = "BambaForCausalLM"
-        out = ends_from_hf(mc, t, "model.embed_tokens.weight", "model.final_layernorm.weight", where)
-        for i, blk in enumerate(blocks(mc)):
-            a, f, src = f"layers.{2 * i}.", f"layers.{2 * i + 1}.", f"model.layers.{i}."
-            out[f"{a}norm.weight"] = take(t, f"{src}input_layernorm.weight", where)
-            if blk == "M-":
-                out.update(mixer_from_hf(t, f"{src}mamba.", f"{a}mixer.", where))
-            else:
-                out.update(attn_from_hf(t, f"{src}self_attn.", f"{a}mixer.", False, where))
-            out[f"{f}norm.weight"] = take(t, f"{src}pre_ff_layernorm.weight", where)
-            out.update(mlp_from_hf(t, f"{src}feed_forward.", f"{f}mixer.", where))
-        return out

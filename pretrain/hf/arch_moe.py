@@ -13,12 +13,14 @@ GQA attention weights cannot be expressed in; such models go to remote code.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from models.config import ModelConfig, MoEConfig
-from pretrain.hf.arch_llama import (attention_config, attention_from_config, attn_from_hf, attn_to_hf,
-                                    ends_from_hf, ends_to_hf, mlp_from_hf, mlp_to_hf)
-from pretrain.hf.common import Arch, base_issues, blocks, need, take
+from pretrain.hf.arch_llama import attention_config, attention_from_config
+from pretrain.hf.common import base_issues, blocks, need, take
+from pretrain.hf.pieces import ROUTER, Attention, ExpertBias, Experts, MappedArch, Piece, mlp, norm
 
 
 def routing_issues(mc: ModelConfig, sd: dict, renormalize_required: bool) -> list[str]:
@@ -39,28 +41,13 @@ def routing_issues(mc: ModelConfig, sd: dict, renormalize_required: bool) -> lis
     return out
 
 
-def experts_to_hf(sd: dict, src: str, dst: str, names: tuple[str, str, str]) -> dict:
-    """[E, in, out] expert matrices -> per-expert [out, in] Linear weights (gate, up, down names)."""
-    out = {}
-    for ours, theirs in zip(("w_gate", "w_up", "w_down"), names):
-        w = sd[f"{src}{ours}"]
-        for e in range(w.shape[0]):
-            out[f"{dst}{e}.{theirs}.weight"] = w[e].t()
-    return out
-
-
-def experts_from_hf(t: dict, src: str, dst: str, n: int, names: tuple[str, str, str], where: str) -> dict:
-    return {f"{dst}{ours}": torch.stack([take(t, f"{src}{e}.{theirs}.weight", where).t() for e in range(n)])
-            for ours, theirs in zip(("w_gate", "w_up", "w_down"), names)}
-
-
 def _moe_width(mc: ModelConfig) -> int:
     from models.moe import expert_width
 
     return expert_width(mc)
 
 
-class Mixtral(Arch):
+class Mixtral(MappedArch):
     hf_class = "MixtralForCausalLM"
     model_types = ("mixtral",)
     names = ("w1", "w3", "w2")
@@ -81,15 +68,14 @@ class Mixtral(Arch):
                 "num_experts_per_tok": mc.moe.top_k, "sliding_window": None, "router_jitter_noise": 0.0,
                 "router_aux_loss_coef": mc.moe.aux_loss_coef}
 
-    def export_weights(self, mc, sd):
-        out = ends_to_hf(mc, sd, "model.embed_tokens.weight", "model.norm.weight")
+    def pieces(self, mc):
+        out, n = [], mc.moe.n_experts
         for i in range(len(blocks(mc))):
             a, m, dst = f"layers.{2 * i}.", f"layers.{2 * i + 1}.", f"model.layers.{i}."
-            out[f"{dst}input_layernorm.weight"] = sd[f"{a}norm.weight"]
-            out.update(attn_to_hf(sd, f"{a}mixer.", f"{dst}self_attn.", False))
-            out[f"{dst}post_attention_layernorm.weight"] = sd[f"{m}norm.weight"]
-            out[f"{dst}block_sparse_moe.gate.weight"] = sd[f"{m}mixer.router.weight"]
-            out.update(experts_to_hf(sd, f"{m}mixer.", f"{dst}block_sparse_moe.experts.", self.names))
+            moe = f"{dst}block_sparse_moe."
+            out += [(a, dst, norm("input_layernorm")), (f"{a}mixer.", f"{dst}self_attn.", Attention()),
+                    (m, dst, norm("post_attention_layernorm")), (f"{m}mixer.", f"{moe}gate.", ROUTER),
+                    (f"{m}mixer.", f"{moe}experts.", Experts(n, self.names)), (f"{m}mixer.", moe, ExpertBias(n))]
         return out
 
     def import_config(self, hf):
@@ -103,22 +89,8 @@ class Mixtral(Arch):
         return ModelConfig(pattern="*E", n_layers=hf["num_hidden_layers"], ffn_hidden=h, moe=moe,
                            **attention_from_config(hf, "MixtralForCausalLM"))
 
-    def import_weights(self, hf, mc, t):
-        where = "MixtralForCausalLM"
-        out = ends_from_hf(mc, t, "model.embed_tokens.weight", "model.norm.weight", where)
-        for i in range(mc.n_layers):
-            a, m, src = f"layers.{2 * i}.", f"layers.{2 * i + 1}.", f"model.layers.{i}."
-            out[f"{a}norm.weight"] = take(t, f"{src}input_layernorm.weight", where)
-            out.update(attn_from_hf(t, f"{src}self_attn.", f"{a}mixer.", False, where))
-            out[f"{m}norm.weight"] = take(t, f"{src}post_attention_layernorm.weight", where)
-            out[f"{m}mixer.router.weight"] = take(t, f"{src}block_sparse_moe.gate.weight", where)
-            out.update(experts_from_hf(t, f"{src}block_sparse_moe.experts.", f"{m}mixer.",
-                                       mc.moe.n_experts, self.names, where))
-            out[f"{m}mixer.expert_bias"] = torch.zeros(mc.moe.n_experts)
-        return out
 
-
-class Qwen2Moe(Arch):
+class Qwen2Moe(MappedArch):
     """Attention + (MoE | dense MLP) layers, shared experts, optional top-k renormalisation."""
 
     hf_class = "Qwen2MoeForCausalLM"
@@ -142,34 +114,19 @@ class Qwen2Moe(Arch):
                 "qkv_bias": mc.qkv_bias, "use_sliding_window": False, "sliding_window": None,
                 "router_aux_loss_coef": m.aux_loss_coef}
 
-    def export_weights(self, mc, sd):
-        m, d = mc.moe, mc.d_model
-        out = ends_to_hf(mc, sd, "model.embed_tokens.weight", "model.norm.weight")
+    def pieces(self, mc):
+        out, m = [], mc.moe
         for i, blk in enumerate(blocks(mc)):
             a, f, dst = f"layers.{2 * i}.", f"layers.{2 * i + 1}.", f"model.layers.{i}."
-            out[f"{dst}input_layernorm.weight"] = sd[f"{a}norm.weight"]
-            out.update(attn_to_hf(sd, f"{a}mixer.", f"{dst}self_attn.", mc.qkv_bias))
-            out[f"{dst}post_attention_layernorm.weight"] = sd[f"{f}norm.weight"]
+            out += [(a, dst, norm("input_layernorm")), (f"{a}mixer.", f"{dst}self_attn.", Attention(mc.qkv_bias)),
+                    (f, dst, norm("post_attention_layernorm"))]
             if blk == "*-":
-                out.update(mlp_to_hf(sd, f"{f}mixer.", f"{dst}mlp."))
+                out.append((f"{f}mixer.", f"{dst}mlp.", mlp()))
                 continue
-            out[f"{dst}mlp.gate.weight"] = sd[f"{f}mixer.router.weight"]
-            out.update(experts_to_hf(sd, f"{f}mixer.", f"{dst}mlp.experts.", self.names))
-            ref = sd[f"{f}mixer.router.weight"]
-            if m.n_shared_experts:
-                shared = mlp_to_hf(sd, f"{f}mixer.shared_expert.", f"{dst}mlp.shared_expert.")
-                if m.shared_expert_gate:
-                    out[f"{dst}mlp.shared_expert_gate.weight"] = sd[f"{f}mixer.shared_gate.weight"]
-                else:  # sigmoid(0) = 1/2, compensated exactly by doubling the down projection
-                    out[f"{dst}mlp.shared_expert_gate.weight"] = torch.zeros(1, d, dtype=ref.dtype)
-                    key = f"{dst}mlp.shared_expert.down_proj.weight"
-                    shared[key] = shared[key] * 2
-                out.update(shared)
-            else:  # a zero-width shared expert contributes exactly zero
-                out.update({f"{dst}mlp.shared_expert.gate_proj.weight": ref.new_zeros(0, d),
-                            f"{dst}mlp.shared_expert.up_proj.weight": ref.new_zeros(0, d),
-                            f"{dst}mlp.shared_expert.down_proj.weight": ref.new_zeros(d, 0),
-                            f"{dst}mlp.shared_expert_gate.weight": ref.new_zeros(1, d)})
+            out += [(f"{f}mixer.", f"{dst}mlp.gate.", ROUTER),
+                    (f"{f}mixer.", f"{dst}mlp.experts.", Experts(m.n_experts, self.names)),
+                    (f"{f}mixer.", f"{dst}mlp.", ExpertBias(m.n_experts)),
+                    (f"{f}mixer.", f"{dst}mlp.", SharedExpert(m.n_shared_experts > 0, m.shared_expert_gate))]
         return out
 
     def import_config(self, hf):
@@ -192,21 +149,36 @@ class Qwen2Moe(Arch):
                            ffn_hidden=hf["intermediate_size"], qkv_bias=bool(hf.get("qkv_bias", True)), moe=moe,
                            **attention_from_config(hf, where))
 
-    def import_weights(self, hf, mc, t):
-        where = "Qwen2MoeForCausalLM"
-        out = ends_from_hf(mc, t, "model.embed_tokens.weight", "model.norm.weight", where)
-        for i, blk in enumerate(blocks(mc)):
-            a, f, src = f"layers.{2 * i}.", f"layers.{2 * i + 1}.", f"model.layers.{i}."
-            out[f"{a}norm.weight"] = take(t, f"{src}input_layernorm.weight", where)
-            out.update(attn_from_hf(t, f"{src}self_attn.", f"{a}mixer.", mc.qkv_bias, where))
-            out[f"{f}norm.weight"] = take(t, f"{src}post_attention_layernorm.weight", where)
-            if blk == "*-":
-                out.update(mlp_from_hf(t, f"{src}mlp.", f"{f}mixer.", where))
-                continue
-            out[f"{f}mixer.router.weight"] = take(t, f"{src}mlp.gate.weight", where)
-            out.update(experts_from_hf(t, f"{src}mlp.experts.", f"{f}mixer.", mc.moe.n_experts, self.names, where))
-            out[f"{f}mixer.expert_bias"] = torch.zeros(mc.moe.n_experts)
-            if mc.moe.n_shared_experts:
-                out.update(mlp_from_hf(t, f"{src}mlp.shared_expert.", f"{f}mixer.shared_expert.", where))
-                out[f"{f}mixer.shared_gate.weight"] = take(t, f"{src}mlp.shared_expert_gate.weight", where)
+
+@dataclass(frozen=True)
+class SharedExpert(Piece):
+    """Qwen2-MoE's shared expert and its sigmoid gate. An ungated one exports with a zero gate
+    (sigmoid = 1/2) and a doubled down projection; no shared expert, as a zero-width one
+    (it contributes exactly zero). Imports are always gated."""
+
+    present: bool
+    gated: bool
+
+    def to_hf(self, sd, ours, theirs):
+        ref = sd[f"{ours}router.weight"]
+        d = ref.shape[1]
+        if not self.present:
+            return {f"{theirs}shared_expert.gate_proj.weight": ref.new_zeros(0, d),
+                    f"{theirs}shared_expert.up_proj.weight": ref.new_zeros(0, d),
+                    f"{theirs}shared_expert.down_proj.weight": ref.new_zeros(d, 0),
+                    f"{theirs}shared_expert_gate.weight": ref.new_zeros(1, d)}
+        out = mlp().to_hf(sd, f"{ours}shared_expert.", f"{theirs}shared_expert.")
+        if self.gated:
+            out[f"{theirs}shared_expert_gate.weight"] = sd[f"{ours}shared_gate.weight"]
+        else:
+            out[f"{theirs}shared_expert_gate.weight"] = torch.zeros(1, d, dtype=ref.dtype)
+            key = f"{theirs}shared_expert.down_proj.weight"
+            out[key] = out[key] * 2
+        return out
+
+    def from_hf(self, t, theirs, ours, where):
+        if not self.present:
+            return {}
+        out = mlp().from_hf(t, f"{theirs}shared_expert.", f"{ours}shared_expert.", where)
+        out[f"{ours}shared_gate.weight"] = take(t, f"{theirs}shared_expert_gate.weight", where)
         return out
