@@ -19,12 +19,13 @@ from typing import Callable
 import torch
 from torch import nn
 
+from models import mla
 from models.config import ModelConfig
-from models.layers import MLP, Attention, Context, RMSNorm, rope_tables
+from models.layers import MLP, Context, RMSNorm, rope_tables
 
 # kind -> factory(cfg) -> mixer module with forward(x, ctx). Other architectures register here.
 MIXERS: dict[str, Callable[[ModelConfig], nn.Module]] = {
-    "attention": Attention,
+    "attention": mla.make_attention,  # model.attention: mha (layers.Attention) or mla
     "mlp": lambda cfg: MLP(cfg.d_model, cfg.ffn_dim),
 }
 
@@ -92,7 +93,7 @@ class LanguageModel(nn.Module):
     def make_context(self, seq_len: int, device, doc_ids: torch.Tensor | None) -> Context:
         rope = None
         if self.cfg.position == "rope" and any(l.kind in ("attention", "hybrid") for l in self.layers.values()):
-            rope = rope_tables(self.cfg.dim_head, seq_len, self.cfg.rope_theta, device,
+            rope = rope_tables(self.cfg.rope_dim, seq_len, self.cfg.rope_theta, device,
                                scaling=self.cfg.rope_scaling, max_seq_len=self.cfg.max_seq_len)
         return Context(rope=rope, doc_ids=doc_ids)
 
