@@ -193,3 +193,45 @@ def test_kv_cache_bytes():
     assert kv_cache_bytes_per_token(mla) == 2 * 2 * (16 + 8)  # 2 layers, bf16, latent + rope key
     gqa = ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2)
     assert kv_cache_bytes_per_token(gqa, 4) == 4 * 2 * (2 * 2 * 16)
+
+
+@pytest.mark.timeout(300)
+def test_tiny_mla_model_trains_via_cli(tiny_dataset, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, tiny_overrides
+
+    run = tmp_path / "run"
+    ov = tiny_overrides(tiny_dataset, run, **{
+        "train.steps": 12, "checkpoint.every": 12, "optim.lr": 3e-3, "model.attention": "mla",
+        "model.mla.q_lora_rank": 32, "model.mla.kv_lora_rank": 16, "model.mla.qk_nope_head_dim": 16,
+        "model.mla.qk_rope_head_dim": 8, "model.mla.v_head_dim": 12})
+    p = subprocess.run([sys.executable, "-m", "pretrain", "train", "tiny", *ov], capture_output=True, text=True,
+                       timeout=240, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
+    assert p.returncode == 0, p.stderr[-3000:]
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(recs) == 12 and recs[-1]["loss"] < recs[0]["loss"] - 0.5, [r["loss"] for r in recs]
+    assert "attention: mla" in (run / "config.yaml").read_text()
+
+
+MLA_CLI = ["--model.attention=mla", "--model.mla.q_lora_rank=32", "--model.mla.kv_lora_rank=16",
+           "--model.mla.qk_nope_head_dim=16", "--model.mla.qk_rope_head_dim=8", "--model.mla.v_head_dim=12"]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("extra,cache", [
+    (MLA_CLI, "kv cache: 96 bytes/token"),  # 2 layers x (16 + 8) x bf16
+    (["--model.qk_norm=true", "--model.attn_output_gate=true", "--model.partial_rotary_factor=0.5"],
+     "kv cache: 256 bytes/token"),  # 2 layers x 2 x 2 KV heads x 16 x bf16
+])
+def test_dry_run_tp2_matches_planner_and_reports_kv_cache(capsys, extra, cache):
+    """The planner's tp split of every MLA / attention-option parameter is the one applied."""
+    from pretrain import cli
+
+    assert cli.main(["plan", "tiny", "--gpus", "2", "--gpu-type", "h100", "--parallel.tp=2",
+                     "--dry-run", *extra]) == 0
+    out = capsys.readouterr().out
+    assert "matches the planner" in out and cache in out, out
