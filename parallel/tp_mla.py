@@ -74,9 +74,12 @@ def _stream_input(ctx: TPContext):
 
     def pre(module, args):
         x, rest = args[0], args[1:]
-        if not isinstance(x, DTensor):  # (a ladder input boundary is already a Replicate DTensor)
+        # a ladder input boundary is already a Replicate DTensor that reduces the partial
+        # gradient itself: no redistribute here (its backward would all-reduce at once)
+        if not isinstance(x, DTensor):
             x = DTensor.from_local(x, mesh, (layout,), run_check=False)
-        x = x.redistribute(placements=(Replicate(),))
+            if layout != Replicate():
+                x = x.redistribute(placements=(Replicate(),))
         return (x.to_local(grad_placements=(Partial(),)), *rest)
 
     return pre
