@@ -82,6 +82,19 @@ class RopeScalingConfig:
 
 
 @dataclass
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3), used when ``model.attention: mla`` (models/mla.py)."""
+
+    q_lora_rank: int = spec(0, ge=0, note="0: plain q projection")  # low-rank query compression
+    kv_lora_rank: int = spec(512, ge=1)  # the compressed KV latent (what the KV cache holds)
+    qk_nope_head_dim: int = spec(128, ge=1)  # per-head query/key dims without RoPE
+    qk_rope_head_dim: int = spec(64, ge=2)  # decoupled RoPE dims (one shared rope key per token)
+    v_head_dim: int = spec(128, ge=1)
+    # yarn rope scaling: softmax scale x mscale(factor, mscale_all_dim)^2 (DeepSeek-V3: 1.0)
+    mscale_all_dim: float = spec(0.0, ge=0, note="0: no adjustment")
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = spec(32000, ge=1)
     d_model: int = spec(256, ge=1)
@@ -108,6 +121,11 @@ class ModelConfig:
     mamba: MambaConfig = field(default_factory=MambaConfig)
     hybrid: HybridHeadsConfig = field(default_factory=HybridHeadsConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    attention: str = spec("mha", choices=("mha", "mla"))  # kind of the '*' sublayer (mha: MHA/GQA/MQA)
+    mla: MLAConfig = field(default_factory=MLAConfig)
+    qk_norm: bool = False  # RMSNorm per head on q and k before RoPE (Qwen3)
+    attn_output_gate: bool = False  # sigmoid gate from the q projection on the output (Qwen3-Next)
+    partial_rotary_factor: float = spec(1.0, gt=0, le=1)  # RoPE on this fraction of the head dims
 
     # ---- derived -----------------------------------------------------------------
     @property
@@ -117,6 +135,13 @@ class ModelConfig:
     @property
     def dim_head(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """Dims per head RoPE rotates: MLA's decoupled key, else a fraction of the head (as HF)."""
+        if self.attention == "mla":
+            return self.mla.qk_rope_head_dim
+        return int(self.dim_head * self.partial_rotary_factor)
 
     @property
     def ffn_dim(self) -> int:
@@ -167,6 +192,10 @@ class ModelConfig:
              f"head dim {self.dim_head} must be even for RoPE")
         need(0 < self.kv_heads <= self.n_heads and self.n_heads % self.kv_heads == 0, "n_kv_heads",
              f"{self.kv_heads} KV heads must divide n_heads={self.n_heads}")
+        if self.attention == "mla" or self.qk_norm or self.attn_output_gate or self.partial_rotary_factor != 1:
+            from models.mla import check_attention_options
+
+            check_attention_options(self)
         need(0 <= self.ladder_from < max(self.n_sublayers, 1), "ladder_from",
              f"{self.ladder_from} outside 0..{self.n_sublayers - 1}")
         kinds = set(self.sublayer_kinds)

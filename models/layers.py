@@ -70,22 +70,45 @@ class Attention(nn.Module):
         super().__init__()
         hd = cfg.dim_head
         self.head_dim = hd
-        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * hd, bias=cfg.qkv_bias)
+        # attn_output_gate: each head's q rows are followed by its gate rows ([q_h | g_h]), as
+        # Qwen3-Next lays them out, so a column shard by heads keeps every gate with its head
+        self.gated = cfg.attn_output_gate
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * hd * (2 if self.gated else 1), bias=cfg.qkv_bias)
         self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * hd, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * hd, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=False)
         self.use_doc_mask = cfg.doc_mask
+        # qk_norm: one RMSNorm over the head dim, shared by all heads (Qwen3)
+        self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         B, S, _ = x.shape
-        q = self.wq(x).view(B, S, -1, self.head_dim)
+        q = self.wq(x).view(B, S, -1, self.head_dim * (2 if self.gated else 1))
+        if self.gated:
+            q, gate = q.chunk(2, dim=-1)
         k = self.wk(x).view(B, S, -1, self.head_dim)
         v = self.wv(x).view(B, S, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if ctx.rope is not None:
-            q, k = kernels.apply_rotary(q, k, *ctx.rope)
+            q, k = rotary(q, k, ctx.rope)
         attend = ctx.attention or kernels.attention
         out = attend(q, k, v, ctx.doc_ids if self.use_doc_mask else None)
+        if self.gated:
+            out = out * torch.sigmoid(gate)
         return self.wo(out.reshape(B, S, -1))
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+    """RoPE on the first ``2 * cos.shape[-1]`` dims of each head (all of them, or a fraction:
+    ``partial_rotary_factor``, as GPT-NeoX / Qwen3-Next); the rest pass through."""
+    cos, sin = rope
+    rd = 2 * cos.shape[-1]
+    if rd == q.shape[-1]:
+        return kernels.apply_rotary(q, k, cos, sin)
+    qr, kr = kernels.apply_rotary(q[..., :rd], k[..., :rd], cos, sin)
+    return torch.cat([qr, q[..., rd:]], -1), torch.cat([kr, k[..., rd:]], -1)
 
 
 class MLP(nn.Module):

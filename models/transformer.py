@@ -23,12 +23,13 @@ from typing import Callable
 import torch
 from torch import nn
 
+from models import mla
 from models.config import ModelConfig
-from models.layers import MLP, Attention, Context, RMSNorm, rope_tables
+from models.layers import MLP, Context, RMSNorm, rope_tables
 
 # kind -> factory(cfg) -> mixer module with forward(x, ctx). Other architectures register here.
 MIXERS: dict[str, Callable[[ModelConfig], nn.Module]] = {
-    "attention": Attention,
+    "attention": mla.make_attention,  # model.attention: mha (layers.Attention) or mla
     "mlp": lambda cfg: MLP(cfg.d_model, cfg.ffn_dim),
 }
 
@@ -100,7 +101,7 @@ class LanguageModel(nn.Module):
         seq_len *= self.stream_shards
         rope = None
         if self.cfg.position == "rope" and any(l.kind in ("attention", "hybrid") for l in self.layers.values()):
-            rope = rope_tables(self.cfg.dim_head, seq_len, self.cfg.rope_theta, device,
+            rope = rope_tables(self.cfg.rope_dim, seq_len, self.cfg.rope_theta, device,
                                scaling=self.cfg.rope_scaling, max_seq_len=self.cfg.max_seq_len)
         ctx = Context(rope=rope, doc_ids=doc_ids)
         for hook in self.context_hooks:

@@ -216,6 +216,10 @@ def _norms(sub: nn.Module, ctx: TPContext) -> dict:
 
 def _attention_plan(sub: nn.Module, ctx: TPContext) -> None:
     cfg, tp = ctx.cfg, ctx.size
+    if cfg.attention == "mla":  # multi-head latent attention: parallel/tp_mla.py
+        from parallel.tp_mla import mla_plan
+
+        return mla_plan(sub, ctx)
     plan = _norms(sub, ctx)
     plan["mixer"] = _mixer_input(ctx)
     plan["mixer.wq"] = ColwiseParallel(use_local_output=True)
@@ -229,9 +233,18 @@ def _attention_plan(sub: nn.Module, ctx: TPContext) -> None:
         plan["mixer.wv"] = ReplicatedKVHeads(kv_head, cfg.dim_head)
     plan["mixer.wo"] = sublayer_output(ctx)
     parallelize_module(sub, ctx.mesh, plan)
+    if sub.mixer.q_norm is not None:  # qk_norm: per head-dim weights, replicated
+        from parallel.tp_mla import replicate_partial_grads
+
+        replicate_partial_grads(sub.mixer.q_norm, ctx.mesh)
+        replicate_partial_grads(sub.mixer.k_norm, ctx.mesh)
 
 
 def _attention_check(cfg: ModelConfig, tp: int) -> None:
+    if cfg.attention == "mla":
+        from parallel.tp_mla import mla_check
+
+        return mla_check(cfg, tp)
     if cfg.n_heads % tp:
         raise ConfigError(f"parallel.tp: {tp} does not divide model.n_heads={cfg.n_heads}")
     kv = cfg.kv_heads

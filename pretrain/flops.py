@@ -43,6 +43,10 @@ def mlp_flops_per_token(cfg: ModelConfig) -> float:
 
 
 def sublayer_flops_per_token(kind: str, cfg: ModelConfig, seq_len: int) -> float:
+    if kind == "attention" and cfg.attention == "mla":
+        from models.mla import mla_flops_per_token
+
+        return mla_flops_per_token(cfg, seq_len)
     if kind == "attention":
         return attention_flops_per_token(cfg, seq_len)
     if kind == "mlp":
@@ -69,6 +73,10 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 def _score_flops(kind: str, cfg: ModelConfig, seq_len: int) -> float:
+    if kind == "attention" and cfg.attention == "mla":
+        from models.mla import mla_score_flops_per_token
+
+        return mla_score_flops_per_token(cfg, seq_len)
     if kind == "attention":
         return attention_score_flops_per_token(cfg, seq_len)
     if kind == "hybrid":

@@ -109,10 +109,19 @@ def _header(cfg, args, dev, recipe, wl) -> str:
     nodes = max(1, math.ceil(args.gpus / dev.gpus_per_node))
     return (f"model: {_count(total)} parameters ({_count(active)} active), {cfg.model.n_sublayers} "
             f"sublayers, {train_flops_per_token(cfg.model, wl.seq_len):.3g} training FLOPs/token\n"
+            f"{_kv_cache_line(cfg.model)}\n"
             f"batch: {wl.global_batch} x {wl.seq_len} tokens per step\n"
             f"hardware: {args.gpus} x {dev.name} ({dev.gpus_per_node} per node, {nodes} node(s)), "
             f"{dev.usable_bytes / GIB:.1f} GiB usable each, peak {dev.peak_flops / 1e12:.3g} TFLOP/s; "
             f"recipe: {recipe.name}")
+
+
+def _kv_cache_line(mc) -> str:
+    from models.mla import kv_cache_bytes_per_token
+
+    kind = "MLA latent + rope key" if mc.attention == "mla" else f"K and V of {mc.kv_heads} KV heads"
+    return (f"kv cache: {kv_cache_bytes_per_token(mc):,} bytes/token in bf16 over all layers "
+            f"({kind} per attention layer)")
 
 
 def _count(n: float) -> str:
@@ -179,6 +188,7 @@ def _dry_run(cfg, args, recipe) -> int:
         return 0
     print(f"dry run: {layout.name} on {args.gpus} ranks (meta device, fake process group); "
           f"parameters per rank (tp rank 0, dp rank 0):")
+    print(f"  {_kv_cache_line(cfg.model)}")
     for row in rows:
         same = "matches the planner" if row["params"] == row["predicted"] else \
             f"planner predicted {row['predicted']:,}"

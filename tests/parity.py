@@ -51,6 +51,11 @@ FAMILIES = {
     "deepseek": dict(pattern="*E", moe=dict(n_experts=16, top_k=4, ffn_hidden=48, score_fn="sigmoid",
                                        n_groups=4, topk_groups=2, n_shared_experts=1,
                                        bias_update_rate=1e-3, aux_loss_coef=1e-4, z_loss_coef=0.0)),
+    # DeepSeek-V3 multi-head latent attention: q compressed to 32, KV latent 16, rope key 8
+    "mla": dict(attention="mla", mla=dict(q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16,
+                                          qk_rope_head_dim=8, v_head_dim=12)),
+    # Qwen3-Next attention options: qk_norm, sigmoid output gate, RoPE on half of each head
+    "attn_opts": dict(qk_norm=True, attn_output_gate=True, partial_rotary_factor=0.5),
 }
 # parallelize options that do not change the computed numbers (share the reference)
 NUMERICS_FREE = ("ac", "ac_every", "compile")
@@ -58,12 +63,13 @@ NUMERICS_FREE = ("ac", "ac_every", "compile")
 
 def model_cfg(family: str = "dense", **over):
     """The family's tiny ModelConfig with ``over`` (nested dicts merge into their section)."""
-    from models.config import HybridHeadsConfig, MambaConfig, ModelConfig, MoEConfig
+    from models.config import HybridHeadsConfig, MambaConfig, MLAConfig, ModelConfig, MoEConfig
 
     kw = {**BASE, **FAMILIES[family]}
     for k, v in over.items():
         kw[k] = {**kw[k], **v} if isinstance(v, dict) and isinstance(kw.get(k), dict) else v
-    for key, cls in (("moe", MoEConfig), ("mamba", MambaConfig), ("hybrid", HybridHeadsConfig)):
+    for key, cls in (("moe", MoEConfig), ("mamba", MambaConfig), ("hybrid", HybridHeadsConfig),
+                     ("mla", MLAConfig)):
         if isinstance(kw.get(key), dict):
             kw[key] = cls(**kw[key])
     return ModelConfig(**kw)

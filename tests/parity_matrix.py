@@ -58,6 +58,14 @@ EXTRAS = [
     {"name": "dense_dp_replicate2_bf16", "layout": {"dp_replicate": 2, "mixed_precision": "bf16"},
      "probe_reduce": True},
     {"name": "moe_ep2_bf16", "family": "moe", "layout": {**EP2, "mixed_precision": "bf16"}, "probe_reduce": True},
+    # multi-head latent attention (heads split over tp, latents replicated) and the
+    # standard attention's options (gate split with its head, qk_norm replicated)
+    {"name": "mla_tp2", "family": "mla", "layout": TP2},
+    {"name": "mla_tp2_sp_dp_shard2", "family": "mla", "layout": {**SP, "dp_shard": 2}},
+    {"name": "mla_pp2", "family": "mla", "layout": {"pp": 2, "dp_shard": 1}},
+    {"name": "mla_ladder_tp2", "family": "mla", "model": {"residual": "ladder"}, "layout": TP2},
+    {"name": "attn_opts_tp2_sp", "family": "attn_opts", "layout": SP},
+    {"name": "attn_opts_tp4_replicated_kv", "family": "attn_opts", "layout": {"tp": 4, "dp_shard": 1}},
 ]
 
 

@@ -39,6 +39,7 @@ JOBS = {  # CI
         {"name": "cp2_alltoall", "layout": {**CP2, "cp_mode": "alltoall"}},
         {"name": "cp2_ep2_moe", "layout": {**CP2, "ep": 2}, "model": "moe"},
         {"name": "cp2_hybrid", "layout": CP2, "model": "hybrid"},
+        {"name": "cp2_ring_mla", "layout": CP2, "model": "mla"},
         {"name": "resume_cp2_save", "kind": "resume", "save": CP2, "save_at": SAVE_AT}],
     4: [{"name": "cp4_ring", "layout": {"cp": 4, "dp_shard": 1}},
         {"name": "cp2_tp2_sp", "layout": {**CP2, "tp": 2, "sequence_parallel": True}},
@@ -49,11 +50,13 @@ JOBS = {  # CI
 }
 PARITY_JOBS = {  # pytest -m parity
     2: [{"name": "cp2_ring_mqa", "layout": CP2, "model": "mqa"},
-        {"name": "cp2_heads", "layout": CP2, "model": "heads"}],
+        {"name": "cp2_heads", "layout": CP2, "model": "heads"},
+        {"name": "cp2_alltoall_mla", "layout": {**CP2, "cp_mode": "alltoall"}, "model": "mla"}],
     4: [{"name": "cp4_alltoall", "layout": {"cp": 4, "dp_shard": 1, "cp_mode": "alltoall"}},
         {"name": "cp4_hybrid", "layout": {"cp": 4, "dp_shard": 1}, "model": "hybrid"},
         {"name": "cp2_tp2_hybrid", "layout": {**CP2, "tp": 2}, "model": "hybrid"},
         {"name": "ladder_cp2_tp2", "layout": {**CP2, "tp": 2}, "model": "ladder"},
+        {"name": "cp2_tp2_sp_mla", "layout": {**CP2, "tp": 2, "sequence_parallel": True}, "model": "mla"},
         {"name": "cp2_dp_shard2_ep4_moe", "layout": {"cp": 2, "dp_shard": 2, "ep": 4}, "model": "moe"},
         {"name": "cp2_pp2_interleaved_ac", "layout": {**CP2, "pp": 2, "pp_schedule": "interleaved_1f1b",
                                                       "pp_virtual_stages": 2}, "kw": {"ac": "full"}}],

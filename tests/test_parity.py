@@ -52,9 +52,16 @@ def verify(job: dict, res: dict, refs: parity.References) -> None:
     parity.check(job["name"], res, refs.floor(job))
 
 
+def selected(jobs: list[dict], request) -> list[dict]:
+    """The jobs whose tests this session runs (all of them unless ``-k`` deselected some)."""
+    names = {item.callspec.params.get("name") for item in request.session.items
+             if hasattr(item, "callspec")}
+    return [j for j in jobs if j["name"] in names] or jobs
+
+
 @pytest.fixture(scope="module")
-def ci_results(refs, tmp_path_factory):
-    return launch(CI_JOBS, refs, tmp_path_factory.mktemp("parity_ci"))
+def ci_results(refs, tmp_path_factory, request):
+    return launch(selected(CI_JOBS, request), refs, tmp_path_factory.mktemp("parity_ci"))
 
 
 @pytest.fixture(scope="module")

@@ -62,7 +62,7 @@ def tp_dim(kind: str, name: str, cfg: ModelConfig, tp: int) -> int | None:
     if kind == "attention":
         if leaf in ("wk", "wv"):
             return 0 if cfg.kv_heads % tp == 0 else None  # replicated KV heads
-        return {"wq": 0, "wo": 1}.get(leaf)
+        return {"wq": 0, "wo": 1, "wq_b": 0, "wkv_b": 0}.get(leaf)  # (wq_b, wkv_b: MLA)
     if kind == "mlp":
         return {"w_gate": 0, "w_up": 0, "w_down": 1}.get(leaf)
     if kind == "moe":  # parallel/tp_moe.py: token-wise, every parameter replicated over tp
@@ -133,8 +133,12 @@ def active_params(cfg: ModelConfig) -> int:
 def linears(kind: str, cfg: ModelConfig, tp: int = 1) -> list[Linear]:
     d, hd = cfg.d_model, cfg.dim_head
     kv_split = "col" if cfg.kv_heads % max(tp, 1) == 0 else "rep"
-    if kind == "attention":
-        return [Linear("wq", d, cfg.n_heads * hd, "col"), Linear("wk", d, cfg.kv_heads * hd, kv_split),
+    if kind == "attention" and cfg.attention == "mla":
+        from pretrain.planner.mla_stats import mla_linears
+
+        return mla_linears(cfg)
+    if kind == "attention":  # (attn_output_gate: wq also yields the gate)
+        return [Linear("wq", d, cfg.n_heads * hd * (2 if cfg.attn_output_gate else 1), "col"), Linear("wk", d, cfg.kv_heads * hd, kv_split),
                 Linear("wv", d, cfg.kv_heads * hd, kv_split), Linear("wo", cfg.n_heads * hd, d, "row")]
     if kind == "mlp":
         f = cfg.ffn_dim
@@ -200,8 +204,13 @@ def elementwise_bytes_per_token(kind: str, cfg: ModelConfig, tp: int, sp: bool,
     if cfg.norm == "peri":
         common *= 1.5
     hd = cfg.dim_head
-    if kind == "attention":
+    if kind == "attention" and cfg.attention == "mla":
+        from pretrain.planner.mla_stats import mla_elementwise_bytes
+
+        extra = mla_elementwise_bytes(cfg, tp, a)
+    elif kind == "attention":
         extra = 4 * (cfg.n_heads + cfg.kv_heads) * hd * a / tp
+        extra += 4 * cfg.n_heads * hd * a / tp if cfg.attn_output_gate else 0  # sigmoid, product
     elif kind == "mlp":
         extra = 8 * cfg.ffn_dim * a / tp
     elif kind == "moe":
@@ -237,6 +246,10 @@ def widest_per_token(kind: str, cfg: ModelConfig, tp: int) -> float:
         from models.moe import expert_width
 
         return max(cfg.moe.top_k * expert_width(cfg), d)
+    if kind == "attention" and cfg.attention == "mla":
+        from pretrain.planner.mla_stats import mla_widest
+
+        return mla_widest(cfg, tp)
     if kind == "attention":
         return max(cfg.n_heads * cfg.dim_head / tp, d)
     mc = cfg.mamba
@@ -248,7 +261,11 @@ def _reference_extra(kind: str, cfg: ModelConfig, tp: int, sp: bool, a: int) -> 
     """What ``kernels/reference.py`` keeps on top of fused kernels, per token."""
     d, hd = cfg.d_model, cfg.dim_head
     extra = d * 4 / (tp if sp else 1)  # RMSNorm's fp32 x * rsqrt (its weight gradient needs it)
-    if kind == "attention":
+    if kind == "attention" and cfg.attention == "mla":
+        from pretrain.planner.mla_stats import mla_reference_extra
+
+        extra += mla_reference_extra(cfg)
+    elif kind == "attention":
         extra += 2 * (cfg.n_heads - cfg.kv_heads) * hd * a / tp  # K, V repeated per query head
     elif kind == "mlp":
         extra += cfg.ffn_dim * a / tp  # silu(gate)
@@ -276,8 +293,13 @@ def _fused_activation_bytes(kind: str, cfg: ModelConfig, tp: int, sp: bool, stre
     hd = cfg.dim_head
     if cfg.norm == "peri":
         stream += d * a
+    if kind == "attention" and cfg.attention == "mla":
+        from pretrain.planner.mla_stats import mla_activation_bytes
+
+        return stream + normed + mla_activation_bytes(cfg, tp, a)
     if kind == "attention":
         qkv = (cfg.n_heads + 2 * cfg.kv_heads) * hd * a / tp
+        qkv += cfg.n_heads * hd * a / tp if cfg.attn_output_gate else 0  # the gate
         out = cfg.n_heads * hd * a / tp + cfg.n_heads * 4 / tp  # output + logsumexp
         return stream + normed + qkv + out
     if kind == "mlp":
