@@ -264,6 +264,7 @@ def deferrable_sublayers(model: nn.Module) -> set[str]:
 
 
 DEFERRABLE_KINDS = {"attention", "mlp", "mamba", "hybrid"}
+DEFERRABLE_KINDS.add("gdn")
 
 
 def install_input_boundary(sub: nn.Module, idx: int, mesh, sequence_parallel: bool) -> None:
