@@ -268,3 +268,54 @@ def from_hf_gdn(hf: dict[str, torch.Tensor], n_k_heads: int) -> dict[str, torch.
     for key in ("dt_bias", "A_log", "norm.weight", "out_proj.weight"):
         out[key] = hf[key]
     return {key: t.clone() for key, t in out.items()}
+
+
+# ---- planner (pretrain/planner/model_stats.py) ------------------------------------------------
+
+def gdn_linears(cfg: ModelConfig) -> list[tuple[str, int, int, str]]:
+    """(name, d_in, d_out, tp split) of each linear, as parallel/tp_gdn.py splits them."""
+    gc, d = cfg.gdn, cfg.d_model
+    Hk, Hv = gdn_heads(gc)
+    dk, dv = Hk * gc.head_k_dim, Hv * gc.head_v_dim
+    return [("q_proj", d, dk, "col"), ("k_proj", d, dk, "col"), ("v_proj", d, dv, "col"),
+            ("z_proj", d, dv, "col"), ("a_proj", d, Hv, "col"), ("b_proj", d, Hv, "col"),
+            ("out_proj", dv, d, "row")]
+
+
+def gdn_tp_dim(leaf: str) -> int | None:
+    """The dim parallel/tp_gdn.py shards parameter ``leaf`` (owner name) on, None: replicated."""
+    return None if leaf == "norm" else 1 if leaf == "out_proj" else 0
+
+
+def gdn_elementwise_elems(cfg: ModelConfig) -> float:
+    """Elements per token the mixer's element-wise kernels move, forward + backward (conv,
+    SiLU, L2 norms, gates, gated norm), like Mamba-2's 12 x d_inner."""
+    gc = cfg.gdn
+    Hk, Hv = gdn_heads(gc)
+    return 6.0 * (2 * Hk * gc.head_k_dim + 2 * Hv * gc.head_v_dim)
+
+
+def gdn_widest(cfg: ModelConfig) -> float:
+    """Elements per token of the widest intermediate (whole, divide by tp for a rank)."""
+    gc = cfg.gdn
+    Hk, Hv = gdn_heads(gc)
+    return float(max(Hv * gc.head_v_dim, Hv * (gc.chunk_size + gc.head_k_dim), cfg.d_model))
+
+
+def gdn_saved_bytes(cfg: ModelConfig, act_bytes: int) -> float:
+    """Bytes per token a fused mixer keeps for backward (whole; divide by tp): projections,
+    conv outputs, kernel output and gated norm in ``act_bytes``, one fp32 state per chunk."""
+    gc = cfg.gdn
+    Hk, Hv = gdn_heads(gc)
+    dk, dv = Hk * gc.head_k_dim, Hv * gc.head_v_dim
+    return float((2 * (2 * dk + dv) + 3 * dv + 2 * Hv) * act_bytes
+                 + Hv * gc.head_k_dim * gc.head_v_dim * 4 / gc.chunk_size)
+
+
+def gdn_reference_bytes(cfg: ModelConfig) -> float:
+    """What kernels/gdn.py's torch chunked form keeps on top, per token: fp32 chunk matrices
+    (decay, k k^T, A, q k^T: 4 x C per head) and per-head vectors (solve result, W, U, scaled
+    q and k: ~3 x (K + V))."""
+    gc = cfg.gdn
+    Hv = gdn_heads(gc)[1]
+    return float(4 * Hv * (4 * gc.chunk_size + 3 * (gc.head_k_dim + gc.head_v_dim)))

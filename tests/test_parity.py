@@ -52,9 +52,15 @@ def verify(job: dict, res: dict, refs: parity.References) -> None:
     parity.check(job["name"], res, refs.floor(job))
 
 
+def _selected(request, jobs: list[dict]) -> list[dict]:
+    """The jobs whose tests were collected (``-k gdn`` launches only those)."""
+    names = {item.callspec.params.get("name") for item in request.session.items if hasattr(item, "callspec")}
+    return [j for j in jobs if j["name"] in names] or jobs
+
+
 @pytest.fixture(scope="module")
-def ci_results(refs, tmp_path_factory):
-    return launch(CI_JOBS, refs, tmp_path_factory.mktemp("parity_ci"))
+def ci_results(refs, tmp_path_factory, request):
+    return launch(_selected(request, CI_JOBS), refs, tmp_path_factory.mktemp("parity_ci"))
 
 
 @pytest.fixture(scope="module")
