@@ -165,6 +165,14 @@ def test_config_rules():
     ModelConfig(pattern="G-*-", gdn=GDNConfig(n_heads=2, n_v_heads=4)).validate()
 
 
+def test_export_refuses_gdn_in_one_line():
+    from pretrain.errors import UserError
+    from pretrain.hf.registry import choose
+
+    with pytest.raises(UserError, match="Gated DeltaNet"):
+        choose(ModelConfig(pattern="G-"), {})
+
+
 @pytest.mark.timeout(240)
 def test_tiny_gdn_model_trains_via_cli(tiny_dataset, tmp_path):
     run = tmp_path / "run"
@@ -179,3 +187,29 @@ def test_tiny_gdn_model_trains_via_cli(tiny_dataset, tmp_path):
     losses = [r["loss"] for r in read_metrics(run)]
     assert len(losses) == 12 and all(map(torch.isfinite, torch.tensor(losses)))
     assert sum(losses[-3:]) / 3 < losses[0] - 0.5, losses
+
+
+def test_sharded_mixer_equals_whole_sequence(tmp_path):
+    """The context-parallel path (state passing through ``RecurrentShard``, here one rank
+    holding three uneven pieces) gives the whole-sequence outputs and gradients, in fp64."""
+    import torch.distributed as dist
+
+    from parallel.cp_recurrent import RecurrentShard
+
+    cfg = _cfg(chunk_size=4)
+    m = _mixer(cfg, torch.float64)
+    x = torch.randn(2, 37, cfg.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    ids = _docs(2, 37)
+    ids[1, 23:] = 8  # a document starting exactly at the third piece
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        for doc_ids in (None, ids):
+            want = m(x, Context(doc_ids=doc_ids))
+            gw = torch.autograd.grad(want.square().sum(), list(m.parameters()))
+            shard = RecurrentShard(dist.group.WORLD, [[0, 1, 2]], [10, 13, 14], doc_ids)
+            got = m(x, Context(doc_ids=doc_ids, recurrent_shard=shard))
+            gg = torch.autograd.grad(got.square().sum(), list(m.parameters()))
+            assert (got - want).abs().max() < 1e-10
+            assert max((a - b).abs().max() for a, b in zip(gg, gw)) < 1e-9
+    finally:
+        dist.destroy_process_group()
