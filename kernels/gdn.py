@@ -179,9 +179,10 @@ def _fla():
 
 
 def _fla_chunked(fn, q, k, v, g, beta, scale, initial_state, seq_idx, return_final_state):
-    """Packed documents become fla's variable-length batch (``cu_seqlens``) of one row."""
+    """Packed documents become fla's variable-length batch (``cu_seqlens``) of one row; an
+    initial state enters the first run of its row."""
     if seq_idx is None:
-        o, S = fn(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+        o, S = fn(q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state,
                   output_final_state=return_final_state)
         return (o, S) if return_final_state else o
     b, L = seq_idx.shape
@@ -189,9 +190,14 @@ def _fla_chunked(fn, q, k, v, g, beta, scale, initial_state, seq_idx, return_fin
     starts = torch.ones(b, L, dtype=torch.bool, device=q.device)
     starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
     flat = starts.flatten().nonzero().flatten()
-    cu = torch.cat([flat, flat.new_tensor([b * L])]).to(torch.int32)
-    o, S = fn(*(t.flatten(0, 1).unsqueeze(0) for t in (q, k, v, g, beta)), scale=scale,
-              output_final_state=True, cu_seqlens=cu)
+    cu = torch.cat([flat, flat.new_tensor([b * L])])
+    init = None
+    if initial_state is not None:
+        init = initial_state.new_zeros(len(flat), *initial_state.shape[1:])
+        init = init.index_copy(0, (flat % L == 0).nonzero().flatten(), initial_state)
+    q, k, v, g, beta = (t.flatten(0, 1).unsqueeze(0) for t in (q, k, v, g, beta))
+    o, S = fn(q, k, v, g=g, beta=beta, scale=scale, initial_state=init, output_final_state=True,
+              cu_seqlens=cu)
     o = o.view(b, L, *o.shape[2:])
     last = torch.cat([flat[1:], flat.new_tensor([b * L])]).sub(1)
     row_end = ((last + 1) % L == 0).nonzero().flatten()  # the run ending each row
@@ -200,10 +206,10 @@ def _fla_chunked(fn, q, k, v, g, beta, scale, initial_state, seq_idx, return_fin
 
 def gated_delta_rule(q, k, v, g, beta, chunk_size: int = 64, scale: float | None = None,
                      initial_state=None, seq_idx=None, return_final_state: bool = False):
-    """The chunked gated delta rule: fla on CUDA when importable (without an initial state
-    when documents are packed), else :func:`gated_delta_rule_chunked`."""
+    """The chunked gated delta rule: fla on CUDA when importable, else
+    :func:`gated_delta_rule_chunked`. (The fla path is not exercised by the CPU tests.)"""
     fn = _fla() if q.is_cuda else None
-    if fn is not None and (seq_idx is None or initial_state is None):
+    if fn is not None:
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         return _fla_chunked(fn, q, k, v, g.float(), beta, scale, initial_state, seq_idx, return_final_state)
     return gated_delta_rule_chunked(q, k, v, g, beta, chunk_size, scale, initial_state, seq_idx,

@@ -76,6 +76,29 @@ def test_doc_reset_equals_separate_sequences():
         assert torch.allclose(packed[:, sl], alone, atol=1e-12)
 
 
+def test_fla_varlen_packing_matches_reference():
+    """How packed documents are handed to fla (one row, ``cu_seqlens``, initial states on
+    each row's first run, final states of each row's last run), checked with a stand-in for
+    fla's kernel that runs the reference on each run."""
+    from kernels.gdn import _fla_chunked
+
+    def fla_like(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
+        outs, finals = [], []
+        for i, (a, b) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
+            o, S = gated_delta_rule_recurrent(*(t[:, a:b] for t in (q, k, v, g, beta)), scale,
+                                              initial_state=initial_state[i:i + 1], return_final_state=True)
+            outs.append(o)
+            finals.append(S)
+        return torch.cat(outs, 1), torch.cat(finals)
+
+    (q, k, v, g, beta), S0 = _inputs()
+    ids = _docs(2, q.shape[1])
+    want = gated_delta_rule_chunked(q, k, v, g, beta, 8, initial_state=S0, seq_idx=ids, return_final_state=True)
+    got = _fla_chunked(fla_like, q, k, v, g, beta, q.shape[-1] ** -0.5, S0, ids, True)
+    for a, b in zip(got, want):
+        assert (a - b).abs().max() < 1e-12
+
+
 # ---- the mixer against transformers' Qwen3-Next ----------------------------------------------
 
 def _cfg(**gdn) -> ModelConfig:
