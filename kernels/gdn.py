@@ -64,10 +64,10 @@ def gated_delta_rule_recurrent(q, k, v, g, beta, scale: float | None = None, ini
          else torch.zeros(b, H, K, v.shape[-1], dtype=cd, device=q.device))
     seg = segment_ids(seq_idx) if seq_idx is not None else None
     outs = []
-    for t in range(L):
+    for t, step in enumerate(zip(*(x.unbind(1) for x in (q, k, v, g, beta)))):
         if seg is not None and t > 0:
             S = S * (seg[:, t] == seg[:, t - 1]).to(cd).view(b, 1, 1, 1)
-        o, S = gated_delta_rule_step(S, q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], scale)
+        o, S = gated_delta_rule_step(S, *step, scale)
         outs.append(o)
     o = torch.stack(outs, 1)
     return (o, S) if return_final_state else o
@@ -123,10 +123,12 @@ def gated_delta_rule_chunked(q, k, v, g, beta, chunk_size: int = 64, scale: floa
     S = (initial_state.to(cd) if initial_state is not None
          else torch.zeros(b, H, K, V, dtype=cd, device=q.device))
     outs = []
-    for c in range(n):
-        d = U[:, :, c] - W[:, :, c] @ S
-        outs.append(qs[:, :, c] @ S + P[:, :, c] @ d)
-        S = total[:, :, c, None, None] * S + ke[:, :, c] @ d
+    # unbind once: indexing chunk c in the loop would make backward write each chunk's
+    # gradient into a zero tensor of the full size (quadratic in the length)
+    for u, w, qc_, p, k_, t in zip(*(x.unbind(2) for x in (U, W, qs, P, ke, total))):
+        d = u - w @ S
+        outs.append(qc_ @ S + p @ d)
+        S = t[..., None, None] * S + k_ @ d
     o = torch.stack(outs, 2).reshape(b, H, n * C, V)[:, :, :L].transpose(1, 2).to(v.dtype)
     return (o, S) if return_final_state else o
 
