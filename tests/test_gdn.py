@@ -4,15 +4,13 @@ layer, generation, FLOPs, config rules, and a tiny ``G`` model trained by ``pret
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
+import math
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import ROOT, tiny_overrides
+from conftest import tiny_overrides
 from kernels.gdn import flop_mapping, gated_delta_rule_chunked, gated_delta_rule_recurrent, l2norm
 from models.config import ConfigError, GDNConfig, ModelConfig
 from models.gdn import GatedDeltaNetMixer, from_hf_gdn, gdn_flops_per_token, to_hf_gdn
@@ -198,17 +196,16 @@ def test_export_refuses_gdn_in_one_line():
 
 @pytest.mark.timeout(240)
 def test_tiny_gdn_model_trains_via_cli(tiny_dataset, tmp_path):
+    from pretrain.cli import main  # ``pretrain train`` in this process (no second interpreter start)
+
     run = tmp_path / "run"
     over = tiny_overrides(tiny_dataset, run, **{
         "model.pattern": "G-*-", "model.n_layers": 1, "model.gdn.n_heads": 2, "model.gdn.n_v_heads": 4,
         "model.gdn.head_k_dim": 16, "model.gdn.head_v_dim": 16, "model.gdn.chunk_size": 16,
         "train.steps": 12, "optim.lr": 1e-2, "optim.warmup_steps": 2, "checkpoint.every": 100})
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    p = subprocess.run([sys.executable, "-m", "pretrain", "train", "tiny", *over], capture_output=True,
-                       text=True, timeout=200, cwd=ROOT, env=env)
-    assert p.returncode == 0, p.stderr[-2000:]
+    assert main(["train", "tiny", *over]) == 0
     losses = [r["loss"] for r in read_metrics(run)]
-    assert len(losses) == 12 and all(map(torch.isfinite, torch.tensor(losses)))
+    assert len(losses) == 12 and all(map(math.isfinite, losses))
     assert sum(losses[-3:]) / 3 < losses[0] - 0.5, losses
 
 
