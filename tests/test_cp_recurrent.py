@@ -1,4 +1,4 @@
-"""Context parallelism for Mamba-2 and ``P`` mixers (parallel/cp_recurrent.py): state passing
+"""Context parallelism for Mamba-2, ``P`` and Gated DeltaNet mixers (parallel/cp_recurrent.py): state passing
 and conv halos give the one-process losses, gradients and weights.
 
 One torchrun per world size (tests/test_cp_recurrent_worker.py) trains each model for 10
