@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from models.fields import ConfigError, check_fields, spec  # noqa: F401  (ConfigError re-exported)
 
 SUBLAYER_SYMBOLS = {"*": "attention", "-": "mlp", "M": "mamba", "E": "moe", "P": "hybrid"}
+SUBLAYER_SYMBOLS["G"] = "gdn"
 STAGE_BOUNDARY = "|"
 
 
@@ -31,6 +32,24 @@ class MambaConfig:
     A_init_range: tuple[float, float] = spec((1.0, 16.0), gt=0)
     conv_bias: bool = True
     # Reset the SSM state at document boundaries of packed sequences.
+    doc_reset: bool = True
+
+
+@dataclass
+class GDNConfig:
+    """Gated DeltaNet mixer ``G`` (models/gdn.py; Qwen3-Next's linear-attention layer)."""
+
+    n_heads: int = spec(4, ge=1)  # query/key heads (Qwen3-Next linear_num_key_heads)
+    n_v_heads: int = spec(0, ge=0, note="0: same as n_heads")  # value heads, a multiple of n_heads
+    head_k_dim: int = spec(64, ge=1)
+    head_v_dim: int = spec(64, ge=1)
+    conv_size: int = spec(4, ge=1)  # short causal depthwise conv on q, k, v
+    chunk_size: int = spec(64, ge=1)
+    norm_eps: float = spec(1e-6, gt=0)  # the gated output RMSNorm
+    dt_min: float = spec(0.001, gt=0)  # init of dt_bias: softplus^-1 of log-uniform [dt_min, dt_max]
+    dt_max: float = spec(0.1, gt=0)
+    A_init_range: tuple[float, float] = spec((1.0, 16.0), gt=0)  # A_log = log U(range)
+    # Reset the state (and the conv window) at document boundaries of packed sequences.
     doc_reset: bool = True
 
 
@@ -126,6 +145,7 @@ class ModelConfig:
     qk_norm: bool = False  # RMSNorm per head on q and k before RoPE (Qwen3)
     attn_output_gate: bool = False  # sigmoid gate from the q projection on the output (Qwen3-Next)
     partial_rotary_factor: float = spec(1.0, gt=0, le=1)  # RoPE on this fraction of the head dims
+    gdn: GDNConfig = field(default_factory=GDNConfig)
 
     # ---- derived -----------------------------------------------------------------
     @property
@@ -216,6 +236,10 @@ class ModelConfig:
             hc = self.hybrid
             need(hc.n_mamba_heads % mc.n_groups == 0, "mamba.n_groups",
                  f"{mc.n_groups} groups do not divide hybrid.n_mamba_heads={hc.n_mamba_heads}")
+        if "gdn" in kinds:
+            from models.gdn import check_gdn_config
+
+            check_gdn_config(self.gdn)
         if "moe" in kinds:
             m = self.moe
             need(1 <= m.top_k <= m.n_experts, "moe.top_k", f"must be in 1..{m.n_experts}")

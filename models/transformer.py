@@ -39,7 +39,8 @@ def _register_optional_mixers() -> None:
     import importlib
 
     for kind, path in (("mamba", "models.mamba2:Mamba2Mixer"), ("moe", "models.moe:MoE"),
-                       ("hybrid", "models.hybrid:HybridHeadsMixer")):
+                       ("hybrid", "models.hybrid:HybridHeadsMixer"),
+                       ("gdn", "models.gdn:GatedDeltaNetMixer")):
         if kind in MIXERS:
             continue
         mod, name = path.split(":")

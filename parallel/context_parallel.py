@@ -69,6 +69,7 @@ def attention_heads(cfg) -> list[tuple[str, int, int]]:
 
 
 RECURRENT_KINDS = ("mamba", "hybrid")  # state passing under cp: wired in separately
+RECURRENT_KINDS += ("gdn",)
 
 
 def check_cp_model(cfg, pcfg, tp: int = 1) -> None:

@@ -275,6 +275,7 @@ def ladder_sublayers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 # kinds whose tp plan reads a replicated input, so their input-gradient reduction may be deferred
 DEFERRABLE_KINDS = {"attention", "mlp", "mamba", "hybrid"}
+DEFERRABLE_KINDS.add("gdn")
 
 
 def _with_grad_seam(ctx, seq_len, doc_ids):

@@ -63,6 +63,8 @@ def sublayer_flops_per_token(kind: str, cfg: ModelConfig, seq_len: int) -> float
         from models.hybrid import hybrid_flops_per_token
 
         return hybrid_flops_per_token(cfg, seq_len)
+    if kind == "gdn":
+        return __import__("models.gdn", fromlist=["_"]).gdn_flops_per_token(cfg, seq_len)
     raise ValueError(f"no FLOPs formula for sublayer kind '{kind}'")
 
 

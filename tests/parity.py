@@ -47,6 +47,9 @@ FAMILIES = {
     # Mixtral-style: 8 softmax-routed experts, top-2, Switch + z losses
     "moe": dict(pattern="*E", moe=dict(n_experts=8, top_k=2, aux_loss_coef=1e-2, z_loss_coef=1e-3)),
     "ladder": dict(residual="ladder"),
+    # "G-*-": Gated DeltaNet (2 q/k heads, 4 value heads of 16), MLP, attention, MLP
+    "gdn": dict(pattern="G-*-", n_layers=1,
+                gdn=dict(n_heads=2, n_v_heads=4, head_k_dim=16, head_v_dim=16, chunk_size=32)),
     # DeepSeek-V3-style routing: groups, sigmoid, shared expert, aux-loss-free bias balancing
     "deepseek": dict(pattern="*E", moe=dict(n_experts=16, top_k=4, ffn_hidden=48, score_fn="sigmoid",
                                        n_groups=4, topk_groups=2, n_shared_experts=1,
@@ -63,13 +66,13 @@ NUMERICS_FREE = ("ac", "ac_every", "compile")
 
 def model_cfg(family: str = "dense", **over):
     """The family's tiny ModelConfig with ``over`` (nested dicts merge into their section)."""
-    from models.config import HybridHeadsConfig, MambaConfig, MLAConfig, ModelConfig, MoEConfig
+    from models.config import GDNConfig, HybridHeadsConfig, MambaConfig, MLAConfig, ModelConfig, MoEConfig
 
     kw = {**BASE, **FAMILIES[family]}
     for k, v in over.items():
         kw[k] = {**kw[k], **v} if isinstance(v, dict) and isinstance(kw.get(k), dict) else v
     for key, cls in (("moe", MoEConfig), ("mamba", MambaConfig), ("hybrid", HybridHeadsConfig),
-                     ("mla", MLAConfig)):
+                     ("mla", MLAConfig), ("gdn", GDNConfig)):
         if isinstance(kw.get(key), dict):
             kw[key] = cls(**kw[key])
     return ModelConfig(**kw)

@@ -49,6 +49,8 @@ EXTRAS = [
     {"name": "ladder_moe_tp2_sp", "family": "moe", "model": {"residual": "ladder"}, "layout": SP},
     {"name": "mamba_ladder_tp2_sp", "family": "mamba", "model": {"residual": "ladder"}, "layout": SP},
     {"name": "heads_ladder_tp2", "family": "heads", "model": {"residual": "ladder"}, "layout": TP2},
+    {"name": "gdn_ladder_tp2_sp", "family": "gdn", "model": {"residual": "ladder"}, "layout": SP},
+    {"name": "gdn_dp_shard2_pp2", "family": "gdn", "layout": {"dp_shard": 2, "pp": 2}},
     {"name": "moe_ep2_edp2_micro1", "family": "moe", "layout": {"dp_shard": 4, "ep": 2}, "micro": 1},
     {"name": "deepseek_ep2", "family": "deepseek", "layout": EP2},
     {"name": "deepseek_ep2_tp2_sp", "family": "deepseek", "layout": {**EP2, **SP, "dp_shard": 2}},

@@ -1,4 +1,4 @@
-"""Context parallelism for Mamba-2 and ``P`` mixers (parallel/cp_recurrent.py): state passing
+"""Context parallelism for Mamba-2, ``P`` and Gated DeltaNet mixers (parallel/cp_recurrent.py): state passing
 and conv halos give the one-process losses, gradients and weights.
 
 One torchrun per world size (tests/test_cp_recurrent_worker.py) trains each model for 10
@@ -24,8 +24,11 @@ STEPS = 10
 MAMBA = dict(d_state=16, head_dim=16, n_groups=2, chunk_size=12)
 HYBRID = dict(pattern="M-*-", n_layers=1, mamba=MAMBA)  # 8 Mamba heads of 16, 2 groups
 HEADS = dict(pattern="P-", mamba=MAMBA, hybrid=dict(n_attn_heads=4, n_mamba_heads=4))
+# Gated DeltaNet: 2 q/k heads, 4 value heads of 16 (chunk 12 divides no cp chunk either)
+GDN = dict(pattern="G-*-", n_layers=1, gdn=dict(n_heads=2, n_v_heads=4, head_k_dim=16, head_v_dim=16,
+                                                chunk_size=12))
 JOBS = {2: [{"name": "hybrid_cp2", "model": HYBRID}, {"name": "heads_cp2", "model": HEADS},
-            {"name": "delta_cp2", "kind": "delta"}],
+            {"name": "delta_cp2", "kind": "delta"}, {"name": "gdn_cp2", "model": GDN}],
         4: [{"name": "hybrid_cp4", "model": HYBRID}, {"name": "delta_cp4", "kind": "delta"}]}
 TOL = 1e-5
 
@@ -54,7 +57,8 @@ def compare(model: dict, saved: str, data: list[dict]) -> dict:
     want = train(model, data, 1)
     # noise floor: one process again with SSD's chunk_size changed (same maths, other
     # summation order); AdamW turns rounding in near-zero gradients into lr-sized steps
-    floor = train({**model, "mamba": {**model["mamba"], "chunk_size": 8}}, data, 1)
+    sec = "gdn" if "gdn" in model else "mamba"
+    floor = train({**model, sec: {**model[sec], "chunk_size": 8}}, data, 1)
     g, gname = max_diff(got["grads"], want["grads"])
     w, wname = max_diff(got["weights"], want["weights"])
     return {"losses": got["losses"], "ref_losses": want["losses"],

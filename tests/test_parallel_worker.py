@@ -24,10 +24,11 @@ SEQ, GLOBAL_BATCH, MICRO = 32, 8, 2
 
 
 def model_cfg(**kw):
-    from models.config import HybridHeadsConfig, MambaConfig, ModelConfig, MoEConfig
+    from models.config import GDNConfig, HybridHeadsConfig, MambaConfig, ModelConfig, MoEConfig
 
     # nested configs arrive as dicts from JSON job specs
-    for key, cls in (("moe", MoEConfig), ("mamba", MambaConfig), ("hybrid", HybridHeadsConfig)):
+    for key, cls in (("moe", MoEConfig), ("mamba", MambaConfig), ("hybrid", HybridHeadsConfig),
+                     ("gdn", GDNConfig)):
         if isinstance(kw.get(key), dict):
             kw[key] = cls(**kw[key])
     return ModelConfig(**{**TINY, **kw})

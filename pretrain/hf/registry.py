@@ -22,6 +22,8 @@ def choose(mc: ModelConfig, sd: dict, remote_code: str = "auto") -> tuple[Arch, 
     code (empty when a standard class fits) and informational notes for the README."""
     if remote_code not in REMOTE_MODES:
         raise UserError(f"--remote-code: '{remote_code}' is not one of {', '.join(REMOTE_MODES)}")
+    if "gdn" in mc.sublayer_kinds:  # models.gdn.to_hf_gdn maps one layer to Qwen3-Next's; no model class yet
+        raise UserError("export: Gated DeltaNet sublayers (G) have no Hugging Face export yet")
     best, issues = None, [f"sublayer pattern '{stack(mc)}' (no transformers class has this layout)"]
     for arch in ARCHS:
         found = arch.issues(mc, sd)

@@ -67,6 +67,8 @@ def tp_dim(kind: str, name: str, cfg: ModelConfig, tp: int) -> int | None:
         return {"w_gate": 0, "w_up": 0, "w_down": 1}.get(leaf)
     if kind == "moe":  # parallel/tp_moe.py: token-wise, every parameter replicated over tp
         return None
+    if kind == "gdn":
+        return __import__("models.gdn").gdn.gdn_tp_dim(leaf)
     # Kinds without an exact rule here: a Megatron-style split of the mixer by heads
     # (approximation; the dry run gives exact numbers when a plan is registered).
     return 1 if leaf in ("out_proj", "w_down") and parts[-1] == "weight" else 0
@@ -156,6 +158,8 @@ def linears(kind: str, cfg: ModelConfig, tp: int = 1) -> list[Linear]:
             out += [Linear("shared.w_gate", d, fs, "col"), Linear("shared.w_up", d, fs, "col"),
                     Linear("shared.w_down", fs, d, "row")]
         return out
+    if kind == "gdn":
+        return [Linear(*t) for t in __import__("models.gdn").gdn.gdn_linears(cfg)]
     if kind in ("mamba", "hybrid"):
         mc = cfg.mamba
         H = mc.expand * d // mc.head_dim if kind == "mamba" else cfg.hybrid.n_mamba_heads
@@ -218,6 +222,8 @@ def elementwise_bytes_per_token(kind: str, cfg: ModelConfig, tp: int, sp: bool,
 
         m = cfg.moe
         extra = m.top_k * (8 * d + 8 * expert_width(cfg)) * a + 8 * m.n_shared_experts * expert_width(cfg) * a / tp
+    elif kind == "gdn":
+        extra = __import__("models.gdn").gdn.gdn_elementwise_elems(cfg) * a / tp
     else:  # mamba / hybrid: conv, SiLU, gating and grouped norm over d_inner
         mc = cfg.mamba
         H = mc.expand * d // mc.head_dim if kind == "mamba" else cfg.hybrid.n_mamba_heads
@@ -252,6 +258,8 @@ def widest_per_token(kind: str, cfg: ModelConfig, tp: int) -> float:
         return mla_widest(cfg, tp)
     if kind == "attention":
         return max(cfg.n_heads * cfg.dim_head / tp, d)
+    if kind == "gdn":
+        return __import__("models.gdn").gdn.gdn_widest(cfg) / tp
     mc = cfg.mamba
     H = mc.expand * d // mc.head_dim if kind == "mamba" else cfg.hybrid.n_mamba_heads
     return max(H * mc.head_dim / tp, d)
@@ -273,6 +281,8 @@ def _reference_extra(kind: str, cfg: ModelConfig, tp: int, sp: bool, a: int) -> 
         from models.moe import expert_width
 
         extra += (cfg.moe.top_k + cfg.moe.n_shared_experts / tp) * expert_width(cfg) * a
+    elif kind == "gdn":
+        extra += __import__("models.gdn").gdn.gdn_reference_bytes(cfg) / tp
     elif kind in ("mamba", "hybrid"):
         # kernels/ssd.py's chunked scan in fp32: the decay and score matrices and the
         # einsums' copies of them (4 x H x chunk), x*dt, its einsum copy, y before D and the
@@ -311,6 +321,8 @@ def _fused_activation_bytes(kind: str, cfg: ModelConfig, tp: int, sp: bool, stre
         routed = m.top_k * (2 * d + 3 * fe) * a + m.n_experts * 4 * 2
         shared = 3 * fe * m.n_shared_experts * a / tp
         return stream + normed + routed + shared
+    if kind == "gdn":
+        return stream + normed + __import__("models.gdn").gdn.gdn_saved_bytes(cfg, a) / tp
     mc = cfg.mamba
     H = mc.expand * d // mc.head_dim if kind == "mamba" else cfg.hybrid.n_mamba_heads
     di, gn = H * mc.head_dim, mc.n_groups * mc.d_state

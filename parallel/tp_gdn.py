@@ -1,0 +1,86 @@
+"""Tensor (+ sequence) parallel plan for Gated DeltaNet sublayers (kind ``gdn``).
+
+Each tp rank holds ``n_heads/tp`` whole q/k heads and the ``n_v_heads/tp`` value heads that
+read them (value head ``h`` reads q/k head ``h // r``, so contiguous blocks stay together):
+- ``q_proj``, ``k_proj`` column-parallel by q/k heads; ``v_proj``, ``z_proj``, ``a_proj``,
+  ``b_proj`` column-parallel by value heads; ``conv_q``/``conv_k``/``conv_v`` sharded on their
+  channel dim to match; ``dt_bias``, ``A_log`` sharded by value heads.
+- the gated norm is per head: it runs locally. Its weight [head_v_dim] is shared by all heads,
+  so it is replicated over tp and its local gradient (from the rank's heads) is a partial
+  sum, marked ``Partial`` and summed by FSDP or ``finalize_grads``.
+- ``out_proj`` row-parallel, reduced by ``reduce_sublayer_output`` like attention's ``wo``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+from models.config import ConfigError, ModelConfig
+from parallel.tp import RowwiseSublayerOutput, TPContext, _mixer_input, _norms, register_tp_plan
+
+COLUMN = ("q_proj", "k_proj", "v_proj", "z_proj", "a_proj", "b_proj")
+# (submodule path inside the mixer, parameter, placement) of the parameters it uses directly
+DIRECT = (("", "dt_bias", Shard(0)), ("", "A_log", Shard(0)), ("conv_q", "weight", Shard(0)),
+          ("conv_k", "weight", Shard(0)), ("conv_v", "weight", Shard(0)), ("norm", "weight", Replicate()))
+
+
+def _gdn_check(cfg: ModelConfig, tp: int) -> None:
+    gc = cfg.gdn
+    if gc.n_heads % tp:
+        raise ConfigError(f"model.gdn.n_heads: {gc.n_heads} q/k heads cannot be split over parallel.tp={tp} "
+                          f"(each rank needs whole heads; use a tp that divides gdn.n_heads)")
+
+
+def _direct_params(mixer: nn.Module, mesh) -> list[tuple[nn.Module, str]]:
+    out = []
+    for path, name, placement in DIRECT:
+        mod = mixer.get_submodule(path) if path else mixer
+        p = mod._parameters.get(name)
+        if p is None:
+            continue
+        mod.register_parameter(name, nn.Parameter(
+            distribute_tensor(p, mesh, [placement], src_data_rank=None), p.requires_grad))
+        out.append((mod, name))
+    return out
+
+
+def _local_in_forward(owner: nn.Module, targets: list[tuple[nn.Module, str]]) -> None:
+    """During ``owner``'s forward each target parameter reads as its local tensor (a
+    replicated one with a ``Partial`` gradient); the parameters are restored afterwards."""
+    inner = owner.forward
+
+    def local(p):
+        if not isinstance(p, DTensor):
+            return p
+        if p.placements[0].is_replicate():
+            return p.to_local(grad_placements=(Partial(),))
+        return p.to_local()
+
+    def forward(*args, **kwargs):
+        saved = []
+        try:
+            for mod, name in targets:
+                p = mod._parameters.pop(name)
+                saved.append((mod, name, p))
+                mod.__dict__[name] = local(p)
+            return inner(*args, **kwargs)
+        finally:
+            for mod, name, p in reversed(saved):
+                mod.__dict__.pop(name, None)
+                mod._parameters[name] = p
+
+    owner.forward = forward
+
+
+def _gdn_plan(sub: nn.Module, ctx: TPContext) -> None:
+    plan = _norms(sub, ctx)
+    plan["mixer"] = _mixer_input(ctx)
+    plan.update({f"mixer.{name}": ColwiseParallel(use_local_output=True) for name in COLUMN})
+    plan["mixer.out_proj"] = RowwiseSublayerOutput(output_layouts=ctx.stream_layout)
+    parallelize_module(sub, ctx.mesh, plan)
+    _local_in_forward(sub.mixer, _direct_params(sub.mixer, ctx.mesh))
+
+
+register_tp_plan("gdn", _gdn_plan, _gdn_check)
