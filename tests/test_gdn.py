@@ -192,6 +192,12 @@ def test_export_refuses_gdn_in_one_line():
 
     with pytest.raises(UserError, match="Gated DeltaNet"):
         choose(ModelConfig(pattern="G-"), {})
+    # no target computes MLA or the attention options yet either (not silently as Llama)
+    for kw, needle in ((dict(attention="mla"), "latent attention"), (dict(qk_norm=True), "qk_norm"),
+                       (dict(attn_output_gate=True), "attn_output_gate"),
+                       (dict(partial_rotary_factor=0.5), "partial_rotary_factor")):
+        with pytest.raises(UserError, match=needle):
+            choose(ModelConfig(pattern="*-", **kw), {}, remote_code="always")
 
 
 @pytest.mark.timeout(240)

@@ -22,8 +22,9 @@ def choose(mc: ModelConfig, sd: dict, remote_code: str = "auto") -> tuple[Arch, 
     code (empty when a standard class fits) and informational notes for the README."""
     if remote_code not in REMOTE_MODES:
         raise UserError(f"--remote-code: '{remote_code}' is not one of {', '.join(REMOTE_MODES)}")
-    if "gdn" in mc.sublayer_kinds:  # models.gdn.to_hf_gdn maps one layer to Qwen3-Next's; no model class yet
-        raise UserError("export: Gated DeltaNet sublayers (G) have no Hugging Face export yet")
+    missing = not_exportable(mc)
+    if missing:  # neither a standard class nor the remote code computes these yet
+        raise UserError(f"export: {', '.join(missing)} have no Hugging Face export yet")
     best, issues = None, [f"sublayer pattern '{stack(mc)}' (no transformers class has this layout)"]
     for arch in ARCHS:
         found = arch.issues(mc, sd)
@@ -45,6 +46,21 @@ def choose(mc: ModelConfig, sd: dict, remote_code: str = "auto") -> tuple[Arch, 
         notes.append(f"exported with remote code: {target} cannot represent {'; '.join(issues)}")
         return REMOTE, issues, notes
     return best, [], notes
+
+
+def not_exportable(mc: ModelConfig) -> list[str]:
+    """Features no export target (standard class or remote code) computes yet. Per-layer
+    mappings exist for the Qwen3-Next / DeepSeek-V3 targets: ``models.gdn.to_hf_gdn``, and
+    the MLA and attention-option weight names in models/mla.py."""
+    out = []
+    if "gdn" in mc.sublayer_kinds:
+        out.append("Gated DeltaNet sublayers (G)")
+    if mc.attention == "mla":
+        out.append("multi-head latent attention (model.attention=mla)")
+    out += [f"model.{k}" for k in ("qk_norm", "attn_output_gate") if getattr(mc, k)]
+    if mc.partial_rotary_factor != 1.0:
+        out.append("model.partial_rotary_factor")
+    return out
 
 
 def arch_for_hf(hf: dict) -> Arch:
