@@ -52,6 +52,9 @@ def check_model_layout(cfg, pcfg: ParallelConfig, world: World) -> None:
 
         check_ep(cfg, pcfg.ep)
     check_pp(cfg, pcfg, world.pp_size)
+    from parallel.mtp import check_mtp
+
+    check_mtp(cfg, pcfg, world)
     if world.cp_size > 1:  # context parallel
         from parallel.context_parallel import check_cp_layout, check_cp_model
 
@@ -140,6 +143,9 @@ def _parallelize_part(part, pcfg, world, ac, ac_every, compile, z_loss, fused_lo
         install_cp(part, cp)
     if fused_loss:
         make_fused_head(part, z_loss)
+    from parallel.mtp import install_head_loss
+
+    install_head_loss(part, z_loss, fused_loss)  # multi-token prediction's head loss
     apply_activation_checkpointing(part, ac, ac_every)
     if compile:
         apply_compile(part)
