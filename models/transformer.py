@@ -99,7 +99,8 @@ class LanguageModel(nn.Module):
     # ---- forward ----------------------------------------------------------------
     def make_context(self, seq_len: int, device, doc_ids: torch.Tensor | None) -> Context:
         rope = None
-        if self.cfg.position == "rope" and any(l.kind in ("attention", "hybrid") for l in self.layers.values()):
+        kinds = [l.kind for l in self.layers.values()] + (self.cfg.mtp_kinds if self.mtp is not None else [])
+        if self.cfg.position == "rope" and any(k in ("attention", "hybrid") for k in kinds):
             rope = rope_tables(self.cfg.dim_head, seq_len, self.cfg.rope_theta, device,
                                scaling=self.cfg.rope_scaling, max_seq_len=self.cfg.max_seq_len)
         return Context(rope=rope, doc_ids=doc_ids)
