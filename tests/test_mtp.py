@@ -53,7 +53,7 @@ def test_depth_losses_are_cross_entropy_against_token_i_plus_1_plus_k():
                         count += 1
             assert count == x.shape[0] * n - 2  # both ignored labels fall inside
             assert abs(float(got[k - 1]) - want / count) < 1e-5, (k, float(got[k - 1]), want / count)
-    assert abs(float(total) - 0.5 / 2 * sum(float(v) for v in got)) < 1e-6
+    assert abs(float(total.detach()) - 0.5 / 2 * sum(float(v) for v in got)) < 1e-6
 
 
 def test_mtp_off_is_bit_identical_and_main_path_unchanged():
