@@ -82,8 +82,9 @@ def sublayer_params(kind: str, cfg: ModelConfig, tp: int = 1) -> list[Param]:
     return out
 
 
-def top_params(cfg: ModelConfig, first: bool, last: bool) -> list[Param]:
-    """Embedding (first stage), final norm and LM head (last stage)."""
+def top_params(cfg: ModelConfig, first: bool, last: bool, tp: int = 1) -> list[Param]:
+    """Embedding (first stage), final norm, LM head and MTP modules (last stage; their
+    sublayers split as for ``tp``)."""
     out = []
     if first:
         out.append(Param("tok_embeddings.weight", (cfg.vocab_size, cfg.d_model), 0))
@@ -91,7 +92,7 @@ def top_params(cfg: ModelConfig, first: bool, last: bool) -> list[Param]:
         out.append(Param("norm.weight", (cfg.d_model,), None))
         if not (cfg.tie_embeddings and first):
             out.append(Param("output.weight", (cfg.vocab_size, cfg.d_model), 0))
-        out += mtp_params(cfg)
+        out += mtp_params(cfg, tp)
     return out
 
 
