@@ -170,3 +170,23 @@ def test_tiny_run_logs_falling_mtp_losses(tiny_dataset, tmp_path):
         first, last = recs[0][key], recs[-1][key]
         print(f"{key}: {first:.3f} -> {last:.3f}")
         assert last < first - 0.5, (key, first, last)
+
+
+@pytest.mark.parametrize("layout", [dict(tp=2), dict(pp=2)])
+def test_dry_run_counts_match_the_planner(layout):
+    """``pretrain plan --dry-run``: the parallelised meta model's parameters per rank (MTP
+    modules on the last stage, split over tp) equal the planner's prediction."""
+    from pretrain.config import load_config
+    from pretrain.planner.dryrun import dry_run
+    from pretrain.planner.layout import config_layout
+    from pretrain.planner.memory import local_param_counts
+
+    over = [f"--parallel.{k}={v}" for k, v in layout.items()] + ["--parallel.dp_shard=1", "--model.mtp_depth=2"]
+    cfg = load_config("tiny", over)
+    exact = dry_run(cfg, 2)
+    predicted = local_param_counts(cfg.model, config_layout(cfg, 2))
+    assert [r["params"] for r in exact] == [p["sharded"] for p in predicted]
+    plain = local_param_counts(load_config("tiny", over[:-1]).model, config_layout(cfg, 2))
+    assert predicted[-1]["sharded"] > plain[-1]["sharded"]  # the MTP modules: last stage only
+    if len(predicted) > 1:
+        assert predicted[0]["sharded"] == plain[0]["sharded"]
