@@ -119,16 +119,40 @@ def test_flops_and_params_count_the_mtp_modules():
     assert total_params(cfg) == model.num_params()
 
 
-def test_llama_export_drops_mtp_weights():
-    from pretrain.hf.registry import choose
+def test_hf_export_llama_drops_mtp_and_remote_code_keeps_it(tmp_path):
+    """A checkpoint of a model with MTP exports to LlamaForCausalLM without the MTP weights
+    (same logits), and with remote code keeping them, so ``pretrain import`` restores them."""
+    import warnings
 
-    cfg = ModelConfig(**TINY, mtp_depth=1)
-    sd = build_model(cfg).state_dict()
-    arch, issues, _ = choose(cfg, sd)
-    assert arch.hf_class == "LlamaForCausalLM" and not issues
-    out = arch.export_weights(cfg, sd)
-    plain = arch.export_weights(ModelConfig(**TINY), build_model(ModelConfig(**TINY)).state_dict())
-    assert out.keys() == plain.keys()
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from parallel.world import World
+    from pretrain.checkpoint import save_checkpoint
+    from pretrain.config import Config, _plain
+    from pretrain.evaluate import load_for_inference
+    from pretrain.hf.export import export_checkpoint
+    from pretrain.hf.import_hf import import_model
+
+    mc = ModelConfig(**{**TINY, "vocab_size": 128}, mtp_depth=1)
+    model = build_model(mc, seed=1)
+    cfg = Config(model=mc)
+    cfg.data.seq_len = 16
+    text = yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False)
+    ckpt = save_checkpoint(tmp_path / "run", 1, [model], None, {"step": 1}, World(), text, None)
+    x = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    for mode, cls in (("never", "LlamaForCausalLM"), ("always", "PretrainLMForCausalLM")):
+        summary = export_checkpoint(str(ckpt), str(tmp_path / mode), remote_code=mode)
+        assert summary["architecture"] == cls
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hf = AutoModelForCausalLM.from_pretrained(tmp_path / mode, trust_remote_code=True).eval()
+        assert not any("mtp" in n for n, _ in hf.named_parameters())
+        with torch.no_grad():
+            assert (hf(x).logits - model(x)).abs().max() < 1e-4
+    _, back, _ = load_for_inference(str(import_model(str(tmp_path / "always"), str(tmp_path / "imp"))))
+    assert back.cfg.mtp_depth == 1
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items() if k.startswith("mtp."))
 
 
 @pytest.mark.parametrize("layout, msg", [
