@@ -116,6 +116,9 @@ def _split(model, pcfg, world, stage_costs):
 
     n_stages = world.pp_size * stages_per_rank(pcfg)
     costs, embed, head = stage_costs or param_costs(model)
+    from parallel.mtp import stage_cost
+
+    head += stage_cost(model)  # the MTP modules run on the last stage
     stages = split_stages(model.cfg, n_stages, list(costs), embed, head)
     mine = [s for s in range(n_stages)
             if stage_rank(s, n_stages, world.pp_size, pcfg.pp_schedule) == world.pp_rank]

@@ -132,6 +132,15 @@ def apply_mtp_tp(model: nn.Module, ctx) -> None:
             TP_PLANS[sub.kind](sub, ctx)
 
 
+def stage_cost(model: nn.Module) -> float:
+    """The MTP modules' matmul FLOPs per token (2 x their parameters, plus the shared head
+    once per depth), added to the last stage's cost when pipeline stages are balanced."""
+    if getattr(model, "mtp", None) is None:
+        return 0.0
+    cfg = model.cfg
+    return 2.0 * sum(p.numel() for p in model.mtp.parameters()) + cfg.mtp_depth * 2.0 * cfg.d_model * cfg.vocab_size
+
+
 def fsdp_units(model: nn.Module) -> list[nn.Module]:
     """The MTP modules (each one FSDP unit), or none."""
     return list(model.mtp) if getattr(model, "mtp", None) is not None else []

@@ -214,3 +214,25 @@ def test_dry_run_counts_match_the_planner(layout):
     assert predicted[-1]["sharded"] > plain[-1]["sharded"]  # the MTP modules: last stage only
     if len(predicted) > 1:
         assert predicted[0]["sharded"] == plain[0]["sharded"]
+
+
+def test_last_stage_without_attention_still_gets_rope():
+    """Pipeline split with the stack's attention all on the first stage: the last stage's
+    MTP block still attends with RoPE (stages run in one process, no schedule)."""
+    from parallel.head import route_inputs
+    from parallel.init import materialize
+    from parallel.pipeline import build_stage_model
+
+    cfg = ModelConfig(**TINY, mtp_depth=1)
+    x, labels, doc_ids = _batch()
+    full = build_model(cfg)
+    meta = build_model(cfg, init=False)
+    first, last = build_stage_model(meta, [0, 1, 2], True, False), build_stage_model(meta, [3], False, True)
+    for part in (first, last):
+        materialize(part, torch.device("cpu"), 0)
+        route_inputs(part)
+    assert [l.kind for l in last.layers.values()] == ["mlp"]
+    want = full(x, doc_ids=doc_ids, mtp_labels=labels)
+    got = last(*first(x, doc_ids=doc_ids, mtp_labels=labels), doc_ids=doc_ids, mtp_labels=labels)
+    assert torch.equal(want, got)
+    assert torch.equal(full.mtp_depth_losses[0], last.mtp_depth_losses[0])
