@@ -15,6 +15,7 @@ import torch
 import yaml
 
 import parallel
+from parallel.mtp import mtp_metrics
 from models.config import ConfigError
 from models.transformer import build_model
 from pretrain import checkpoint as ckpt
@@ -29,7 +30,6 @@ from pretrain.preflight import check_inputs, check_run_dir
 from pretrain.resilience import PreemptionFlag, Watchdog
 from pretrain.run_lock import hold_run_dir
 from pretrain.stragglers import StragglerMonitor
-from parallel.mtp import mtp_metrics
 
 
 class Preempted(Exception):
