@@ -80,12 +80,3 @@ def weighted_total(cfg: ModelConfig, losses: list[torch.Tensor]) -> torch.Tensor
     """``lambda / D * sum_k loss_k`` (what is added to the main loss)."""
     return sum(losses) * (cfg.mtp_loss_weight / cfg.mtp_depth)
 
-
-def mtp_params(cfg: ModelConfig) -> int:
-    """Parameters of the MTP modules (the embedding and head are shared, not counted)."""
-    return sum(p.numel() for p in build_mtp_meta(cfg).parameters()) if cfg.mtp_depth else 0
-
-
-def build_mtp_meta(cfg: ModelConfig) -> nn.ModuleList:
-    with torch.device("meta"):
-        return build_mtp(cfg)
