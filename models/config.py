@@ -146,6 +146,11 @@ class ModelConfig:
     attn_output_gate: bool = False  # sigmoid gate from the q projection on the output (Qwen3-Next)
     partial_rotary_factor: float = spec(1.0, gt=0, le=1)  # RoPE on this fraction of the head dims
     gdn: GDNConfig = field(default_factory=GDNConfig)
+    # multi-token prediction (DeepSeek-V3, models/mtp.py): D extra modules, module k predicting
+    # token t+1+k; loss = main + mtp_loss_weight / D * sum of the D depth losses
+    mtp_depth: int = spec(0, ge=0, le=64, note="0: off")
+    mtp_loss_weight: float = spec(0.3, ge=0)
+    mtp_pattern: str = spec("*-", nonempty=True)  # the sublayers of each MTP module's block
 
     # ---- derived -----------------------------------------------------------------
     @property
@@ -181,6 +186,11 @@ class ModelConfig:
         return [SUBLAYER_SYMBOLS[c] for c in self.full_pattern if c != STAGE_BOUNDARY]
 
     @property
+    def mtp_kinds(self) -> list[str]:
+        """Sublayer kinds of each multi-token-prediction module's block."""
+        return [SUBLAYER_SYMBOLS[c] for c in self.mtp_pattern if c in SUBLAYER_SYMBOLS]
+
+    @property
     def n_sublayers(self) -> int:
         return len(self.sublayer_kinds)
 
@@ -205,6 +215,8 @@ class ModelConfig:
         need(not bad, "pattern", f"unknown symbol(s) {bad}; allowed: "
              + ", ".join(f"'{k}' {v}" for k, v in SUBLAYER_SYMBOLS.items()) + ", '|' stage boundary")
         need(self.n_sublayers > 0, "pattern", "must contain at least one sublayer")
+        bad = sorted({c for c in self.mtp_pattern if c not in SUBLAYER_SYMBOLS})
+        need(not bad, "mtp_pattern", f"unknown symbol(s) {bad}; allowed: {', '.join(SUBLAYER_SYMBOLS)}")
         if not self.head_dim:
             need(self.d_model % self.n_heads == 0, "n_heads",
                  f"{self.n_heads} heads do not divide d_model={self.d_model} (or set model.head_dim)")
@@ -218,7 +230,7 @@ class ModelConfig:
             check_attention_options(self)
         need(0 <= self.ladder_from < max(self.n_sublayers, 1), "ladder_from",
              f"{self.ladder_from} outside 0..{self.n_sublayers - 1}")
-        kinds = set(self.sublayer_kinds)
+        kinds = set(self.sublayer_kinds) | (set(self.mtp_kinds) if self.mtp_depth else set())
         mc = self.mamba
         if "mamba" in kinds or "hybrid" in kinds:
             need(mc.dt_min <= mc.dt_max, "mamba.dt_min", f"{mc.dt_min} exceeds mamba.dt_max={mc.dt_max}")

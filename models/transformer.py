@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from models import mla
+import kernels
 from models.config import ModelConfig
 from models.layers import MLP, Context, RMSNorm, rope_tables
 
@@ -87,6 +88,13 @@ class LanguageModel(nn.Module):
             {str(i): Sublayer(kind, cfg) for i, kind in enumerate(cfg.sublayer_kinds)})
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.mtp = None  # multi-token prediction modules (models/mtp.py), on the last stage
+        self.mtp_loss = None  # their weighted loss from the last forward given mtp_labels
+        self.mtp_depth_losses: list[torch.Tensor] = []  # (detached, per depth)
+        if cfg.mtp_depth:
+            from models.mtp import build_mtp
+
+            self.mtp = build_mtp(cfg)
         self.tie_weights()
         self.stream_shards = 1
         self.context_hooks: list[Callable] = []
@@ -101,7 +109,8 @@ class LanguageModel(nn.Module):
         """The forward's Context for a stream of ``seq_len`` local positions."""
         seq_len *= self.stream_shards
         rope = None
-        if self.cfg.position == "rope" and any(l.kind in ("attention", "hybrid") for l in self.layers.values()):
+        kinds = [l.kind for l in self.layers.values()] + (self.cfg.mtp_kinds if self.mtp is not None else [])
+        if self.cfg.position == "rope" and any(k in ("attention", "hybrid") for k in kinds):
             rope = rope_tables(self.cfg.rope_dim, seq_len, self.cfg.rope_theta, device,
                                scaling=self.cfg.rope_scaling, max_seq_len=self.cfg.max_seq_len)
         ctx = Context(rope=rope, doc_ids=doc_ids)
@@ -110,21 +119,43 @@ class LanguageModel(nn.Module):
         return ctx
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None,
-                pending: torch.Tensor | None = None) -> torch.Tensor:
+                pending: torch.Tensor | None = None, mtp_labels: torch.Tensor | None = None,
+                mtp_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens [B, S] (or hidden [B, S, D] on a later pipeline stage) -> logits
         (or the final hidden stream when this stage has no head).
 
         ``pending`` is a ladder-mode output not yet added (it crosses stage boundaries);
         with ladder and no head, the stage returns ``(stream, pending)``.
+        With ``mtp_depth`` > 0: given ``mtp_labels`` (the main labels) with gradients on, the
+        forward also sets ``self.mtp_loss``; a stage without the head appends the input
+        embeddings (``mtp_embeds`` on a later stage) to its outputs for the last stage.
         """
         h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
+        emb = h if self.tok_embeddings is not None else mtp_embeds
         ctx = self.make_context(h.shape[1], h.device, doc_ids)
         h, pending = self.run_stack(h, ctx, pending)
         if self.output is None:
-            return h if pending is None else (h, pending)
+            out = h if pending is None else (h, pending)
+            if self.cfg.mtp_depth:
+                out = (*(out if isinstance(out, tuple) else (out,)), emb)
+            return out
         if pending is not None:
             h = join(h, pending)
-        return self.output(self.norm(h))
+        logits = self.output(self.norm(h))
+        if self.mtp is not None:  # after the main head (a fused head consumes its labels first)
+            self.mtp_loss = None
+            if mtp_labels is not None and torch.is_grad_enabled():
+                from models.mtp import mtp_losses, weighted_total
+
+                losses = mtp_losses(self, h, emb, ctx, mtp_labels)
+                self.mtp_loss = weighted_total(self.cfg, losses)
+                self.mtp_depth_losses = [l.detach().float() for l in losses]
+        return logits
+
+    def head_loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean token loss of the LM head on final-normed ``h`` (the MTP depths' loss;
+        parallel code replaces it for vocab-sharded or fused heads)."""
+        return kernels.cross_entropy(self.output(h), labels)
 
     def hidden_states(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states [B, S, D] (for a fused LM-head loss)."""
@@ -177,6 +208,7 @@ class LanguageModel(nn.Module):
                 m.reset_buffers()
 
     def num_params(self, exclude_embedding: bool = False) -> int:
+        """Every parameter, the multi-token-prediction modules included."""
         n = sum(p.numel() for p in self.parameters())
         if exclude_embedding and self.tok_embeddings is not None:
             n -= self.tok_embeddings.weight.numel()

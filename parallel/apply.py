@@ -52,6 +52,9 @@ def check_model_layout(cfg, pcfg: ParallelConfig, world: World) -> None:
 
         check_ep(cfg, pcfg.ep)
     check_pp(cfg, pcfg, world.pp_size)
+    from parallel.mtp import check_mtp
+
+    check_mtp(cfg, pcfg, world)
     if world.cp_size > 1:  # context parallel
         from parallel.context_parallel import check_cp_layout, check_cp_model
 
@@ -113,6 +116,9 @@ def _split(model, pcfg, world, stage_costs):
 
     n_stages = world.pp_size * stages_per_rank(pcfg)
     costs, embed, head = stage_costs or param_costs(model)
+    from parallel.mtp import stage_cost
+
+    head += stage_cost(model)  # the MTP modules run on the last stage
     stages = split_stages(model.cfg, n_stages, list(costs), embed, head)
     mine = [s for s in range(n_stages)
             if stage_rank(s, n_stages, world.pp_size, pcfg.pp_schedule) == world.pp_rank]
@@ -142,6 +148,9 @@ def _parallelize_part(part, pcfg, world, ac, ac_every, compile, z_loss, fused_lo
         install_cp(part, cp)
     if fused_loss:
         make_fused_head(part, z_loss)
+    from parallel.mtp import install_head_loss
+
+    install_head_loss(part, z_loss, fused_loss)  # multi-token prediction's head loss
     apply_activation_checkpointing(part, ac, ac_every)
     if compile:
         apply_compile(part)

@@ -12,6 +12,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from parallel.config import ParallelConfig
+from parallel.mtp import fsdp_units
 
 
 def mp_policy(pcfg: ParallelConfig) -> MixedPrecisionPolicy:
@@ -30,7 +31,7 @@ def apply_data_parallel(model: nn.Module, world, pcfg: ParallelConfig, **layer_k
         from parallel.context_parallel import fsdp_mesh
 
         dp_mesh = fsdp_mesh(world)
-        for layer in model.layers.values():
+        for layer in [*model.layers.values(), *fsdp_units(model)]:
             fully_shard(layer, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=pcfg.reshard_after_forward,
                         **layer_kw)
         # the root keeps its parameters (embedding, head) gathered between forward and backward
@@ -39,7 +40,7 @@ def apply_data_parallel(model: nn.Module, world, pcfg: ParallelConfig, **layer_k
         from torch.distributed._composable.replicate_with_fsdp import replicate
 
         dp_mesh = mesh["dp_replicate"]
-        for layer in model.layers.values():
+        for layer in [*model.layers.values(), *fsdp_units(model)]:
             replicate(layer, mesh=dp_mesh, mp_policy=mp)
         replicate(model, mesh=dp_mesh, mp_policy=mp)
 

@@ -46,6 +46,9 @@ def make_fused_head(model: nn.Module, z_loss: float) -> None:
 
 
 def _route(module: nn.Module, args: tuple, kwargs: dict):
+    from parallel.mtp import route_mtp
+
+    args, kwargs = route_mtp(module, args, kwargs)  # MTP: the input embeddings from stage 0
     labels = kwargs.pop("labels", None)
     if labels is not None and isinstance(module.output, FusedLossHead):
         module.output._labels = labels

@@ -120,6 +120,7 @@ def build_stage_model(model: nn.Module, keep: list[int], first: bool, last: bool
     if not last:
         part.norm = None
         part.output = None
+        part.mtp = None  # multi-token prediction runs on the last stage (parallel/mtp.py)
     return part
 
 
@@ -208,4 +209,5 @@ def stage_union(parts: list[nn.Module]) -> nn.Module:
     union.layers = nn.ModuleDict({k: layers[k] for k in sorted(layers, key=int)})
     union.norm = next((p.norm for p in parts if p.norm is not None), None)
     union.output = next((p.output for p in parts if p.output is not None), None)
+    union.mtp = next((p.mtp for p in parts if getattr(p, "mtp", None) is not None), None)
     return union

@@ -19,6 +19,7 @@ import kernels
 from models.config import ConfigError
 from parallel import tp as tp_mod
 from parallel.fsdp import set_gradient_sync
+from parallel.mtp import mtp_kwargs, take_mtp_loss
 from parallel.world import World
 
 
@@ -130,6 +131,7 @@ class ParallelModel:
     def _micro_loss(self, mb: dict, with_aux: bool = True) -> torch.Tensor:
         model = self.model
         kwargs = {"doc_ids": mb["doc_ids"]} if mb.get("doc_ids") is not None else {}
+        kwargs.update(mtp_kwargs(model, mb))  # multi-token prediction: its targets
         if self.fused_loss:
             loss = model(mb["input_ids"], labels=mb["labels"], **kwargs).reshape(())
         else:
@@ -137,6 +139,7 @@ class ParallelModel:
             loss = tp_mod.cross_entropy(logits, mb["labels"], z_loss=self.z_loss if with_aux else 0.0)
         if not with_aux:
             return loss
+        loss = loss + take_mtp_loss(self.parts)  # the MTP depths' weighted loss (parallel/mtp.py)
         if self.cp is not None:  # the global batch's mean (see parallel/context_parallel.py)
             return loss * self.cp.loss_scale(mb["labels"]) + self.cp.scale_aux(aux_losses(model))
         return loss + aux_losses(model)
@@ -304,6 +307,7 @@ class PipelineModel(ParallelModel):
         else:
             z = self.z_loss if torch.is_grad_enabled() else 0.0  # held-out loss: no z-loss
             loss = tp_mod.cross_entropy(out, labels, z_loss=z)
+        loss = loss + take_mtp_loss(self.parts)  # this micro-batch's MTP loss (last stage)
         if self.cp is not None and torch.is_grad_enabled():  # context parallel: global mean
             loss = loss * self.cp.loss_scale(labels)
         return loss
@@ -329,6 +333,7 @@ class PipelineModel(ParallelModel):
         kwargs = {"doc_ids": batch["doc_ids"]} if batch.get("doc_ids") is not None else {}
         if self.fused_loss:
             kwargs["labels"] = batch["labels"]
+        kwargs.update(mtp_kwargs(self.model, batch))
         target = batch["labels"] if self.has_last else None
         losses: list[torch.Tensor] = []
         with ExitStack() as stack:

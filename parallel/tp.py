@@ -319,6 +319,10 @@ def apply_tp(model: nn.Module, ctx: TPContext, fused_head: bool = False,
         else:  # logits stay a vocab-sharded DTensor for the loss-parallel cross-entropy
             parallelize_module(model.output, ctx.mesh, ColwiseParallel(
                 input_layouts=ctx.stream_layout, output_layouts=Shard(-1), use_local_output=False))
+    if getattr(model, "mtp", None) is not None:  # multi-token prediction modules
+        from parallel.mtp import apply_mtp_tp
+
+        apply_mtp_tp(model, ctx)
     if sp:  # mixers see the full sequence after the all-gather: RoPE tables for all of it
         model.stream_shards *= ctx.size
     plain = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]

@@ -71,7 +71,15 @@ def sublayer_flops_per_token(kind: str, cfg: ModelConfig, seq_len: int) -> float
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Forward matmul FLOPs per token: every sublayer plus the LM head."""
     total = sum(sublayer_flops_per_token(k, cfg, seq_len) for k in cfg.sublayer_kinds)
-    return total + 2 * cfg.d_model * cfg.vocab_size
+    return total + 2 * cfg.d_model * cfg.vocab_size + mtp_flops_per_token(cfg, seq_len)
+
+
+def mtp_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs of the multi-token-prediction modules (models/mtp.py): per depth the
+    2d -> d projection, its block and the shared LM head (every position, as computed)."""
+    block = sum(sublayer_flops_per_token(k, cfg, seq_len) for k in cfg.mtp_kinds)
+    d = cfg.d_model
+    return cfg.mtp_depth * (2 * 2 * d * d + block + 2 * d * cfg.vocab_size)
 
 
 def _score_flops(kind: str, cfg: ModelConfig, seq_len: int) -> float:
@@ -89,6 +97,7 @@ def _score_flops(kind: str, cfg: ModelConfig, seq_len: int) -> float:
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Forward + backward FLOPs per token (what MFU divides by)."""
     scores = sum(_score_flops(k, cfg, seq_len) for k in cfg.sublayer_kinds)
+    scores += cfg.mtp_depth * sum(_score_flops(k, cfg, seq_len) for k in cfg.mtp_kinds)
     return 3 * forward_flops_per_token(cfg, seq_len) + 0.5 * scores
 
 

@@ -32,6 +32,9 @@ def _check(cfg: Config, world_size: int) -> None:
     dp = sizes["dp_replicate"] * sizes["dp_shard"]
     world = World(world_size=world_size, pp_size=sizes["pp"], tp_size=sizes["tp"], cp_size=sizes["cp"],
                   dp_replicate=sizes["dp_replicate"], dp_shard=sizes["dp_shard"], dp_size=dp, ep_size=p.ep)
+    from parallel.mtp import check_mtp
+
+    check_mtp(cfg.model, p, world)
     if p.dp_engine == "deepspeed":
         from importlib.util import find_spec
 

@@ -15,6 +15,7 @@ import torch
 import yaml
 
 import parallel
+from parallel.mtp import mtp_metrics
 from models.config import ConfigError
 from models.transformer import build_model
 from pretrain import checkpoint as ckpt
@@ -288,6 +289,7 @@ def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
                    "step_time_s": dt, "mfu": (flops_tok * tokens_per_step / dt / (peak * world.world_size))
                    if peak else None, "memory_mb": peak_memory_mb(world.device), "nan_skipped": nan_skipped}
             rec.update(pm.step_metrics())
+            rec.update(mtp_metrics(pm, rec))  # MTP: mtp_loss_k; `loss` = main loss, `loss_total`
             rec.update(stragglers.step(step, dt))
             if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
                 with watchdog.suspended():

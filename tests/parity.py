@@ -59,6 +59,8 @@ FAMILIES = {
                                           qk_rope_head_dim=8, v_head_dim=12)),
     # Qwen3-Next attention options: qk_norm, sigmoid output gate, RoPE on half of each head
     "attn_opts": dict(qk_norm=True, attn_output_gate=True, partial_rotary_factor=0.5),
+    # DeepSeek-V3 multi-token prediction: two depths after the dense stack (models/mtp.py)
+    "mtp": dict(mtp_depth=2),
 }
 # parallelize options that do not change the computed numbers (share the reference)
 NUMERICS_FREE = ("ac", "ac_every", "compile")

@@ -71,6 +71,24 @@ EXTRAS = [
 ]
 
 
+# Multi-token prediction (family "mtp"): run by their own test (tests/test_parity.py, -k mtp),
+# outside ci_jobs; the MTP modules' parameters are among the compared ones. (Also passed once,
+# left out to keep CI short: dp_replicate=2, and ladder residual under pp=2.)
+MTP_JOBS = [
+    {"name": "mtp_tp2", "family": "mtp", "layout": TP2},
+    {"name": "mtp_tp2_fused_zloss", "family": "mtp", "layout": TP2, "kw": {"fused_loss": True, "z_loss": 0.01}},
+    {"name": "mtp_dp_shard2", "family": "mtp", "layout": {"dp_shard": 2}},
+    {"name": "mtp_pp2_1f1b", "family": "mtp", "layout": {"pp": 2, "pp_schedule": "1f1b"}},
+    {"name": "mtp_tp2_sp", "family": "mtp", "layout": SP,
+     "refuse": "model.mtp_depth: not supported with parallel.sequence_parallel"},
+]
+
+
+def mtp_jobs() -> list[dict]:
+    return [{**j, "layout": {"dp_shard": 1, **j["layout"]}, "world": world_of({"dp_shard": 1, **j["layout"]})}
+            for j in MTP_JOBS]
+
+
 def layout_of(elements: tuple[str, ...]) -> dict:
     """The parallel config of a combination of elements (every dimension given explicitly)."""
     out = {"dp_shard": 1}

@@ -79,6 +79,26 @@ def test_layout_matches_one_process(ci_results, refs, name):
     verify(job, ci_results[name], refs)
 
 
+MTP_JOBS = matrix.mtp_jobs()
+
+
+@pytest.fixture(scope="module")
+def mtp_results(refs, tmp_path_factory):
+    return launch(MTP_JOBS, refs, tmp_path_factory.mktemp("parity_mtp"))
+
+
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("name", [j["name"] for j in MTP_JOBS])
+def test_mtp_layout_matches_one_process(mtp_results, refs, name):
+    """Multi-token prediction (family "mtp", two depths) under tp, FSDP, DDP and pp: the
+    loss (main + MTP), every gradient (the MTP modules' and the shared embedding's among
+    them) and the final weights match one process."""
+    job = next(j for j in MTP_JOBS if j["name"] == name)
+    verify(job, mtp_results[name], refs)
+    if not job.get("refuse"):
+        assert any(k.startswith("mtp.1.") for k in refs.ref(job)["grads"])
+
+
 @pytest.mark.timeout(5400)
 @pytest.mark.parametrize("name", [n for n in FP32_CI if "deepseek" in n and "zbv" not in n])
 def test_expert_bias_trajectory_matches_one_process(ci_results, refs, name):

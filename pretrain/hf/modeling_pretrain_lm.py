@@ -323,6 +323,8 @@ class PretrainLMForCausalLM(PreTrainedModel, GenerationMixin):
     _tied_weights_keys = ["output.weight"]
     _no_split_modules = ["Sublayer"]
     _supports_sdpa = True
+    # multi-token-prediction modules (training only) travel with the weights for re-import
+    _keys_to_ignore_on_load_unexpected = [r"^mtp\."]
 
     def __init__(self, config):
         super().__init__(config)

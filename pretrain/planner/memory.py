@@ -106,7 +106,7 @@ def local_param_counts(cfg: ModelConfig, layout: Layout, shard_rank: int = 0) ->
             for i in stage.layers:
                 n_full, n_shard = per_kind[kinds[i]]
                 full, sharded, largest = full + n_full, sharded + n_shard, max(largest, n_full)
-            top = ms.top_params(cfg, stage.first, stage.last)
+            top = ms.top_params(cfg, stage.first, stage.last, layout.tp)
             root += _numel(top, layout, 1)
             full += _numel(top, layout, 1)
             sharded += _numel(top, layout, shard, shard_rank)

@@ -84,8 +84,9 @@ def sublayer_params(kind: str, cfg: ModelConfig, tp: int = 1) -> list[Param]:
     return out
 
 
-def top_params(cfg: ModelConfig, first: bool, last: bool) -> list[Param]:
-    """Embedding (first stage), final norm and LM head (last stage)."""
+def top_params(cfg: ModelConfig, first: bool, last: bool, tp: int = 1) -> list[Param]:
+    """Embedding (first stage), final norm, LM head and MTP modules (last stage; their
+    sublayers split as for ``tp``)."""
     out = []
     if first:
         out.append(Param("tok_embeddings.weight", (cfg.vocab_size, cfg.d_model), 0))
@@ -93,6 +94,21 @@ def top_params(cfg: ModelConfig, first: bool, last: bool) -> list[Param]:
         out.append(Param("norm.weight", (cfg.d_model,), None))
         if not (cfg.tie_embeddings and first):
             out.append(Param("output.weight", (cfg.vocab_size, cfg.d_model), 0))
+        out += mtp_params(cfg, tp)
+    return out
+
+
+def mtp_params(cfg: ModelConfig, tp: int = 1) -> list[Param]:
+    """The multi-token-prediction modules (last stage; parallel/mtp.py: norms and the
+    2d -> d projection replicated over tp, the block's sublayers as their kind)."""
+    out, d = [], cfg.d_model
+    for k in range(cfg.mtp_depth):
+        pre = f"mtp.{k}."
+        out += [Param(pre + "enorm.weight", (d,), None), Param(pre + "hnorm.weight", (d,), None),
+                Param(pre + "proj.weight", (d, 2 * d), None), Param(pre + "norm.weight", (d,), None)]
+        for i, kind in enumerate(cfg.mtp_kinds):
+            out += [Param(f"{pre}layers.{i}.{p.name}", p.shape, p.tp_dim, p.ep_dim)
+                    for p in sublayer_params(kind, cfg, tp)]
     return out
 
 
