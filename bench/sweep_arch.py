@@ -183,7 +183,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--dense-layers", type=int, default=2, help="the dense reference's '*-' repeats")
     ap.add_argument("--mqar-pairs", type=int, default=4)
-    ap.add_argument("--mqar-seq-len", type=int, default=64)
+    ap.add_argument("--mqar-seq-len", type=int, default=32)
     ap.add_argument("--mqar-vocab", type=int, default=64)
     ap.add_argument("--only", default="", help="comma-separated candidate names")
     args = ap.parse_args()
