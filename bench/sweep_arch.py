@@ -80,18 +80,25 @@ def match_layers(overrides: dict, target: int, max_repeats: int = 8) -> tuple[in
     return min(options, key=lambda o: abs(o[1] - target))
 
 
+def _config_of(run_dir: Path):
+    from pretrain.config import load_config
+
+    return load_config(str(run_dir / "config.yaml"))
+
+
 def train_once(overrides: dict, run_dir: Path, steps: int) -> dict:
     """Train (or reuse a finished run in ``run_dir``); the run's summary plus wall time."""
     from pretrain.train import train
 
+    cfg = _config({**overrides, "logging.run_dir": str(run_dir), "train.steps": steps})
     summary_path = run_dir / "summary.json"
-    if summary_path.is_file():
+    if summary_path.is_file() and (run_dir / "config.yaml").is_file():
         s = json.loads(summary_path.read_text())
-        if s.get("steps") == steps:
+        if s.get("steps") == steps and _config_of(run_dir).to_dict() == cfg.to_dict():
             return s
     shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.perf_counter()
-    s = train(_config({**overrides, "logging.run_dir": str(run_dir), "train.steps": steps}))
+    s = train(cfg)
     s["seconds"] = time.perf_counter() - t0
     summary_path.write_text(json.dumps(s, indent=1))
     return s
@@ -135,7 +142,8 @@ def run(args) -> list[dict]:
 def write_table(rows: list[dict], path: Path, args) -> str:
     lines = [f"{args.steps} steps x 16 sequences for every run; text: seq 64, 512-token BPE; MQAR: "
              f"{args.mqar_pairs} pairs, seq {args.mqar_seq_len}, vocab {args.mqar_vocab} "
-             f"(chance {rows[0]['mqar_chance']:.4f})", "",
+             f"(chance {rows[0]['mqar_chance']:.4f}); params: the text model's (the MQAR models differ "
+             f"only in the smaller embedding and head)", "",
              "| arch | pattern | repeats | params | tokens | held-out loss | MQAR loss | MQAR recall | minutes |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
