@@ -101,7 +101,7 @@ class Oracle(torch.nn.Module):
         return out
 
 
-def test_recall_of_an_oracle_is_one_and_of_a_random_model_near_zero():
+def test_recall_of_an_oracle_is_one_and_of_a_random_model_near_zero(one_thread):
     r = mqar_recall(Oracle(128), 128, 64, 8, samples=64)
     assert r["recall"] == 1.0 and r["queries"] == 64 * 8
     from models.transformer import build_model
