@@ -30,7 +30,8 @@ def load_for_inference(checkpoint: str, overrides: list[str] | None = None):
 
 
 def eval_parser() -> Parser:
-    ap = Parser(prog="pretrain eval", description="Held-out loss and perplexity of a checkpoint.")
+    ap = Parser(prog="pretrain eval", description="Held-out loss and perplexity of a checkpoint, or (--task mqar) "
+                                                 "its associative-recall accuracy.")
     ap.add_argument("--checkpoint", required=True, type=path(),  # (a missing one: "no complete checkpoint")
                     help="step_N directory or a run directory (newest)")
     ap.add_argument("--data", type=path(), help="MDS dataset directory or URL (default: the run's data.path)")
