@@ -31,6 +31,13 @@ class DatasetSource:
 
 
 @dataclass
+class MqarConfig:  # data.task=mqar: synthetic recall sequences (pretrain/data/mqar.py)
+    pairs: int = spec(8, ge=1)  # key-value pairs per sequence; each key is queried once
+    placement: str = spec("power", choices=("power", "uniform"))  # query gaps: Zoology's power law or uniform
+    power_a: float = spec(0.01, gt=0, le=1)  # power law P(gap g) ~ (g+1)^(a-1)
+
+
+@dataclass
 class DataConfig:
     path: str = spec("", path="optional")  # one dataset (shorthand for a one-entry mixture)
     mixture: list[DatasetSource] = field(default_factory=list)
@@ -40,6 +47,8 @@ class DataConfig:
     shuffle: bool = True
     train_split: str = spec("train", nonempty=True)
     val_split: str = spec("val", nonempty=True)
+    task: str = spec("lm", choices=("lm", "mqar"))  # mqar: train on generated recall sequences (no dataset)
+    mqar: MqarConfig = field(default_factory=MqarConfig)
 
 
 @dataclass
@@ -126,6 +135,10 @@ class Config:
             raise UserError(str(e)) from None
         if self.data.seq_len > self.model.max_seq_len:
             raise UserError(f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        if self.data.task == "mqar":
+            from pretrain.data.mqar import check_mqar
+
+            check_mqar(self.model.vocab_size, self.data.seq_len, self.data.mqar.pairs)
         if self.optim.name == "muon" and self.parallel.dp_engine == "deepspeed":
             raise UserError("optim.name: muon is not supported with parallel.dp_engine=deepspeed "
                             "(DeepSpeed owns the optimizer step); use the default fsdp engine")

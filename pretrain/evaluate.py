@@ -30,7 +30,8 @@ def load_for_inference(checkpoint: str, overrides: list[str] | None = None):
 
 
 def eval_parser() -> Parser:
-    ap = Parser(prog="pretrain eval", description="Held-out loss and perplexity of a checkpoint.")
+    ap = Parser(prog="pretrain eval", description="Held-out loss and perplexity of a checkpoint, or (--task mqar) "
+                                                 "its associative-recall accuracy.")
     ap.add_argument("--checkpoint", required=True, type=path(),  # (a missing one: "no complete checkpoint")
                     help="step_N directory or a run directory (newest)")
     ap.add_argument("--data", type=path(), help="MDS dataset directory or URL (default: the run's data.path)")
@@ -38,20 +39,39 @@ def eval_parser() -> Parser:
     ap.add_argument("--batches", type=integer(ge=1), default=None,
                     help="number of batches (default: train.eval_batches)")
     ap.add_argument("--batch-size", type=integer(ge=1), default=8)
-    ap.add_argument("--out", type=path(), help="JSON output (default: <checkpoint>/eval.json)")
+    ap.add_argument("--out", type=path(), help="JSON output (default: <checkpoint>/eval.json, "
+                                                 "eval_mqar.json for --task mqar)")
+    ap.add_argument("--task", choices=("lm", "mqar"), default="lm",
+                    help="lm: held-out loss; mqar: associative-recall accuracy on generated sequences")
+    ap.add_argument("--mqar-pairs", type=integer(ge=1), default=None,
+                    help="key-value pairs per sequence (default: the run's data.mqar.pairs)")
+    ap.add_argument("--mqar-seq-len", type=integer(ge=1), default=None,
+                    help="sequence length (default: the run's data.seq_len)")
+    ap.add_argument("--mqar-samples", type=integer(ge=1), default=256, help="generated sequences")
+    ap.add_argument("--seed", type=integer(ge=0), default=0, help="seed of the generated sequences")
     return ap
 
 
 def eval_main(argv: list[str]) -> int:
     args = eval_parser().parse_args(argv)
+    if args.task == "mqar":
+        from pretrain.mqar_eval import eval_mqar_main
+
+        return eval_mqar_main(args)
     overrides = [f"--data.path={args.data}", "--data.mixture=[]"] if args.data else []
     cfg, model, path = load_for_inference(args.checkpoint, overrides)
     from pretrain.data.loader import eval_batches
 
-    batches = eval_batches(cfg.data, args.split or cfg.data.val_split, args.batch_size,
-                           args.batches or cfg.train.eval_batches, dp_rank=0, dp_size=1,
-                           cache_dir=cfg.data.cache_dir or str(path.parent.parent / "data_cache"),
-                           doc_ids=cfg.model.doc_mask)
+    if cfg.data.task == "mqar" and not args.data:  # held-out loss on generated MQAR sequences
+        from pretrain.data import mqar
+
+        batches = mqar.eval_batches(cfg, args.split or cfg.data.val_split, args.batch_size,
+                                    args.batches or cfg.train.eval_batches)
+    else:
+        batches = eval_batches(cfg.data, args.split or cfg.data.val_split, args.batch_size,
+                               args.batches or cfg.train.eval_batches, dp_rank=0, dp_size=1,
+                               cache_dir=cfg.data.cache_dir or str(path.parent.parent / "data_cache"),
+                               doc_ids=cfg.model.doc_mask)
     import kernels
 
     total, count = 0.0, 0

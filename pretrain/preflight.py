@@ -20,6 +20,8 @@ def check_inputs(cfg: Config) -> None:
 
     sources = [("data.path", cfg.data.path)] if cfg.data.path or not cfg.data.mixture else []
     sources += [(f"data.mixture[{i}].path", s.path) for i, s in enumerate(cfg.data.mixture)]
+    if cfg.data.task == "mqar":  # generated sequences: no dataset is read
+        sources = []
     for key, path in sources:
         if is_remote(path) or (path and megatron_prefix(path)):
             continue

@@ -20,6 +20,7 @@ from pretrain.metrics import read_metrics
 
 COLUMNS = ["point", "arch", "size", "layout", "params", "active_params", "flops_per_token", "tokens",
            "train_flops", "tokens_per_s", "mfu", "peak_memory_mb", "val_loss", "train_loss"]
+EVAL_COLUMNS = ["mqar_recall"]  # sweep eval_tasks (pretrain/scale_eval.py), shown when measured
 
 
 def _pyplot():
@@ -76,6 +77,9 @@ def run_summary(run_dir: str | Path, labels: dict | None = None, name: str | Non
         row["val_loss"] = _num(summary.get("val_loss"))
     except (OSError, ValueError):
         pass
+    from pretrain.scale_eval import read_evals
+
+    row.update(read_evals(run_dir))
     return row
 
 
@@ -116,8 +120,8 @@ def _fmt(v) -> str:
 
 
 def write_table(rows: list[dict], out: Path) -> tuple[Path, Path]:
-    extra = sorted({k for r in rows for k in r if k not in COLUMNS and not k.startswith("_")})
-    cols = COLUMNS[:1] + extra + COLUMNS[1:]
+    extra = sorted({k for r in rows for k in r if k not in COLUMNS + EVAL_COLUMNS and not k.startswith("_")})
+    cols = COLUMNS[:1] + extra + COLUMNS[1:] + [c for c in EVAL_COLUMNS if any(r.get(c) is not None for r in rows)]
     csv_path, md_path = out / "table.csv", out / "table.md"
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)

@@ -62,6 +62,8 @@ class Sweep:
     out: Path
     axes: dict[str, list[tuple[str, dict]]]
     slurm: list[str]
+    eval_tasks: list[str] = field(default_factory=list)  # e.g. [mqar] (pretrain/scale_eval.py)
+    mqar: dict = field(default_factory=dict)
 
     def points(self) -> list[Point]:
         out = []
@@ -104,9 +106,10 @@ def load_sweep(path: str, out: str | None = None) -> Sweep:
         raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: top level must be a mapping")
-    unknown = sorted(set(data) - {"base", "overrides", "out", "axes", "slurm"})
+    unknown = sorted(set(data) - {"base", "overrides", "out", "axes", "slurm", "eval_tasks", "mqar"})
     if unknown:
-        raise UserError(f"{path}: unknown key '{unknown[0]}'; allowed: axes, base, out, overrides, slurm")
+        raise UserError(f"{path}: unknown key '{unknown[0]}'; allowed: axes, base, eval_tasks, mqar, out, "
+                        f"overrides, slurm")
     if "base" not in data:
         raise UserError(f"{path}: missing 'base' (the config every point starts from)")
     overrides = _flat(data.get("overrides") or {}, f"{path}: overrides")
@@ -117,7 +120,10 @@ def load_sweep(path: str, out: str | None = None) -> Sweep:
     if not isinstance(slurm, list) or not all(isinstance(s, str) for s in slurm):
         raise UserError(f"{path}: slurm: expected a list of `pretrain launch slurm` options")
     out_dir = Path(out or data.get("out") or Path("runs") / "sweeps" / p.stem)
-    return Sweep(p, str(data["base"]), overrides, out_dir, axes, slurm)
+    from pretrain import scale_eval
+
+    tasks, mqar = scale_eval.parse(data, path)
+    return Sweep(p, str(data["base"]), overrides, out_dir, axes, slurm, tasks, mqar)
 
 
 def _flat(d: dict, where: str, prefix: str = "") -> dict:
@@ -427,6 +433,11 @@ def main(argv: list[str] | None = None) -> int:
         failed = run_local(sweep, pending, args.quiet, args.in_process)
     from pretrain.report import write_report
 
+    if sweep.eval_tasks:  # finished points only (a SLURM sweep measures at --report-only time)
+        from pretrain.scale_eval import run_eval_tasks
+
+        run_eval_tasks(sweep.eval_tasks, sweep.mqar,
+                       {pt.name: pt.run_dir for pt, cfg in configs if is_done(pt, cfg.train.steps)})
     report = write_report(sweep.out, rows)
     print(f"report: {report}")
     if failed:

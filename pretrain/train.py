@@ -74,6 +74,11 @@ def prepare_run_dir(cfg: Config, world) -> Path:
 
 
 def build_data(cfg: Config, world, run_dir: Path, split: str):
+    if cfg.data.task == "mqar":  # generated recall sequences (pretrain/data/mqar.py)
+        from pretrain.data.mqar import MqarBatches
+
+        return MqarBatches.from_config(cfg, split, cfg.train.global_batch, world.dp_rank, world.dp_size,
+                                       seed=cfg.train.seed)
     from pretrain.data.loader import TokenBatches
 
     cache = cfg.data.cache_dir or str(run_dir / "data_cache")
@@ -356,6 +361,11 @@ def _agreed_signal(flag: PreemptionFlag, world) -> bool:
 def run_eval(cfg: Config, pm, world, run_dir: Path) -> float | None:
     from pretrain.data.loader import eval_batches
 
+    if cfg.data.task == "mqar":
+        from pretrain.data import mqar
+
+        return evaluate(pm, mqar.eval_batches(cfg, cfg.data.val_split, cfg.train.global_batch,
+                                              cfg.train.eval_batches, world.dp_rank, world.dp_size))
     try:
         batches = eval_batches(cfg.data, cfg.data.val_split, cfg.train.global_batch,
                                cfg.train.eval_batches, dp_rank=world.dp_rank, dp_size=world.dp_size,

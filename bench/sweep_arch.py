@@ -1,0 +1,212 @@
+"""Architectures at (about) equal parameters and equal training tokens, on CPU: held-out loss on
+a small text corpus and MQAR recall after training on MQAR.
+
+    .venv/bin/python bench/sweep_arch.py [--steps 300] [--out runs/bench_sweep_arch] [--only dense,ladder]
+
+Each candidate is a line of ``CANDIDATES`` (a name and config overrides); one this tree cannot
+build (an unknown pattern symbol or config key) is skipped with a note. The number of pattern
+repeats (``model.n_layers``) of each candidate is chosen to bring its parameter count closest to
+the dense model's. Every candidate trains twice from the same seed with the same steps, batch
+and sequence length: on text (the stdlib corpus with a 512-token BPE, as the tests' dataset),
+reporting held-out loss, and on MQAR (``data.task=mqar``, a 64-token vocabulary), reporting
+recall on 256 held-out sequences. Writes ``<out>/table.md`` and ``<out>/sweep_arch.png``;
+finished runs are reused on a rerun (delete ``<out>/runs`` to start over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MAMBA = {"model.mamba.d_state": 16, "model.mamba.head_dim": 16, "model.mamba.n_groups": 1,
+         "model.mamba.chunk_size": 32}
+MOE = {"model.moe.n_experts": 4, "model.moe.top_k": 2}
+
+# (name, overrides): adding an architecture is one line.
+CANDIDATES = [
+    ("dense", {"model.pattern": "*-"}),
+    ("mamba2_hybrid", {"model.pattern": "M-M-*-", **MAMBA}),
+    ("ladder", {"model.pattern": "*-", "model.residual": "ladder"}),
+    ("gdn_hybrid", {"model.pattern": "G-G-G-*-"}),
+    # MLA attention + MoE MLP; the option name is whatever the MLA branch declares for `*`
+    ("mla_moe", {"model.pattern": "*E", "model.attention.kind": "mla", **MOE}),
+]
+
+COMMON = {"model.d_model": 64, "model.n_heads": 4, "model.n_kv_heads": 2, "model.max_seq_len": 128,
+          "train.global_batch": 16, "train.eval_every": 0, "train.eval_batches": 8,
+          "optim.lr": 3e-3, "optim.warmup_steps": 20, "checkpoint.every": 0, "checkpoint.keep": 1,
+          "logging.progress": "off"}
+LM = {"data.seq_len": 64, "model.vocab_size": 512}
+
+
+def build_corpus(out: Path) -> Path:
+    """The tests' tiny dataset (400 kB of stdlib source, 512-token BPE), built once under ``out``."""
+    from pretrain.data.corpus import stdlib_corpus
+    from pretrain.data.prepare import prepare
+    from pretrain.data.tokenizer import train_tokenizer
+
+    data = out / "data"
+    if (data / "meta.json").is_file():
+        return data
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = stdlib_corpus(out / "corpus.jsonl", max_bytes=400_000)
+    tok = train_tokenizer([str(corpus)], out / "tok", vocab_size=512)
+    prepare([str(corpus)], data, tokenizer=tok, sample_len=132, val_fraction=0.05, workers=1, progress=False)
+    return data
+
+
+def _config(overrides: dict):
+    from pretrain.config import load_config
+
+    return load_config("tiny", [f"--{k}={v}" for k, v in overrides.items()])
+
+
+def n_params(overrides: dict) -> int:
+    from models.transformer import build_model
+
+    return build_model(_config(overrides).model, init=False).num_params()  # meta device: no memory
+
+
+def match_layers(overrides: dict, target: int, max_repeats: int = 8) -> tuple[int, int]:
+    """(pattern repeats, parameters) closest to ``target`` parameters."""
+    options = [(r, n_params({**overrides, "model.n_layers": r})) for r in range(1, max_repeats + 1)]
+    return min(options, key=lambda o: abs(o[1] - target))
+
+
+def _config_of(run_dir: Path):
+    from pretrain.config import load_config
+
+    return load_config(str(run_dir / "config.yaml"))
+
+
+def train_once(overrides: dict, run_dir: Path, steps: int) -> dict:
+    """Train (or reuse a finished run in ``run_dir``); the run's summary plus wall time."""
+    from pretrain.train import train
+
+    cfg = _config({**overrides, "logging.run_dir": str(run_dir), "train.steps": steps})
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file() and (run_dir / "config.yaml").is_file():
+        s = json.loads(summary_path.read_text())
+        if s.get("steps") == steps and _config_of(run_dir).to_dict() == cfg.to_dict():
+            return s
+    shutil.rmtree(run_dir, ignore_errors=True)
+    t0 = time.perf_counter()
+    s = train(cfg)
+    s["seconds"] = time.perf_counter() - t0
+    summary_path.write_text(json.dumps(s, indent=1))
+    return s
+
+
+def run(args) -> list[dict]:
+    from pretrain.errors import UserError
+    from pretrain.mqar_eval import checkpoint_recall
+
+    out = Path(args.out)
+    data = build_corpus(out)
+    lm_base = {**COMMON, **LM, "data.path": str(data)}
+    mq_base = {**COMMON, "data.task": "mqar", "model.vocab_size": args.mqar_vocab,
+               "data.seq_len": args.mqar_seq_len, "data.mqar.pairs": args.mqar_pairs}
+    target = n_params({**lm_base, "model.pattern": "*-", "model.n_layers": args.dense_layers})
+    rows = []
+    only = set(args.only.split(",")) if args.only else None
+    for name, ov in CANDIDATES:
+        if only and name not in only:
+            continue
+        try:
+            repeats, params = match_layers({**lm_base, **ov}, target)
+        except (UserError, ValueError) as e:  # (ConfigError is a ValueError)
+            print(f"note: skipping {name}: this tree cannot build it ({str(e).splitlines()[0]})", flush=True)
+            continue
+        print(f"{name}: pattern {ov['model.pattern']!r} x{repeats}, {params} parameters "
+              f"(dense: {target})", flush=True)
+        ov = {**ov, "model.n_layers": repeats}
+        lm = train_once({**lm_base, **ov}, out / "runs" / f"lm_{name}", args.steps)
+        mq = train_once({**mq_base, **ov}, out / "runs" / f"mqar_{name}", args.steps)
+        rec, _ = checkpoint_recall(str(out / "runs" / f"mqar_{name}"), samples=256)
+        row = {"arch": name, "pattern": ov["model.pattern"], "repeats": repeats, "params": params,
+               "tokens": lm["tokens"], "val_loss": lm["val_loss"], "mqar_val_loss": mq["val_loss"],
+               "mqar_recall": rec["recall"], "mqar_chance": rec["chance"],
+               "minutes": (lm.get("seconds", 0) + mq.get("seconds", 0)) / 60}
+        print(f"  held-out loss {row['val_loss']:.4f}, MQAR recall {row['mqar_recall']:.3f}", flush=True)
+        rows.append(row)
+    return rows
+
+
+def write_table(rows: list[dict], path: Path, args) -> str:
+    lines = [f"{args.steps} steps x 16 sequences for every run; text: seq 64, 512-token BPE; MQAR: "
+             f"{args.mqar_pairs} pairs, seq {args.mqar_seq_len}, vocab {args.mqar_vocab} "
+             f"(chance {rows[0]['mqar_chance']:.4f}); params: the text model's (the MQAR models differ "
+             f"only in the smaller embedding and head)", "",
+             "| arch | pattern | repeats | params | tokens | held-out loss | MQAR loss | MQAR recall | minutes |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['arch']} | `{r['pattern']}` | {r['repeats']} | {r['params']:,} | {r['tokens']:,} | "
+                     f"{r['val_loss']:.4f} | {r['mqar_val_loss']:.4f} | {r['mqar_recall']:.3f} | "
+                     f"{r['minutes']:.1f} |")
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    return text
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        from pretrain.report import _pyplot
+        plt = _pyplot()
+    except ImportError:
+        print("matplotlib not installed: no plot", flush=True)
+        return
+    names = [r["arch"] for r in rows]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    a1.bar(names, [r["val_loss"] for r in rows], color="tab:blue")
+    a1.set_ylabel("held-out loss (text)")
+    lo = min(r["val_loss"] for r in rows)
+    a1.set_ylim(lo * 0.97, max(r["val_loss"] for r in rows) * 1.01)
+    a2.bar(names, [r["mqar_recall"] for r in rows], color="tab:orange")
+    a2.axhline(rows[0]["mqar_chance"], color="gray", ls="--", lw=1, label="chance")
+    a2.set_ylabel("MQAR recall")
+    a2.set_ylim(0, 1)
+    a2.legend(fontsize=8)
+    for ax in (a1, a2):
+        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle("equal parameters (approx.) and equal training tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    import torch
+
+    torch.set_num_threads(1)  # small models: more threads only spin on a shared CPU
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="runs/bench_sweep_arch")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--dense-layers", type=int, default=2, help="the dense reference's '*-' repeats")
+    ap.add_argument("--mqar-pairs", type=int, default=4)
+    ap.add_argument("--mqar-seq-len", type=int, default=32)
+    ap.add_argument("--mqar-vocab", type=int, default=64)
+    ap.add_argument("--only", default="", help="comma-separated candidate names")
+    args = ap.parse_args()
+    t0 = time.time()
+    rows = run(args)
+    if not rows:
+        print("no candidate could be built", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    print()
+    print(write_table(rows, out / "table.md", args))
+    plot(rows, out / "sweep_arch.png")
+    print(f"wrote {out / 'table.md'} and {out / 'sweep_arch.png'} ({(time.time() - t0) / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
