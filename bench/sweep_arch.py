@@ -28,15 +28,17 @@ sys.path.insert(0, str(ROOT))
 MAMBA = {"model.mamba.d_state": 16, "model.mamba.head_dim": 16, "model.mamba.n_groups": 1,
          "model.mamba.chunk_size": 32}
 MOE = {"model.moe.n_experts": 4, "model.moe.top_k": 2}
+GDN = {"model.gdn.n_heads": 2, "model.gdn.head_k_dim": 16, "model.gdn.head_v_dim": 16, "model.gdn.chunk_size": 16}
+MLA = {"model.mla.kv_lora_rank": 32, "model.mla.qk_nope_head_dim": 16, "model.mla.qk_rope_head_dim": 8,
+       "model.mla.v_head_dim": 16}
 
 # (name, overrides): adding an architecture is one line.
 CANDIDATES = [
     ("dense", {"model.pattern": "*-"}),
     ("mamba2_hybrid", {"model.pattern": "M-M-*-", **MAMBA}),
     ("ladder", {"model.pattern": "*-", "model.residual": "ladder"}),
-    ("gdn_hybrid", {"model.pattern": "G-G-G-*-"}),
-    # MLA attention + MoE MLP; the option name is whatever the MLA branch declares for `*`
-    ("mla_moe", {"model.pattern": "*E", "model.attention.kind": "mla", **MOE}),
+    ("gdn_hybrid", {"model.pattern": "G-G-G-*-", **GDN}),
+    ("mla_moe", {"model.pattern": "*E", "model.attention": "mla", **MLA, **MOE}),
 ]
 
 COMMON = {"model.d_model": 64, "model.n_heads": 4, "model.n_kv_heads": 2, "model.max_seq_len": 128,
