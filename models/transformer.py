@@ -14,49 +14,23 @@ Seams for ``parallel/`` (no-ops on one device):
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 from torch import nn
 
+from models import kinds
 from models.config import ModelConfig
-from models.layers import MLP, Attention, Context, RMSNorm, rope_tables
-
-# kind -> factory(cfg) -> mixer module with forward(x, ctx). Other architectures register here.
-MIXERS: dict[str, Callable[[ModelConfig], nn.Module]] = {
-    "attention": Attention,
-    "mlp": lambda cfg: MLP(cfg.d_model, cfg.ffn_dim),
-}
-
-
-def _register_optional_mixers() -> None:
-    # Imported lazily so the dense model does not depend on them.
-    import importlib
-
-    for kind, path in (("mamba", "models.mamba2:Mamba2Mixer"), ("moe", "models.moe:MoE"),
-                       ("hybrid", "models.hybrid:HybridHeadsMixer")):
-        if kind in MIXERS:
-            continue
-        mod, name = path.split(":")
-        try:
-            MIXERS[kind] = getattr(importlib.import_module(mod), name)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
-
+from models.layers import Context, RMSNorm, rope_tables
 
 class Sublayer(nn.Module):
     """One residual sublayer: input norm, mixer, and (Peri-LN) output norm."""
 
     def __init__(self, kind: str, cfg: ModelConfig):
         super().__init__()
-        if kind not in MIXERS:
-            _register_optional_mixers()
-        if kind not in MIXERS:
-            raise ValueError(f"no implementation for sublayer kind '{kind}'")
+        record = kinds.kind(kind)
         self.kind = kind
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = MIXERS[kind](cfg)
+        self.mixer = record.factory(cfg)
         self.out_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.norm == "peri" else None
 
     def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
@@ -91,7 +65,7 @@ class LanguageModel(nn.Module):
     # ---- forward ----------------------------------------------------------------
     def make_context(self, seq_len: int, device, doc_ids: torch.Tensor | None) -> Context:
         rope = None
-        if self.cfg.position == "rope" and any(l.kind in ("attention", "hybrid") for l in self.layers.values()):
+        if self.cfg.position == "rope" and any(kinds.KINDS[l.kind].uses_rope for l in self.layers.values()):
             rope = rope_tables(self.cfg.dim_head, seq_len, self.cfg.rope_theta, device,
                                scaling=self.cfg.rope_scaling, max_seq_len=self.cfg.max_seq_len)
         return Context(rope=rope, doc_ids=doc_ids)
