@@ -260,10 +260,9 @@ def ladder_sublayers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def deferrable_sublayers(model: nn.Module) -> set[str]:
     """Names of the ladder sublayers whose input-gradient reduction may also be deferred
     (kinds whose tp plan reads a replicated input)."""
-    return {name for name, sub in ladder_sublayers(model) if sub.kind in DEFERRABLE_KINDS}
+    from parallel.tp_plans import TP_PLANS
 
-
-DEFERRABLE_KINDS = {"attention", "mlp", "mamba", "hybrid"}
+    return {name for name, sub in ladder_sublayers(model) if TP_PLANS[sub.kind].ladder_deferrable}
 
 
 def install_input_boundary(sub: nn.Module, idx: int, mesh, sequence_parallel: bool) -> None:

@@ -26,9 +26,9 @@ from models.config import ConfigError, ModelConfig
 from parallel.tp import (
     RowwiseSublayerOutput,
     TPContext,
+    TPPlan,
     _mixer_input,
     _norms,
-    register_tp_plan,
 )
 
 HEAD_PROJ = ("z_proj", "x_proj", "dt_proj")
@@ -108,4 +108,4 @@ def _mamba_plan(sub: nn.Module, ctx: TPContext) -> None:
     local_params_in_forward(sub.mixer, targets)
 
 
-register_tp_plan("mamba", _mamba_plan, _mamba_check)
+PLAN = TPPlan(_mamba_plan, _mamba_check)
