@@ -22,6 +22,7 @@ from models import kinds
 from models.config import ModelConfig
 from models.layers import Context, RMSNorm, rope_tables
 
+
 class Sublayer(nn.Module):
     """One residual sublayer: input norm, mixer, and (Peri-LN) output norm."""
 
