@@ -3,7 +3,8 @@
 The stack is described by ``pattern`` (Megatron-LM hybrid symbols) repeated
 ``n_layers`` times: ``*`` attention, ``-`` SwiGLU MLP, ``M`` Mamba-2 mixer,
 ``E`` MoE MLP, ``P`` parallel attention+Mamba-2 heads (Falcon-H1 style),
-``|`` a pipeline-stage boundary (not a sublayer).
+``|`` a pipeline-stage boundary (not a sublayer). The symbols and each kind's rules
+live in its record in ``models/kinds.py``.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from dataclasses import dataclass, field
 
 from models.fields import ConfigError, check_fields, spec  # noqa: F401  (ConfigError re-exported)
 
-SUBLAYER_SYMBOLS = {"*": "attention", "-": "mlp", "M": "mamba", "E": "moe", "P": "hybrid"}
-SUBLAYER_SYMBOLS["G"] = "gdn"
 STAGE_BOUNDARY = "|"
 
 
@@ -183,12 +182,16 @@ class ModelConfig:
 
     @property
     def sublayer_kinds(self) -> list[str]:
-        return [SUBLAYER_SYMBOLS[c] for c in self.full_pattern if c != STAGE_BOUNDARY]
+        from models.kinds import BY_SYMBOL  # (imports the mixers, which import this module)
+
+        return [BY_SYMBOL[c].name for c in self.full_pattern if c != STAGE_BOUNDARY]
 
     @property
     def mtp_kinds(self) -> list[str]:
         """Sublayer kinds of each multi-token-prediction module's block."""
-        return [SUBLAYER_SYMBOLS[c] for c in self.mtp_pattern if c in SUBLAYER_SYMBOLS]
+        from models.kinds import BY_SYMBOL
+
+        return [BY_SYMBOL[c].name for c in self.mtp_pattern if c in BY_SYMBOL]
 
     @property
     def n_sublayers(self) -> int:
@@ -211,12 +214,14 @@ class ModelConfig:
                 raise ConfigError(f"model.{key}: {msg}")
 
         check_fields(self, "model")  # each field's declared range; below: rules across fields
-        bad = sorted({c for c in self.pattern if c not in SUBLAYER_SYMBOLS and c != STAGE_BOUNDARY})
+        from models.kinds import BY_SYMBOL, present
+
+        bad = sorted({c for c in self.pattern if c not in BY_SYMBOL and c != STAGE_BOUNDARY})
         need(not bad, "pattern", f"unknown symbol(s) {bad}; allowed: "
-             + ", ".join(f"'{k}' {v}" for k, v in SUBLAYER_SYMBOLS.items()) + ", '|' stage boundary")
+             + ", ".join(f"'{k}' {v.name}" for k, v in BY_SYMBOL.items()) + ", '|' stage boundary")
         need(self.n_sublayers > 0, "pattern", "must contain at least one sublayer")
-        bad = sorted({c for c in self.mtp_pattern if c not in SUBLAYER_SYMBOLS})
-        need(not bad, "mtp_pattern", f"unknown symbol(s) {bad}; allowed: {', '.join(SUBLAYER_SYMBOLS)}")
+        bad = sorted({c for c in self.mtp_pattern if c not in BY_SYMBOL})
+        need(not bad, "mtp_pattern", f"unknown symbol(s) {bad}; allowed: {', '.join(BY_SYMBOL)}")
         if not self.head_dim:
             need(self.d_model % self.n_heads == 0, "n_heads",
                  f"{self.n_heads} heads do not divide d_model={self.d_model} (or set model.head_dim)")
@@ -230,36 +235,9 @@ class ModelConfig:
             check_attention_options(self)
         need(0 <= self.ladder_from < max(self.n_sublayers, 1), "ladder_from",
              f"{self.ladder_from} outside 0..{self.n_sublayers - 1}")
-        kinds = set(self.sublayer_kinds) | (set(self.mtp_kinds) if self.mtp_depth else set())
-        mc = self.mamba
-        if "mamba" in kinds or "hybrid" in kinds:
-            need(mc.dt_min <= mc.dt_max, "mamba.dt_min", f"{mc.dt_min} exceeds mamba.dt_max={mc.dt_max}")
-            for name in ("dt_limit", "A_init_range"):
-                lo, hi = getattr(mc, name)
-                need(lo <= hi, f"mamba.{name}", f"low end {lo} exceeds high end {hi}")
-        if "mamba" in kinds:
-            d_inner = mc.expand * self.d_model
-            need(d_inner % mc.head_dim == 0, "mamba.head_dim",
-                 f"{mc.head_dim} does not divide expand*d_model={d_inner}")
-            n_heads = d_inner // mc.head_dim
-            need(n_heads % mc.n_groups == 0, "mamba.n_groups",
-                 f"{mc.n_groups} groups do not divide {n_heads} Mamba heads")
-        if "hybrid" in kinds:
-            hc = self.hybrid
-            need(hc.n_mamba_heads % mc.n_groups == 0, "mamba.n_groups",
-                 f"{mc.n_groups} groups do not divide hybrid.n_mamba_heads={hc.n_mamba_heads}")
-        if "gdn" in kinds:
-            from models.gdn import check_gdn_config
-
-            check_gdn_config(self.gdn)
-        if "moe" in kinds:
-            m = self.moe
-            need(1 <= m.top_k <= m.n_experts, "moe.top_k", f"must be in 1..{m.n_experts}")
-            need(m.n_experts % m.n_groups == 0, "moe.n_groups",
-                 f"{m.n_groups} groups do not divide {m.n_experts} experts")
-            need(1 <= m.topk_groups <= m.n_groups, "moe.topk_groups", f"must be in 1..{m.n_groups}")
-            need(m.top_k <= m.topk_groups * (m.n_experts // m.n_groups), "moe.top_k",
-                 f"{m.top_k} exceeds the {m.topk_groups * (m.n_experts // m.n_groups)} experts in topk_groups groups")
+        for k in present(self):
+            if k.validate is not None:
+                k.validate(self)
         if self.rope_scaling.type != "none":
             from models.rope_scaling import check_rope_scaling
 

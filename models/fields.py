@@ -154,3 +154,9 @@ def _check(key: str, value: Any, tp: Any, sp: Spec) -> None:
     kind = _kind(tp)
     if kind:
         check_value(key, value, sp, kind)
+
+
+def need(cond: bool, key: str, msg: str) -> None:
+    """A rule across fields: raise ``ConfigError("model.<key>: <msg>")`` unless ``cond``."""
+    if not cond:
+        raise ConfigError(f"model.{key}: {msg}")

@@ -20,7 +20,8 @@ from torch import nn
 
 import kernels
 from models.config import ConfigError, ModelConfig
-from models.mamba2 import Mamba2Mixer, mamba_flops_per_token
+from models.fields import need
+from models.mamba2 import Mamba2Mixer, check_ssm_params, mamba_flops_per_token
 
 
 def hybrid_kv_heads(cfg: ModelConfig) -> int:
@@ -64,6 +65,17 @@ class HybridHeadsMixer(nn.Module):
         a = self.attend(x, ctx)
         m = self.mamba.mix(x, doc_ids, shard=ctx.recurrent_shard if ctx is not None else None)
         return self.out_proj(torch.cat([a, m.to(a.dtype)], dim=-1))
+
+
+def check_hybrid(cfg: ModelConfig) -> None:
+    check_ssm_params(cfg)
+    mc, hc = cfg.mamba, cfg.hybrid
+    need(hc.n_mamba_heads % mc.n_groups == 0, "mamba.n_groups",
+         f"{mc.n_groups} groups do not divide hybrid.n_mamba_heads={hc.n_mamba_heads}")
+
+
+def hybrid_attention_heads(cfg: ModelConfig) -> tuple[str, int, int]:
+    return "model.hybrid.n_attn_heads", cfg.hybrid.n_attn_heads, hybrid_kv_heads(cfg)
 
 
 def hybrid_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

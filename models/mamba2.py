@@ -26,6 +26,7 @@ import kernels
 from kernels.ssd import (causal_conv1d, causal_conv1d_step, segment_ids, ssd, ssd_flops, ssd_state_output,
                          ssd_step)
 from models.config import ConfigError, ModelConfig
+from models.fields import need
 
 _IN_PARTS = ("z", "x", "B", "C", "dt")  # Hugging Face in_proj order
 _CONV_PARTS = ("x", "B", "C")
@@ -249,7 +250,27 @@ class Mamba2Mixer(nn.Module):
         return y.unsqueeze(1) if squeeze else y
 
 
-# ---- FLOPs -------------------------------------------------------------------------------
+# ---- config rules and FLOPs (the ``M`` record in models/kinds.py) -------------------------
+
+def check_ssm_params(cfg: ModelConfig) -> None:
+    """Rules every Mamba-2 mixer (``M``, and the SSM heads of ``P``) needs."""
+    mc = cfg.mamba
+    need(mc.dt_min <= mc.dt_max, "mamba.dt_min", f"{mc.dt_min} exceeds mamba.dt_max={mc.dt_max}")
+    for name in ("dt_limit", "A_init_range"):
+        lo, hi = getattr(mc, name)
+        need(lo <= hi, f"mamba.{name}", f"low end {lo} exceeds high end {hi}")
+
+
+def check_mamba(cfg: ModelConfig) -> None:
+    check_ssm_params(cfg)
+    mc = cfg.mamba
+    d_inner = mc.expand * cfg.d_model
+    need(d_inner % mc.head_dim == 0, "mamba.head_dim",
+         f"{mc.head_dim} does not divide expand*d_model={d_inner}")
+    n_heads = d_inner // mc.head_dim
+    need(n_heads % mc.n_groups == 0, "mamba.n_groups",
+         f"{mc.n_groups} groups do not divide {n_heads} Mamba heads")
+
 
 def mamba_flops_per_token(cfg: ModelConfig, seq_len: int, n_heads: int | None = None,
                           out_proj: bool = True) -> float:

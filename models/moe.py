@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import ModelConfig
+from models.fields import need
 from models.layers import MLP
 from models.moe_experts import LocalExpertComm, run_experts
 from models.moe_upcycle import upcycle_dense_state  # noqa: F401  (public API)
@@ -343,6 +344,21 @@ def moe_total_params(cfg: ModelConfig) -> int:
     return _moe_params(cfg, cfg.moe.n_experts)
 
 
+def moe_inactive_params(cfg: ModelConfig) -> int:
+    """Parameters of one MoE sublayer a token does not use (the experts it is not routed to)."""
+    return moe_total_params(cfg) - moe_active_params(cfg)
+
+
+def check_moe(cfg: ModelConfig) -> None:
+    m = cfg.moe
+    need(1 <= m.top_k <= m.n_experts, "moe.top_k", f"must be in 1..{m.n_experts}")
+    need(m.n_experts % m.n_groups == 0, "moe.n_groups",
+         f"{m.n_groups} groups do not divide {m.n_experts} experts")
+    need(1 <= m.topk_groups <= m.n_groups, "moe.topk_groups", f"must be in 1..{m.n_groups}")
+    need(m.top_k <= m.topk_groups * (m.n_experts // m.n_groups), "moe.top_k",
+         f"{m.top_k} exceeds the {m.topk_groups * (m.n_experts // m.n_groups)} experts in topk_groups groups")
+
+
 def moe_flops_per_token(cfg: ModelConfig, seq_len: int = 0) -> float:
     """Forward matmul FLOPs per token of one MoE sublayer (2 per active weight; dropless; the
     top-k weighted sum is elementwise, not counted). ``seq_len`` is unused."""
@@ -354,8 +370,8 @@ def moe_flops_per_token(cfg: ModelConfig, seq_len: int = 0) -> float:
 
 def count_params(cfg: ModelConfig) -> tuple[int, int]:
     """``(total, active per token)`` parameters of the whole model (embeddings included)."""
+    from models.kinds import inactive_params
     from models.transformer import build_model
 
     total = build_model(cfg, init=False).num_params()
-    n_moe = sum(k == "moe" for k in cfg.sublayer_kinds)
-    return total, total - n_moe * (moe_total_params(cfg) - moe_active_params(cfg))
+    return total, total - inactive_params(cfg)

@@ -18,38 +18,14 @@ Seams for ``parallel/`` (no-ops on one device):
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 from torch import nn
 
-from models import mla
 import kernels
+from models import kinds
 from models.config import ModelConfig
-from models.layers import MLP, Context, RMSNorm, rope_tables
-
-# kind -> factory(cfg) -> mixer module with forward(x, ctx). Other architectures register here.
-MIXERS: dict[str, Callable[[ModelConfig], nn.Module]] = {
-    "attention": mla.make_attention,  # model.attention: mha (layers.Attention) or mla
-    "mlp": lambda cfg: MLP(cfg.d_model, cfg.ffn_dim),
-}
-
-
-def _register_optional_mixers() -> None:
-    # Imported lazily so the dense model does not depend on them.
-    import importlib
-
-    for kind, path in (("mamba", "models.mamba2:Mamba2Mixer"), ("moe", "models.moe:MoE"),
-                       ("hybrid", "models.hybrid:HybridHeadsMixer"),
-                       ("gdn", "models.gdn:GatedDeltaNetMixer")):
-        if kind in MIXERS:
-            continue
-        mod, name = path.split(":")
-        try:
-            MIXERS[kind] = getattr(importlib.import_module(mod), name)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
+from models.layers import Context, RMSNorm, rope_tables
 
 
 class Sublayer(nn.Module):
@@ -57,13 +33,10 @@ class Sublayer(nn.Module):
 
     def __init__(self, kind: str, cfg: ModelConfig):
         super().__init__()
-        if kind not in MIXERS:
-            _register_optional_mixers()
-        if kind not in MIXERS:
-            raise ValueError(f"no implementation for sublayer kind '{kind}'")
+        record = kinds.kind(kind)
         self.kind = kind
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = MIXERS[kind](cfg)
+        self.mixer = record.factory(cfg)
         self.out_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.norm == "peri" else None
 
     def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
@@ -109,8 +82,8 @@ class LanguageModel(nn.Module):
         """The forward's Context for a stream of ``seq_len`` local positions."""
         seq_len *= self.stream_shards
         rope = None
-        kinds = [l.kind for l in self.layers.values()] + (self.cfg.mtp_kinds if self.mtp is not None else [])
-        if self.cfg.position == "rope" and any(k in ("attention", "hybrid") for k in kinds):
+        kinds_here = [l.kind for l in self.layers.values()] + (self.cfg.mtp_kinds if self.mtp is not None else [])
+        if self.cfg.position == "rope" and any(kinds.KINDS[k].uses_rope for k in kinds_here):
             rope = rope_tables(self.cfg.rope_dim, seq_len, self.cfg.rope_theta, device,
                                scaling=self.cfg.rope_scaling, max_seq_len=self.cfg.max_seq_len)
         ctx = Context(rope=rope, doc_ids=doc_ids)

@@ -3,5 +3,6 @@
 from parallel.apply import check_layout, parallelize  # noqa: F401
 from parallel.config import ParallelConfig  # noqa: F401
 from parallel.runner import ParallelModel, PipelineModel, lm_loss  # noqa: F401
-from parallel.tp import TP_PLANS, TPContext, reduce_sublayer_output, register_tp_plan  # noqa: F401
+from parallel.tp import TPContext, TPPlan, reduce_sublayer_output  # noqa: F401
+from parallel.tp_plans import TP_PLANS  # noqa: F401
 from parallel.world import MESH_DIMS, World, build_world, init_world, resolve_layout, shutdown_world  # noqa: F401

@@ -134,10 +134,12 @@ def _parallelize_part(part, pcfg, world, ac, ac_every, compile, z_loss, fused_lo
     if world.tp_size > 1:
         from parallel.ladder import apply_ladder, plan_ladder
         from parallel.tp import TPContext, apply_tp
+        from parallel.tp_plans import TP_PLANS
 
         # ladder residual: which reductions overlap (compiled sublayers schedule their own
         # collectives: no deferred input gradients there)
-        ladder = plan_ladder(part, defer_input_grads=not compile)
+        deferrable = set() if compile else {k for k, plan in TP_PLANS.items() if plan.ladder_deferrable}
+        ladder = plan_ladder(part, deferrable)
         apply_tp(part, TPContext(world.mesh["tp"], part.cfg, pcfg.sequence_parallel),
                  fused_head=fused_loss, ladder=ladder)
         if ladder is not None:

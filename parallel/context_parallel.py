@@ -31,6 +31,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 from models.config import ConfigError
+from models.kinds import present
 
 CP_MODES = ("ring", "alltoall")
 # Mamba-2 (M) and P mixers pass recurrent state between cp ranks (parallel/cp_recurrent.py):
@@ -57,19 +58,7 @@ def check_cp_seq(seq_len: int, cp: int) -> None:
 
 def attention_heads(cfg) -> list[tuple[str, int, int]]:
     """(what, query heads, KV heads) of every attention kind in the model."""
-    kinds = set(cfg.sublayer_kinds)
-    out = []
-    if "attention" in kinds:
-        out.append(("model.n_heads", cfg.n_heads, cfg.kv_heads))
-    if "hybrid" in kinds:
-        from models.hybrid import hybrid_kv_heads
-
-        out.append(("model.hybrid.n_attn_heads", cfg.hybrid.n_attn_heads, hybrid_kv_heads(cfg)))
-    return out
-
-
-RECURRENT_KINDS = ("mamba", "hybrid")  # state passing under cp: wired in separately
-RECURRENT_KINDS += ("gdn",)
+    return [k.attention_heads(cfg) for k in present(cfg) if k.attention_heads is not None]
 
 
 def check_cp_model(cfg, pcfg, tp: int = 1) -> None:
@@ -77,7 +66,7 @@ def check_cp_model(cfg, pcfg, tp: int = 1) -> None:
     not part of this module), and all-to-all attention splits each tp rank's heads over cp."""
     if pcfg.cp <= 1:
         return
-    rec = [k for k in RECURRENT_KINDS if k in cfg.sublayer_kinds]
+    rec = [k.name for k in present(cfg) if k.recurrent]
     if rec and not RECURRENT_CP_READY:
         raise ConfigError(f"parallel.cp: context parallel does not support the {'/'.join(rec)} "
                           f"sublayers of model.pattern yet; use cp=1")
@@ -221,12 +210,15 @@ def set_cp_context(ctx, plan: CPPlan, doc_ids: torch.Tensor | None, seq_len: int
 
 def install_cp(model: nn.Module, plan: CPPlan) -> None:
     """Give every forward of ``model`` (a whole model or a pipeline stage) its CP context,
-    and route MoE routing statistics over the cp (x tp) group. Call after tensor parallelism
-    (the ladder's gradient-seam hook, if any, runs first)."""
-    recurrent = any(k in RECURRENT_KINDS for k in model.cfg.sublayer_kinds)
-    model.stream_shards *= plan.size
-    model.context_hooks.append(
-        lambda ctx, seq_len, doc_ids: set_cp_context(ctx, plan, doc_ids, seq_len, recurrent))
+    and route MoE routing statistics over the cp (x tp) group. Call after tensor parallelism (its context wrapper runs inside)."""
+    orig = model.make_context
+    recurrent = any(k.recurrent for k in present(model.cfg))
+
+    def make_context(seq_len, device, doc_ids):
+        n = seq_len * plan.size
+        return set_cp_context(orig(n, device, doc_ids), plan, doc_ids, n, recurrent)
+
+    model.make_context = make_context
     from parallel.tp_moe import _tp_sum
 
     for m in model.modules():

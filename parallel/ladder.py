@@ -78,14 +78,15 @@ class LadderPlan:
                        input_boundary=name in self.input_boundaries)
 
 
-def plan_ladder(model: nn.Module, defer_input_grads: bool = True) -> LadderPlan | None:
+def plan_ladder(model: nn.Module, deferrable_kinds: set[str]) -> LadderPlan | None:
     """The overlap plan of ``model`` under tp (None unless ``model.residual == 'ladder'``,
-    the one place parallel/ reads it). ``defer_input_grads=False`` (compiled sublayers
-    schedule their own collectives) keeps the backward synchronous."""
+    the one place parallel/ reads it). Input-gradient reductions are deferred for the
+    sublayers of ``deferrable_kinds`` (whose tp plan reads a replicated input; none under
+    torch.compile, which schedules a compiled sublayer's collectives itself)."""
     if model.cfg.residual != "ladder":
         return None
     subs = ladder_sublayers(model)
-    deferred = {name for name, sub in subs if sub.kind in DEFERRABLE_KINDS} if defer_input_grads else set()
+    deferred = {name for name, sub in subs if sub.kind in deferrable_kinds}
     return LadderPlan(frozenset(name for name, _ in subs), frozenset(deferred))
 
 
@@ -271,11 +272,6 @@ def ladder_sublayers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     subs = ((name, getattr(sub, "_checkpoint_wrapped_module", sub)) for name, sub in model.layers.items())
     return [(name, sub) for name, sub in subs
             if int(name) >= model.cfg.ladder_from and getattr(sub, "out_norm", None) is None]
-
-
-# kinds whose tp plan reads a replicated input, so their input-gradient reduction may be deferred
-DEFERRABLE_KINDS = {"attention", "mlp", "mamba", "hybrid"}
-DEFERRABLE_KINDS.add("gdn")
 
 
 def _with_grad_seam(ctx, seq_len, doc_ids):

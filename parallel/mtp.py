@@ -123,13 +123,14 @@ def apply_mtp_tp(model: nn.Module, ctx) -> None:
     the 2d -> d projection replicated."""
     from torch.distributed.tensor.parallel import parallelize_module
 
-    from parallel.tp import TP_PLANS, ReplicateOverTP
+    from parallel.tp import ReplicateOverTP
+    from parallel.tp_plans import TP_PLANS
 
     for module in model.mtp:
         for name in ("enorm", "hnorm", "proj", "norm"):
             parallelize_module(getattr(module, name), ctx.mesh, ReplicateOverTP())
         for sub in module.layers.values():
-            TP_PLANS[sub.kind](sub, ctx)
+            TP_PLANS[sub.kind].apply(sub, ctx)
 
 
 def stage_cost(model: nn.Module) -> float:

@@ -8,8 +8,8 @@ column-parallel linears yield local head/feature shards, and the row-parallel
 output projection is reduced by :func:`reduce_sublayer_output` (all-reduce, or
 reduce-scatter along the sequence with SP).
 
-Other sublayer kinds register their plan with :func:`register_tp_plan`, from a module
-``parallel/tp_<kind>.py`` (imported on first use of that kind).
+Each sublayer kind has one :class:`TPPlan` (attention and MLP here, the others in
+``parallel/tp_<kind>.py``), listed by kind name in ``parallel/tp_plans.py``.
 """
 
 from __future__ import annotations
@@ -63,18 +63,14 @@ class TPContext:
         return Shard(1) if self.sequence_parallel else Replicate()
 
 
-# kind -> function(sublayer, ctx) sharding that Sublayer in place
-TP_PLANS: dict[str, Callable[[nn.Module, TPContext], None]] = {}
-# kind -> function(cfg, tp) raising ConfigError when the kind cannot be split tp ways
-TP_CHECKS: dict[str, Callable[[ModelConfig, int], None]] = {}
+@dataclass(frozen=True)
+class TPPlan:
+    """How one sublayer kind is split over tp."""
 
-
-def register_tp_plan(kind: str, plan: Callable[[nn.Module, TPContext], None],
-                     check: Callable[[ModelConfig, int], None] | None = None) -> None:
-    """Add (or replace) the tensor-parallel plan for sublayer ``kind``."""
-    TP_PLANS[kind] = plan
-    if check is not None:
-        TP_CHECKS[kind] = check
+    apply: Callable[[nn.Module, TPContext], None]  # (sublayer, ctx): shard that Sublayer in place
+    check: Callable[[ModelConfig, int], None] | None = None  # (cfg, tp): ConfigError if it cannot split
+    # ladder may defer the input-gradient reduction (the plan reads a replicated input)
+    ladder_deferrable: bool = True
 
 
 # ---- the one place a row-parallel sublayer output is reduced --------------------------
@@ -267,18 +263,8 @@ def _mlp_check(cfg: ModelConfig, tp: int) -> None:
                           f"(model.ffn_hidden)")
 
 
-register_tp_plan("attention", _attention_plan, _attention_check)
-register_tp_plan("mlp", _mlp_plan, _mlp_check)
-
-
-def _import_plan(kind: str) -> None:
-    import importlib
-
-    try:
-        importlib.import_module(f"parallel.tp_{kind}")  # registers itself
-    except ModuleNotFoundError as e:
-        if e.name != f"parallel.tp_{kind}":
-            raise
+ATTENTION_PLAN = TPPlan(_attention_plan, _attention_check)
+MLP_PLAN = TPPlan(_mlp_plan, _mlp_check)
 
 
 def check_tp(cfg: ModelConfig, tp: int) -> None:
@@ -289,14 +275,14 @@ def check_tp(cfg: ModelConfig, tp: int) -> None:
         raise ConfigError(f"parallel.tp: {tp} does not divide model.vocab_size={cfg.vocab_size}")
     if cfg.tie_embeddings:
         raise ConfigError("model.tie_embeddings: not supported with parallel.tp > 1")
+    from parallel.tp_plans import TP_PLANS
+
     for kind in dict.fromkeys(cfg.sublayer_kinds):
-        if kind not in TP_PLANS:
-            _import_plan(kind)
         if kind not in TP_PLANS:
             raise ConfigError(f"parallel.tp: sublayer kind '{kind}' has no tensor-parallel plan; "
                               f"use parallel.tp=1")
-        if kind in TP_CHECKS:
-            TP_CHECKS[kind](cfg, tp)
+        if TP_PLANS[kind].check is not None:
+            TP_PLANS[kind].check(cfg, tp)
 
 
 def apply_tp(model: nn.Module, ctx: TPContext, fused_head: bool = False,
@@ -308,8 +294,10 @@ def apply_tp(model: nn.Module, ctx: TPContext, fused_head: bool = False,
         # vocab-parallel embedding: rows sharded, partial sums reduced into the stream layout
         parallelize_module(model.tok_embeddings, ctx.mesh,
                            RowwiseSublayerOutput(input_layouts=Replicate(), output_layouts=ctx.stream_layout))
+    from parallel.tp_plans import TP_PLANS
+
     for name, sub in model.layers.items():
-        TP_PLANS[sub.kind](sub, ladder.sublayer_context(name, ctx) if ladder is not None else ctx)
+        TP_PLANS[sub.kind].apply(sub, ladder.sublayer_context(name, ctx) if ladder is not None else ctx)
     if model.norm is not None:
         style = SequenceParallel(use_local_output=not fused_head) if sp else ReplicateOverTP()
         parallelize_module(model.norm, ctx.mesh, style)

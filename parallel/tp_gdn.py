@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
 from models.config import ConfigError, ModelConfig
-from parallel.tp import RowwiseSublayerOutput, TPContext, _mixer_input, _norms, register_tp_plan
+from parallel.tp import TPContext, TPPlan, _mixer_input, _norms, sublayer_output
 
 COLUMN = ("q_proj", "k_proj", "v_proj", "z_proj", "a_proj", "b_proj")
 # (submodule path inside the mixer, parameter, placement) of the parameters it uses directly
@@ -78,9 +78,9 @@ def _gdn_plan(sub: nn.Module, ctx: TPContext) -> None:
     plan = _norms(sub, ctx)
     plan["mixer"] = _mixer_input(ctx)
     plan.update({f"mixer.{name}": ColwiseParallel(use_local_output=True) for name in COLUMN})
-    plan["mixer.out_proj"] = RowwiseSublayerOutput(output_layouts=ctx.stream_layout)
+    plan["mixer.out_proj"] = sublayer_output(ctx)
     parallelize_module(sub, ctx.mesh, plan)
     _local_in_forward(sub.mixer, _direct_params(sub.mixer, ctx.mesh))
 
 
-register_tp_plan("gdn", _gdn_plan, _gdn_check)
+PLAN = TPPlan(_gdn_plan, _gdn_check)

@@ -26,7 +26,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_modul
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
 from models.config import ConfigError, ModelConfig
-from parallel.tp import ReplicatedKVHeads, TPContext, _mixer_input, _norms, reduce_sublayer_output, register_tp_plan
+from parallel.tp import ReplicatedKVHeads, TPContext, TPPlan, _mixer_input, _norms, reduce_sublayer_output
 from parallel.tp_mamba import check_mamba_split, local_params_in_forward, mamba_inner_plan, shard_direct_params
 
 
@@ -103,4 +103,4 @@ def _hybrid_plan(sub: nn.Module, ctx: TPContext) -> None:
     local_params_in_forward(sub.mixer, shard_direct_params(sub.mixer.mamba, ctx))
 
 
-register_tp_plan("hybrid", _hybrid_plan, _hybrid_check)
+PLAN = TPPlan(_hybrid_plan, _hybrid_check)

@@ -25,9 +25,9 @@ from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_modul
 from models.config import ConfigError, ModelConfig
 from parallel.tp import (
     TPContext,
+    TPPlan,
     _mixer_input,
     _norms,
-    register_tp_plan,
     sublayer_output,
 )
 
@@ -108,4 +108,4 @@ def _mamba_plan(sub: nn.Module, ctx: TPContext) -> None:
     local_params_in_forward(sub.mixer, targets)
 
 
-register_tp_plan("mamba", _mamba_plan, _mamba_check)
+PLAN = TPPlan(_mamba_plan, _mamba_check)

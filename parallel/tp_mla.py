@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.parallel import parallelize_module
 
 from models.config import ConfigError, ModelConfig
-from parallel.tp import RowwiseSublayerOutput, TPContext, _norms
+from parallel.tp import TPContext, _norms, sublayer_output
 
 COLUMN = ("wq", "wq_b", "wkv_b")  # sharded by heads (dim 0)
 REPLICATED = ("wq_a", "q_norm", "wkv_a", "kv_norm")
@@ -87,7 +87,7 @@ def _stream_input(ctx: TPContext):
 
 def mla_plan(sub: nn.Module, ctx: TPContext) -> None:
     parallelize_module(sub, ctx.mesh, {**_norms(sub, ctx),
-                                       "mixer.wo": RowwiseSublayerOutput(output_layouts=ctx.stream_layout)})
+                                       "mixer.wo": sublayer_output(ctx)})
     mixer = sub.mixer
     mixer.register_forward_pre_hook(_stream_input(ctx))
     targets = []

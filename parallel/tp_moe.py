@@ -22,7 +22,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor
 from torch.distributed.tensor.parallel import parallelize_module
 
-from parallel.tp import TPContext, _norms, register_tp_plan
+from parallel.tp import TPContext, TPPlan, _norms
 
 
 def _local_params(mixer: nn.Module, ctx: TPContext) -> None:
@@ -63,4 +63,4 @@ def _moe_plan(sub: nn.Module, ctx: TPContext) -> None:
         sub.mixer.token_group_sum = partial(_tp_sum, ctx.mesh.get_group())
 
 
-register_tp_plan("moe", _moe_plan)
+PLAN = TPPlan(_moe_plan, ladder_deferrable=False)

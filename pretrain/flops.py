@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from models.config import ModelConfig
+from models.kinds import KINDS
 
 # Dense bf16 peak FLOP/s per device (vendor datasheets, no sparsity).
 PEAK_FLOPS = {
@@ -24,48 +25,10 @@ PEAK_FLOPS = {
 }
 
 
-def attention_score_flops_per_token(cfg: ModelConfig, seq_len: int, n_heads: int | None = None) -> float:
-    """QK^T and AV over the full S x S square (forward)."""
-    h = cfg.n_heads if n_heads is None else n_heads
-    return 2 * 2 * seq_len * cfg.dim_head * h
-
-
-def attention_flops_per_token(cfg: ModelConfig, seq_len: int, n_heads: int | None = None) -> float:
-    d, hd = cfg.d_model, cfg.dim_head
-    h = cfg.n_heads if n_heads is None else n_heads
-    kv = min(cfg.kv_heads, h)
-    proj = 2 * d * hd * (2 * h + 2 * kv)  # q, o and k, v projections
-    return proj + attention_score_flops_per_token(cfg, seq_len, h)
-
-
-def mlp_flops_per_token(cfg: ModelConfig) -> float:
-    return 2 * 3 * cfg.d_model * cfg.ffn_dim
-
-
 def sublayer_flops_per_token(kind: str, cfg: ModelConfig, seq_len: int) -> float:
-    if kind == "attention" and cfg.attention == "mla":
-        from models.mla import mla_flops_per_token
-
-        return mla_flops_per_token(cfg, seq_len)
-    if kind == "attention":
-        return attention_flops_per_token(cfg, seq_len)
-    if kind == "mlp":
-        return mlp_flops_per_token(cfg)
-    if kind == "mamba":
-        from models.mamba2 import mamba_flops_per_token
-
-        return mamba_flops_per_token(cfg, seq_len)
-    if kind == "moe":
-        from models.moe import moe_flops_per_token
-
-        return moe_flops_per_token(cfg, seq_len)
-    if kind == "hybrid":
-        from models.hybrid import hybrid_flops_per_token
-
-        return hybrid_flops_per_token(cfg, seq_len)
-    if kind == "gdn":
-        return __import__("models.gdn", fromlist=["_"]).gdn_flops_per_token(cfg, seq_len)
-    raise ValueError(f"no FLOPs formula for sublayer kind '{kind}'")
+    if kind not in KINDS:
+        raise ValueError(f"no FLOPs formula for sublayer kind '{kind}'")
+    return KINDS[kind].flops_per_token(cfg, seq_len)
 
 
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -82,22 +45,10 @@ def mtp_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return cfg.mtp_depth * (2 * 2 * d * d + block + 2 * d * cfg.vocab_size)
 
 
-def _score_flops(kind: str, cfg: ModelConfig, seq_len: int) -> float:
-    if kind == "attention" and cfg.attention == "mla":
-        from models.mla import mla_score_flops_per_token
-
-        return mla_score_flops_per_token(cfg, seq_len)
-    if kind == "attention":
-        return attention_score_flops_per_token(cfg, seq_len)
-    if kind == "hybrid":
-        return attention_score_flops_per_token(cfg, seq_len, cfg.hybrid.n_attn_heads)
-    return 0.0
-
-
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Forward + backward FLOPs per token (what MFU divides by)."""
-    scores = sum(_score_flops(k, cfg, seq_len) for k in cfg.sublayer_kinds)
-    scores += cfg.mtp_depth * sum(_score_flops(k, cfg, seq_len) for k in cfg.mtp_kinds)
+    scores = sum(KINDS[k].score_flops(cfg, seq_len) for k in cfg.sublayer_kinds)
+    scores += cfg.mtp_depth * sum(KINDS[k].score_flops(cfg, seq_len) for k in cfg.mtp_kinds)
     return 3 * forward_flops_per_token(cfg, seq_len) + 0.5 * scores
 
 

@@ -194,9 +194,9 @@ def test_model_must_divide_layout(model, layout, needle):
 
 
 def test_unknown_sublayer_kind_has_no_tp_plan(monkeypatch):
-    from parallel import tp
+    from parallel import tp, tp_plans
 
-    monkeypatch.delitem(tp.TP_PLANS, "mlp")
+    monkeypatch.delitem(tp_plans.TP_PLANS, "mlp")
     with pytest.raises(ConfigError, match="sublayer kind 'mlp' has no tensor-parallel plan"):
         tp.check_tp(W.model_cfg(), 2)
 

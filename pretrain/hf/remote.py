@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from models.config import ModelConfig
 from pretrain.config import from_dict
@@ -32,26 +33,48 @@ def architecture(mc: ModelConfig) -> dict:
 
         a["rope_scaling"] = rope_scaling_to_hf(mc.rope_scaling)
         a["max_seq_len"] = mc.max_seq_len
-    if "moe" in kinds:
-        from models.moe import expert_width
-
-        m = mc.moe
-        a["moe"] = {"n_experts": m.n_experts, "top_k": m.top_k, "ffn_dim": expert_width(mc),
-                    "score_fn": m.score_fn, "renormalize": m.renormalize, "n_groups": m.n_groups,
-                    "topk_groups": m.topk_groups, "n_shared_experts": m.n_shared_experts,
-                    "shared_expert_gate": m.shared_expert_gate, "router_bias": m.router_bias,
-                    "capacity_factor": m.capacity_factor, "drop_policy": m.drop_policy}
-    if "mamba" in kinds or "hybrid" in kinds:
-        mm = mc.mamba
-        a["mamba"] = {"d_state": mm.d_state, "head_dim": mm.head_dim, "n_groups": mm.n_groups,
-                      "d_conv": mm.d_conv, "n_heads": mm.expand * mc.d_model // mm.head_dim,
-                      "dt_limit": list(mm.dt_limit), "conv_bias": mm.conv_bias}
-    if "hybrid" in kinds:
-        from models.hybrid import hybrid_kv_heads
-
-        a["hybrid"] = {"n_attn_heads": mc.hybrid.n_attn_heads, "n_kv_heads": hybrid_kv_heads(mc),
-                       "n_mamba_heads": mc.hybrid.n_mamba_heads}
+    present = set(kinds)
+    for kind, sections in REMOTE_SECTIONS.items():
+        if kind in present:
+            for key, section in sections:
+                a[key] = section(mc)
     return a
+
+
+def _moe_section(mc: ModelConfig) -> dict:
+    from models.moe import expert_width
+
+    m = mc.moe
+    return {"n_experts": m.n_experts, "top_k": m.top_k, "ffn_dim": expert_width(mc),
+            "score_fn": m.score_fn, "renormalize": m.renormalize, "n_groups": m.n_groups,
+            "topk_groups": m.topk_groups, "n_shared_experts": m.n_shared_experts,
+            "shared_expert_gate": m.shared_expert_gate, "router_bias": m.router_bias,
+            "capacity_factor": m.capacity_factor, "drop_policy": m.drop_policy}
+
+
+def _mamba_section(mc: ModelConfig) -> dict:
+    mm = mc.mamba
+    return {"d_state": mm.d_state, "head_dim": mm.head_dim, "n_groups": mm.n_groups,
+            "d_conv": mm.d_conv, "n_heads": mm.expand * mc.d_model // mm.head_dim,
+            "dt_limit": list(mm.dt_limit), "conv_bias": mm.conv_bias}
+
+
+def _hybrid_section(mc: ModelConfig) -> dict:
+    from models.hybrid import hybrid_kv_heads
+
+    return {"n_attn_heads": mc.hybrid.n_attn_heads, "n_kv_heads": hybrid_kv_heads(mc),
+            "n_mamba_heads": mc.hybrid.n_mamba_heads}
+
+
+# kind -> the (key, builder) sections of ``architecture`` its mixer in the modeling file reads
+# (a new kind adds its entry here and its mixer to ``modeling_pretrain_lm.MIXERS``)
+REMOTE_SECTIONS: dict[str, tuple[tuple[str, Callable[[ModelConfig], dict]], ...]] = {
+    "attention": (),
+    "mlp": (),
+    "moe": (("moe", _moe_section),),
+    "mamba": (("mamba", _mamba_section),),
+    "hybrid": (("mamba", _mamba_section), ("hybrid", _hybrid_section)),
+}
 
 
 class Remote(Arch):

@@ -15,10 +15,10 @@ memory.py and timing.py; this module adds the attention-specific parts:
 from __future__ import annotations
 
 from models.config import ModelConfig
+from models.kinds import KINDS, present
 from pretrain.planner import hardware as hw
 from pretrain.planner.layout import Layout, Recipe, Workload
 
-ATTENTION_LIKE = ("attention", "hybrid")
 
 
 def local_tokens(layout: Layout, wl: Workload) -> float:
@@ -27,12 +27,7 @@ def local_tokens(layout: Layout, wl: Workload) -> float:
 
 def _heads(kind: str, cfg: ModelConfig, tp: int) -> tuple[float, float]:
     """(query heads, KV heads) of one tp rank (KV heads replicated when tp exceeds them)."""
-    if kind == "hybrid":
-        from models.hybrid import hybrid_kv_heads
-
-        h, kv = cfg.hybrid.n_attn_heads, hybrid_kv_heads(cfg)
-    else:
-        h, kv = cfg.n_heads, cfg.kv_heads
+    _, h, kv = KINDS[kind].attention_heads(cfg)
     return h / tp, max(kv / tp, 1.0)
 
 
@@ -44,7 +39,7 @@ def kv_block_bytes(kind: str, cfg: ModelConfig, layout: Layout, wl: Workload, ac
 
 def cp_memory_bytes(cfg: ModelConfig, layout: Layout, wl: Workload, recipe: Recipe) -> float:
     """Transient attention buffers of context parallelism (0 without cp or attention)."""
-    kinds = [k for k in set(cfg.sublayer_kinds) if k in ATTENTION_LIKE]
+    kinds = [k for k in set(cfg.sublayer_kinds) if KINDS[k].attention_heads is not None]
     if layout.cp == 1 or not kinds:
         return 0.0
     best = 0.0
@@ -64,7 +59,7 @@ def cp_attention_comm(kind: str, cfg: ModelConfig, layout: Layout, wl: Workload,
     """(total, exposed) seconds of one attention sublayer's cp communication, forward +
     backward, for one micro-batch; ``fused_fwd``: its attention-kernel forward time."""
     n = layout.cp
-    if n == 1 or kind not in ATTENTION_LIKE:
+    if n == 1 or KINDS[kind].attention_heads is None:
         return 0.0, 0.0
     group = hw.group_for(layout.dims, 3, dev.gpus_per_node)
     if layout.cp_mode == "alltoall":
@@ -104,6 +99,6 @@ def check_cp(cfg: ModelConfig, layout: Layout, wl: Workload) -> str | None:
 def cp_choices(cfg: ModelConfig, wl: Workload, rest: int, long_seq: int = 16384) -> list[int]:
     """cp sizes the layout search tries: only for long sequences (>= ``long_seq`` tokens),
     powers of two dividing the remaining ranks and half the sequence, up to 8."""
-    if wl.seq_len < long_seq or not any(k in ATTENTION_LIKE for k in cfg.sublayer_kinds):
+    if wl.seq_len < long_seq or not any(k.attention_heads is not None for k in present(cfg)):
         return [1]
     return [c for c in (1, 2, 4, 8) if rest % c == 0 and wl.seq_len % (2 * c) == 0]

@@ -5,7 +5,6 @@ activations (estimates in the style of model_stats.py's other kinds)."""
 from __future__ import annotations
 
 from models.config import ModelConfig
-from pretrain.planner.model_stats import Linear
 
 
 def _dims(cfg: ModelConfig):
@@ -13,16 +12,17 @@ def _dims(cfg: ModelConfig):
     return m, cfg.n_heads, m.qk_nope_head_dim + m.qk_rope_head_dim
 
 
-def mla_linears(cfg: ModelConfig) -> list[Linear]:
+def mla_linears(cfg: ModelConfig) -> list[tuple[str, int, int, str]]:
+    """(name, d_in, d_out, tp split) of each GEMM."""
     m, h, qk = _dims(cfg)
     d = cfg.d_model
     if m.q_lora_rank:
-        q = [Linear("wq_a", d, m.q_lora_rank, "rep"), Linear("wq_b", m.q_lora_rank, h * qk, "col")]
+        q = [("wq_a", d, m.q_lora_rank, "rep"), ("wq_b", m.q_lora_rank, h * qk, "col")]
     else:
-        q = [Linear("wq", d, h * qk, "col")]
-    return q + [Linear("wkv_a", d, m.kv_lora_rank + m.qk_rope_head_dim, "rep"),
-                Linear("wkv_b", m.kv_lora_rank, h * (m.qk_nope_head_dim + m.v_head_dim), "col"),
-                Linear("wo", h * m.v_head_dim, d, "row")]
+        q = [("wq", d, h * qk, "col")]
+    return q + [("wkv_a", d, m.kv_lora_rank + m.qk_rope_head_dim, "rep"),
+                ("wkv_b", m.kv_lora_rank, h * (m.qk_nope_head_dim + m.v_head_dim), "col"),
+                ("wo", h * m.v_head_dim, d, "row")]
 
 
 def mla_elementwise_bytes(cfg: ModelConfig, tp: int, a: int) -> float:

@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass
 
 from models.config import ModelConfig
+from models.kinds import KINDS, inactive_params
+from pretrain.planner.kind_costs import COSTS, Linear, heads_split
 
 @dataclass(frozen=True)
 class Param:
@@ -19,38 +21,14 @@ class Param:
     ep_dim: int | None = None  # dim split over expert-parallel ranks (MoE experts)
 
 
-@dataclass(frozen=True)
-class Linear:
-    """One matmul per token: ``[tokens * token_factor, in] @ [in, out]``."""
-
-    name: str
-    d_in: int
-    d_out: int
-    split: str  # col | row | rep | expert
-    token_factor: float = 1.0
-
-
 # ---- parameters ------------------------------------------------------------------------
 
-def _meta_sublayer(kind: str, cfg: ModelConfig):
-    import torch
-
-    from models.transformer import Sublayer
-
-    with torch.device("meta"):
-        return Sublayer(kind, cfg)
-
-
-_SHAPES: dict[tuple[str, str], tuple[tuple[str, tuple[int, ...]], ...]] = {}
-
-
-def _sublayer_shapes(kind: str, cfg: ModelConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """(name, shape) of every parameter of one ``kind`` sublayer (built once on meta)."""
-    key = (kind, repr(cfg))
-    if key not in _SHAPES:
-        sub = _meta_sublayer(kind, cfg)
-        _SHAPES[key] = tuple((n, tuple(p.shape)) for n, p in sub.named_parameters())
-    return _SHAPES[key]
+def _sublayer_shapes(kind: str, cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every parameter of one ``kind`` sublayer, in ``Sublayer``'s order:
+    input norm, the mixer (its record's shapes), Peri-LN output norm."""
+    d = (cfg.d_model,)
+    mixer = [(f"mixer.{n}", shape) for n, shape in KINDS[kind].param_shapes(cfg).items()]
+    return [("norm.weight", d)] + mixer + ([("out_norm.weight", d)] if cfg.norm == "peri" else [])
 
 
 def tp_dim(kind: str, name: str, cfg: ModelConfig, tp: int) -> int | None:
@@ -59,26 +37,13 @@ def tp_dim(kind: str, name: str, cfg: ModelConfig, tp: int) -> int | None:
     if tp <= 1 or parts[0] in ("norm", "out_norm"):
         return None
     leaf = parts[-2] if parts[-1] in ("weight", "bias") and len(parts) >= 3 else parts[-1]
-    if kind == "attention":
-        if leaf in ("wk", "wv"):
-            return 0 if cfg.kv_heads % tp == 0 else None  # replicated KV heads
-        return {"wq": 0, "wo": 1, "wq_b": 0, "wkv_b": 0}.get(leaf)  # (wq_b, wkv_b: MLA)
-    if kind == "mlp":
-        return {"w_gate": 0, "w_up": 0, "w_down": 1}.get(leaf)
-    if kind == "moe":  # parallel/tp_moe.py: token-wise, every parameter replicated over tp
-        return None
-    if kind == "gdn":
-        return __import__("models.gdn").gdn.gdn_tp_dim(leaf)
-    # Kinds without an exact rule here: a Megatron-style split of the mixer by heads
-    # (approximation; the dry run gives exact numbers when a plan is registered).
-    return 1 if leaf in ("out_proj", "w_down") and parts[-1] == "weight" else 0
+    return (COSTS[kind].tp_dim or heads_split)(leaf, parts[-1], cfg, tp)
 
 
 def sublayer_params(kind: str, cfg: ModelConfig, tp: int = 1) -> list[Param]:
     out = []
     for name, shape in _sublayer_shapes(kind, cfg):
-        ep = 0 if kind == "moe" and name.rsplit(".", 1)[-1] in ("w_gate", "w_up", "w_down") \
-            and len(shape) == 3 else None
+        ep = 0 if name.rsplit(".", 1)[-1] in COSTS[kind].expert_params and len(shape) == 3 else None
         td = None if ep is not None else tp_dim(kind, name, cfg, tp)
         out.append(Param(name, shape, td, ep))
     return out
@@ -138,59 +103,15 @@ def total_params(cfg: ModelConfig) -> int:
 
 def active_params(cfg: ModelConfig) -> int:
     """Parameters one token uses (MoE: router, top-k and shared experts only)."""
-    n = total_params(cfg)
-    if "moe" in cfg.sublayer_kinds:
-        from models.moe import moe_active_params, moe_total_params
-
-        n -= cfg.sublayer_kinds.count("moe") * (moe_total_params(cfg) - moe_active_params(cfg))
-    return n
+    return total_params(cfg) - inactive_params(cfg)
 
 
 # ---- linears and element-wise traffic ---------------------------------------------------
 
 def linears(kind: str, cfg: ModelConfig, tp: int = 1) -> list[Linear]:
-    d, hd = cfg.d_model, cfg.dim_head
-    kv_split = "col" if cfg.kv_heads % max(tp, 1) == 0 else "rep"
-    if kind == "attention" and cfg.attention == "mla":
-        from pretrain.planner.mla_stats import mla_linears
-
-        return mla_linears(cfg)
-    if kind == "attention":  # (attn_output_gate: wq also yields the gate)
-        return [Linear("wq", d, cfg.n_heads * hd * (2 if cfg.attn_output_gate else 1), "col"), Linear("wk", d, cfg.kv_heads * hd, kv_split),
-                Linear("wv", d, cfg.kv_heads * hd, kv_split), Linear("wo", cfg.n_heads * hd, d, "row")]
-    if kind == "mlp":
-        f = cfg.ffn_dim
-        return [Linear("w_gate", d, f, "col"), Linear("w_up", d, f, "col"), Linear("w_down", f, d, "row")]
-    if kind == "moe":
-        from models.moe import expert_width
-
-        m, fe = cfg.moe, expert_width(cfg)
-        out = [Linear("router", d, m.n_experts, "rep"),
-               Linear("experts.w_gate", d, fe, "expert", m.top_k),
-               Linear("experts.w_up", d, fe, "expert", m.top_k),
-               Linear("experts.w_down", fe, d, "expert", m.top_k)]
-        if m.n_shared_experts:
-            fs = fe * m.n_shared_experts
-            out += [Linear("shared.w_gate", d, fs, "col"), Linear("shared.w_up", d, fs, "col"),
-                    Linear("shared.w_down", fs, d, "row")]
-        return out
-    if kind == "gdn":
-        return [Linear(*t) for t in __import__("models.gdn").gdn.gdn_linears(cfg)]
-    if kind in ("mamba", "hybrid"):
-        mc = cfg.mamba
-        H = mc.expand * d // mc.head_dim if kind == "mamba" else cfg.hybrid.n_mamba_heads
-        di, gn = H * mc.head_dim, mc.n_groups * mc.d_state
-        out = [Linear("z_proj", d, di, "col"), Linear("x_proj", d, di, "col"),
-               Linear("B_proj", d, gn, "col"), Linear("C_proj", d, gn, "col"),
-               Linear("dt_proj", d, H, "col")]
-        if kind == "mamba":
-            return out + [Linear("out_proj", di, d, "row")]
-        from models.hybrid import hybrid_kv_heads
-
-        na, kv = cfg.hybrid.n_attn_heads, hybrid_kv_heads(cfg)
-        return out + [Linear("wq", d, na * hd, "col"), Linear("wk", d, kv * hd, "col"),
-                      Linear("wv", d, kv * hd, "col"), Linear("out_proj", na * hd + di, d, "row")]
-    raise ValueError(f"planner: no GEMM model for sublayer kind '{kind}'")
+    if kind not in COSTS:
+        raise ValueError(f"planner: no GEMM model for sublayer kind '{kind}'")
+    return COSTS[kind].linears(cfg, tp)
 
 
 def local_dims(lin: Linear, tp: int) -> tuple[int, int]:
@@ -223,30 +144,7 @@ def elementwise_bytes_per_token(kind: str, cfg: ModelConfig, tp: int, sp: bool,
     common = d * (8 * s + 3 * a) / (tp if sp else 1)
     if cfg.norm == "peri":
         common *= 1.5
-    hd = cfg.dim_head
-    if kind == "attention" and cfg.attention == "mla":
-        from pretrain.planner.mla_stats import mla_elementwise_bytes
-
-        extra = mla_elementwise_bytes(cfg, tp, a)
-    elif kind == "attention":
-        extra = 4 * (cfg.n_heads + cfg.kv_heads) * hd * a / tp
-        extra += 4 * cfg.n_heads * hd * a / tp if cfg.attn_output_gate else 0  # sigmoid, product
-    elif kind == "mlp":
-        extra = 8 * cfg.ffn_dim * a / tp
-    elif kind == "moe":
-        from models.moe import expert_width
-
-        m = cfg.moe
-        extra = m.top_k * (8 * d + 8 * expert_width(cfg)) * a + 8 * m.n_shared_experts * expert_width(cfg) * a / tp
-    elif kind == "gdn":
-        extra = __import__("models.gdn").gdn.gdn_elementwise_elems(cfg) * a / tp
-    else:  # mamba / hybrid: conv, SiLU, gating and grouped norm over d_inner
-        mc = cfg.mamba
-        H = mc.expand * d // mc.head_dim if kind == "mamba" else cfg.hybrid.n_mamba_heads
-        extra = 12 * H * mc.head_dim * a / tp
-        if kind == "hybrid":
-            extra += 4 * 2 * cfg.hybrid.n_attn_heads * hd * a / tp
-    return common + extra
+    return common + COSTS[kind].elementwise(cfg, tp, a)
 
 
 def activation_bytes_per_token(kind: str, cfg: ModelConfig, tp: int, sp: bool,
@@ -261,53 +159,13 @@ def activation_bytes_per_token(kind: str, cfg: ModelConfig, tp: int, sp: bool,
 
 def widest_per_token(kind: str, cfg: ModelConfig, tp: int) -> float:
     """Elements per token of a sublayer's widest intermediate (per tp rank)."""
-    d = cfg.d_model
-    if kind == "mlp":
-        return cfg.ffn_dim / tp
-    if kind == "moe":
-        from models.moe import expert_width
-
-        return max(cfg.moe.top_k * expert_width(cfg), d)
-    if kind == "attention" and cfg.attention == "mla":
-        from pretrain.planner.mla_stats import mla_widest
-
-        return mla_widest(cfg, tp)
-    if kind == "attention":
-        return max(cfg.n_heads * cfg.dim_head / tp, d)
-    if kind == "gdn":
-        return __import__("models.gdn").gdn.gdn_widest(cfg) / tp
-    mc = cfg.mamba
-    H = mc.expand * d // mc.head_dim if kind == "mamba" else cfg.hybrid.n_mamba_heads
-    return max(H * mc.head_dim / tp, d)
+    return COSTS[kind].widest(cfg, tp)
 
 
 def _reference_extra(kind: str, cfg: ModelConfig, tp: int, sp: bool, a: int) -> float:
     """What ``kernels/reference.py`` keeps on top of fused kernels, per token."""
-    d, hd = cfg.d_model, cfg.dim_head
-    extra = d * 4 / (tp if sp else 1)  # RMSNorm's fp32 x * rsqrt (its weight gradient needs it)
-    if kind == "attention" and cfg.attention == "mla":
-        from pretrain.planner.mla_stats import mla_reference_extra
-
-        extra += mla_reference_extra(cfg)
-    elif kind == "attention":
-        extra += 2 * (cfg.n_heads - cfg.kv_heads) * hd * a / tp  # K, V repeated per query head
-    elif kind == "mlp":
-        extra += cfg.ffn_dim * a / tp  # silu(gate)
-    elif kind == "moe":
-        from models.moe import expert_width
-
-        extra += (cfg.moe.top_k + cfg.moe.n_shared_experts / tp) * expert_width(cfg) * a
-    elif kind == "gdn":
-        extra += __import__("models.gdn").gdn.gdn_reference_bytes(cfg) / tp
-    elif kind in ("mamba", "hybrid"):
-        # kernels/ssd.py's chunked scan in fp32: the decay and score matrices and the
-        # einsums' copies of them (4 x H x chunk), x*dt, its einsum copy, y before D and the
-        # state inputs (4 x H x P), the chunk states and their copy (2 x H x P x N / chunk)
-        mc = cfg.mamba
-        H = (mc.expand * d // mc.head_dim if kind == "mamba" else cfg.hybrid.n_mamba_heads) / tp
-        extra += 4 * (4 * H * mc.chunk_size + 4 * H * mc.head_dim
-                      + 2 * H * mc.head_dim * mc.d_state / mc.chunk_size)
-    return extra
+    extra = cfg.d_model * 4 / (tp if sp else 1)  # RMSNorm's fp32 x * rsqrt (its weight gradient needs it)
+    return extra + COSTS[kind].reference(cfg, tp, a)
 
 
 def _fused_activation_bytes(kind: str, cfg: ModelConfig, tp: int, sp: bool, stream_bytes: int,
@@ -316,33 +174,9 @@ def _fused_activation_bytes(kind: str, cfg: ModelConfig, tp: int, sp: bool, stre
     stream = d * stream_bytes / (tp if sp else 1)  # the sublayer input (norm backward)
     # the mixer input: gathered to full length with sp, unless saved sharded
     normed = d * a / (tp if sp and sp_sharded_input else 1)
-    hd = cfg.dim_head
     if cfg.norm == "peri":
         stream += d * a
-    if kind == "attention" and cfg.attention == "mla":
-        from pretrain.planner.mla_stats import mla_activation_bytes
-
-        return stream + normed + mla_activation_bytes(cfg, tp, a)
-    if kind == "attention":
-        qkv = (cfg.n_heads + 2 * cfg.kv_heads) * hd * a / tp
-        qkv += cfg.n_heads * hd * a / tp if cfg.attn_output_gate else 0  # the gate
-        out = cfg.n_heads * hd * a / tp + cfg.n_heads * 4 / tp  # output + logsumexp
-        return stream + normed + qkv + out
-    if kind == "mlp":
-        return stream + normed + 3 * cfg.ffn_dim * a / tp
-    if kind == "moe":
-        from models.moe import expert_width
-
-        m, fe = cfg.moe, expert_width(cfg)
-        routed = m.top_k * (2 * d + 3 * fe) * a + m.n_experts * 4 * 2
-        shared = 3 * fe * m.n_shared_experts * a / tp
-        return stream + normed + routed + shared
-    if kind == "gdn":
-        return stream + normed + __import__("models.gdn").gdn.gdn_saved_bytes(cfg, a) / tp
-    mc = cfg.mamba
-    H = mc.expand * d // mc.head_dim if kind == "mamba" else cfg.hybrid.n_mamba_heads
-    di, gn = H * mc.head_dim, mc.n_groups * mc.d_state
-    ssm = (5 * di + 4 * gn + 2 * H) * a / tp + H * mc.head_dim * mc.d_state * 4 / (mc.chunk_size * tp)
-    if kind == "hybrid":
-        ssm += (cfg.hybrid.n_attn_heads * 2 + 2 * cfg.kv_heads) * hd * a / tp
-    return stream + normed + ssm
+    total = stream + normed
+    for term in COSTS[kind].saved(cfg, tp, a):
+        total += term
+    return total

@@ -8,13 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from models.config import ModelConfig
+from models.kinds import KINDS
 from pretrain.flops import train_flops_per_token
 from pretrain.planner import hardware as hw
 from pretrain.planner import model_stats as ms
 from pretrain.planner.layout import Layout, Recipe, Workload
 from pretrain.planner.memory import local_param_counts, split
 
-ATTENTION_LIKE = ("attention", "hybrid")  # fused kernels with a causal score matrix
 
 
 @dataclass
@@ -67,7 +67,7 @@ def sublayer_time(kind: str, checkpointed: bool, cfg: ModelConfig, layout: Layou
         gemm_f += f
         gemm_b += b
     fused = ms.fused_flops_per_token(kind, cfg, wl.seq_len) * tokens / tp
-    if kind in ATTENTION_LIKE and dev.causal_skip:
+    if KINDS[kind].attention_heads is not None and dev.causal_skip:  # fused causal score matrix
         fused *= 0.5
     fused_f = fused / (dev.peak_flops * dev.attention_efficiency)
     elem = hw.memory_time(ms.elementwise_bytes_per_token(kind, cfg, tp, layout.sp, recipe.stream_bytes,
