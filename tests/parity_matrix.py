@@ -44,7 +44,7 @@ EXTRAS = [
     {"name": "dense_tp4_replicated_kv", "layout": {"tp": 4, "dp_shard": 1}},
     {"name": "ladder_tp2_ac", "family": "ladder", "layout": TP2, "kw": {"ac": "full"}},
     {"name": "ladder_tp2_compile", "family": "ladder", "layout": TP2, "kw": {"compile": True}},
-    {"name": "ladder_from1_pp2", "family": "ladder", "model": {"ladder_from": 1}, "layout": {"pp": 2, "dp_shard": 1}},
+    {"ci": False, "name": "ladder_from1_pp2", "family": "ladder", "model": {"ladder_from": 1}, "layout": {"pp": 2, "dp_shard": 1}},
     {"name": "ladder_from2_tp2", "family": "ladder", "model": {"ladder_from": 2}, "layout": TP2},
     {"name": "ladder_moe_tp2_sp", "family": "moe", "model": {"residual": "ladder"}, "layout": SP},
     {"name": "mamba_ladder_tp2_sp", "family": "mamba", "model": {"residual": "ladder"}, "layout": SP},
@@ -52,7 +52,7 @@ EXTRAS = [
     {"name": "gdn_ladder_tp2_sp", "family": "gdn", "model": {"residual": "ladder"}, "layout": SP},
     {"name": "gdn_dp_shard2_pp2", "family": "gdn", "layout": {"dp_shard": 2, "pp": 2}},
     {"name": "moe_ep2_edp2_micro1", "family": "moe", "layout": {"dp_shard": 4, "ep": 2}, "micro": 1},
-    {"name": "deepseek_ep2", "family": "deepseek", "layout": EP2},
+    {"ci": False, "name": "deepseek_ep2", "family": "deepseek", "layout": EP2},
     {"name": "deepseek_ep2_tp2_sp", "family": "deepseek", "layout": {**EP2, **SP, "dp_shard": 2}},
     {"name": "deepseek_ep2_pp2", "family": "deepseek", "layout": {**EP2, "pp": 2}},
     # bf16 compute against the fp32 reference (tests/test_parity.py: bf16 tolerances)
@@ -62,12 +62,12 @@ EXTRAS = [
     {"name": "moe_ep2_bf16", "family": "moe", "layout": {**EP2, "mixed_precision": "bf16"}, "probe_reduce": True},
     # multi-head latent attention (heads split over tp, latents replicated) and the
     # standard attention's options (gate split with its head, qk_norm replicated)
-    {"name": "mla_tp2", "family": "mla", "layout": TP2},
+    {"ci": False, "name": "mla_tp2", "family": "mla", "layout": TP2},
     {"name": "mla_tp2_sp_dp_shard2", "family": "mla", "layout": {**SP, "dp_shard": 2}},
     {"name": "mla_pp2", "family": "mla", "layout": {"pp": 2, "dp_shard": 1}},
-    {"name": "mla_ladder_tp2", "family": "mla", "model": {"residual": "ladder"}, "layout": TP2},
+    {"ci": False, "name": "mla_ladder_tp2", "family": "mla", "model": {"residual": "ladder"}, "layout": TP2},
     {"name": "attn_opts_tp2_sp", "family": "attn_opts", "layout": SP},
-    {"name": "attn_opts_tp4_replicated_kv", "family": "attn_opts", "layout": {"tp": 4, "dp_shard": 1}},
+    {"ci": False, "name": "attn_opts_tp4_replicated_kv", "family": "attn_opts", "layout": {"tp": 4, "dp_shard": 1}},
 ]
 
 
@@ -138,9 +138,13 @@ def all_jobs() -> list[dict]:
     return jobs + extras()
 
 
-def extras() -> list[dict]:
+def extras(ci: bool = False) -> list[dict]:
+    """The named variants (``ci``: only those CI runs; the others repeat a CI job's layout
+    and model up to one option)."""
     out = []
     for j in EXTRAS:
+        if ci and not j.get("ci", True):
+            continue
         layout = {"dp_shard": 1, **j["layout"]}
         job = {"family": "dense", **j, "layout": layout, "world": world_of(layout)}
         refusal = expected_refusal(layout, job["family"])
@@ -163,4 +167,4 @@ def ci_jobs() -> list[dict]:
             turn["ep" in c] += 1
         out.append(_job(fam, c))
     out += [_job("dense", WIDE[0]), _job("moe", WIDE_MOE[0]), _job("moe", ("tp", "pp_1f1b"))]
-    return out + extras()
+    return out + extras(ci=True)
