@@ -19,6 +19,7 @@ import parallel
 from models.config import ConfigError
 from models.transformer import build_model
 from parallel.runner import Runner
+from parallel.world import World
 from pretrain import checkpoint as ckpt
 from pretrain.async_ckpt import AsyncSaver
 from pretrain.config import Config, _plain
@@ -145,7 +146,7 @@ class Run:
     """A built run: its runner, optimizer, scheduler and data, and where it stands."""
 
     cfg: Config
-    world: object
+    world: World
     run_dir: Path
     config_text: str  # the resolved config, as written to <run_dir>/config.yaml
     n_params: int
