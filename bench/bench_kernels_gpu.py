@@ -68,8 +68,6 @@ def _cases(tokens: int, dim: int, dtype, device: str):
     return [
         ("rms_norm", lambda: [r(N, D), r(D, dt=torch.float32)],
          lambda k, x, w: k.rms_norm(x, w, 1e-5), 2 * N * D * e, 3 * N * D * e),
-        ("add_rms_norm", lambda: [r(N, D), r(N, D), r(D, dt=torch.float32)],
-         lambda k, x, res, w: k.add_rms_norm(x, res, w, 1e-5), 4 * N * D * e, 5 * N * D * e),
         ("gated_rms_norm", lambda: [r(N, 2 * D), r(N, 2 * D), r(2 * D, dt=torch.float32)],
          lambda k, x, z, w: k.gated_rms_norm(x, z, w, 1e-5, gsize), 3 * N * 2 * D * e, 5 * N * 2 * D * e),
         ("apply_rotary", lambda: [r(B, S, heads, hd), r(B, S, kv_heads, hd)],

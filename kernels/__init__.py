@@ -1,6 +1,6 @@
 """Fused ops. The model calls ops only through this module; see ``kernels.dispatch``.
 
-``configure(backend=..., overrides={...})`` sets the per-op choice from the run config,
+``configure(backend=...)`` sets the choice from the run config,
 ``available()`` reports which optional accelerators are installed, and
 ``backend_for(op, device)`` says which implementation an op will use.
 """
@@ -8,7 +8,6 @@
 from kernels.dispatch import (  # noqa: F401
     BACKENDS,
     OPS,
-    add_rms_norm,
     apply_rotary,
     attention,
     available,

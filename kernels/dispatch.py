@@ -4,9 +4,8 @@
 Which backend an op uses, first match wins:
 1. env ``PRETRAIN_KERNEL_<OP>`` (e.g. ``PRETRAIN_KERNEL_RMS_NORM=reference``),
 2. env ``PRETRAIN_KERNELS``,
-3. ``configure(overrides={op: backend})`` (the trainer's config key),
-4. ``configure(backend=...)``,
-5. ``auto``.
+3. ``configure(backend=...)`` (the trainer's ``train.kernels``),
+4. ``auto``.
 ``auto`` picks vendor, then Triton, on CUDA when importable, and the reference on
 CPU. A global ``triton``/``vendor`` applies to the ops that have such an implementation
 (the others stay ``auto``); forcing one op to a path it lacks, or to one that cannot run
@@ -31,7 +30,6 @@ BACKENDS = ("auto", "reference", "triton", "vendor")
 # op -> implementations besides the reference
 OPS: dict[str, tuple[str, ...]] = {
     "rms_norm": ("triton",),
-    "add_rms_norm": ("triton",),
     "gated_rms_norm": ("triton",),
     "apply_rotary": ("triton",),
     "swiglu": ("triton",),
@@ -40,13 +38,13 @@ OPS: dict[str, tuple[str, ...]] = {
     "attention": ("vendor",),
 }
 _TRITON_MODULE = {
-    "rms_norm": "norms", "add_rms_norm": "norms", "gated_rms_norm": "norms",
+    "rms_norm": "norms", "gated_rms_norm": "norms",
     "apply_rotary": "rotary", "swiglu": "swiglu",
     "cross_entropy": "cross_entropy", "linear_cross_entropy": "cross_entropy",
 }
 ENV_ALL = "PRETRAIN_KERNELS"
 
-_config: dict = {"backend": "auto", "overrides": {}}
+_config: dict = {"backend": "auto"}
 _cache: dict[tuple[str, str], Callable] = {}
 
 
@@ -88,15 +86,9 @@ def _check_backend(name: str, where: str) -> str:
     return b
 
 
-def configure(backend: str = "auto", overrides: dict[str, str] | None = None) -> None:
+def configure(backend: str = "auto") -> None:
     """Set the config-level choice (env vars still win) and forget cached choices."""
-    ov = {}
-    for op, b in (overrides or {}).items():
-        if op not in OPS:
-            raise ValueError(f"kernel override '{op}': unknown op (ops: {', '.join(OPS)})")
-        ov[op] = _check_backend(b, f"kernel override '{op}'")
     _config["backend"] = _check_backend(backend, "kernels backend")
-    _config["overrides"] = ov
     _cache.clear()
 
 
@@ -106,8 +98,6 @@ def _requested(op: str) -> tuple[str, str, bool]:
         return _check_backend(os.environ[env_key(op)], env_key(op)), env_key(op), True
     if os.environ.get(ENV_ALL):
         return _check_backend(os.environ[ENV_ALL], ENV_ALL), ENV_ALL, False
-    if op in _config["overrides"]:
-        return _config["overrides"][op], f"kernel override '{op}'", True
     return _config["backend"], "kernels backend", False
 
 
@@ -191,10 +181,6 @@ def _impl_for(op: str, t: torch.Tensor) -> Callable:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _impl_for("rms_norm", x)(x, weight, eps)
-
-
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
-    return _impl_for("add_rms_norm", x)(x, residual, weight, eps)
 
 
 def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float,

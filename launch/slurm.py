@@ -33,6 +33,7 @@ import subprocess
 import time
 
 from launch.common import STATUS_FILE_ENV, TORCHRUN_SIGNALS, TrainJob, python
+from pretrain.cliargs import sbatch_extra, sbatch_value
 from pretrain.errors import UserError
 
 # Documented defaults; each can be overridden by exporting the variable before submitting
@@ -86,14 +87,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
 
 
-def _sbatch_value(name: str, value: str) -> str:
-    value = str(value)
-    if not value or any(c in value for c in '"\\\n\r\0'):
-        raise UserError(f"{name}: {value!r} cannot be passed to sbatch (empty, or holds a double "
-                        f"quote, backslash or line break)")
-    return f'"{value}"'
-
-
 def sbatch_options(args, job: TrainJob) -> list[str]:
     """The ``#SBATCH`` lines."""
     if args.nodes < 1:
@@ -109,7 +102,7 @@ def sbatch_options(args, job: TrainJob) -> list[str]:
     if "/" in name:
         raise UserError(f"--job-name: {name!r} must not contain '/' (it names the log file)")
     out = str(job.run_dir / "slurm").replace("%", "%%") + "/%x-%j.out"
-    opts = [f"--job-name={_sbatch_value('--job-name', name)}",
+    opts = [f"--job-name={sbatch_value('--job-name', name)}",
             f"--nodes={args.nodes}",
             "--ntasks-per-node=1"]
     if args.gpus_per_node:
@@ -119,24 +112,14 @@ def sbatch_options(args, job: TrainJob) -> list[str]:
     for key in ("partition", "account", "time", "qos", "constraint", "mem"):
         value = getattr(args, key)
         if value is not None:
-            opts.append(f"--{key}={_sbatch_value('--' + key, value)}")
+            opts.append(f"--{key}={sbatch_value('--' + key, value)}")
     if args.exclusive:
         opts.append("--exclusive")
     opts += ["--requeue", f"--signal=B:USR1@{args.grace}", "--open-mode=append",
-             f"--output={_sbatch_value('run directory', out)}",
-             f"--chdir={_sbatch_value('working directory', str(job.workdir))}"]
+             f"--output={sbatch_value('run directory', out)}",
+             f"--chdir={sbatch_value('working directory', str(job.workdir))}"]
     opts += [sbatch_extra(extra) for extra in args.sbatch]
     return opts
-
-
-def sbatch_extra(extra: str) -> str:
-    """One ``--sbatch`` value as a quoted ``#SBATCH`` option (UserError naming it if unusable)."""
-    if not extra.startswith("--"):
-        raise UserError(f"--sbatch {extra!r}: expected an sbatch long option such as --reservation=x")
-    key, sep, value = extra.partition("=")
-    if not key[2:].replace("-", "").isalnum():
-        raise UserError(f"--sbatch {extra!r}: not an sbatch option name")
-    return f"{key}={_sbatch_value(key, value)}" if sep else key
 
 
 def render(args, job: TrainJob, env: dict[str, str]) -> str:

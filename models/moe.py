@@ -8,11 +8,11 @@ Seams (all no-ops on one device):
   local expert range ``self.local_experts``; expert weights are 3-D ``[E, ...]`` so dim 0
   can be sharded.
 - aux losses: each forward sets ``self.aux_loss`` (of the whole micro-batch, also when
-  sequence parallel splits its tokens over ranks: ``self.token_group_sum``); the trainer adds
-  ``collect_aux_losses(model)`` to the loss. For schedules where the trainer cannot see each
-  forward (pipeline parallel), set ``aux_loss_mode = "attach"``: the aux loss gradient is
-  then injected through the sublayer's output in backward and ``collect_aux_losses``
-  skips that module.
+  sequence parallel splits its tokens over ranks: ``self.token_group_sum``). The runner
+  sums every module's ``aux_loss`` into the micro-batch's loss (``parallel.runner.aux_losses``);
+  under pipeline parallel, where the loss lives on the last stage only, a forward hook on
+  each stage injects the stage's sum through the stage output's backward
+  (``parallel.pipeline.attach_aux_losses``).
 - aux-loss-free balancing (DeepSeek-V3): training forwards add selection counts to the
   ``tokens_per_expert`` buffer. After each optimizer step the trainer calls
   ``update_expert_biases(model, all_reduce)``, which pops every layer's counts
@@ -82,20 +82,6 @@ def assign_slots(idx: torch.Tensor, priority: torch.Tensor, n_experts: int,
     return order[rank < capacity], counts.clamp(max=capacity)
 
 
-class _AttachAux(torch.autograd.Function):
-    """Identity on ``y`` whose backward also sends ``scale`` as the gradient of ``aux``."""
-
-    @staticmethod
-    def forward(ctx, y, aux, scale: float):
-        ctx.scale = scale
-        ctx.aux_shape = aux.shape
-        return y.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, torch.full(ctx.aux_shape, ctx.scale, device=g.device, dtype=torch.float32), None
-
-
 def _in_backward() -> bool:
     # True while activation checkpointing recomputes the forward inside backward.
     return torch._C._current_graph_task_id() != -1
@@ -103,9 +89,6 @@ def _in_backward() -> bool:
 
 class MoE(nn.Module):
     """Routed SwiGLU experts (+ optional shared experts). ``forward(x, ctx) -> y``."""
-
-    aux_loss_mode = "collect"  # collect | attach (see the module docstring)
-    aux_loss_scale = 1.0  # attach mode: gradient scale of the aux loss (e.g. 1/microbatches)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -201,9 +184,6 @@ class MoE(nn.Module):
         else:
             slots = out.new_zeros(T * k, out.shape[-1]).index_copy(0, order, out)
         self._set_aux(logits, scores, idx, counts, shape[0] if x.dim() == 3 else 1)
-        if self.aux_loss_mode == "attach" and torch.is_grad_enabled():
-            # on the [T, k] weights: every output depends on them, and they are small to copy
-            weights = _AttachAux.apply(weights, self.aux_loss, float(self.aux_loss_scale))
         # The weighted sum computed directly in the output's shape: the sublayer must not
         # return a view (FSDP2 drops its pre-backward hook on views modified in place).
         w = weights.to(slots.dtype).view(*shape[:-1], k, 1)
@@ -283,17 +263,6 @@ class MoE(nn.Module):
 
 def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, MoE)]
-
-
-def collect_aux_losses(model: nn.Module) -> torch.Tensor:
-    """Sum of the last forward's aux losses over all MoE sublayers (0 without any).
-    Call after each forward and add to that forward's loss before backward."""
-    losses = [m.aux_loss for _, m in moe_layers(model)
-              if m.aux_loss is not None and m.aux_loss_mode == "collect"]
-    if losses:
-        return torch.stack([l.float() for l in losses]).sum()
-    p = next(model.parameters(), None)
-    return torch.zeros((), device=p.device if p is not None else "cpu")
 
 
 def update_expert_biases(model: nn.Module, all_reduce=None) -> None:

@@ -15,7 +15,8 @@ from parallel.config import ParallelConfig
 from parallel.fsdp import apply_data_parallel
 from parallel.head import make_fused_head, route_inputs
 from parallel.init import is_meta, materialize
-from parallel.runner import ParallelModel, PipelineModel
+from parallel.pipeline import PipelineModel
+from parallel.runner import ParallelModel
 from parallel.world import World
 
 

@@ -2,11 +2,11 @@
 
 The same single-device model is wrapped by a DeepSpeed engine with ZeRO stage 1, 2 or 3
 (``parallel.zero_stage``; ``parallel.offload_optimizer`` keeps the optimizer state in CPU
-memory) instead of FSDP2. The trainer sees a :class:`DeepSpeedModel`, a ``ParallelModel``
-whose ``forward_backward`` runs the micro-batches through ``engine.backward`` (gradient
-accumulation and the ZeRO reduction are the engine's) and whose ``optimizer_step`` is
-``engine.step`` (global-norm clipping to ``optim.grad_clip``, the AdamW update, and a
-skipped update when the gradients are not finite).
+memory) instead of FSDP2. The trainer sees a :class:`DeepSpeedModel`, a runner
+(``parallel.runner.Runner``) whose ``forward_backward`` runs the micro-batches through
+``engine.backward`` (gradient accumulation and the ZeRO reduction are the engine's) and
+whose ``optimizer_step`` is ``engine.step`` (global-norm clipping to ``optim.grad_clip``,
+the AdamW update, and a skipped update when the gradients are not finite).
 
 The optimizer is the trainer's own ``torch.optim.AdamW``, handed to DeepSpeed as a client
 optimizer: ZeRO re-points its parameter groups at the flat fp32 partitions, so the
@@ -31,8 +31,11 @@ import torch
 from torch import nn
 
 from models.config import ConfigError
+from parallel.apply import apply_activation_checkpointing, apply_compile
 from parallel.config import ParallelConfig
-from parallel.runner import ParallelModel, aux_losses
+from parallel.head import make_fused_head, route_inputs
+from parallel.init import is_meta, materialize
+from parallel.runner import ParallelModel, ReadCheckpoint, WriteCheckpoint, aux_losses
 from parallel.world import World
 
 STATE_DIR = "deepspeed"
@@ -83,10 +86,6 @@ def deepspeed_parallelize(model: nn.Module, pcfg: ParallelConfig, world: World, 
                           autocast_dtype: torch.dtype | None = None, seed: int = 0) -> "DeepSpeedModel":
     """Prepare ``model`` as ``parallel.parallelize`` would (minus tp/pp/FSDP) for a DeepSpeed
     engine: the full model on every rank, identical initial weights from ``seed``."""
-    from parallel.apply import apply_activation_checkpointing, apply_compile
-    from parallel.head import make_fused_head, route_inputs
-    from parallel.init import is_meta, materialize
-
     check_layout(pcfg, world)
     if fused_loss:
         make_fused_head(model, z_loss)
@@ -146,6 +145,7 @@ class DeepSpeedModel(ParallelModel):
         }
         self.engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer,
                                                     config=config)
+        self.optimizer = optimizer
         return optimizer
 
     # ---- the step ----------------------------------------------------------------------
@@ -193,10 +193,13 @@ class DeepSpeedModel(ParallelModel):
                 shape = tuple(getattr(p, "ds_shape", p.shape))
                 safe_set_full_grad(p, torch.full(shape, float("nan"), device=p.device,
                                                  dtype=torch.float32))
-        self.engine.step()
+        self.engine.step()  # (clears the gradients, also of a skipped update)
         norm = self.engine.get_global_grad_norm()
         norm = float("nan") if norm is None else float(norm)
-        return norm, bool(self.engine.was_step_applied())
+        applied = bool(self.engine.was_step_applied())
+        if applied:
+            self.after_optimizer_step()
+        return norm, applied
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         raise RuntimeError("DeepSpeedModel clips inside optimizer_step()")
@@ -215,7 +218,7 @@ class DeepSpeedModel(ParallelModel):
     # ---- checkpoints -------------------------------------------------------------------
 
     @contextmanager
-    def full_parts(self):
+    def checkpoint_parts(self):
         """The model part(s) with full (gathered) parameters, for the weights in DCP format."""
         if self.pcfg.zero_stage == 3:
             import deepspeed
@@ -226,12 +229,24 @@ class DeepSpeedModel(ParallelModel):
         with ctx:
             yield self.parts
 
-    def save_state(self, ckpt_dir: Path) -> None:
+    def save_checkpoint(self, write: WriteCheckpoint) -> Path:
+        """The full weights in the trainer's format, the optimizer state in DeepSpeed's."""
+        with self.checkpoint_parts() as parts:
+            return write(parts, None, self._save_state)
+
+    def load_checkpoint(self, read: ReadCheckpoint, ckpt_dir: Path, saved_world_size: int | None) -> dict:
+        """Trainer state and RNG from the trainer's format; weights and optimizer state from
+        DeepSpeed's (its fp32 master copy is what the update continues from)."""
+        state = read([], None)
+        self._load_state(ckpt_dir, saved_world_size)
+        return state
+
+    def _save_state(self, ckpt_dir: Path) -> None:
         """Write DeepSpeed's own checkpoint (all ranks) into ``ckpt_dir/deepspeed``."""
         self.engine.save_checkpoint(str(Path(ckpt_dir) / STATE_DIR), tag=STATE_TAG, save_latest=False)
 
-    def load_state(self, ckpt_dir: Path, saved_world_size: int | None) -> None:
-        """Restore weights and optimizer state written by :meth:`save_state`."""
+    def _load_state(self, ckpt_dir: Path, saved_world_size: int | None) -> None:
+        """Restore weights and optimizer state written by :meth:`_save_state`."""
         path = Path(ckpt_dir) / STATE_DIR / STATE_TAG
         if not path.is_dir():
             raise ConfigError(f"checkpoint {ckpt_dir} has no DeepSpeed state ({STATE_DIR}/{STATE_TAG}); "

@@ -9,17 +9,23 @@ index) match the unsplit model and checkpoints move between layouts.
 Schedules: ``gpipe``, ``1f1b`` (one stage per rank), ``interleaved_1f1b``
 (``pp_virtual_stages`` stages per rank, looped placement) and ``zbv``
 (torch's ``ScheduleZBVZeroBubble``: two stages per rank in a V, backward split into
-input- and weight-gradient passes).
+input- and weight-gradient passes). :class:`PipelineModel` is the runner that steps
+through them.
 """
 
 from __future__ import annotations
 
 import copy
+from contextlib import ExitStack
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from models.config import ConfigError, ModelConfig
+from parallel import tp as tp_mod
+from parallel.mtp import mtp_kwargs, take_mtp_loss
+from parallel.runner import ParallelModel, _local, aux_losses, check_pipeline_rows, pipeline_microbatches
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zbv")
 
@@ -151,7 +157,6 @@ class _AuxLossGrad(torch.autograd.Function):
 def attach_aux_losses(part: nn.Module, record: list, scale: float = 1.0) -> None:
     """Forward hook: fold the stage's auxiliary losses into its output's backward (with
     gradient ``scale``: the cp size under context parallelism)."""
-    from parallel.runner import aux_losses
 
     def hook(module, args, out):
         aux = aux_losses(module)
@@ -211,3 +216,107 @@ def stage_union(parts: list[nn.Module]) -> nn.Module:
     union.output = next((p.output for p in parts if p.output is not None), None)
     union.mtp = next((p.mtp for p in parts if getattr(p, "mtp", None) is not None), None)
     return union
+
+
+class PipelineModel(ParallelModel):
+    """Runs each step through a torch.distributed.pipelining schedule over this rank's stages.
+
+    The trainer's micro-batches become the pipeline's micro-batches (or
+    ``parallel.pp_microbatches`` of them); the loss lives on the last stage and
+    ``reduce_loss`` shares it with every rank.
+    """
+
+    def __init__(self, parts, world, *, stage_ids: list[int], n_stages: int, schedule: str,
+                 pp_microbatches: int = 0, **kw):
+        super().__init__(parts, world, **kw)
+        self.stage_ids, self.n_stages = stage_ids, n_stages
+        self.schedule_name = schedule
+        self.pp_microbatches = pp_microbatches
+        self.has_first = 0 in stage_ids
+        self.has_last = n_stages - 1 in stage_ids
+        self._stages = None
+        self._schedules: dict[int, object] = {}
+        self._aux: list[torch.Tensor] = []
+        self._last_n_micro = 0
+        for part in parts:
+            attach_aux_losses(part, self._aux, scale=self.cp.size if self.cp is not None else 1.0)
+
+    def _loss_fn(self, out, labels):
+        if self.fused_loss:
+            loss = out.reshape(())  # the head already returned the loss
+        else:
+            z = self.z_loss if torch.is_grad_enabled() else 0.0  # held-out loss: no z-loss
+            loss = tp_mod.cross_entropy(out, labels, z_loss=z)
+        loss = loss + take_mtp_loss(self.parts)  # this micro-batch's MTP loss (last stage)
+        if self.cp is not None and torch.is_grad_enabled():  # context parallel: global mean
+            loss = loss * self.cp.loss_scale(labels)
+        return loss
+
+    def _schedule(self, n_micro: int):
+        from torch.distributed.pipelining import PipelineStage
+
+        if self._stages is None:
+            group = self.world.mesh.get_group("pp")
+            self._stages = [PipelineStage(part, s, self.n_stages, self.world.device, group=group)
+                            for part, s in zip(self.parts, self.stage_ids)]
+        if n_micro not in self._schedules:
+            self._schedules[n_micro] = build_schedule(self.schedule_name, self._stages, n_micro,
+                                                      self._loss_fn)
+        return self._schedules[n_micro]
+
+    def _run(self, batch: dict, n_micro: int, train: bool) -> list[torch.Tensor]:
+        check_pipeline_rows(batch["input_ids"].shape[0], n_micro)
+        sched = self._schedule(n_micro)
+        args = (batch["input_ids"],) if self.has_first else ()
+        kwargs = {"doc_ids": batch["doc_ids"]} if batch.get("doc_ids") is not None else {}
+        if self.fused_loss:
+            kwargs["labels"] = batch["labels"]
+        kwargs.update(mtp_kwargs(self.model, batch))
+        target = batch["labels"] if self.has_last else None
+        losses: list[torch.Tensor] = []
+        with ExitStack() as stack:
+            stack.enter_context(self.loss_context())
+            stack.enter_context(self.autocast())
+            if train:
+                sched.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
+            else:
+                sched.eval(*args, target=target, losses=losses, **kwargs)
+        return losses
+
+    def forward_backward(self, micro_batches: list[dict]) -> torch.Tensor:
+        batch = {k: torch.cat([mb[k] for mb in micro_batches]) for k in micro_batches[0]}
+        batch = self._to_device(batch)
+        n_micro = pipeline_microbatches(self.pp_microbatches, len(micro_batches), self.world.pp_size)
+        self._last_n_micro = n_micro
+        self._aux.clear()
+        losses = self._run(batch, n_micro, train=True)
+        total = torch.zeros((), device=self.world.device)
+        if losses:
+            total += torch.stack([_local(x).detach().float() for x in losses]).mean()
+        # MoE: keep the aux losses of the real forwards (one per micro-batch and stage with
+        # MoE layers); torch's first-step metadata inference forward records one too
+        n_aux = n_micro * sum(any(hasattr(m, "aux_loss") for m in p.modules()) for p in self.parts)
+        aux = self._aux[len(self._aux) - n_aux:] if n_aux else []
+        if aux:
+            total += torch.stack(aux).sum() / n_micro
+        self._aux.clear()
+        self.finalize_grads()
+        return total
+
+    @torch.no_grad()
+    def eval_loss(self, batch: dict) -> tuple[torch.Tensor, int]:
+        batch = self._to_device(batch)
+        # the training schedule's micro-batch count, so its stage buffers are reused
+        n_micro = self._last_n_micro or self.pp_microbatches or self.world.pp_size
+        if batch["input_ids"].shape[0] % n_micro:
+            n_micro = 1
+        with self._eval_heads():
+            losses = self._run(batch, n_micro, train=False)
+        self._aux.clear()
+        valid = (batch["labels"] != -100).reshape(n_micro, -1).sum(-1).float()
+        t = torch.zeros((), device=self.world.device)
+        if losses:
+            t += (torch.stack([_local(x).float() for x in losses]) * valid).sum()
+        dist.all_reduce(t, group=self.world.mesh.get_group("pp"))  # only the last stage had it
+        return t, int(valid.sum())
+

@@ -1,13 +1,20 @@
-"""The forward/backward of one optimizer step, loss reduction and gradient clipping.
+"""The runner interface every engine implements, and the plain (FSDP2/TP) runner.
 
-``ParallelModel`` is what the trainer sees: the model part(s) this rank holds and
-how to run a step over micro-batches. ``PipelineModel`` runs the step through a
-torch pipeline schedule instead. The trainer code is the same for every layout.
+A runner is what the trainer sees: the model part(s) this rank holds, how to run one
+optimizer step over micro-batches, and what a checkpoint of it holds. :class:`Runner`
+lists the methods; ``ParallelModel`` implements them for ``parallel.parallelize``,
+``parallel.pipeline.PipelineModel`` runs its step through a pipeline schedule and
+``parallel.deepspeed_engine.DeepSpeedModel`` through a DeepSpeed engine. The trainer code
+is the same for every engine and layout.
 """
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager, nullcontext
+import math
+from abc import ABC, abstractmethod
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -15,35 +22,25 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import _StridedShard
 
-import kernels
 from models.config import ConfigError
 from parallel import tp as tp_mod
 from parallel.fsdp import set_gradient_sync
 from parallel.mtp import mtp_kwargs, take_mtp_loss
 from parallel.world import World
 
-
-def lm_loss(model: nn.Module, batch: dict, z_loss: float = 0.0, fused: bool = False) -> torch.Tensor:
-    """Mean next-token cross-entropy of one micro-batch (+ MoE auxiliary losses), for an
-    unwrapped single-device model."""
-    if fused:
-        h = model.hidden_states(batch["input_ids"], batch.get("doc_ids"))
-        loss = kernels.linear_cross_entropy(h.flatten(0, 1), model.output.weight,
-                                            batch["labels"].flatten(), z_loss=z_loss)
-    else:
-        logits = model(batch["input_ids"], batch.get("doc_ids"))
-        loss = kernels.cross_entropy(logits, batch["labels"], z_loss=z_loss)
-    return loss + aux_losses(model)
+# write(parts, optimizer, extra) -> checkpoint path; read(parts, optimizer) -> trainer state
+WriteCheckpoint = Callable[[list, torch.optim.Optimizer | None, Callable[[Path], None] | None], Path]
+ReadCheckpoint = Callable[[list, torch.optim.Optimizer | None], dict]
 
 
 def aux_losses(model: nn.Module) -> torch.Tensor | float:
-    """Auxiliary losses the model's sublayers collected during forward (MoE routing), as
-    ``models.moe.collect_aux_losses``: modules in ``aux_loss_mode = "attach"`` inject theirs
-    in backward themselves and are skipped."""
+    """Sum of the auxiliary losses ``model``'s sublayers set in their last forward (the
+    ``aux_loss`` attribute MoE declares); 0.0 without any. Added to each micro-batch's loss,
+    or injected through each pipeline stage's output (``parallel.pipeline``)."""
     total = 0.0
     for m in model.modules():
         aux = getattr(m, "aux_loss", None)
-        if isinstance(aux, torch.Tensor) and getattr(m, "aux_loss_mode", "collect") != "attach":
+        if isinstance(aux, torch.Tensor):
             total = total + aux
     return total
 
@@ -75,7 +72,66 @@ def _stage_group(world: World, parts: list[nn.Module]):
     return group
 
 
-class ParallelModel:
+class Runner(ABC):
+    """What the trainer calls on every engine (so it never asks which engine it has).
+
+    Order per run: build -> :meth:`attach_optimizer` -> (:meth:`load_checkpoint`) -> per
+    step :meth:`forward_backward`, :meth:`reduce_loss`, :meth:`optimizer_step`,
+    :meth:`step_metrics`; :meth:`save_checkpoint` and :meth:`eval_loss` between steps.
+    """
+
+    parts: list[nn.Module]  # this rank's model part(s): one per pipeline stage it holds
+    world: World
+
+    @abstractmethod
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Take the trainer's optimizer (built over ``parts``); returns the optimizer whose
+        ``param_groups`` the lr scheduler drives."""
+
+    @abstractmethod
+    def forward_backward(self, micro_batches: list[dict]) -> torch.Tensor:
+        """Accumulate one step's gradients; returns this rank's mean loss (detached)."""
+
+    @abstractmethod
+    def reduce_loss(self, loss: torch.Tensor) -> float:
+        """The step's loss as every rank reports it."""
+
+    @abstractmethod
+    def optimizer_step(self, max_norm: float, skip: bool) -> tuple[float, bool]:
+        """Clip the gradients to global norm ``max_norm`` and apply the update unless ``skip``
+        or the norm is not finite; clear the gradients; run the after-step hooks of an
+        applied update. Returns (grad norm before clipping, whether the update was applied)."""
+
+    @abstractmethod
+    def eval_loss(self, batch: dict) -> tuple[torch.Tensor, int]:
+        """Summed token loss and token count of one held-out batch (no auxiliary losses)."""
+
+    @abstractmethod
+    def train(self, mode: bool = True) -> None:
+        """Training (dropout, MoE load counts) or evaluation mode."""
+
+    @abstractmethod
+    def step_metrics(self) -> dict:
+        """Extra per-step metrics (e.g. MoE expert load)."""
+
+    @abstractmethod
+    def checkpoint_parts(self):
+        """Context manager: the parts with the parameters a checkpoint or weight export
+        holds (gathered where the engine partitions them)."""
+
+    @abstractmethod
+    def save_checkpoint(self, write: WriteCheckpoint) -> Path:
+        """Save through ``write(parts, optimizer, extra)`` (the trainer's checkpoint format):
+        which parts and optimizer state go into it, and ``extra(ckpt_dir)`` for files of the
+        engine's own (None: none)."""
+
+    @abstractmethod
+    def load_checkpoint(self, read: ReadCheckpoint, ckpt_dir: Path, saved_world_size: int | None) -> dict:
+        """Restore what :meth:`save_checkpoint` saved, reading the trainer's format through
+        ``read(parts, optimizer)``; returns the trainer state ``read`` returned."""
+
+
+class ParallelModel(Runner):
     """This rank's model part(s) and how to run one optimizer step over micro-batches."""
 
     def __init__(self, parts: list[nn.Module], world: World, *, z_loss: float = 0.0,
@@ -89,6 +145,7 @@ class ParallelModel:
         self.autocast_dtype = autocast_dtype
         self.sequence_parallel = sequence_parallel and world.tp_size > 1
         self._load_group = _stage_group(world, parts)  # MoE: where expert loads are summed
+        self.optimizer: torch.optim.Optimizer | None = None
 
     @property
     def model(self) -> nn.Module:
@@ -257,6 +314,29 @@ class ParallelModel:
         for p in self.parts:
             p.train(mode)
 
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        self.optimizer = optimizer
+        return optimizer
+
+    def optimizer_step(self, max_norm: float, skip: bool) -> tuple[float, bool]:
+        grad_norm = float(self.clip_grad_norm_(max_norm))
+        stepped = not skip and math.isfinite(grad_norm)
+        if stepped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if stepped:
+            self.after_optimizer_step()
+        return grad_norm, stepped
+
+    def checkpoint_parts(self):
+        return nullcontext(self.parts)
+
+    def save_checkpoint(self, write: WriteCheckpoint) -> Path:
+        return write(self.parts, self.optimizer, None)
+
+    def load_checkpoint(self, read: ReadCheckpoint, ckpt_dir: Path, saved_world_size: int | None) -> dict:
+        return read(self.parts, self.optimizer)
+
 
 def check_sequence_split(seq: int, tp: int, sequence_parallel: bool) -> None:
     if sequence_parallel and seq % tp:
@@ -274,111 +354,3 @@ def pipeline_microbatches(pp_microbatches: int, n_given: int, pp: int) -> int:
     """Pipeline micro-batches per step: ``parallel.pp_microbatches``, else the trainer's
     ``train.micro_batch`` slices, else (one slice) ``pp``."""
     return pp_microbatches or (n_given if n_given > 1 else pp)
-
-
-class PipelineModel(ParallelModel):
-    """Runs each step through a torch.distributed.pipelining schedule over this rank's stages.
-
-    The trainer's micro-batches become the pipeline's micro-batches (or
-    ``parallel.pp_microbatches`` of them); the loss lives on the last stage and
-    ``reduce_loss`` shares it with every rank.
-    """
-
-    def __init__(self, parts, world, *, stage_ids: list[int], n_stages: int, schedule: str,
-                 pp_microbatches: int = 0, **kw):
-        super().__init__(parts, world, **kw)
-        self.stage_ids, self.n_stages = stage_ids, n_stages
-        self.schedule_name = schedule
-        self.pp_microbatches = pp_microbatches
-        self.has_first = 0 in stage_ids
-        self.has_last = n_stages - 1 in stage_ids
-        self._stages = None
-        self._schedules: dict[int, object] = {}
-        self._aux: list[torch.Tensor] = []
-        self._last_n_micro = 0
-        from parallel.pipeline import attach_aux_losses
-
-        for part in parts:
-            attach_aux_losses(part, self._aux, scale=self.cp.size if self.cp is not None else 1.0)
-
-    def _loss_fn(self, out, labels):
-        if self.fused_loss:
-            loss = out.reshape(())  # the head already returned the loss
-        else:
-            z = self.z_loss if torch.is_grad_enabled() else 0.0  # held-out loss: no z-loss
-            loss = tp_mod.cross_entropy(out, labels, z_loss=z)
-        loss = loss + take_mtp_loss(self.parts)  # this micro-batch's MTP loss (last stage)
-        if self.cp is not None and torch.is_grad_enabled():  # context parallel: global mean
-            loss = loss * self.cp.loss_scale(labels)
-        return loss
-
-    def _schedule(self, n_micro: int):
-        from torch.distributed.pipelining import PipelineStage
-
-        from parallel.pipeline import build_schedule
-
-        if self._stages is None:
-            group = self.world.mesh.get_group("pp")
-            self._stages = [PipelineStage(part, s, self.n_stages, self.world.device, group=group)
-                            for part, s in zip(self.parts, self.stage_ids)]
-        if n_micro not in self._schedules:
-            self._schedules[n_micro] = build_schedule(self.schedule_name, self._stages, n_micro,
-                                                      self._loss_fn)
-        return self._schedules[n_micro]
-
-    def _run(self, batch: dict, n_micro: int, train: bool) -> list[torch.Tensor]:
-        check_pipeline_rows(batch["input_ids"].shape[0], n_micro)
-        sched = self._schedule(n_micro)
-        args = (batch["input_ids"],) if self.has_first else ()
-        kwargs = {"doc_ids": batch["doc_ids"]} if batch.get("doc_ids") is not None else {}
-        if self.fused_loss:
-            kwargs["labels"] = batch["labels"]
-        kwargs.update(mtp_kwargs(self.model, batch))
-        target = batch["labels"] if self.has_last else None
-        losses: list[torch.Tensor] = []
-        with ExitStack() as stack:
-            stack.enter_context(self.loss_context())
-            stack.enter_context(self.autocast())
-            if train:
-                sched.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
-            else:
-                sched.eval(*args, target=target, losses=losses, **kwargs)
-        return losses
-
-    def forward_backward(self, micro_batches: list[dict]) -> torch.Tensor:
-        batch = {k: torch.cat([mb[k] for mb in micro_batches]) for k in micro_batches[0]}
-        batch = self._to_device(batch)
-        n_micro = pipeline_microbatches(self.pp_microbatches, len(micro_batches), self.world.pp_size)
-        self._last_n_micro = n_micro
-        self._aux.clear()
-        losses = self._run(batch, n_micro, train=True)
-        total = torch.zeros((), device=self.world.device)
-        if losses:
-            total += torch.stack([_local(x).detach().float() for x in losses]).mean()
-        # MoE: keep the aux losses of the real forwards (one per micro-batch and stage with
-        # MoE layers); torch's first-step metadata inference forward records one too
-        n_aux = n_micro * sum(any(hasattr(m, "aux_loss") for m in p.modules()) for p in self.parts)
-        aux = self._aux[len(self._aux) - n_aux:] if n_aux else []
-        if aux:
-            total += torch.stack(aux).sum() / n_micro
-        self._aux.clear()
-        self.finalize_grads()
-        return total
-
-    @torch.no_grad()
-    def eval_loss(self, batch: dict) -> tuple[torch.Tensor, int]:
-        batch = self._to_device(batch)
-        # the training schedule's micro-batch count, so its stage buffers are reused
-        n_micro = self._last_n_micro or self.pp_microbatches or self.world.pp_size
-        if batch["input_ids"].shape[0] % n_micro:
-            n_micro = 1
-        with self._eval_heads():
-            losses = self._run(batch, n_micro, train=False)
-        self._aux.clear()
-        valid = (batch["labels"] != -100).reshape(n_micro, -1).sum(-1).float()
-        t = torch.zeros((), device=self.world.device)
-        if losses:
-            t += (torch.stack([_local(x).float() for x in losses]) * valid).sum()
-        dist.all_reduce(t, group=self.world.mesh.get_group("pp"))  # only the last stage had it
-        return t, int(valid.sum())
-

@@ -60,13 +60,6 @@ class World:
             dist.all_reduce(t, op=op, group=group)
         return t
 
-    def broadcast_object(self, obj):
-        if not self.distributed:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
 
 def pick_backend(pcfg: ParallelConfig) -> str:
     if pcfg.backend != "auto":

@@ -153,8 +153,7 @@ def load_checkpoint(path: Path, parts, optimizer, world) -> dict:
     path = Path(path)
     check_checkpoint_dir(path)
     rng, rng_state = path / f"rng_rank{world.rank}.pt", None
-    meta = json.loads((path / "meta.json").read_text())
-    if rng.is_file() and meta.get("world_size") == world.world_size:  # read (safely) before any weights
+    if rng.is_file() and saved_world_size(path) == world.world_size:  # read (safely) before any weights
         rng_state = load_tensors(rng, f"checkpoint {path}")
     state = collect_state(parts, optimizer)
     try:
@@ -170,6 +169,11 @@ def load_checkpoint(path: Path, parts, optimizer, world) -> dict:
     if rng_state is not None:
         _set_rng_state(rng_state)
     return read_trainer_state(path)
+
+
+def saved_world_size(path: Path) -> int | None:
+    """How many processes wrote the (complete) checkpoint at ``path``."""
+    return json.loads((Path(path) / "meta.json").read_text()).get("world_size")
 
 
 def load_model_weights(path: Path, model: torch.nn.Module) -> None:

@@ -3,6 +3,8 @@
 ``p.add_argument("--workers", type=integer(ge=1))``, ``type=number(gt=0, lt=1)``, ``type=path()``
 (``path(exists=True)`` for inputs), ``type=name()`` for other non-blank strings. A bad value is
 one ``error: <prog>: argument --flag: ...`` line and exit 2, before any work starts.
+``sbatch_value``/``sbatch_extra`` quote and check values for ``#SBATCH`` lines (``pretrain
+launch slurm`` and ``pretrain data prepare --runner slurm``).
 """
 
 from __future__ import annotations
@@ -73,3 +75,22 @@ def path(exists: bool = False):
 def name():
     """A non-blank string (a split name, a JSON field, ...)."""
     return _string(Spec(nonempty=True), False)
+
+
+def sbatch_value(name: str, value: str) -> str:
+    """``value`` double-quoted for an ``#SBATCH`` line (UserError naming ``name`` if it cannot be)."""
+    value = str(value)
+    if not value or any(c in value for c in '"\\\n\r\0'):
+        raise UserError(f"{name}: {value!r} cannot be passed to sbatch (empty, or holds a double "
+                        f"quote, backslash or line break)")
+    return f'"{value}"'
+
+
+def sbatch_extra(extra: str) -> str:
+    """One ``--sbatch`` value as a quoted ``#SBATCH`` option (UserError naming it if unusable)."""
+    if not extra.startswith("--"):
+        raise UserError(f"--sbatch {extra!r}: expected an sbatch long option such as --reservation=x")
+    key, sep, value = extra.partition("=")
+    if not key[2:].replace("-", "").isalnum():
+        raise UserError(f"--sbatch {extra!r}: not an sbatch option name")
+    return f"{key}={sbatch_value(key, value)}" if sep else key

@@ -350,6 +350,4 @@ def _plain(x):
         return {k: _plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_plain(v) for v in x]
-    if isinstance(x, float) and x == float("inf"):
-        return float("inf")
     return x

@@ -1,10 +1,14 @@
 """Fault injection for tests of crash safety: ``PRETRAIN_FAULT=<point>:<step>``.
 
-Points: ``kill_after_step`` (SIGKILL once step N is logged), ``kill_in_save`` (SIGKILL
-after the shards of step N are written, before the checkpoint is complete),
-``raise_at_step`` (an exception on this rank at step N; with ``PRETRAIN_FAULT_RANK``
-only on that rank), ``nan_at_step`` (the loss of step N becomes NaN), ``hang_at_step``
-(step N sleeps ``PRETRAIN_FAULT_HANG_S`` seconds, default 3600: a hung rank).
+The training loop has one hook, :func:`step_faults`, around each step's forward/backward;
+checkpoint writes have their own (``kill_in_save``, ``PRETRAIN_FAULT_SLOW_SAVE_S``).
+
+Points: ``kill_after_step`` (SIGKILL as step N+1 begins: after step N is logged and any
+checkpoint of step N is written), ``kill_in_save`` (SIGKILL after the shards of step N
+are written, before the checkpoint is complete), ``raise_at_step`` (an exception on this
+rank at step N; with ``PRETRAIN_FAULT_RANK`` only on that rank), ``nan_at_step`` (the loss
+of step N becomes NaN), ``hang_at_step`` (step N sleeps ``PRETRAIN_FAULT_HANG_S`` seconds,
+default 3600: a hung rank).
 
 Slowness (no step number): ``PRETRAIN_FAULT_SLOW_SAVE_S`` makes every background checkpoint
 write take that many seconds longer (a wide window for crash tests);
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import os
 import signal
+from typing import Callable
 
 
 def fault_at(point: str, step: int) -> bool:
@@ -59,3 +64,17 @@ def maybe_slow_step() -> None:
         import time
 
         time.sleep(delay)
+
+
+def step_faults(step: int, forward_backward: Callable):
+    """Run ``forward_backward()`` for step ``step`` (1-based) with the faults asked for at
+    that step; returns its loss. Without ``PRETRAIN_FAULT*`` variables: just the call."""
+    maybe_kill("kill_after_step", step - 1)
+    if fault_at("raise_at_step", step):
+        raise RuntimeError(f"injected fault at step {step}")
+    maybe_hang("hang_at_step", step)
+    maybe_slow_step()
+    loss = forward_backward()
+    if fault_at("nan_at_step", step):
+        loss = loss * float("nan")
+    return loss

@@ -9,6 +9,7 @@ import resource
 import sys
 import traceback
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,11 +19,13 @@ import parallel
 from parallel.mtp import mtp_metrics
 from models.config import ConfigError
 from models.transformer import build_model
+from parallel.runner import Runner
+from parallel.world import World
 from pretrain import checkpoint as ckpt
 from pretrain.async_ckpt import AsyncSaver
 from pretrain.config import Config, _plain
 from pretrain.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, STATUS_FILE_ENV, UserError
-from pretrain.faults import fault_at, maybe_hang, maybe_kill, maybe_slow_step
+from pretrain.faults import step_faults
 from pretrain.flops import device_peak_flops, train_flops_per_token
 from pretrain.metrics import MetricsWriter, Progress
 from pretrain.optim import build_optimizer, build_scheduler
@@ -144,40 +147,49 @@ def train(cfg: Config) -> dict:
         flag.restore()
 
 
+@dataclass
+class Run:
+    """A built run: its runner, optimizer, scheduler and data, and where it stands."""
+
+    cfg: Config
+    world: World
+    run_dir: Path
+    config_text: str  # the resolved config, as written to <run_dir>/config.yaml
+    n_params: int
+    pm: Runner
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    train_data: object
+    resume_from: Path | None  # the checkpoint this run continues
+    init_weights: Path | None  # or the weights it starts from
+    step: int = 0
+    tokens: int = 0
+    nan_skipped: int = 0
+
+
 def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
+    run = build_run(cfg, world)
+    resume(run)
+    return TrainLoop(run, flag).train()
+
+
+def build_run(cfg: Config, world) -> Run:
+    """Check the layout, write the run's config, build model, runner, data, optimizer and
+    lr schedule, and decide where the run starts (loading ``checkpoint.init_from`` weights)."""
     from pretrain.layout_check import check_run
 
     check_run(cfg, world.world_size)  # the layout checks `pretrain plan` shares
     setup_determinism(cfg)
     setup_kernels(cfg, world.device)
     run_dir = prepare_run_dir(cfg, world)
-    tcfg = cfg.train
     config_text = yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False)
     if world.is_main:
         (run_dir / "config.yaml").write_text(config_text)
 
     # multi-process layouts shard a meta-device model, then initialise each shard
-    model = build_model(cfg.model, device=world.device, seed=tcfg.seed, init=not world.distributed)
+    model = build_model(cfg.model, device=world.device, seed=cfg.train.seed, init=not world.distributed)
     n_params = model.num_params()
-    autocast = torch.bfloat16 if tcfg.dtype == "bf16" else None
-    common = dict(ac=tcfg.activation_checkpointing, ac_every=tcfg.ac_every, compile=tcfg.compile,
-                  z_loss=tcfg.z_loss, fused_loss=tcfg.fused_loss, autocast_dtype=autocast, seed=tcfg.seed)
-    if cfg.parallel.dp_engine == "deepspeed":
-        from parallel.deepspeed_engine import deepspeed_parallelize
-
-        local = tcfg.global_batch // world.dp_size
-        micro = tcfg.micro_batch or local
-        pm = deepspeed_parallelize(model, cfg.parallel, world, micro_batch=micro,
-                                   accumulation=max(local // micro, 1), grad_clip=cfg.optim.grad_clip,
-                                   **common)
-    else:
-        costs = None
-        if cfg.parallel.pp > 1:  # automatic pipeline stages are balanced by FLOPs
-            from pretrain.flops import sublayer_flops_per_token
-
-            costs = ([sublayer_flops_per_token(k, cfg.model, cfg.data.seq_len) for k in cfg.model.sublayer_kinds],
-                     0.0, 2.0 * cfg.model.d_model * cfg.model.vocab_size)
-        pm = parallel.parallelize(model, cfg.parallel, world, stage_costs=costs, **common)
+    pm = build_model_runner(cfg, world, model)
     train_data = build_data(cfg, world, run_dir, cfg.data.train_split)
     if train_data.meta.get("vocab_size", 0) > cfg.model.vocab_size:
         raise UserError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the data's "
@@ -190,165 +202,192 @@ def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
             ckpt.load_model_weights(init_weights, part)
     optimizer = build_optimizer(pm.parts, cfg.optim,
                                 log=(lambda s: print(s, file=sys.stderr)) if world.is_main else None)
-    engine = hasattr(pm, "attach_optimizer")  # DeepSpeed: the engine owns step and optimizer state
-    if engine:
-        optimizer = pm.attach_optimizer(optimizer)
-    scheduler = build_scheduler(optimizer, tcfg.steps, cfg.optim)
+    optimizer = pm.attach_optimizer(optimizer)
+    scheduler = build_scheduler(optimizer, cfg.train.steps, cfg.optim)
+    return Run(cfg, world, run_dir, config_text, n_params, pm, optimizer, scheduler, train_data,
+               resume_from, init_weights)
 
-    step, tokens_seen, nan_skipped = 0, 0, 0
-    if resume_from is not None:
-        if engine:  # trainer state and RNG from the checkpoint, weights and optimizer from the engine's
-            state = ckpt.load_checkpoint(resume_from, [], None, world)
-            pm.load_state(resume_from, json.loads((resume_from / "meta.json").read_text()).get("world_size"))
-        else:
-            state = ckpt.load_checkpoint(resume_from, pm.parts, optimizer, world)
-        step, tokens_seen = state["step"], state["tokens"]
-        nan_skipped = state.get("nan_skipped", 0)
-        scheduler.load_state_dict(state["scheduler"])
-        train_data.load_state_dict(state["data"])
 
-    metrics = MetricsWriter(run_dir, cfg.logging.tensorboard and world.is_main,
-                            truncate_after_step=step) if world.is_main else None
-    if metrics and cfg.logging.wandb:
-        from pretrain.tracking import WandbTracker
+def build_model_runner(cfg: Config, world, model) -> Runner:
+    """The engine's runner for ``model`` under ``cfg.parallel``."""
+    tcfg = cfg.train
+    costs = None
+    if cfg.parallel.pp > 1:  # automatic pipeline stages are balanced by FLOPs
+        from pretrain.flops import sublayer_flops_per_token
 
-        metrics.trackers.append(WandbTracker(cfg.logging, run_dir, yaml.safe_load(config_text)))
-    flops_tok = train_flops_per_token(cfg.model, cfg.data.seq_len)
-    peak = device_peak_flops(world.device)
-    tokens_per_step = tcfg.global_batch * cfg.data.seq_len
-    progress = Progress(tcfg.steps, step, cfg.logging.progress, world.is_main, cfg.logging.log_every)
-    if world.is_main and (resume_from or init_weights):  # always logged, whatever logging.progress says
-        print(f"resumed from {resume_from}: continuing at step {step + 1}" if resume_from else
-              f"initialised weights from {init_weights}: starting at step 1", file=sys.stderr, flush=True)
-    elif world.is_main and cfg.checkpoint.resume == "auto":
-        print(f"checkpoint.resume=auto: no checkpoint under {ckpt.checkpoint_root(run_dir)}: starting at step 1",
-              file=sys.stderr, flush=True)
-    tok_path = tokenizer_path(cfg, run_dir)
+        costs = ([sublayer_flops_per_token(k, cfg.model, cfg.data.seq_len) for k in cfg.model.sublayer_kinds],
+                 0.0, 2.0 * cfg.model.d_model * cfg.model.vocab_size)
+    local = tcfg.global_batch // world.dp_size
+    micro = tcfg.micro_batch or local
+    return parallel.build_runner(
+        model, cfg.parallel, world, micro_batch=micro, accumulation=max(local // micro, 1),
+        grad_clip=cfg.optim.grad_clip, stage_costs=costs, ac=tcfg.activation_checkpointing,
+        ac_every=tcfg.ac_every, compile=tcfg.compile, z_loss=tcfg.z_loss, fused_loss=tcfg.fused_loss,
+        autocast_dtype=torch.bfloat16 if tcfg.dtype == "bf16" else None, seed=tcfg.seed)
 
-    def save(at_step: int) -> Path:
-        state = {"step": at_step, "tokens": tokens_seen, "nan_skipped": nan_skipped,
-                 "scheduler": scheduler.state_dict(), "data": train_data.state_dict()}
-        with watchdog.suspended():
-            if saver is not None:  # checkpoint.async: returns once the state is staged
-                return saver.save(run_dir, at_step, pm.parts, optimizer, state, config_text, tok_path,
-                                  cfg.checkpoint.keep)
-            if not engine:
-                return ckpt.save_checkpoint(run_dir, at_step, pm.parts, optimizer, state, world,
-                                            config_text, tok_path, cfg.checkpoint.keep)
-            with pm.full_parts() as parts:
-                return ckpt.save_checkpoint(run_dir, at_step, parts, None, state, world, config_text,
-                                            tok_path, cfg.checkpoint.keep, extra=pm.save_state)
 
-    def export_hf(at_step: int) -> None:  # checkpoint.hf_every: HF weights from the sharded state
+def resume(run: Run) -> None:
+    """Load the checkpoint the run continues (if any): weights, optimizer, RNG, lr schedule,
+    data position, step and token counts."""
+    path = run.resume_from
+    if path is None:
+        return
+    state = run.pm.load_checkpoint(lambda parts, optimizer: ckpt.load_checkpoint(path, parts, optimizer, run.world),
+                                   path, ckpt.saved_world_size(path))
+    run.step, run.tokens = state["step"], state["tokens"]
+    run.nan_skipped = state.get("nan_skipped", 0)
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.train_data.load_state_dict(state["data"])
+
+
+class TrainLoop:
+    """The optimizer steps of a built run, with metrics, evaluation, checkpoints, Hugging
+    Face exports and the exit on a preemption signal."""
+
+    def __init__(self, run: Run, flag: PreemptionFlag):
+        self.run, self.flag = run, flag
+        cfg, world, run_dir = run.cfg, run.world, run.run_dir
+        self.metrics = MetricsWriter(run_dir, cfg.logging.tensorboard and world.is_main,
+                                     truncate_after_step=run.step) if world.is_main else None
+        if self.metrics and cfg.logging.wandb:
+            from pretrain.tracking import WandbTracker
+
+            self.metrics.trackers.append(WandbTracker(cfg.logging, run_dir, yaml.safe_load(run.config_text)))
+        self.flops_tok = train_flops_per_token(cfg.model, cfg.data.seq_len)
+        self.peak = device_peak_flops(world.device)
+        self.tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
+        self.progress = Progress(cfg.train.steps, run.step, cfg.logging.progress, world.is_main, cfg.logging.log_every)
+        if world.is_main:
+            _log_start(run)
+        self.tok_path = tokenizer_path(cfg, run_dir)
+        self.saver = AsyncSaver(world, cfg.parallel.timeout_s) if cfg.checkpoint.async_ else None
+        self.watchdog = Watchdog(cfg.parallel.timeout_s if world.distributed else 0, world.rank)
+        self.stragglers = StragglerMonitor(world, cfg.parallel.straggler_ratio, cfg.logging.log_every)
+        self.last_saved = run.step if run.resume_from is not None else -1
+        self.val_loss = self.loss_val = None
+
+    def train(self) -> dict:
+        """Train to ``train.steps``, save, export, evaluate; returns the summary."""
+        run, steps = self.run, self.run.cfg.train.steps
+        try:
+            while run.step < steps:
+                rec = self.step()
+                self.after_step(rec)
+                self.watchdog.kick()
+            self.watchdog.stop()
+            if self.last_saved != run.step:
+                self.save(run.step)
+            if run.cfg.checkpoint.hf_every:
+                self.export_hf(run.step)
+            self.wait_for_saves()
+            self.val_loss = run_eval(run.cfg, run.pm, run.world, run.run_dir)
+        finally:
+            self.watchdog.stop()
+            self.stragglers.close()
+            self.progress.close()
+            if self.metrics:
+                self.metrics.close()
+        summary = {"run_dir": str(run.run_dir), "steps": run.step, "tokens": run.tokens, "params": run.n_params,
+                   "final_train_loss": self.loss_val, "val_loss": self.val_loss,
+                   "checkpoint": str(ckpt.latest_checkpoint(run.run_dir)), "nan_skipped": run.nan_skipped,
+                   "unigram_entropy": run.train_data.meta.get("unigram_entropy")}
+        if run.world.is_main:
+            (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+    def step(self) -> dict:
+        """One optimizer step; returns its metrics record."""
+        run, tcfg, pm = self.run, self.run.cfg.train, self.run.pm
+        t0 = time.perf_counter()
+        self.stragglers.begin_step()
+        micro_batches = split_micro_batches(next(run.train_data), tcfg.micro_batch)
+        loss = step_faults(run.step + 1, lambda: pm.forward_backward(micro_batches))  # test-only
+        self.loss_val = loss_val = pm.reduce_loss(loss)
+        grad_norm, finite = pm.optimizer_step(run.cfg.optim.grad_clip, skip=not math.isfinite(loss_val))
+        if not finite and tcfg.nan_policy == "skip":
+            run.nan_skipped += 1
+        elif not finite:
+            raise UserError(f"non-finite loss ({loss_val}) or grad norm ({grad_norm}) at step "
+                            f"{run.step + 1}; set train.nan_policy=skip to skip such steps")
+        lr = run.scheduler.get_last_lr()[0]
+        run.scheduler.step()
+        run.step += 1
+        run.tokens += self.tokens_per_step
+        dt = time.perf_counter() - t0
+        world = run.world
+        rec = {"step": run.step, "loss": loss_val, "lr": lr, "grad_norm": grad_norm,
+               "tokens": run.tokens, "tokens_per_sec": self.tokens_per_step / dt,
+               "step_time_s": dt, "mfu": (self.flops_tok * self.tokens_per_step / dt / (self.peak * world.world_size))
+               if self.peak else None, "memory_mb": peak_memory_mb(world.device), "nan_skipped": run.nan_skipped}
+        rec.update(pm.step_metrics())
+        rec.update(mtp_metrics(pm, rec))  # MTP: mtp_loss_k; `loss` = main loss, `loss_total`
+        rec.update(self.stragglers.step(run.step, dt))
+        return rec
+
+    def after_step(self, rec: dict) -> None:
+        """Evaluate, log, checkpoint and export when due; save and exit on a preemption signal."""
+        run, cfg = self.run, self.run.cfg
+        step, steps = run.step, cfg.train.steps
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < steps:
+            with self.watchdog.suspended():
+                self.val_loss = run_eval(cfg, run.pm, run.world, run.run_dir)
+            rec["val_loss"] = self.val_loss
+        if self.metrics:
+            self.metrics.write(rec)
+        self.progress.update(step, steps, rec)
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < steps:
+            self.save(step)
+            self.last_saved = step
+        if cfg.checkpoint.hf_every and step % cfg.checkpoint.hf_every == 0 and step < steps:
+            self.export_hf(step)
+        if _agreed_signal(self.flag, run.world):
+            self.flag.boundary_reached()
+            path = self.save(step) if self.last_saved != step else ckpt.checkpoint_root(run.run_dir) / f"step_{step}"
+            self.wait_for_saves()
+            self.progress.write(f"signal received: saved {path}; exiting for requeue")
+            _record_status(run.world.rank, EXIT_PREEMPTED)
+            run.world.barrier()  # no rank exits (and no launcher tears the job down) before that
+            raise Preempted(str(path))
+
+    def save(self, at_step: int) -> Path:
+        run, keep = self.run, self.run.cfg.checkpoint.keep
+        state = {"step": at_step, "tokens": run.tokens, "nan_skipped": run.nan_skipped,
+                 "scheduler": run.scheduler.state_dict(), "data": run.train_data.state_dict()}
+
+        def write(parts, optimizer, extra) -> Path:
+            if self.saver is not None:  # checkpoint.async (not offered for engines with state of their own)
+                return self.saver.save(run.run_dir, at_step, parts, optimizer, state, run.config_text,
+                                       self.tok_path, keep)
+            return ckpt.save_checkpoint(run.run_dir, at_step, parts, optimizer, state, run.world,
+                                        run.config_text, self.tok_path, keep, extra=extra)
+
+        with self.watchdog.suspended():
+            return run.pm.save_checkpoint(write)
+
+    def export_hf(self, at_step: int) -> None:
+        """checkpoint.hf_every: Hugging Face weights from the live (sharded) state."""
         from pretrain.hf.live_export import export_live
 
-        with watchdog.suspended():
-            if engine:  # DeepSpeed: parameters as the engine presents them (gathered under ZeRO-3)
-                with pm.full_parts() as parts:
-                    path = export_live(run_dir, at_step, parts, cfg, world, tok_path)
-            else:
-                path = export_live(run_dir, at_step, pm.parts, cfg, world, tok_path)
-        progress.write(f"wrote Hugging Face weights to {path}")
+        run = self.run
+        with self.watchdog.suspended(), run.pm.checkpoint_parts() as parts:
+            path = export_live(run.run_dir, at_step, parts, run.cfg, run.world, self.tok_path)
+        self.progress.write(f"wrote Hugging Face weights to {path}")
 
-    def wait_for_saves() -> None:  # the background write in flight, if any (checkpoint.async)
-        if saver is not None:
-            with watchdog.suspended():
-                saver.wait()
-
-    saver = AsyncSaver(world, cfg.parallel.timeout_s) if cfg.checkpoint.async_ else None
-    watchdog = Watchdog(cfg.parallel.timeout_s if world.distributed else 0, world.rank)
-    stragglers = StragglerMonitor(world, cfg.parallel.straggler_ratio, cfg.logging.log_every)
-    last_saved = step if resume_from is not None else -1
-    val_loss = loss_val = None
-    try:
-        while step < tcfg.steps:
-            t0 = time.perf_counter()
-            stragglers.begin_step()
-            batch = next(train_data)
-            if fault_at("raise_at_step", step + 1):
-                raise RuntimeError(f"injected fault at step {step + 1}")
-            maybe_hang("hang_at_step", step + 1)
-            maybe_slow_step()
-            loss = pm.forward_backward(split_micro_batches(batch, tcfg.micro_batch))
-            if fault_at("nan_at_step", step + 1):
-                loss = loss * float("nan")
-            loss_val = pm.reduce_loss(loss)
-            grad_norm, finite = optimizer_step(pm, optimizer, cfg.optim.grad_clip,
-                                               skip=not math.isfinite(loss_val))
-            if not finite and tcfg.nan_policy == "skip":
-                nan_skipped += 1
-            elif not finite:
-                raise UserError(f"non-finite loss ({loss_val}) or grad norm ({grad_norm}) at step "
-                                f"{step + 1}; set train.nan_policy=skip to skip such steps")
-            if not engine:  # an engine clears its own (and must keep offloaded buffers)
-                optimizer.zero_grad(set_to_none=True)
-            if finite:
-                pm.after_optimizer_step()
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            step += 1
-            tokens_seen += tokens_per_step
-            dt = time.perf_counter() - t0
-            rec = {"step": step, "loss": loss_val, "lr": lr, "grad_norm": grad_norm,
-                   "tokens": tokens_seen, "tokens_per_sec": tokens_per_step / dt,
-                   "step_time_s": dt, "mfu": (flops_tok * tokens_per_step / dt / (peak * world.world_size))
-                   if peak else None, "memory_mb": peak_memory_mb(world.device), "nan_skipped": nan_skipped}
-            rec.update(pm.step_metrics())
-            rec.update(mtp_metrics(pm, rec))  # MTP: mtp_loss_k; `loss` = main loss, `loss_total`
-            rec.update(stragglers.step(step, dt))
-            if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
-                with watchdog.suspended():
-                    val_loss = run_eval(cfg, pm, world, run_dir)
-                rec["val_loss"] = val_loss
-            if metrics:
-                metrics.write(rec)
-            progress.update(step, tcfg.steps, rec)
-            maybe_kill("kill_after_step", step)
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < tcfg.steps:
-                save(step)
-                last_saved = step
-            if cfg.checkpoint.hf_every and step % cfg.checkpoint.hf_every == 0 and step < tcfg.steps:
-                export_hf(step)
-            if _agreed_signal(flag, world):
-                flag.boundary_reached()
-                path = save(step) if last_saved != step else ckpt.checkpoint_root(run_dir) / f"step_{step}"
-                wait_for_saves()
-                progress.write(f"signal received: saved {path}; exiting for requeue")
-                _record_status(world.rank, EXIT_PREEMPTED)
-                world.barrier()  # no rank exits (and no launcher tears the job down) before that
-                raise Preempted(str(path))
-            watchdog.kick()
-        watchdog.stop()
-        if last_saved != step:
-            save(step)
-        if cfg.checkpoint.hf_every:
-            export_hf(step)
-        wait_for_saves()
-        val_loss = run_eval(cfg, pm, world, run_dir)
-    finally:
-        watchdog.stop()
-        stragglers.close()
-        progress.close()
-        if metrics:
-            metrics.close()
-    summary = {"run_dir": str(run_dir), "steps": step, "tokens": tokens_seen, "params": n_params,
-               "final_train_loss": loss_val, "val_loss": val_loss,
-               "checkpoint": str(ckpt.latest_checkpoint(run_dir)), "nan_skipped": nan_skipped,
-               "unigram_entropy": train_data.meta.get("unigram_entropy")}
-    if world.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
+    def wait_for_saves(self) -> None:
+        """The background write in flight, if any (checkpoint.async)."""
+        if self.saver is not None:
+            with self.watchdog.suspended():
+                self.saver.wait()
 
 
-def optimizer_step(pm, optimizer, max_norm: float, skip: bool) -> tuple[float, bool]:
-    """Clip and step unless ``skip`` or the gradient norm is not finite: (grad norm, stepped)."""
-    if hasattr(pm, "optimizer_step"):  # engines that clip and step in one call (DeepSpeed)
-        return pm.optimizer_step(max_norm, skip)
-    grad_norm = float(pm.clip_grad_norm_(max_norm))
-    if skip or not math.isfinite(grad_norm):
-        return grad_norm, False
-    optimizer.step()
-    return grad_norm, True
+def _log_start(run: Run) -> None:
+    """Where the run starts, always logged (whatever logging.progress says)."""
+    if run.resume_from or run.init_weights:
+        print(f"resumed from {run.resume_from}: continuing at step {run.step + 1}" if run.resume_from else
+              f"initialised weights from {run.init_weights}: starting at step 1", file=sys.stderr, flush=True)
+    elif run.cfg.checkpoint.resume == "auto":
+        print(f"checkpoint.resume=auto: no checkpoint under {ckpt.checkpoint_root(run.run_dir)}: starting at step 1",
+              file=sys.stderr, flush=True)
 
 
 def _agreed_signal(flag: PreemptionFlag, world) -> bool:

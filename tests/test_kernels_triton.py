@@ -103,24 +103,6 @@ def test_rms_norm_strided_and_transposed(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 100), (3, 5, 257), (90, 100), (2, 8192)])
-def test_add_rms_norm(shape, dtype):
-    x = rnd(*shape, dtype=dtype)
-    r = strided(rnd(*shape, dtype=dtype, seed=2, scale=3.0))
-    w = rnd(shape[-1], seed=1).detach().requires_grad_()
-    compare(lambda x, r, w: T_norms.add_rms_norm(x, r, w, 1e-5),
-            lambda x, r, w: R.add_rms_norm(x, r, w, 1e-5), [x, r, w], dtype)
-
-
-def test_add_rms_norm_mixed_dtypes():
-    # bf16 sublayer output added into an fp32 residual stream
-    x, r = rnd(4, 100, dtype=BF16), rnd(4, 100, seed=2)
-    w = rnd(100, seed=1).detach().requires_grad_()
-    compare(lambda x, r, w: T_norms.add_rms_norm(x, r, w, 1e-5),
-            lambda x, r, w: R.add_rms_norm(x, r, w, 1e-5), [x, r, w], BF16)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, group", [((1, 100), 100), ((2, 3, 100), 25), ((5, 258), 129), ((70, 96), 48), ((1, 8192), 8192)])
 def test_gated_rms_norm(shape, group, dtype):
     x, z = rnd(*shape, dtype=dtype), rnd(*shape, dtype=dtype, seed=3)

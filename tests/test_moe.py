@@ -9,11 +9,13 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
 from models.config import ConfigError, ModelConfig, MoEConfig
-from models.moe import (MoE, assign_slots, collect_aux_losses, count_params, moe_active_params,
+from models.moe import (MoE, assign_slots, count_params, moe_active_params,
                         moe_flops_per_token, moe_metrics, route, update_expert_biases,
                         upcycle_dense_state)
 from models.moe_experts import grouped_mm_available, run_experts
 from models.transformer import build_model
+from parallel.pipeline import attach_aux_losses
+from parallel.runner import aux_losses
 from pretrain.config import load_config
 
 
@@ -250,26 +252,29 @@ def test_sequence_balance_loss_does_not_depend_on_the_micro_batch_split(score_fn
     assert not torch.allclose(m.aux_loss, whole)
 
 
-def test_collect_aux_losses_and_metrics_over_model():
+def test_aux_losses_and_metrics_over_model():
     cfg = make_cfg(pattern="*E", n_layers=2, n_experts=4, top_k=2)
     model = build_model(cfg)
     model(torch.randint(0, 64, (2, 8)))
     layers = [model.layers["1"].mixer, model.layers["3"].mixer]
-    torch.testing.assert_close(collect_aux_losses(model), layers[0].aux_loss + layers[1].aux_loss)
+    torch.testing.assert_close(aux_losses(model), layers[0].aux_loss + layers[1].aux_loss)
     met = moe_metrics(model)
     assert set(met) == {f"moe/{i}/{k}" for i in (1, 3) for k in ("load_max_mean", "dropped", "aux_loss", "z_loss")}
     assert all(isinstance(v, float) for v in met.values())
-    assert collect_aux_losses(build_model(make_cfg(pattern="*-"))).item() == 0.0
+    assert float(aux_losses(build_model(make_cfg(pattern="*-")))) == 0.0
 
 
-def test_attach_mode_gives_same_gradients_as_collect():
+def test_attached_aux_loss_gives_same_gradients_as_added():
+    """The pipeline's injection of the aux loss through the output's backward trains as
+    adding it to the loss does."""
     m = make_moe(n_experts=4, top_k=2, aux_loss_coef=0.5, z_loss_coef=0.1)
     x = torch.randn(12, 16)
-    loss = m(x).pow(2).sum() + collect_aux_losses(m)
+    loss = m(x).pow(2).sum() + aux_losses(m)
     want = torch.autograd.grad(loss, list(m.parameters()))
-    m.aux_loss_mode = "attach"
+    record = []
+    attach_aux_losses(m, record)
     got = torch.autograd.grad(m(x).pow(2).sum(), list(m.parameters()))
-    assert collect_aux_losses(m).item() == 0.0
+    assert len(record) == 1 and record[0] == m.aux_loss.detach()
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
 
@@ -444,7 +449,7 @@ def test_tiny_moe_language_model_trains():
     for _ in range(15):
         logits = model(tokens[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, 64), tokens[:, 1:].reshape(-1))
-        (loss + collect_aux_losses(model)).backward()
+        (loss + aux_losses(model)).backward()
         opt.step()
         opt.zero_grad()
         update_expert_biases(model)
@@ -468,7 +473,7 @@ def test_presets_load_and_build(name):
         model = build_model(cfg.model)
         logits = model(torch.randint(0, cfg.model.vocab_size, (1, 16)))
         assert logits.shape == (1, 16, cfg.model.vocab_size)
-        assert collect_aux_losses(model).item() > 0
+        assert aux_losses(model).item() > 0
 
 
 @pytest.mark.parametrize("name,total,active", [("moe_mixtral", 46.7e9, 12.9e9),  # Mixtral-8x7B

@@ -1,7 +1,6 @@
-"""RMSNorm, RMSNorm fused with the residual add, and the Mamba-2 gated RMSNorm.
+"""RMSNorm and the Mamba-2 gated RMSNorm.
 
-One forward and one backward kernel serve all three (constexpr flags switch the
-residual add and the gate). A program normalises one group of a block of rows (short
+One forward and one backward kernel serve both (a constexpr flag switches the gate). A program normalises one group of a block of rows (short
 rows share a program); statistics are fp32 whatever the input dtype, as in
 ``kernels.reference``.
 """
@@ -16,10 +15,10 @@ from kernels.triton_ops._common import check_row, num_programs, rows, warps
 
 
 @triton.jit
-def _norm_fwd(X, Z, R, W, Y, S, RSTD,
-              stride_x, stride_z, stride_r, stride_y, stride_s,
+def _norm_fwd(X, Z, W, Y, RSTD,
+              stride_x, stride_z, stride_y,
               M, G, NG, eps,
-              HAS_Z: tl.constexpr, HAS_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
+              HAS_Z: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
     r = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     grp = tl.program_id(1)
     rows = r[:, None]
@@ -28,12 +27,6 @@ def _norm_fwd(X, Z, R, W, Y, S, RSTD,
     mask = (rows < M) & cmask
     off = grp * G + cols
     x = tl.load(X + rows * stride_x + off, mask=mask, other=0.0).to(tl.float32)
-    if HAS_R:
-        res = tl.load(R + rows * stride_r + off, mask=mask, other=0.0).to(tl.float32)
-        # Round the new stream to its dtype first: the norm sees what the stream holds.
-        s = (res + x).to(S.dtype.element_ty)
-        tl.store(S + rows * stride_s + off, s, mask=mask)
-        x = s.to(tl.float32)
     if HAS_Z:
         z = tl.load(Z + rows * stride_z + off, mask=mask, other=0.0).to(tl.float32)
         x = x * (z * tl.sigmoid(z))
@@ -45,10 +38,10 @@ def _norm_fwd(X, Z, R, W, Y, S, RSTD,
 
 
 @triton.jit
-def _norm_bwd(DY, X, Z, W, RSTD, DS, DX, DZ, DW,
-              stride_dy, stride_x, stride_z, stride_ds, stride_dx, stride_dz,
+def _norm_bwd(DY, X, Z, W, RSTD, DX, DZ, DW,
+              stride_dy, stride_x, stride_z, stride_dx, stride_dz,
               M, N, G, NG, blocks_per_prog,
-              HAS_Z: tl.constexpr, HAS_DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
+              HAS_Z: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
     # Each program walks blocks_per_prog blocks of rows and keeps a partial weight grad.
     pid = tl.program_id(0)
     grp = tl.program_id(1)
@@ -83,8 +76,6 @@ def _norm_bwd(DY, X, Z, W, RSTD, DS, DX, DZ, DW,
             dx = dh * gate
         else:
             dx = dh
-        if HAS_DS:
-            dx += tl.load(DS + rows * stride_ds + off, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + rows * stride_dx + off, dx.to(DX.dtype.element_ty), mask=mask)
     tl.store(DW + pid.to(tl.int64) * N + grp * G + c1, tl.sum(dw, axis=0), mask=c1 < G)
 
@@ -96,25 +87,22 @@ def _blocks(M: int, group: int) -> tuple[int, int]:
     return max(1, min(triton.next_power_of_2(max(M, 1)), tile // block)), block
 
 
-def _forward(x2, z2, r2, weight, eps, group, out_dtype, res_dtype):
+def _forward(x2, z2, weight, eps, group, out_dtype):
     M, N = x2.shape
     ng = N // group
     bm, block = _blocks(M, group)
     y = torch.empty((M, N), dtype=out_dtype, device=x2.device)
-    s = torch.empty((M, N), dtype=res_dtype, device=x2.device) if r2 is not None else None
     rstd = torch.empty((M, ng), dtype=torch.float32, device=x2.device)
     if M:
         _norm_fwd[(triton.cdiv(M, bm), ng)](
-            x2, z2 if z2 is not None else x2, r2 if r2 is not None else x2, weight, y,
-            s if s is not None else y, rstd,
-            x2.stride(0), z2.stride(0) if z2 is not None else 0,
-            r2.stride(0) if r2 is not None else 0, y.stride(0), s.stride(0) if s is not None else 0,
-            M, group, ng, eps, HAS_Z=z2 is not None, HAS_R=r2 is not None, BLOCK_M=bm, BLOCK=block,
+            x2, z2 if z2 is not None else x2, weight, y, rstd,
+            x2.stride(0), z2.stride(0) if z2 is not None else 0, y.stride(0),
+            M, group, ng, eps, HAS_Z=z2 is not None, BLOCK_M=bm, BLOCK=block,
             num_warps=warps(bm * block))
-    return y, s, rstd
+    return y, rstd
 
 
-def _backward(dy2, x2, z2, weight, rstd, ds2, group, dx_dtype):
+def _backward(dy2, x2, z2, weight, rstd, group, dx_dtype):
     M, N = x2.shape
     ng = N // group
     bm, block = _blocks(M, group)
@@ -125,12 +113,12 @@ def _backward(dy2, x2, z2, weight, rstd, ds2, group, dx_dtype):
     dw = torch.zeros((progs, N), dtype=torch.float32, device=x2.device)
     if M:
         _norm_bwd[(progs, ng)](
-            dy2, x2, z2 if z2 is not None else x2, weight, rstd, ds2 if ds2 is not None else dy2,
+            dy2, x2, z2 if z2 is not None else x2, weight, rstd,
             dx, dz if dz is not None else dx, dw,
             dy2.stride(0), x2.stride(0), z2.stride(0) if z2 is not None else 0,
-            ds2.stride(0) if ds2 is not None else 0, dx.stride(0), dz.stride(0) if dz is not None else 0,
+            dx.stride(0), dz.stride(0) if dz is not None else 0,
             M, N, group, ng, triton.cdiv(n_blocks, progs), HAS_Z=z2 is not None,
-            HAS_DS=ds2 is not None, BLOCK_M=bm, BLOCK=block, num_warps=warps(bm * block))
+            BLOCK_M=bm, BLOCK=block, num_warps=warps(bm * block))
     return dx, dz, dw.sum(0).to(weight.dtype)
 
 
@@ -140,7 +128,7 @@ class _RMSNorm(torch.autograd.Function):
         N = x.shape[-1]
         check_row("rms_norm", N)
         x2 = rows(x, N)
-        y, _, rstd = _forward(x2, None, None, weight, eps, N, x.dtype, None)
+        y, rstd = _forward(x2, None, weight, eps, N, x.dtype)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.shape = x.shape
         return y.view(x.shape)
@@ -149,33 +137,8 @@ class _RMSNorm(torch.autograd.Function):
     def backward(ctx, dy):
         x2, weight, rstd = ctx.saved_tensors
         N = x2.shape[1]
-        dx, _, dw = _backward(rows(dy, N), x2, None, weight, rstd, None, N, x2.dtype)
+        dx, _, dw = _backward(rows(dy, N), x2, None, weight, rstd, N, x2.dtype)
         return dx.view(ctx.shape), dw, None
-
-
-class _AddRMSNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, residual, weight, eps):
-        if x.shape != residual.shape:
-            raise ValueError(f"add_rms_norm: x {tuple(x.shape)} and residual "
-                             f"{tuple(residual.shape)} differ")
-        N = x.shape[-1]
-        check_row("add_rms_norm", N)
-        res_dtype = torch.result_type(residual, x)
-        x2, r2 = rows(x, N), rows(residual, N)
-        y, s, rstd = _forward(x2, None, r2, weight, eps, N, res_dtype, res_dtype)
-        ctx.save_for_backward(s, weight, rstd)
-        ctx.meta = (x.shape, x.dtype, residual.dtype)
-        return s.view(x.shape), y.view(x.shape)
-
-    @staticmethod
-    def backward(ctx, ds, dy):
-        s, weight, rstd = ctx.saved_tensors
-        shape, xdt, rdt = ctx.meta
-        N = s.shape[1]
-        dx, _, dw = _backward(rows(dy, N), s, None, weight, rstd, rows(ds, N), N, s.dtype)
-        dx = dx.view(shape)
-        return dx.to(xdt), dx.to(rdt), dw, None
 
 
 class _GatedRMSNorm(torch.autograd.Function):
@@ -187,7 +150,7 @@ class _GatedRMSNorm(torch.autograd.Function):
                              f"group_size {group_size} do not fit")
         check_row("gated_rms_norm", group_size)
         x2, z2 = rows(x, N), rows(z, N)
-        y, _, rstd = _forward(x2, z2, None, weight, eps, group_size, x.dtype, None)
+        y, rstd = _forward(x2, z2, weight, eps, group_size, x.dtype)
         ctx.save_for_backward(x2, z2, weight, rstd)
         ctx.meta = (x.shape, group_size)
         return y.view(x.shape)
@@ -196,18 +159,13 @@ class _GatedRMSNorm(torch.autograd.Function):
     def backward(ctx, dy):
         x2, z2, weight, rstd = ctx.saved_tensors
         shape, group = ctx.meta
-        dx, dz, dw = _backward(rows(dy, x2.shape[1]), x2, z2, weight, rstd, None, group, x2.dtype)
+        dx, dz, dw = _backward(rows(dy, x2.shape[1]), x2, z2, weight, rstd, group, x2.dtype)
         return dx.view(shape), dz.view(shape), dw, None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Triton RMSNorm; same contract as ``kernels.reference.rms_norm``."""
     return _RMSNorm.apply(x, weight, float(eps))
-
-
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
-    """Triton ``(residual + x, rms_norm(residual + x))`` in one pass."""
-    return _AddRMSNorm.apply(x, residual, weight, float(eps))
 
 
 def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float,

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     t0 = time.perf_counter()
     if getattr(args, "sbatch", None):  # checked before any work, like launch slurm's
-        from launch.slurm import sbatch_extra
+        from pretrain.cliargs import sbatch_extra
 
         for extra in args.sbatch:
             sbatch_extra(extra)

@@ -44,16 +44,16 @@ def run_local(args, n: int, timeout: float | None = None) -> dict:
 
 
 def _sbatch_lines(args, name: str, log: str) -> list[str]:
-    from launch.slurm import _sbatch_value, sbatch_extra
+    from pretrain.cliargs import sbatch_extra, sbatch_value
 
-    lines = [f"#SBATCH --job-name={_sbatch_value('--job-name', name)}",
-             f"#SBATCH --output={_sbatch_value('--out', log)}",
-             f"#SBATCH --chdir={_sbatch_value('working directory', os.getcwd())}",
+    lines = [f"#SBATCH --job-name={sbatch_value('--job-name', name)}",
+             f"#SBATCH --output={sbatch_value('--out', log)}",
+             f"#SBATCH --chdir={sbatch_value('working directory', os.getcwd())}",
              "#SBATCH --ntasks=1", f"#SBATCH --cpus-per-task={max(args.workers, 1)}"]
     for key in ("partition", "account", "time", "mem"):
         value = getattr(args, key)
         if value:
-            lines.append(f"#SBATCH --{key}={_sbatch_value('--' + key, value)}")
+            lines.append(f"#SBATCH --{key}={sbatch_value('--' + key, value)}")
     lines += [f"#SBATCH {sbatch_extra(extra)}" for extra in args.sbatch]
     return lines
 
