@@ -18,6 +18,7 @@ Seams for ``parallel/`` (no-ops on one device):
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn

@@ -45,7 +45,7 @@ def check_layout(model: nn.Module, pcfg: ParallelConfig, world: World) -> None:
 def check_model_layout(cfg, pcfg: ParallelConfig, world: World) -> None:
     """``check_layout`` from the model's config alone (``world`` needs only its sizes)."""
     from parallel.pipeline import check_pp
-    from parallel.tp import check_tp
+    from parallel.tp_plans import check_tp
 
     check_tp(cfg, world.tp_size)
     if pcfg.ep > 1:  # expert parallel
@@ -134,8 +134,8 @@ def _parallelize_part(part, pcfg, world, ac, ac_every, compile, z_loss, fused_lo
         apply_ep(part, world)
     if world.tp_size > 1:
         from parallel.ladder import apply_ladder, plan_ladder
-        from parallel.tp import TPContext, apply_tp
-        from parallel.tp_plans import TP_PLANS
+        from parallel.tp import TPContext
+        from parallel.tp_plans import TP_PLANS, apply_tp
 
         # ladder residual: which reductions overlap (compiled sublayers schedule their own
         # collectives: no deferred input gradients there)

@@ -41,7 +41,7 @@ def check_mtp(cfg: ModelConfig, pcfg, world) -> None:
         if pcfg.sequence_parallel:
             raise ConfigError("model.mtp_depth: not supported with parallel.sequence_parallel yet "
                               "(the shifted embeddings cross the sequence shards)")
-        from parallel.tp import check_tp
+        from parallel.tp_plans import check_tp
 
         check_tp(dataclasses.replace(cfg, pattern=cfg.mtp_pattern, n_layers=1, mtp_depth=0), world.tp_size)
 
@@ -116,21 +116,6 @@ def install_head_loss(part: nn.Module, z_loss: float, fused: bool) -> None:
         return tp_mod.cross_entropy(part.output(h), labels, z_loss=z)
 
     part.head_loss = head_loss
-
-
-def apply_mtp_tp(model: nn.Module, ctx) -> None:
-    """Shard the MTP modules over tp: the block's sublayers by their kind's plan, norms and
-    the 2d -> d projection replicated."""
-    from torch.distributed.tensor.parallel import parallelize_module
-
-    from parallel.tp import ReplicateOverTP
-    from parallel.tp_plans import TP_PLANS
-
-    for module in model.mtp:
-        for name in ("enorm", "hnorm", "proj", "norm"):
-            parallelize_module(getattr(module, name), ctx.mesh, ReplicateOverTP())
-        for sub in module.layers.values():
-            TP_PLANS[sub.kind].apply(sub, ctx)
 
 
 def stage_cost(model: nn.Module) -> float:

@@ -32,7 +32,7 @@ from torch.distributed.tensor.parallel.style import ParallelStyle
 
 import kernels
 from models.config import ConfigError, ModelConfig
-from parallel.ladder import LadderPlan, async_reduce
+from parallel.ladder import async_reduce
 
 
 @dataclass
@@ -210,12 +210,10 @@ def _norms(sub: nn.Module, ctx: TPContext) -> dict:
     return plan
 
 
-def _attention_plan(sub: nn.Module, ctx: TPContext) -> None:
+def mha_plan(sub: nn.Module, ctx: TPContext) -> None:
+    """The standard attention (MHA/GQA/MQA) split by heads (its qk_norm weights are left to
+    the caller: parallel/tp_plans.py)."""
     cfg, tp = ctx.cfg, ctx.size
-    if cfg.attention == "mla":  # multi-head latent attention: parallel/tp_mla.py
-        from parallel.tp_mla import mla_plan
-
-        return mla_plan(sub, ctx)
     plan = _norms(sub, ctx)
     plan["mixer"] = _mixer_input(ctx)
     plan["mixer.wq"] = ColwiseParallel(use_local_output=True)
@@ -229,18 +227,9 @@ def _attention_plan(sub: nn.Module, ctx: TPContext) -> None:
         plan["mixer.wv"] = ReplicatedKVHeads(kv_head, cfg.dim_head)
     plan["mixer.wo"] = sublayer_output(ctx)
     parallelize_module(sub, ctx.mesh, plan)
-    if sub.mixer.q_norm is not None:  # qk_norm: per head-dim weights, replicated
-        from parallel.tp_mla import replicate_partial_grads
-
-        replicate_partial_grads(sub.mixer.q_norm, ctx.mesh)
-        replicate_partial_grads(sub.mixer.k_norm, ctx.mesh)
 
 
-def _attention_check(cfg: ModelConfig, tp: int) -> None:
-    if cfg.attention == "mla":
-        from parallel.tp_mla import mla_check
-
-        return mla_check(cfg, tp)
+def mha_check(cfg: ModelConfig, tp: int) -> None:
     if cfg.n_heads % tp:
         raise ConfigError(f"parallel.tp: {tp} does not divide model.n_heads={cfg.n_heads}")
     kv = cfg.kv_heads
@@ -263,69 +252,7 @@ def _mlp_check(cfg: ModelConfig, tp: int) -> None:
                           f"(model.ffn_hidden)")
 
 
-ATTENTION_PLAN = TPPlan(_attention_plan, _attention_check)
 MLP_PLAN = TPPlan(_mlp_plan, _mlp_check)
-
-
-def check_tp(cfg: ModelConfig, tp: int) -> None:
-    """Reject a model that cannot be split ``tp`` ways (ConfigError naming the key)."""
-    if tp == 1:
-        return
-    if cfg.vocab_size % tp:
-        raise ConfigError(f"parallel.tp: {tp} does not divide model.vocab_size={cfg.vocab_size}")
-    if cfg.tie_embeddings:
-        raise ConfigError("model.tie_embeddings: not supported with parallel.tp > 1")
-    from parallel.tp_plans import TP_PLANS
-
-    for kind in dict.fromkeys(cfg.sublayer_kinds):
-        if kind not in TP_PLANS:
-            raise ConfigError(f"parallel.tp: sublayer kind '{kind}' has no tensor-parallel plan; "
-                              f"use parallel.tp=1")
-        if TP_PLANS[kind].check is not None:
-            TP_PLANS[kind].check(cfg, tp)
-
-
-def apply_tp(model: nn.Module, ctx: TPContext, fused_head: bool = False,
-             ladder: LadderPlan | None = None) -> None:
-    """Shard ``model`` (a whole model or one pipeline stage of it) over the tp mesh; with a
-    ``ladder`` plan, each sublayer's plan gets its overlap flags from it."""
-    sp = ctx.sequence_parallel
-    if model.tok_embeddings is not None:
-        # vocab-parallel embedding: rows sharded, partial sums reduced into the stream layout
-        parallelize_module(model.tok_embeddings, ctx.mesh,
-                           RowwiseSublayerOutput(input_layouts=Replicate(), output_layouts=ctx.stream_layout))
-    from parallel.tp_plans import TP_PLANS
-
-    for name, sub in model.layers.items():
-        TP_PLANS[sub.kind].apply(sub, ladder.sublayer_context(name, ctx) if ladder is not None else ctx)
-    if model.norm is not None:
-        style = SequenceParallel(use_local_output=not fused_head) if sp else ReplicateOverTP()
-        parallelize_module(model.norm, ctx.mesh, style)
-    if model.output is not None:
-        if fused_head:  # the fused loss head uses its local vocab shard (see parallel/head.py)
-            parallelize_module(model.output, ctx.mesh, _VocabShardOnly())
-        else:  # logits stay a vocab-sharded DTensor for the loss-parallel cross-entropy
-            parallelize_module(model.output, ctx.mesh, ColwiseParallel(
-                input_layouts=ctx.stream_layout, output_layouts=Shard(-1), use_local_output=False))
-    if getattr(model, "mtp", None) is not None:  # multi-token prediction modules
-        from parallel.mtp import apply_mtp_tp
-
-        apply_mtp_tp(model, ctx)
-    if sp:  # mixers see the full sequence after the all-gather: RoPE tables for all of it
-        model.stream_shards *= ctx.size
-    plain = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
-    if plain:
-        raise RuntimeError(f"tensor-parallel plan left parameters unsharded: {plain[:5]}")
-
-
-class _VocabShardOnly(ParallelStyle):
-    """Shard the LM head's rows over tp without touching its inputs or outputs."""
-
-    def _apply(self, module, device_mesh):
-        def part(name, mod, mesh):
-            mod.register_parameter("weight", nn.Parameter(
-                distribute_tensor(mod.weight, mesh, [Shard(0)], src_data_rank=None)))
-        return distribute_module(module, device_mesh, part)
 
 
 # ---- loss over vocab-sharded logits ------------------------------------------------------

@@ -198,7 +198,7 @@ def test_unknown_sublayer_kind_has_no_tp_plan(monkeypatch):
 
     monkeypatch.delitem(tp_plans.TP_PLANS, "mlp")
     with pytest.raises(ConfigError, match="sublayer kind 'mlp' has no tensor-parallel plan"):
-        tp.check_tp(W.model_cfg(), 2)
+        tp_plans.check_tp(W.model_cfg(), 2)
 
 
 def test_stage_split_by_marks_and_by_cost():

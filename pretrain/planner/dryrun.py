@@ -47,7 +47,8 @@ def dry_run(cfg: Config, world_size: int) -> list[dict]:
     from parallel.apply import check_layout
     from parallel.expert_parallel import apply_ep, expert_fsdp_options
     from parallel.fsdp import apply_data_parallel
-    from parallel.tp import TPContext, apply_tp
+    from parallel.tp import TPContext
+    from parallel.tp_plans import apply_tp
     from parallel.world import build_world
 
     pcfg = cfg.parallel

@@ -20,7 +20,7 @@ def divisors(n: int) -> list[int]:
 def check(cfg: ModelConfig, layout: Layout, wl: Workload) -> str | None:
     """Why ``cfg`` cannot be laid out as ``layout`` (one line), or None."""
     from parallel.pipeline import check_pp
-    from parallel.tp import check_tp
+    from parallel.tp_plans import check_tp
 
     try:
         check_tp(cfg, layout.tp)
