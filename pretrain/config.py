@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from models.config import ConfigError, ModelConfig
+from models.config import ModelConfig
 from models.fields import check_fields, spec
 from parallel.config import ParallelConfig
 from pretrain.errors import UserError
@@ -119,11 +119,8 @@ class Config:
 
     def validate(self) -> None:
         """Every field against its declaration (``spec(...)`` above), then rules across fields."""
-        try:
-            check_fields(self)
-            self.model.validate()
-        except ConfigError as e:
-            raise UserError(str(e)) from None
+        check_fields(self)
+        self.model.validate()
         if self.data.seq_len > self.model.max_seq_len:
             raise UserError(f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         if self.optim.name == "muon" and self.parallel.dp_engine == "deepspeed":
@@ -135,12 +132,9 @@ class Config:
         if self.parallel.cp > 1:  # context parallel (parallel/context_parallel.py)
             from parallel.context_parallel import check_cp_layout, check_cp_model, check_cp_seq
 
-            try:
-                check_cp_layout(self.parallel)
-                check_cp_seq(self.data.seq_len, self.parallel.cp)
-                check_cp_model(self.model, self.parallel, self.parallel.tp)
-            except ConfigError as e:
-                raise UserError(str(e)) from None
+            check_cp_layout(self.parallel)
+            check_cp_seq(self.data.seq_len, self.parallel.cp)
+            check_cp_model(self.model, self.parallel, self.parallel.tp)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
