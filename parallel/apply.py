@@ -1,8 +1,9 @@
 """Turn a single-device (meta) model into this rank's parallel model.
 
-Order (as torchtitan): layout checks -> pipeline split -> tensor/sequence parallel ->
-activation checkpointing -> torch.compile -> FSDP2/HSDP/replicate -> materialise and
-initialise (each parameter's shard of its layout-independent full value).
+Order (as torchtitan, after the layout check made before the process group started):
+pipeline split -> tensor/sequence parallel -> activation checkpointing -> torch.compile ->
+FSDP2/HSDP/replicate -> materialise and initialise (each parameter's shard of its
+layout-independent full value).
 """
 
 from __future__ import annotations
@@ -67,8 +68,6 @@ def check_model_layout(cfg, pcfg: ParallelConfig, world: World) -> None:
         # local gradients (aten.mul got mixed torch.Tensor and DTensor; torch 2.14)
         raise ConfigError("parallel.tp: MoE sublayers under tp > 1 do not compose with parallel.pp > 1 "
                           "yet; use ep/dp_shard for the experts with pp")
-    if pcfg.mixed_precision not in ("fp32", "bf16"):
-        raise ConfigError(f"parallel.mixed_precision: '{pcfg.mixed_precision}' is not one of fp32, bf16")
 
 
 def parallelize(model: nn.Module, pcfg: ParallelConfig, world: World, *, ac: str = "off",
@@ -82,9 +81,9 @@ def parallelize(model: nn.Module, pcfg: ParallelConfig, world: World, *, ac: str
     materialised on ``world.device`` and initialised from ``seed`` after sharding. An
     already materialised model is kept as is (single process only).
     ``stage_costs`` = (per-sublayer costs, embedding cost, head cost) for automatic
-    pipeline splits; default: parameter counts.
+    pipeline splits; default: parameter counts. The layout must have passed the one layout
+    check (``pretrain.layout_check.check_run``; ``check_layout`` for the model's part).
     """
-    check_layout(model, pcfg, world)
     meta = is_meta(model)
     if not meta and world.distributed:
         raise ValueError("parallelize: build the model on the meta device for multi-process runs "

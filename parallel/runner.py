@@ -124,7 +124,6 @@ class ParallelModel:
     def _to_device(self, batch: dict) -> dict:
         if self.cp is not None:  # context parallel: this rank's two chunks of every row
             batch = self.cp.split(batch)
-        check_sequence_split(batch["input_ids"].shape[-1], self.world.tp_size, self.sequence_parallel)
         return {k: v.to(self.world.device, non_blocking=True) for k, v in batch.items()}
 
     def _micro_loss(self, mb: dict, with_aux: bool = True) -> torch.Tensor:
@@ -256,6 +255,7 @@ class ParallelModel:
 
 
 def check_sequence_split(seq: int, tp: int, sequence_parallel: bool) -> None:
+    """Sequence parallel slices each rank's tokens over tp (checked once, from ``data.seq_len``)."""
     if sequence_parallel and seq % tp:
         raise ConfigError(f"data.seq_len: {seq} must be divisible by parallel.tp={tp} "
                           f"with parallel.sequence_parallel")

@@ -15,7 +15,6 @@ import torch
 import yaml
 
 import parallel
-from models.config import ConfigError
 from models.transformer import build_model
 from pretrain import checkpoint as ckpt
 from pretrain.async_ckpt import AsyncSaver
@@ -23,6 +22,7 @@ from pretrain.config import Config, _plain
 from pretrain.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, STATUS_FILE_ENV, UserError
 from pretrain.faults import fault_at, maybe_hang, maybe_kill, maybe_slow_step
 from pretrain.flops import device_peak_flops, train_flops_per_token
+from pretrain.layout_check import check_run
 from pretrain.metrics import MetricsWriter, Progress
 from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.preflight import check_inputs, check_run_dir
@@ -124,6 +124,7 @@ def train(cfg: Config) -> dict:
         # DeepSpeed's launcher calls it LOCAL_SIZE; mosaicml-streaming reads LOCAL_WORLD_SIZE
         os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
     try:
+        check_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # every layout rule, before the process group
         world = parallel.init_world(cfg.parallel)
         try:
             # one live run per run dir: rank 0 locks it before anything is written
@@ -139,9 +140,6 @@ def train(cfg: Config) -> dict:
 
 
 def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
-    from pretrain.layout_check import check_run
-
-    check_run(cfg, world.world_size)  # the layout checks `pretrain plan` shares
     setup_determinism(cfg)
     setup_kernels(cfg, world.device)
     run_dir = prepare_run_dir(cfg, world)
@@ -383,7 +381,7 @@ def train_main(cfg: Config) -> int:
     except BaseException as e:
         if not distributed or isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
-        code = EXIT_USER_ERROR if isinstance(e, (UserError, ConfigError)) else 1
+        code = EXIT_USER_ERROR if isinstance(e, UserError) else 1
         _record_status(rank, code)
         if code == EXIT_USER_ERROR and (rank == 0 or not getattr(e, "rank0_reports", False)):
             print(f"error: [rank {rank}] {e}", file=sys.stderr, flush=True)
