@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import _StridedShard
 
 import kernels
-from models.config import ConfigError
+from models.errors import UserError
 from parallel import tp as tp_mod
 from parallel.fsdp import set_gradient_sync
 from parallel.world import World
@@ -257,13 +257,13 @@ class ParallelModel:
 def check_sequence_split(seq: int, tp: int, sequence_parallel: bool) -> None:
     """Sequence parallel slices each rank's tokens over tp (checked once, from ``data.seq_len``)."""
     if sequence_parallel and seq % tp:
-        raise ConfigError(f"data.seq_len: {seq} must be divisible by parallel.tp={tp} "
+        raise UserError(f"data.seq_len: {seq} must be divisible by parallel.tp={tp} "
                           f"with parallel.sequence_parallel")
 
 
 def check_pipeline_rows(rows: int, n_micro: int) -> None:
     if rows % n_micro:
-        raise ConfigError(f"parallel.pp_microbatches: {n_micro} micro-batches do not divide the "
+        raise UserError(f"parallel.pp_microbatches: {n_micro} micro-batches do not divide the "
                           f"{rows} rows per data-parallel rank")
 
 

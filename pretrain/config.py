@@ -41,6 +41,10 @@ class DataConfig:
     train_split: str = spec("train", nonempty=True)
     val_split: str = spec("val", nonempty=True)
 
+    def cache_path(self, run_dir: str | os.PathLike) -> str:
+        """``cache_dir``, or the run's own ``<run_dir>/data_cache``."""
+        return self.cache_dir or str(Path(run_dir) / "data_cache")
+
 
 @dataclass
 class OptimConfig:
@@ -321,9 +325,13 @@ def load_config(path: str | None = None, overrides: list[str] | None = None,
     return cfg
 
 
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as YAML text (``<run_dir>/config.yaml``, each checkpoint's copy)."""
+    return yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    with open(path, "w") as f:
-        yaml.safe_dump(_plain(cfg.to_dict()), f, sort_keys=False)
+    Path(path).write_text(config_yaml(cfg))
 
 
 def _plain(x):

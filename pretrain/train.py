@@ -18,7 +18,7 @@ import parallel
 from models.transformer import build_model
 from pretrain import checkpoint as ckpt
 from pretrain.async_ckpt import AsyncSaver
-from pretrain.config import Config, _plain
+from pretrain.config import Config, config_yaml
 from pretrain.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, STATUS_FILE_ENV, UserError
 from pretrain.faults import fault_at, maybe_hang, maybe_kill, maybe_slow_step
 from pretrain.flops import device_peak_flops, train_flops_per_token
@@ -75,9 +75,8 @@ def prepare_run_dir(cfg: Config, world) -> Path:
 def build_data(cfg: Config, world, run_dir: Path, split: str):
     from pretrain.data.loader import TokenBatches
 
-    cache = cfg.data.cache_dir or str(run_dir / "data_cache")
     return TokenBatches(cfg.data, split, cfg.train.global_batch, world.dp_rank, world.dp_size,
-                        seed=cfg.train.seed, cache_dir=cache, doc_ids=cfg.model.doc_mask)
+                        seed=cfg.train.seed, cache_dir=cfg.data.cache_path(run_dir), doc_ids=cfg.model.doc_mask)
 
 
 def tokenizer_path(cfg: Config, run_dir: Path) -> str | None:
@@ -85,7 +84,7 @@ def tokenizer_path(cfg: Config, run_dir: Path) -> str | None:
     from pretrain.data.loader import resolve_tokenizer
 
     try:
-        return resolve_tokenizer(cfg.data, cfg.data.cache_dir or str(run_dir / "data_cache"))
+        return resolve_tokenizer(cfg.data, cfg.data.cache_path(run_dir))
     except UserError:
         return None
 
@@ -144,7 +143,7 @@ def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
     setup_kernels(cfg, world.device)
     run_dir = prepare_run_dir(cfg, world)
     tcfg = cfg.train
-    config_text = yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False)
+    config_text = config_yaml(cfg)
     if world.is_main:
         (run_dir / "config.yaml").write_text(config_text)
 
@@ -355,7 +354,7 @@ def run_eval(cfg: Config, pm, world, run_dir: Path) -> float | None:
     try:
         batches = eval_batches(cfg.data, cfg.data.val_split, cfg.train.global_batch,
                                cfg.train.eval_batches, dp_rank=world.dp_rank, dp_size=world.dp_size,
-                               cache_dir=cfg.data.cache_dir or str(run_dir / "data_cache"),
+                               cache_dir=cfg.data.cache_path(run_dir),
                                doc_ids=cfg.model.doc_mask)
     except UserError as e:
         if world.is_main:
