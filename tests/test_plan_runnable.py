@@ -82,3 +82,24 @@ def test_pp_microbatches_default_and_override():
         check_run(load_config("tiny", [*base, "--parallel.pp_microbatches=3"]), 2)
     with pytest.raises(UserError, match="needs at least pp=2"):  # torch's 1F1B refuses 1 < pp
         check_run(load_config("tiny", [*base, "--parallel.pp_microbatches=1"]), 2)
+
+
+@pytest.mark.parametrize("world,extra,needle", [
+    (4, ["--parallel.pp=2", "--parallel.pp_schedule=zbv"], "parallel.pp_schedule: zbv does not compose"),
+    # known from data.seq_len at start (was checked on every batch)
+    (2, ["--parallel.tp=2", "--parallel.sequence_parallel=true", "--data.seq_len=63"],
+     "data.seq_len: 63 must be divisible by parallel.tp=2"),
+])
+def test_trainer_checks_the_layout_before_the_process_group(monkeypatch, tmp_path, world, extra, needle):
+    import parallel
+    from pretrain.train import train
+
+    def init_world(pcfg):
+        raise AssertionError("the process group started before the layout check")
+
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setattr(parallel, "init_world", init_world)
+    cfg = load_config("tiny", [*extra, f"--logging.run_dir={tmp_path / 'run'}"])
+    with pytest.raises(UserError, match=needle):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
