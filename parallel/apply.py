@@ -57,12 +57,12 @@ def check_model_layout(cfg, pcfg: ParallelConfig, world: World) -> None:
         # torch's split input/weight backward runs FSDP's gradient hooks before the weight
         # gradients exist: the reduced gradients come out wrong (checked on torch 2.14)
         raise UserError("parallel.pp_schedule: zbv does not compose with data parallelism yet; "
-                          "use interleaved_1f1b with parallel.dp_shard/dp_replicate/cp > 1")
+                        "use interleaved_1f1b with parallel.dp_shard/dp_replicate/cp > 1")
     if world.pp_size > 1 and world.tp_size > 1 and "moe" in cfg.sublayer_kinds:
         # torch's pipeline backward-metadata pass fails on the MoE tp plan's mix of DTensor and
         # local gradients (aten.mul got mixed torch.Tensor and DTensor; torch 2.14)
         raise UserError("parallel.tp: MoE sublayers under tp > 1 do not compose with parallel.pp > 1 "
-                          "yet; use ep/dp_shard for the experts with pp")
+                        "yet; use ep/dp_shard for the experts with pp")
 
 
 def parallelize(model: nn.Module, pcfg: ParallelConfig, world: World, *, ac: str = "off",

@@ -258,13 +258,13 @@ def check_sequence_split(seq: int, tp: int, sequence_parallel: bool) -> None:
     """Sequence parallel slices each rank's tokens over tp (checked once, from ``data.seq_len``)."""
     if sequence_parallel and seq % tp:
         raise UserError(f"data.seq_len: {seq} must be divisible by parallel.tp={tp} "
-                          f"with parallel.sequence_parallel")
+                        f"with parallel.sequence_parallel")
 
 
 def check_pipeline_rows(rows: int, n_micro: int) -> None:
     if rows % n_micro:
         raise UserError(f"parallel.pp_microbatches: {n_micro} micro-batches do not divide the "
-                          f"{rows} rows per data-parallel rank")
+                        f"{rows} rows per data-parallel rank")
 
 
 def pipeline_microbatches(pp_microbatches: int, n_given: int, pp: int) -> int:

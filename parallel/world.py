@@ -87,12 +87,12 @@ def resolve_layout(pcfg: ParallelConfig, world_size: int) -> dict[str, int]:
     if shard == -1:
         if world_size % fixed:
             raise UserError(f"parallel: pp*dp_replicate*cp*tp = {pcfg.pp}*{pcfg.dp_replicate}*{pcfg.cp}*"
-                              f"{pcfg.tp} = {fixed} does not divide the world size {world_size}")
+                            f"{pcfg.tp} = {fixed} does not divide the world size {world_size}")
         shard = world_size // fixed
     if fixed * shard != world_size:
         raise UserError(f"parallel: pp*dp_replicate*dp_shard*cp*tp = {pcfg.pp}*{pcfg.dp_replicate}*"
-                          f"{shard}*{pcfg.cp}*{pcfg.tp} = {fixed * shard} does not match the world "
-                          f"size {world_size} (set parallel.dp_shard=-1 to fill the rest)")
+                        f"{shard}*{pcfg.cp}*{pcfg.tp} = {fixed * shard} does not match the world "
+                        f"size {world_size} (set parallel.dp_shard=-1 to fill the rest)")
     if (shard * pcfg.cp) % pcfg.ep:  # expert parallel: ep is carved out of dp_shard x cp
         raise UserError(f"parallel.ep: {pcfg.ep} does not divide parallel.dp_shard*cp = {shard}*{pcfg.cp}")
     return {"pp": pcfg.pp, "dp_replicate": pcfg.dp_replicate, "dp_shard": shard, "cp": pcfg.cp,
