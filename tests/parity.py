@@ -108,17 +108,23 @@ def run_config(job: dict):
                   train=TrainConfig(global_batch=GLOBAL_BATCH, micro_batch=job.get("micro", MICRO)))
 
 
+_REFUSALS: dict[str, str | None] = {}  # the matrix asks about the same jobs several times
+
+
 def refusal(job: dict, world_size: int) -> str | None:
     """The line the trainer refuses ``job`` with on ``world_size`` ranks, or None: its one
     layout check (``pretrain.layout_check.check_run``)."""
     from pretrain.errors import UserError
     from pretrain.layout_check import check_run
 
-    try:
-        check_run(run_config(job), world_size)
-    except UserError as e:
-        return str(e)
-    return None
+    key = json.dumps([job.get(k) for k in ("family", "model", "layout", "micro")] + [world_size], sort_keys=True)
+    if key not in _REFUSALS:
+        try:
+            check_run(run_config(job), world_size)
+            _REFUSALS[key] = None
+        except UserError as e:
+            _REFUSALS[key] = str(e)
+    return _REFUSALS[key]
 
 
 def build(job: dict):
