@@ -51,12 +51,11 @@ class TrainJob:
         """Reject a ``parallel.*`` layout that cannot fill ``world_size`` processes, before launching."""
         if self.parallel is None:
             return
-        from models.config import ConfigError
         from parallel.world import resolve_layout
 
         try:
             resolve_layout(self.parallel, world_size)
-        except ConfigError as e:
+        except UserError as e:
             raise UserError(f"{e} (this launch starts {world_size} processes)") from None
 
     def train_args(self, extra: list[str] = ()) -> list[str]:

@@ -16,11 +16,9 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+from models.errors import ConfigError, UserError  # noqa: F401  (ConfigError: the former name)
+
 INT64_MAX = 2**63 - 1
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the key and what is allowed."""
 
 
 @dataclass(frozen=True)
@@ -74,9 +72,9 @@ def _short(value: Any) -> str:
 
 def _fail(key: str, value: Any, sp: Spec, kind: str) -> None:
     if sp.choices is not None:
-        raise ConfigError(f"{key}: {_short(value)} is not one of {', '.join(map(str, sp.choices))}")
+        raise UserError(f"{key}: {_short(value)} is not one of {', '.join(map(str, sp.choices))}")
     big = " (at most 64 bits)" if kind == "int" and abs(value) > INT64_MAX else ""
-    raise ConfigError(f"{key}: {_short(value)} is not allowed; expected {sp.describe(kind)}{big}")
+    raise UserError(f"{key}: {_short(value)} is not allowed; expected {sp.describe(kind)}{big}")
 
 
 def _kind(tp: Any) -> str | None:
@@ -84,14 +82,14 @@ def _kind(tp: Any) -> str | None:
 
 
 def check_value(key: str, value: Any, sp: Spec, kind: str) -> None:
-    """Raise ConfigError unless ``value`` (annotated as ``kind``) satisfies ``sp``."""
+    """Raise UserError unless ``value`` (annotated as ``kind``) satisfies ``sp``."""
     if kind == "bool":
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {_short(value)}")
+            raise UserError(f"{key}: expected true or false, got {_short(value)}")
         return
     if kind == "str":
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {_short(value)}")
+            raise UserError(f"{key}: expected a string, got {_short(value)}")
         if sp.choices is not None:
             if value not in sp.choices:
                 _fail(key, value, sp, kind)
@@ -101,7 +99,7 @@ def check_value(key: str, value: Any, sp: Spec, kind: str) -> None:
             _fail(key, value, sp, kind)
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Integral if kind == "int" else numbers.Real):
-        raise ConfigError(f"{key}: expected {'an integer' if kind == 'int' else 'a number'}, got {_short(value)}")
+        raise UserError(f"{key}: expected {'an integer' if kind == 'int' else 'a number'}, got {_short(value)}")
     if sp.choices is not None:
         if value not in sp.choices:
             _fail(key, value, sp, kind)
@@ -147,7 +145,7 @@ def _check(key: str, value: Any, tp: Any, sp: Spec) -> None:
     if origin in (list, tuple):
         args = [a for a in typing.get_args(tp) if a is not Ellipsis]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {_short(value)}")
+            raise UserError(f"{key}: expected a list, got {_short(value)}")
         for i, item in enumerate(value):
             _check(f"{key}[{i}]", item, args[min(i, len(args) - 1)], sp)
         return

@@ -1,8 +1,9 @@
 """Turn a single-device (meta) model into this rank's parallel model.
 
-Order (as torchtitan): layout checks -> pipeline split -> tensor/sequence parallel ->
-activation checkpointing -> torch.compile -> FSDP2/HSDP/replicate -> materialise and
-initialise (each parameter's shard of its layout-independent full value).
+Order (as torchtitan, after the layout check made before the process group started):
+pipeline split -> tensor/sequence parallel -> activation checkpointing -> torch.compile ->
+FSDP2/HSDP/replicate -> materialise and initialise (each parameter's shard of its
+layout-independent full value).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.config import ConfigError
+from models.errors import UserError
 from parallel.config import ParallelConfig
 from parallel.fsdp import apply_data_parallel
 from parallel.head import make_fused_head, route_inputs
@@ -38,7 +39,7 @@ def apply_compile(model: nn.Module) -> None:
 
 
 def check_layout(model: nn.Module, pcfg: ParallelConfig, world: World) -> None:
-    """Reject a layout the model cannot be divided into (ConfigError naming the key)."""
+    """Reject a layout the model cannot be divided into (UserError naming the key)."""
     check_model_layout(model.cfg, pcfg, world)
 
 
@@ -52,27 +53,20 @@ def check_model_layout(cfg, pcfg: ParallelConfig, world: World) -> None:
         from parallel.expert_parallel import check_ep
 
         check_ep(cfg, pcfg.ep)
-    check_pp(cfg, pcfg, world.pp_size)
+    check_pp(cfg, pcfg, world.pp_size)  # (context parallel's rules: Config.validate)
     from parallel.mtp import check_mtp
 
     check_mtp(cfg, pcfg, world)
-    if world.cp_size > 1:  # context parallel
-        from parallel.context_parallel import check_cp_layout, check_cp_model
-
-        check_cp_layout(pcfg)
-        check_cp_model(cfg, pcfg, world.tp_size)
     if world.pp_size > 1 and pcfg.pp_schedule == "zbv" and world.dp_size * world.cp_size > 1:
         # torch's split input/weight backward runs FSDP's gradient hooks before the weight
         # gradients exist: the reduced gradients come out wrong (checked on torch 2.14)
-        raise ConfigError("parallel.pp_schedule: zbv does not compose with data parallelism yet; "
-                          "use interleaved_1f1b with parallel.dp_shard/dp_replicate/cp > 1")
+        raise UserError("parallel.pp_schedule: zbv does not compose with data parallelism yet; "
+                        "use interleaved_1f1b with parallel.dp_shard/dp_replicate/cp > 1")
     if world.pp_size > 1 and world.tp_size > 1 and "moe" in cfg.sublayer_kinds:
         # torch's pipeline backward-metadata pass fails on the MoE tp plan's mix of DTensor and
         # local gradients (aten.mul got mixed torch.Tensor and DTensor; torch 2.14)
-        raise ConfigError("parallel.tp: MoE sublayers under tp > 1 do not compose with parallel.pp > 1 "
-                          "yet; use ep/dp_shard for the experts with pp")
-    if pcfg.mixed_precision not in ("fp32", "bf16"):
-        raise ConfigError(f"parallel.mixed_precision: '{pcfg.mixed_precision}' is not one of fp32, bf16")
+        raise UserError("parallel.tp: MoE sublayers under tp > 1 do not compose with parallel.pp > 1 "
+                        "yet; use ep/dp_shard for the experts with pp")
 
 
 def parallelize(model: nn.Module, pcfg: ParallelConfig, world: World, *, ac: str = "off",
@@ -86,9 +80,9 @@ def parallelize(model: nn.Module, pcfg: ParallelConfig, world: World, *, ac: str
     materialised on ``world.device`` and initialised from ``seed`` after sharding. An
     already materialised model is kept as is (single process only).
     ``stage_costs`` = (per-sublayer costs, embedding cost, head cost) for automatic
-    pipeline splits; default: parameter counts.
+    pipeline splits; default: parameter counts. The layout must have passed the one layout
+    check (``pretrain.layout_check.check_run``; ``check_layout`` for the model's part).
     """
-    check_layout(model, pcfg, world)
     meta = is_meta(model)
     if not meta and world.distributed:
         raise ValueError("parallelize: build the model on the meta device for multi-process runs "

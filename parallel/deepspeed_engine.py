@@ -52,8 +52,6 @@ def check_layout(pcfg: ParallelConfig, world: World) -> None:
             raise ConfigError(f"parallel.{key}: must be 1 with parallel.dp_engine=deepspeed "
                               f"(DeepSpeed ZeRO shards over all ranks; use dp_engine=fsdp for "
                               f"tensor/pipeline/hybrid layouts)")
-    if pcfg.zero_stage not in (1, 2, 3):
-        raise ConfigError(f"parallel.zero_stage: must be 1, 2 or 3, got {pcfg.zero_stage}")
     if pcfg.mixed_precision != "fp32":
         raise ConfigError("parallel.mixed_precision: only fp32 with parallel.dp_engine=deepspeed "
                           "(use train.dtype=bf16 for bf16 autocast compute)")
@@ -85,8 +83,8 @@ def deepspeed_parallelize(model: nn.Module, pcfg: ParallelConfig, world: World, 
                           compile: bool = False, z_loss: float = 0.0, fused_loss: bool = False,
                           autocast_dtype: torch.dtype | None = None, seed: int = 0) -> "DeepSpeedModel":
     """Prepare ``model`` as ``parallel.parallelize`` would (minus tp/pp/FSDP) for a DeepSpeed
-    engine: the full model on every rank, identical initial weights from ``seed``."""
-    check_layout(pcfg, world)
+    engine: the full model on every rank, identical initial weights from ``seed``. The layout
+    passed ``check_layout`` before the process group started (``pretrain.layout_check``)."""
     if fused_loss:
         make_fused_head(model, z_loss)
     apply_activation_checkpointing(model, ac, ac_every)
@@ -106,7 +104,6 @@ class DeepSpeedModel(ParallelModel):
     def __init__(self, model: nn.Module, pcfg: ParallelConfig, world: World, *, micro_batch: int,
                  accumulation: int, grad_clip: float, z_loss: float = 0.0, fused_loss: bool = False,
                  autocast_dtype: torch.dtype | None = None):
-        check_layout(pcfg, world)
         super().__init__([model], world, z_loss=z_loss, fused_loss=fused_loss,
                          autocast_dtype=autocast_dtype)
         self.pcfg = pcfg

@@ -22,7 +22,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from models.config import ConfigError
+from models.errors import UserError
 from parallel import tp as tp_mod
 from parallel.fsdp import set_gradient_sync
 from parallel.mtp import mtp_kwargs, take_mtp_loss
@@ -182,7 +182,6 @@ class ParallelModel(Runner):
     def _to_device(self, batch: dict) -> dict:
         if self.cp is not None:  # context parallel: this rank's two chunks of every row
             batch = self.cp.split(batch)
-        check_sequence_split(batch["input_ids"].shape[-1], self.world.tp_size, self.sequence_parallel)
         return {k: v.to(self.world.device, non_blocking=True) for k, v in batch.items()}
 
     def _micro_loss(self, mb: dict, with_aux: bool = True) -> torch.Tensor:
@@ -339,15 +338,16 @@ class ParallelModel(Runner):
 
 
 def check_sequence_split(seq: int, tp: int, sequence_parallel: bool) -> None:
+    """Sequence parallel slices each rank's tokens over tp (checked once, from ``data.seq_len``)."""
     if sequence_parallel and seq % tp:
-        raise ConfigError(f"data.seq_len: {seq} must be divisible by parallel.tp={tp} "
-                          f"with parallel.sequence_parallel")
+        raise UserError(f"data.seq_len: {seq} must be divisible by parallel.tp={tp} "
+                        f"with parallel.sequence_parallel")
 
 
 def check_pipeline_rows(rows: int, n_micro: int) -> None:
     if rows % n_micro:
-        raise ConfigError(f"parallel.pp_microbatches: {n_micro} micro-batches do not divide the "
-                          f"{rows} rows per data-parallel rank")
+        raise UserError(f"parallel.pp_microbatches: {n_micro} micro-batches do not divide the "
+                        f"{rows} rows per data-parallel rank")
 
 
 def pipeline_microbatches(pp_microbatches: int, n_given: int, pp: int) -> int:

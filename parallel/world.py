@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from models.config import ConfigError
+from models.errors import UserError
 from parallel.config import ParallelConfig
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
@@ -70,36 +70,24 @@ def pick_backend(pcfg: ParallelConfig) -> str:
 def resolve_layout(pcfg: ParallelConfig, world_size: int) -> dict[str, int]:
     """Sizes of the mesh dims for ``world_size`` processes (``dp_shard=-1``: the rest).
 
-    Raises ConfigError naming the offending ``parallel.*`` key.
+    Raises UserError naming the offending ``parallel.*`` key. Each field's own range and
+    choices are its declaration's (``Config.validate``, part of ``pretrain.layout_check``).
     """
-    for key in ("pp", "dp_replicate", "tp", "cp", "ep", "pp_virtual_stages"):
-        if getattr(pcfg, key) < 1:
-            raise ConfigError(f"parallel.{key}: must be >= 1, got {getattr(pcfg, key)}")
-    if pcfg.cp > 1:  # context parallel: parallel/context_parallel.py
-        from parallel.context_parallel import check_cp_layout
-
-        check_cp_layout(pcfg)
-    if pcfg.backend not in ("auto", "gloo", "nccl"):
-        raise ConfigError(f"parallel.backend: '{pcfg.backend}' is not one of auto, gloo, nccl")
-    if pcfg.dp_engine not in ("fsdp", "deepspeed"):  # deepspeed: parallel/deepspeed_engine.py
-        raise ConfigError(f"parallel.dp_engine: '{pcfg.dp_engine}' is not one of fsdp, deepspeed")
     if world_size % pcfg.cp:
-        raise ConfigError(f"parallel.cp: {pcfg.cp} does not divide the world size {world_size}")
+        raise UserError(f"parallel.cp: {pcfg.cp} does not divide the world size {world_size}")
     fixed = pcfg.pp * pcfg.dp_replicate * pcfg.cp * pcfg.tp
     shard = pcfg.dp_shard
     if shard == -1:
         if world_size % fixed:
-            raise ConfigError(f"parallel: pp*dp_replicate*cp*tp = {pcfg.pp}*{pcfg.dp_replicate}*{pcfg.cp}*"
-                              f"{pcfg.tp} = {fixed} does not divide the world size {world_size}")
+            raise UserError(f"parallel: pp*dp_replicate*cp*tp = {pcfg.pp}*{pcfg.dp_replicate}*{pcfg.cp}*"
+                            f"{pcfg.tp} = {fixed} does not divide the world size {world_size}")
         shard = world_size // fixed
-    elif shard < 1:
-        raise ConfigError(f"parallel.dp_shard: must be >= 1, or -1 for the rest, got {shard}")
     if fixed * shard != world_size:
-        raise ConfigError(f"parallel: pp*dp_replicate*dp_shard*cp*tp = {pcfg.pp}*{pcfg.dp_replicate}*"
-                          f"{shard}*{pcfg.cp}*{pcfg.tp} = {fixed * shard} does not match the world "
-                          f"size {world_size} (set parallel.dp_shard=-1 to fill the rest)")
+        raise UserError(f"parallel: pp*dp_replicate*dp_shard*cp*tp = {pcfg.pp}*{pcfg.dp_replicate}*"
+                        f"{shard}*{pcfg.cp}*{pcfg.tp} = {fixed * shard} does not match the world "
+                        f"size {world_size} (set parallel.dp_shard=-1 to fill the rest)")
     if (shard * pcfg.cp) % pcfg.ep:  # expert parallel: ep is carved out of dp_shard x cp
-        raise ConfigError(f"parallel.ep: {pcfg.ep} does not divide parallel.dp_shard*cp = {shard}*{pcfg.cp}")
+        raise UserError(f"parallel.ep: {pcfg.ep} does not divide parallel.dp_shard*cp = {shard}*{pcfg.cp}")
     return {"pp": pcfg.pp, "dp_replicate": pcfg.dp_replicate, "dp_shard": shard, "cp": pcfg.cp,
             "tp": pcfg.tp}
 
@@ -138,12 +126,12 @@ def build_world(pcfg: ParallelConfig, rank: int, world_size: int, local_rank: in
 def init_world(pcfg: ParallelConfig) -> World:
     """Create the default process group (if launched with WORLD_SIZE > 1) and return the World.
 
-    Raises ConfigError (before any collective) if the layout does not fit the world size.
+    The layout must have passed ``pretrain.layout_check.check_run`` (the trainer's one check,
+    made before this creates the process group).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    resolve_layout(pcfg, world_size)
     backend = pick_backend(pcfg)
     if backend == "nccl":
         torch.cuda.set_device(local_rank)

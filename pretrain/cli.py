@@ -56,16 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     try:
         return int(_load(VERBS[verb][0])(rest) or 0)
-    except UserError as e:
+    except UserError as e:  # (models/ and parallel/ raise the same class)
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except ValueError as e:
-        from models.config import ConfigError
-
-        if isinstance(e, ConfigError):
-            print(f"error: {e}", file=sys.stderr)
-            return EXIT_USER_ERROR
-        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from models.fields import ConfigError, Spec, check_value
+from models.fields import Spec, check_value
 from pretrain.errors import UserError
 
 
@@ -31,7 +31,7 @@ def _checked(kind: str, sp: Spec, text: str):
                                          f"got {text!r}") from None
     try:
         check_value("", value, sp, kind)
-    except ConfigError as e:
+    except UserError as e:
         raise argparse.ArgumentTypeError(str(e).removeprefix(": ")) from None
     return value
 
@@ -58,7 +58,7 @@ def _string(sp: Spec, exists: bool):
     def parse(text: str) -> str:
         try:
             check_value("", text, sp, "str")
-        except ConfigError as e:
+        except UserError as e:
             raise argparse.ArgumentTypeError(str(e).removeprefix(": ")) from None
         if exists and not Path(text).exists():
             raise argparse.ArgumentTypeError(f"{text} does not exist")

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from models.config import ConfigError, ModelConfig
+from models.config import ModelConfig
 from models.fields import check_fields, spec
 from parallel.config import ParallelConfig
 from pretrain.errors import UserError
@@ -49,6 +49,10 @@ class DataConfig:
     val_split: str = spec("val", nonempty=True)
     task: str = spec("lm", choices=("lm", "mqar"))  # mqar: train on generated recall sequences (no dataset)
     mqar: MqarConfig = field(default_factory=MqarConfig)
+
+    def cache_path(self, run_dir: str | os.PathLike) -> str:
+        """``cache_dir``, or the run's own ``<run_dir>/data_cache``."""
+        return self.cache_dir or str(Path(run_dir) / "data_cache")
 
 
 @dataclass
@@ -128,11 +132,8 @@ class Config:
 
     def validate(self) -> None:
         """Every field against its declaration (``spec(...)`` above), then rules across fields."""
-        try:
-            check_fields(self)
-            self.model.validate()
-        except ConfigError as e:
-            raise UserError(str(e)) from None
+        check_fields(self)
+        self.model.validate()
         if self.data.seq_len > self.model.max_seq_len:
             raise UserError(f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         if self.data.task == "mqar":
@@ -148,12 +149,9 @@ class Config:
         if self.parallel.cp > 1:  # context parallel (parallel/context_parallel.py)
             from parallel.context_parallel import check_cp_layout, check_cp_model, check_cp_seq
 
-            try:
-                check_cp_layout(self.parallel)
-                check_cp_seq(self.data.seq_len, self.parallel.cp)
-                check_cp_model(self.model, self.parallel, self.parallel.tp)
-            except ConfigError as e:
-                raise UserError(str(e)) from None
+            check_cp_layout(self.parallel)
+            check_cp_seq(self.data.seq_len, self.parallel.cp)
+            check_cp_model(self.model, self.parallel, self.parallel.tp)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -340,9 +338,13 @@ def load_config(path: str | None = None, overrides: list[str] | None = None,
     return cfg
 
 
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as YAML text (``<run_dir>/config.yaml``, each checkpoint's copy)."""
+    return yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    with open(path, "w") as f:
-        yaml.safe_dump(_plain(cfg.to_dict()), f, sort_keys=False)
+    Path(path).write_text(config_yaml(cfg))
 
 
 def _plain(x):

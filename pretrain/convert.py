@@ -10,12 +10,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import yaml
-
 from models.transformer import build_model
 from parallel.world import World
 from pretrain import checkpoint as ckpt
-from pretrain.config import Config, _plain, apply_overrides
+from pretrain.config import Config, apply_overrides, config_yaml
 from pretrain.errors import UserError
 from pretrain.evaluate import load_for_inference
 
@@ -26,7 +24,7 @@ def write_weights_checkpoint(out_dir: str, cfg: Config, model, tokenizer: str | 
     if ckpt.list_checkpoints(out):
         raise UserError(f"{out} already holds checkpoints; choose an empty output directory")
     cfg.logging.run_dir = str(out)
-    text = yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False)
+    text = config_yaml(cfg)
     state = {"step": 0, "tokens": 0, "scheduler": None, "data": None, "weights_only": True}
     return ckpt.save_checkpoint(out, 0, [model], None, state, World(), text, tokenizer)
 

@@ -1,8 +1,6 @@
 """User-facing errors: the CLI prints one line and exits with status 2."""
 
-
-class UserError(Exception):
-    """Bad input (config, data, checkpoint). The message names the problem."""
+from models.errors import UserError  # noqa: F401  (defined at the bottom layer: models/ raises it too)
 
 
 EXIT_USER_ERROR = 2

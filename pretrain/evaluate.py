@@ -70,7 +70,7 @@ def eval_main(argv: list[str]) -> int:
     else:
         batches = eval_batches(cfg.data, args.split or cfg.data.val_split, args.batch_size,
                                args.batches or cfg.train.eval_batches, dp_rank=0, dp_size=1,
-                               cache_dir=cfg.data.cache_dir or str(path.parent.parent / "data_cache"),
+                               cache_dir=cfg.data.cache_path(path.parent.parent),
                                doc_ids=cfg.model.doc_mask)
     import kernels
 

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         return _dry_run(cfg, args, recipe)
     try:
         mine = evaluate(cfg.model, config_layout(cfg, args.gpus), wl, dev, recipe, cfg)
-    except ValueError as e:  # the configured layout does not match the world size
+    except UserError as e:  # the configured layout does not match the world size
         mine = None
         mine_error = str(e)
     plans = rank(cfg.model, args.gpus, wl, dev, recipe, base=cfg)
@@ -90,14 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"configured layout: {mine.layout.name}\n  {_describe(mine, dev)}")
     fit = [p for p in plans if p.fits]
-    invalid = sum(1 for p in plans if p.estimate is None)
-    print(f"\n{len(fit)} of {len(plans)} candidate layouts fit ({len(plans) - len(fit) - invalid} "
-          f"do not fit in memory, {invalid} cannot divide the model or batch); fastest first:")
+    refused = sum(1 for p in plans if p.unsupported)
+    print(f"\n{len(fit)} of {len(plans)} candidate layouts fit ({len(plans) - len(fit) - refused} "
+          f"do not fit in memory, {refused} refused by the trainer's layout check); fastest first:")
     print(_table(fit[:args.top], dev))
-    runnable = [p for p in fit if not p.unsupported]
-    if runnable:
+    if fit:
         print(f"\nfastest runnable: pretrain train {args.config} "
-              f"{' '.join(runnable[0].layout.overrides(wl.micro_batches(runnable[0].layout)))}")
+              f"{' '.join(fit[0].layout.overrides(wl.micro_batches(fit[0].layout)))}")
     return 0
 
 
@@ -141,22 +140,20 @@ def _describe(plan, dev) -> str:
     lines = [f"{status}; peak {plan.peak_bytes / GIB:.2f} GiB per rank ({mem} GiB)",
              f"step {e.step_s:.3g} s, {e.tokens_per_s:,.0f} tokens/s, MFU {e.mfu:.1%}; time: "
              + ", ".join(f"{k} {v:.3g}s" for k, v in e.parts.items() if v)]
-    if plan.unsupported:
-        lines.append(f"not runnable by this build yet: {plan.unsupported}")
     lines += plan.notes
     return "\n  ".join(lines)
 
 
 def _table(plans, dev) -> str:
     head = f"{'#':>3}  {'layout':<40} {'peak GiB':>8} {'state':>7} {'activ':>7} {'step s':>8} " \
-           f"{'tokens/s':>11} {'MFU':>6}  runnable"
+           f"{'tokens/s':>11} {'MFU':>6}"
     rows = [head]
     for i, p in enumerate(plans, 1):
         worst = max(p.memory, key=lambda b: b.total)
         act = worst.parts.get("activations", 0) + worst.parts.get("logits", 0)
         rows.append(f"{i:>3}  {p.layout.name:<40} {p.peak_bytes / GIB:>8.2f} {p.state_bytes / GIB:>7.2f} "
                     f"{act / GIB:>7.2f} {p.estimate.step_s:>8.3g} {p.estimate.tokens_per_s:>11,.0f} "
-                    f"{p.estimate.mfu:>6.1%}  {'yes' if not p.unsupported else 'no: ' + p.unsupported[:60]}")
+                    f"{p.estimate.mfu:>6.1%}")
     return "\n".join(rows)
 
 

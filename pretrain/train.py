@@ -17,16 +17,16 @@ import yaml
 
 import parallel
 from parallel.mtp import mtp_metrics
-from models.config import ConfigError
 from models.transformer import build_model
 from parallel.runner import Runner
 from parallel.world import World
 from pretrain import checkpoint as ckpt
 from pretrain.async_ckpt import AsyncSaver
-from pretrain.config import Config, _plain
+from pretrain.config import Config, config_yaml
 from pretrain.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, STATUS_FILE_ENV, UserError
 from pretrain.faults import step_faults
 from pretrain.flops import device_peak_flops, train_flops_per_token
+from pretrain.layout_check import check_run
 from pretrain.metrics import MetricsWriter, Progress
 from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.preflight import check_inputs, check_run_dir
@@ -84,9 +84,8 @@ def build_data(cfg: Config, world, run_dir: Path, split: str):
                                        seed=cfg.train.seed)
     from pretrain.data.loader import TokenBatches
 
-    cache = cfg.data.cache_dir or str(run_dir / "data_cache")
     return TokenBatches(cfg.data, split, cfg.train.global_batch, world.dp_rank, world.dp_size,
-                        seed=cfg.train.seed, cache_dir=cache, doc_ids=cfg.model.doc_mask)
+                        seed=cfg.train.seed, cache_dir=cfg.data.cache_path(run_dir), doc_ids=cfg.model.doc_mask)
 
 
 def tokenizer_path(cfg: Config, run_dir: Path) -> str | None:
@@ -94,7 +93,7 @@ def tokenizer_path(cfg: Config, run_dir: Path) -> str | None:
     from pretrain.data.loader import resolve_tokenizer
 
     try:
-        return resolve_tokenizer(cfg.data, cfg.data.cache_dir or str(run_dir / "data_cache"))
+        return resolve_tokenizer(cfg.data, cfg.data.cache_path(run_dir))
     except UserError:
         return None
 
@@ -133,6 +132,7 @@ def train(cfg: Config) -> dict:
         # DeepSpeed's launcher calls it LOCAL_SIZE; mosaicml-streaming reads LOCAL_WORLD_SIZE
         os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
     try:
+        check_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # every layout rule, before the process group
         world = parallel.init_world(cfg.parallel)
         try:
             # one live run per run dir: rank 0 locks it before anything is written
@@ -174,15 +174,13 @@ def _train(cfg: Config, world, flag: PreemptionFlag) -> dict:
 
 
 def build_run(cfg: Config, world) -> Run:
-    """Check the layout, write the run's config, build model, runner, data, optimizer and
-    lr schedule, and decide where the run starts (loading ``checkpoint.init_from`` weights)."""
-    from pretrain.layout_check import check_run
-
-    check_run(cfg, world.world_size)  # the layout checks `pretrain plan` shares
+    """Write the run's config, build model, runner, data, optimizer and lr schedule, and
+    decide where the run starts (loading ``checkpoint.init_from`` weights). (The layout
+    passed ``pretrain.layout_check.check_run`` before the process group started.)"""
     setup_determinism(cfg)
     setup_kernels(cfg, world.device)
     run_dir = prepare_run_dir(cfg, world)
-    config_text = yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False)
+    config_text = config_yaml(cfg)
     if world.is_main:
         (run_dir / "config.yaml").write_text(config_text)
 
@@ -408,7 +406,7 @@ def run_eval(cfg: Config, pm, world, run_dir: Path) -> float | None:
     try:
         batches = eval_batches(cfg.data, cfg.data.val_split, cfg.train.global_batch,
                                cfg.train.eval_batches, dp_rank=world.dp_rank, dp_size=world.dp_size,
-                               cache_dir=cfg.data.cache_dir or str(run_dir / "data_cache"),
+                               cache_dir=cfg.data.cache_path(run_dir),
                                doc_ids=cfg.model.doc_mask)
     except UserError as e:
         if world.is_main:
@@ -434,7 +432,7 @@ def train_main(cfg: Config) -> int:
     except BaseException as e:
         if not distributed or isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
-        code = EXIT_USER_ERROR if isinstance(e, (UserError, ConfigError)) else 1
+        code = EXIT_USER_ERROR if isinstance(e, UserError) else 1
         _record_status(rank, code)
         if code == EXIT_USER_ERROR and (rank == 0 or not getattr(e, "rank0_reports", False)):
             print(f"error: [rank {rank}] {e}", file=sys.stderr, flush=True)

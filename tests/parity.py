@@ -109,19 +109,52 @@ def rank_batches(tokens: str, step: int, dp_rank: int, dp_size: int, micro: int)
 
 # ---- one run -------------------------------------------------------------------------
 
+def run_config(job: dict):
+    """The trainer's Config of ``job`` (model, layout, batch split, sequence length)."""
+    from parallel import ParallelConfig
+    from pretrain.config import Config, DataConfig, TrainConfig
+
+    return Config(model=model_cfg(job.get("family", "dense"), **job.get("model", {})),
+                  parallel=ParallelConfig(**job.get("layout", {})), data=DataConfig(seq_len=SEQ),
+                  train=TrainConfig(global_batch=GLOBAL_BATCH, micro_batch=job.get("micro", MICRO)))
+
+
+_REFUSALS: dict[str, str | None] = {}  # the matrix asks about the same jobs several times
+
+
+def refusal(job: dict, world_size: int) -> str | None:
+    """The line the trainer refuses ``job`` with on ``world_size`` ranks, or None: its one
+    layout check (``pretrain.layout_check.check_run``)."""
+    from pretrain.errors import UserError
+    from pretrain.layout_check import check_run
+
+    key = json.dumps([job.get(k) for k in ("family", "model", "layout", "micro")] + [world_size], sort_keys=True)
+    if key not in _REFUSALS:
+        try:
+            check_run(run_config(job), world_size)
+            _REFUSALS[key] = None
+        except UserError as e:
+            _REFUSALS[key] = str(e)
+    return _REFUSALS[key]
+
+
 def build(job: dict):
     """``(ParallelModel, optimizer, world)`` of ``job`` on the current process group (or one
-    process without one)."""
+    process without one), after the trainer's layout check (UserError if it refuses)."""
     import torch.distributed as dist
 
     from models.transformer import build_model
     from parallel import ParallelConfig, build_world, parallelize
     from pretrain.config import OptimConfig
+    from pretrain.errors import UserError
     from pretrain.optim import build_optimizer
 
     pcfg = ParallelConfig(**job.get("layout", {}))
     ws = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
+    why = refusal(job, ws)
+    if why:
+        raise UserError(why)
     world = build_world(pcfg, rank, ws, 0, torch.device("cpu"))
     kw = dict(job.get("kw", {}))
     if pcfg.mixed_precision == "bf16":

@@ -105,13 +105,11 @@ def world_of(layout: dict) -> int:
 
 
 def expected_refusal(layout: dict, family: str = "dense") -> str | None:
-    """The start of the one line the trainer refuses ``layout`` with, or None if it runs."""
-    dp = layout.get("dp_replicate", 1) * layout.get("dp_shard", 1)
-    if family in MOE_FAMILIES and layout.get("tp", 1) > 1 and layout.get("pp", 1) > 1:
-        return "parallel.tp: MoE sublayers under tp > 1 do not compose with parallel.pp > 1"
-    if layout.get("pp_schedule") == "zbv" and dp > 1:
-        return "parallel.pp_schedule: zbv does not compose with data parallelism"
-    return None
+    """The one line the trainer refuses ``layout`` with, or None if it runs: the trainer's
+    own layout check (``parity.refusal``), not a copy of its rules."""
+    import parity
+
+    return parity.refusal({"family": family, "layout": layout}, world_of({"dp_shard": 1, **layout}))
 
 
 def _job(family: str, elements: tuple[str, ...]) -> dict:

@@ -3,7 +3,7 @@
 ``python -m torch.distributed.run --nproc_per_node N tests/parity_worker.py SPEC OUT`` runs
 every job of SPEC on one process group (tests/torchrun_jobs.py) and rank 0 writes, per job,
 its parity numbers against the job's cached one-process reference (``job["ref"]``), or
-``{"refused": message}`` when the trainer rejected the layout (a ConfigError), or the error.
+``{"refused": message}`` when the trainer's layout check refused the job (a UserError), or the error.
 torch's FSDP warning about modules returning views is an error here.
 """
 
@@ -53,7 +53,7 @@ class ReduceDtypes:
 def run_parity(job: dict) -> dict:
     import torch.distributed as dist
 
-    from models.config import ConfigError
+    from pretrain.errors import UserError
 
     probe = ReduceDtypes() if job.get("probe_reduce") else None
     if probe is not None:
@@ -76,7 +76,7 @@ def run_parity(job: dict) -> dict:
     warnings.filterwarnings("ignore" if ladder_async else "error", message=".*returned a view tensor.*")
     try:
         got = parity.train(job, on_step=on_step)
-    except ConfigError as e:
+    except UserError as e:
         return {"refused": str(e)}
     finally:
         if probe is not None:

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from models.config import ModelConfig, RopeScalingConfig
 from models.transformer import build_model
 from parallel.world import World
 from pretrain.checkpoint import save_checkpoint
-from pretrain.config import Config, _plain
+from pretrain.config import Config, config_yaml
 from pretrain.errors import UserError
 from pretrain.evaluate import load_for_inference, sample
 from pretrain.hf.export import export_checkpoint
@@ -49,7 +48,7 @@ def make_checkpoint(run_dir: Path, mc: ModelConfig, tokenizer: Path | None, step
     sharpen(model)  # sharp attention, sublayers that matter: see tests/hf_sharp.py
     cfg = Config(model=mc)
     cfg.data.seq_len = min(32, mc.max_seq_len)
-    text = yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False)
+    text = config_yaml(cfg)
     path = save_checkpoint(run_dir, steps, [model], opt, {"step": steps}, World(), text,
                            str(tokenizer) if tokenizer else None)
     return model.eval(), path

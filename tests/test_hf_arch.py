@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from models.config import HybridHeadsConfig, MambaConfig, ModelConfig, MoEConfig
 from models.transformer import build_model
 from parallel.world import World
 from pretrain.checkpoint import save_checkpoint
-from pretrain.config import Config, _plain
+from pretrain.config import Config, config_yaml
 from pretrain.errors import UserError
 from pretrain.evaluate import load_for_inference, sample
 from pretrain.hf.export import export_checkpoint
@@ -57,7 +56,7 @@ def checkpoint(run_dir: Path, mc: ModelConfig):
     sharpen(model)
     cfg = Config(model=mc)
     cfg.data.seq_len = 16
-    text = yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False)
+    text = config_yaml(cfg)
     return model.eval(), save_checkpoint(run_dir, 2, [model], opt, {"step": 2}, World(), text)
 
 

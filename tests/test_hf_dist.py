@@ -35,14 +35,13 @@ def tokens() -> torch.Tensor:
 
 def worker(out: Path) -> None:
     import torch.distributed as dist
-    import yaml
     from torch.distributed.tensor import DTensor
 
     from models.config import ModelConfig
     from models.transformer import build_model
     from parallel import ParallelConfig, build_world, parallelize
     from pretrain.checkpoint import save_checkpoint
-    from pretrain.config import Config, _plain
+    from pretrain.config import Config, config_yaml
     from pretrain.hf.live_export import export_live
 
     dist.init_process_group("gloo")
@@ -50,7 +49,7 @@ def worker(out: Path) -> None:
     mc = ModelConfig(**MODEL)
     cfg = Config(model=mc)
     cfg.data.seq_len = 16
-    text = yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False)
+    text = config_yaml(cfg)
     x = tokens()
     for name, layout in {**LAYOUTS, **LIVE_ONLY}.items():
         pcfg = ParallelConfig(**layout)

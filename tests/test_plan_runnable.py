@@ -1,6 +1,7 @@
 """The planner's "runnable" is the trainer's verdict: every candidate layout the planner
-enumerates goes through the trainer's start-up check (``pretrain.layout_check.check_run``),
-and the planner's own divisibility check never refuses a layout the trainer accepts."""
+enumerates goes through the trainer's start-up check (``pretrain.layout_check.check_run``);
+the planner never ranks a layout the check refuses, and every layout it leaves out carries
+the check's message."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pretrain.errors import UserError
 from pretrain.layout_check import check_run
 from pretrain.planner import hardware as hw
 from pretrain.planner.layout import project_recipe, workload
-from pretrain.planner.search import check, enumerate_layouts, evaluate, layout_config, supported
+from pretrain.planner.search import enumerate_layouts, evaluate, layout_config
 
 H100 = hw.DEVICES["h100"]
 
@@ -34,11 +35,17 @@ def test_planner_candidates_agree_with_the_trainer(name, gpus, extra):
     cfg = load_config(name, extra)
     wl = workload(cfg)
     layouts = enumerate_layouts(cfg.model, gpus, wl, H100)
+    recipe = project_recipe(cfg)
     verdicts = {"runnable": 0, "refused": 0}
     for lay in layouts:
         refused = _trainer_refuses(cfg, lay, wl)
-        planner = check(cfg.model, lay, wl) or supported(cfg.model, lay, wl, cfg)
-        assert (planner is None) == (refused is None), (lay.name, planner, refused)
+        plan = evaluate(cfg.model, lay, wl, H100, recipe, cfg)
+        if refused:  # not ranked, and the reason given is the trainer's own line
+            assert not plan.fits and plan.estimate is None, (lay.name, refused)
+            assert plan.problem == plan.unsupported == refused, (lay.name, plan.problem, refused)
+        else:  # ranked (unless memory is short), with no refusal attached
+            assert plan.estimate is not None and plan.unsupported is None, (lay.name, plan.problem)
+            assert plan.fits or "GiB" in plan.problem, (lay.name, plan.problem)
         if refused:
             assert refused.count("\n") == 0 and refused.split(":")[0].count(".") >= 1, refused
         verdicts["refused" if refused else "runnable"] += 1
@@ -75,3 +82,24 @@ def test_pp_microbatches_default_and_override():
         check_run(load_config("tiny", [*base, "--parallel.pp_microbatches=3"]), 2)
     with pytest.raises(UserError, match="needs at least pp=2"):  # torch's 1F1B refuses 1 < pp
         check_run(load_config("tiny", [*base, "--parallel.pp_microbatches=1"]), 2)
+
+
+@pytest.mark.parametrize("world,extra,needle", [
+    (4, ["--parallel.pp=2", "--parallel.pp_schedule=zbv"], "parallel.pp_schedule: zbv does not compose"),
+    # known from data.seq_len at start (was checked on every batch)
+    (2, ["--parallel.tp=2", "--parallel.sequence_parallel=true", "--data.seq_len=63"],
+     "data.seq_len: 63 must be divisible by parallel.tp=2"),
+])
+def test_trainer_checks_the_layout_before_the_process_group(monkeypatch, tmp_path, world, extra, needle):
+    import parallel
+    from pretrain.train import train
+
+    def init_world(pcfg):
+        raise AssertionError("the process group started before the layout check")
+
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setattr(parallel, "init_world", init_world)
+    cfg = load_config("tiny", [*extra, f"--logging.run_dir={tmp_path / 'run'}"])
+    with pytest.raises(UserError, match=needle):
+        train(cfg)
+    assert not (tmp_path / "run").exists()

@@ -78,24 +78,6 @@ def cp_attention_comm(kind: str, cfg: ModelConfig, layout: Layout, wl: Workload,
     return total, exposed
 
 
-def check_cp(cfg: ModelConfig, layout: Layout, wl: Workload) -> str | None:
-    """Why ``layout``'s cp does not fit the model or sequence (one line), or None."""
-    from models.config import ConfigError
-    from parallel.config import ParallelConfig
-    from parallel.context_parallel import check_cp_model, check_cp_seq
-
-    if layout.cp == 1:
-        return None
-    try:
-        check_cp_seq(wl.seq_len, layout.cp)
-        check_cp_model(cfg, ParallelConfig(cp=layout.cp, cp_mode=layout.cp_mode), layout.tp)
-    except ConfigError as e:
-        return str(e)
-    if layout.sp and (wl.seq_len // layout.cp) % layout.tp:
-        return f"data.seq_len: {wl.seq_len}/cp={layout.cp} is not divisible by parallel.tp={layout.tp}"
-    return None
-
-
 def cp_choices(cfg: ModelConfig, wl: Workload, rest: int, long_seq: int = 16384) -> list[int]:
     """cp sizes the layout search tries: only for long sequences (>= ``long_seq`` tokens),
     powers of two dividing the remaining ranks and half the sequence, up to 8."""

@@ -9,7 +9,6 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from models.config import ConfigError
 from pretrain.config import Config
 from pretrain.errors import UserError
 
@@ -44,41 +43,33 @@ def dry_run(cfg: Config, world_size: int) -> list[dict]:
     """Per pp rank: ``{"pp_rank", "stages", "params"}`` (parameter elements on tp rank 0 /
     dp rank 0, the largest shards). Raises UserError naming what does not divide."""
     from models.transformer import build_model
-    from parallel.apply import check_layout
     from parallel.expert_parallel import apply_ep, expert_fsdp_options
     from parallel.fsdp import apply_data_parallel
     from parallel.tp import TPContext
     from parallel.tp_plans import apply_tp
     from parallel.world import build_world
+    from pretrain.layout_check import check_run
 
+    check_run(cfg, world_size)  # the trainer's own verdict, before the (fake) process group
     pcfg = cfg.parallel
-    try:
-        with fake_world(world_size):
-            world = build_world(pcfg, 0, world_size, 0, torch.device("cpu"))
-            model = build_model(cfg.model, init=False)
-            check_layout(model, pcfg, world)
-            deepspeed = pcfg.dp_engine == "deepspeed"
-            if deepspeed:  # ZeRO-1/2/3 partition flat buffers; the modules keep full parameters
-                from parallel.deepspeed_engine import check_layout as ds_check
-
-                ds_check(pcfg, world)
-            parts_by_rank = _stage_parts(model, pcfg, world)
-            out = []
-            for pp_rank, parts in enumerate(parts_by_rank):
-                n = 0
-                for stage, part in parts:
-                    # the same sharding calls parallel.parallelize makes, without materialising
-                    if world.ep_size > 1:
-                        apply_ep(part, world)
-                    if world.tp_size > 1:
-                        apply_tp(part, TPContext(world.mesh["tp"], part.cfg, pcfg.sequence_parallel))
-                    if world.dp_size * world.cp_size > 1 and not deepspeed:
-                        apply_data_parallel(part, world, pcfg, **expert_fsdp_options(part, world))
-                    n += _local_numel(part)
-                out.append({"pp_rank": pp_rank, "stages": [s for s, _ in parts], "params": n})
-            return out
-    except ConfigError as e:
-        raise UserError(str(e)) from None
+    deepspeed = pcfg.dp_engine == "deepspeed"  # ZeRO-1/2/3 partition flat buffers; modules keep full parameters
+    with fake_world(world_size):
+        world = build_world(pcfg, 0, world_size, 0, torch.device("cpu"))
+        model = build_model(cfg.model, init=False)
+        out = []
+        for pp_rank, parts in enumerate(_stage_parts(model, pcfg, world)):
+            n = 0
+            for stage, part in parts:
+                # the same sharding calls parallel.parallelize makes, without materialising
+                if world.ep_size > 1:
+                    apply_ep(part, world)
+                if world.tp_size > 1:
+                    apply_tp(part, TPContext(world.mesh["tp"], part.cfg, pcfg.sequence_parallel))
+                if world.dp_size * world.cp_size > 1 and not deepspeed:
+                    apply_data_parallel(part, world, pcfg, **expert_fsdp_options(part, world))
+                n += _local_numel(part)
+            out.append({"pp_rank": pp_rank, "stages": [s for s, _ in parts], "params": n})
+        return out
 
 
 def _stage_parts(model, pcfg, world) -> list[list[tuple[int, torch.nn.Module]]]:

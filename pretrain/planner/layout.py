@@ -166,25 +166,16 @@ def megatron_recipe() -> Recipe:
 
 def config_layout(cfg: Config, world_size: int) -> Layout:
     """The layout a config asks for (``dp_shard=-1`` filled from ``world_size``)."""
+    from parallel.world import resolve_layout
+
     p = cfg.parallel
-    sizes = _fill(p, world_size)
+    sizes = resolve_layout(p, world_size)  # the trainer's mesh sizes (UserError if they do not fit)
     zero = (p.zero_stage if p.dp_engine == "deepspeed" else (3 if sizes["dp_shard"] > 1 else 0))
     return Layout(tp=sizes["tp"], pp=sizes["pp"], dp_replicate=sizes["dp_replicate"],
                   dp_shard=sizes["dp_shard"], ep=p.ep, cp=p.cp, cp_mode=p.cp_mode, zero=zero,
                   schedule=p.pp_schedule, vpp=_vpp(p), micro_batch=_micro(cfg, sizes),
                   sp=p.sequence_parallel and p.tp > 1, ac=cfg.train.activation_checkpointing,
                   ac_every=cfg.train.ac_every)
-
-
-def _fill(p, world_size: int) -> dict:
-    from models.config import ConfigError
-
-    fixed = p.pp * p.dp_replicate * p.cp * p.tp
-    shard = p.dp_shard if p.dp_shard > 0 else world_size // max(fixed, 1)
-    if fixed * shard != world_size:
-        raise ConfigError(f"parallel: pp*dp_replicate*dp_shard*cp*tp = {fixed * shard} does not "
-                          f"match the world size {world_size}")
-    return {"pp": p.pp, "dp_replicate": p.dp_replicate, "dp_shard": shard, "cp": p.cp, "tp": p.tp}
 
 
 def _vpp(p) -> int:

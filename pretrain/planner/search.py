@@ -1,11 +1,12 @@
-"""Enumerate the layouts of a world size, check which ones the model can be divided into,
+"""Enumerate the layouts of a world size, keep the ones the trainer's own check accepts,
 predict memory and step time for each and rank the ones that fit."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from models.config import ConfigError, ModelConfig
+from models.config import ModelConfig
+from pretrain.errors import UserError
 from pretrain.planner import hardware as hw
 from pretrain.planner.cp import cp_choices
 from pretrain.planner.layout import Layout, Recipe, Workload
@@ -17,43 +18,10 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def check(cfg: ModelConfig, layout: Layout, wl: Workload) -> str | None:
-    """Why ``cfg`` cannot be laid out as ``layout`` (one line), or None."""
-    from parallel.pipeline import check_pp
-    from parallel.tp_plans import check_tp
-
-    try:
-        check_tp(cfg, layout.tp)
-        check_pp(cfg, _pcfg(layout), layout.pp)
-    except ValueError as e:  # ConfigError included
-        return str(e)
-    if layout.cp > 1:
-        from pretrain.planner.cp import check_cp
-
-        why = check_cp(cfg, layout, wl)
-        if why:
-            return why
-    if layout.ep > 1:
-        if "moe" not in cfg.sublayer_kinds:
-            return "parallel.ep: the model has no MoE sublayers"
-        if cfg.moe.n_experts % layout.ep:
-            return f"parallel.ep: {layout.ep} does not divide model.moe.n_experts={cfg.moe.n_experts}"
-        if (layout.dp_shard * layout.cp) % layout.ep:
-            return f"parallel.ep: {layout.ep} must divide parallel.dp_shard*cp={layout.dp_shard * layout.cp}"
-    if wl.global_batch % layout.dp:
-        return f"train.global_batch: {wl.global_batch} is not divisible by the {layout.dp} data-parallel ranks"
-    if wl.micro_batches(layout) < 1:
-        return (f"train.micro_batch: {layout.micro_batch} does not divide the per-rank batch of "
-                f"{wl.global_batch // layout.dp}")
-    if layout.sp and wl.seq_len % layout.tp:
-        return f"data.seq_len: {wl.seq_len} is not divisible by parallel.tp={layout.tp} (sequence parallel)"
-    return None
-
-
 def supported(cfg: ModelConfig, layout: Layout, wl: Workload, base=None) -> str | None:
     """Why the trainer would refuse to run ``layout`` (with the rest of ``base``, a Config),
-    or None: the trainer's own start-up check (``pretrain.layout_check.check_run``)."""
-    from pretrain.errors import UserError
+    or None: the trainer's own start-up check (``pretrain.layout_check.check_run``), the
+    planner's only notion of what is runnable."""
     from pretrain.layout_check import check_run
 
     try:
@@ -98,8 +66,8 @@ class Plan:
     memory: list  # Breakdown per pp rank
     estimate: StepEstimate | None
     fits: bool
-    problem: str | None = None  # cannot be divided / does not fit
-    unsupported: str | None = None  # valid, but this build's trainer cannot run it
+    problem: str | None = None  # refused by the trainer's check, or does not fit in memory
+    unsupported: str | None = None  # the trainer's refusal (pretrain.layout_check.check_run)
     notes: list[str] = field(default_factory=list)
     n_micro: int = 0  # micro-batches per rank per step
 
@@ -114,14 +82,14 @@ class Plan:
 
 def evaluate(cfg: ModelConfig, layout: Layout, wl: Workload, dev: hw.Device, recipe: Recipe,
              base=None) -> Plan:
-    """Memory and step time of ``layout`` (``base``: the run Config, for its other settings)."""
-    problem = check(cfg, layout, wl)
-    if problem:
-        return Plan(layout, [], None, False, problem)
+    """Memory and step time of ``layout`` (``base``: the run Config, for its other settings);
+    a layout the trainer refuses gets no estimate, only the trainer's message."""
+    refused = supported(cfg, layout, wl, base)
+    if refused:
+        return Plan(layout, [], None, False, refused, unsupported=refused)
     mem = rank_memory(cfg, layout, wl, recipe)
     est = estimate(cfg, layout, wl, dev, recipe)
-    plan = Plan(layout, mem, est, True, unsupported=supported(cfg, layout, wl, base),
-                n_micro=wl.micro_batches(layout))
+    plan = Plan(layout, mem, est, True, n_micro=wl.micro_batches(layout))
     if plan.peak_bytes > dev.usable_bytes:
         plan.fits = False
         plan.problem = (f"needs {plan.peak_bytes / 2**30:.1f} GiB per rank, "
