@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.config import ModelConfig, MoEConfig  # noqa: E402
+from models.config import MoEConfig, ModelConfig  # noqa: E402
 from models.layers import MLP  # noqa: E402
 from models.moe import MoE  # noqa: E402
 

@@ -123,7 +123,7 @@ def run(args) -> list[dict]:
             continue
         try:
             repeats, params = match_layers({**lm_base, **ov}, target)
-        except (UserError, ValueError) as e:  # (ConfigError is a ValueError)
+        except (UserError, ValueError) as e:  # (UserError is a ValueError)
             print(f"note: skipping {name}: this tree cannot build it ({str(e).splitlines()[0]})", flush=True)
             continue
         print(f"{name}: pattern {ov['model.pattern']!r} x{repeats}, {params} parameters "

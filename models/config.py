@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from models.fields import ConfigError, check_fields, spec  # noqa: F401  (ConfigError re-exported)
+from models.fields import UserError, check_fields, spec  # noqa: F401  (UserError re-exported)
 
 STAGE_BOUNDARY = "|"
 
@@ -211,7 +211,7 @@ class ModelConfig:
         """Reject impossible combinations before any work starts."""
         def need(cond: bool, key: str, msg: str) -> None:
             if not cond:
-                raise ConfigError(f"model.{key}: {msg}")
+                raise UserError(f"model.{key}: {msg}")
 
         check_fields(self, "model")  # each field's declared range; below: rules across fields
         from models.kinds import BY_SYMBOL, present

@@ -9,4 +9,3 @@ class UserError(ValueError):
     """Bad input. The message is one line naming the key (or file) and what is allowed."""
 
 
-ConfigError = UserError  # the former name, kept importable for code not yet converted

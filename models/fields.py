@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from models.errors import ConfigError, UserError  # noqa: F401  (ConfigError: the former name)
+from models.errors import UserError
 
 INT64_MAX = 2**63 - 1
 
@@ -155,6 +155,6 @@ def _check(key: str, value: Any, tp: Any, sp: Spec) -> None:
 
 
 def need(cond: bool, key: str, msg: str) -> None:
-    """A rule across fields: raise ``ConfigError("model.<key>: <msg>")`` unless ``cond``."""
+    """A rule across fields: raise ``UserError("model.<key>: <msg>")`` unless ``cond``."""
     if not cond:
-        raise ConfigError(f"model.{key}: {msg}")
+        raise UserError(f"model.{key}: {msg}")

@@ -28,7 +28,7 @@ from torch import nn
 
 from kernels.gdn import gated_delta_rule, gated_delta_rule_flops, gated_delta_rule_step, l2norm
 from kernels.ssd import segment_ids
-from models.config import ConfigError, GDNConfig, ModelConfig
+from models.config import GDNConfig, ModelConfig, UserError
 from models.mamba2 import CausalConv1d
 
 _CONV_PARTS = ("q", "k", "v")
@@ -37,12 +37,12 @@ _CONV_PARTS = ("q", "k", "v")
 def check_gdn_config(gc: GDNConfig) -> None:
     """Rules across ``model.gdn`` fields."""
     if gc.n_v_heads and gc.n_v_heads % gc.n_heads:
-        raise ConfigError(f"model.gdn.n_v_heads: {gc.n_v_heads} is not a multiple of n_heads={gc.n_heads}")
+        raise UserError(f"model.gdn.n_v_heads: {gc.n_v_heads} is not a multiple of n_heads={gc.n_heads}")
     if gc.dt_min > gc.dt_max:
-        raise ConfigError(f"model.gdn.dt_min: {gc.dt_min} exceeds gdn.dt_max={gc.dt_max}")
+        raise UserError(f"model.gdn.dt_min: {gc.dt_min} exceeds gdn.dt_max={gc.dt_max}")
     lo, hi = gc.A_init_range
     if lo > hi:
-        raise ConfigError(f"model.gdn.A_init_range: low end {lo} exceeds high end {hi}")
+        raise UserError(f"model.gdn.A_init_range: low end {lo} exceeds high end {hi}")
 
 
 def gdn_heads(gc: GDNConfig) -> tuple[int, int]:

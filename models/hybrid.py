@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import kernels
-from models.config import ConfigError, ModelConfig
+from models.config import ModelConfig, UserError
 from models.fields import need
 from models.mamba2 import Mamba2Mixer, check_ssm_params, mamba_flops_per_token
 
@@ -35,7 +35,7 @@ class HybridHeadsMixer(nn.Module):
         super().__init__()
         hc = cfg.hybrid
         if hc.n_attn_heads < 1 or hc.n_mamba_heads < 1:
-            raise ConfigError("model.hybrid: n_attn_heads and n_mamba_heads must both be >= 1")
+            raise UserError("model.hybrid: n_attn_heads and n_mamba_heads must both be >= 1")
         hd = cfg.dim_head
         self.head_dim = hd
         kv = hybrid_kv_heads(cfg)

@@ -37,7 +37,7 @@ class SublayerKind:
     # (config key, query heads, KV heads) of its causal softmax attention, if any: its score
     # matrix (FLOPs, context parallel K/V exchange, causal-skip kernels)
     attention_heads: Callable[[ModelConfig], tuple[str, int, int]] | None = None
-    validate: Callable[[ModelConfig], None] | None = None  # cross-field rules (ConfigError)
+    validate: Callable[[ModelConfig], None] | None = None  # cross-field rules (UserError)
     uses_rope: bool = False  # the model builds RoPE tables when such a kind is present
     recurrent: bool = False  # carries state along the sequence (context parallel passes it)
     routed_experts: bool = False  # holds experts split over expert-parallel ranks

@@ -25,7 +25,7 @@ from torch import nn
 import kernels
 from kernels.ssd import (causal_conv1d, causal_conv1d_step, segment_ids, ssd, ssd_flops, ssd_state_output,
                          ssd_step)
-from models.config import ConfigError, ModelConfig
+from models.config import ModelConfig, UserError
 from models.fields import need
 
 _IN_PARTS = ("z", "x", "B", "C", "dt")  # Hugging Face in_proj order
@@ -104,7 +104,7 @@ class Mamba2Mixer(nn.Module):
         mc = cfg.mamba
         H = n_heads if n_heads is not None else mc.expand * cfg.d_model // mc.head_dim
         if H < 1 or H % mc.n_groups:
-            raise ConfigError(f"model.mamba.n_groups: {mc.n_groups} groups do not divide {H} Mamba heads")
+            raise UserError(f"model.mamba.n_groups: {mc.n_groups} groups do not divide {H} Mamba heads")
         self.mamba_cfg = mc
         self.head_dim, self.d_state, self.n_groups = mc.head_dim, mc.d_state, mc.n_groups
         d_inner, gn = H * mc.head_dim, mc.n_groups * mc.d_state

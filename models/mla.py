@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from models.config import ConfigError, ModelConfig
+from models.config import ModelConfig, UserError
 from models.layers import Attention, Context, RMSNorm
 
 # transformers' DeepseekV3 builds q_a_layernorm / kv_a_layernorm with their default eps
@@ -44,7 +44,7 @@ def check_attention_options(cfg: ModelConfig) -> None:
     """Rules across ``model.attention`` / ``model.mla`` and the attention options."""
     def need(cond: bool, key: str, msg: str) -> None:
         if not cond:
-            raise ConfigError(f"model.{key}: {msg}")
+            raise UserError(f"model.{key}: {msg}")
 
     kinds = set(cfg.sublayer_kinds)
     rope = cfg.position == "rope"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from models.config import ConfigError, ModelConfig
+from models.config import ModelConfig, UserError
 
 _MLP = ("w_gate", "w_up", "w_down")
 
@@ -22,7 +22,7 @@ def upcycle_dense_state(dense_sd: dict, moe_cfg: ModelConfig, noise_std: float =
 
     Each expert copies the dense MLP plus (optionally) independent Gaussian noise of std
     ``noise_std``; the router is drawn from normal(0, init_std) with ``seed``. All other
-    entries are copied unchanged. Raises ``ConfigError`` when the shapes do not fit.
+    entries are copied unchanged. Raises ``UserError`` when the shapes do not fit.
     """
     moe_cfg.validate()
     m, d = moe_cfg.moe, moe_cfg.d_model
@@ -38,11 +38,11 @@ def upcycle_dense_state(dense_sd: dict, moe_cfg: ModelConfig, noise_std: float =
     for i, p in zip(moe_idx, prefixes):
         missing = [n for n in _MLP if p + n + ".weight" not in dense_sd]
         if missing:
-            raise ConfigError(f"upcycle: the dense state has no MLP at sublayer {i} (no '{p}{missing[0]}.weight'); "
+            raise UserError(f"upcycle: the dense state has no MLP at sublayer {i} (no '{p}{missing[0]}.weight'); "
                               "the dense pattern needs '-' wherever the MoE pattern has 'E'")
         wg, wu, wd = (dense_sd[p + n + ".weight"] for n in _MLP)
         if tuple(wg.shape) != (h, d) or tuple(wd.shape) != (d, h):
-            raise ConfigError(f"upcycle: sublayer {i} MLP is {tuple(wg.shape[::-1])} (d_model, hidden) but the MoE "
+            raise UserError(f"upcycle: sublayer {i} MLP is {tuple(wg.shape[::-1])} (d_model, hidden) but the MoE "
                               f"expects ({d}, {h}); set model.moe.ffn_hidden to the dense MLP width")
         for name, w in zip(_MLP, (wg, wu, wd)):
             # nn.Linear stores [out, in]; experts are stored [E, in, out].

@@ -20,16 +20,16 @@ import math
 
 import torch
 
-from models.config import ConfigError, RopeScalingConfig
+from models.config import RopeScalingConfig, UserError
 
 TYPES = ("none", "linear", "llama3", "yarn")
 
 
 def check_rope_scaling(sc: RopeScalingConfig, max_seq_len: int) -> None:
-    """Raise ConfigError naming the bad ``model.rope_scaling`` key."""
+    """Raise UserError naming the bad ``model.rope_scaling`` key."""
     def need(cond: bool, key: str, msg: str) -> None:
         if not cond:
-            raise ConfigError(f"model.rope_scaling.{key}: {msg}")
+            raise UserError(f"model.rope_scaling.{key}: {msg}")
 
     need(sc.type in TYPES, "type", f"'{sc.type}' not in {'|'.join(TYPES)}")
     if sc.type == "none":
@@ -61,7 +61,7 @@ def rope_inv_freq(head_dim: int, theta: float, sc: RopeScalingConfig | None = No
         return _llama3(inv, sc), 1.0
     if kind == "yarn":
         return _yarn(base, head_dim, theta, sc, sc.original_max_seq_len or max_seq_len)
-    raise ConfigError(f"model.rope_scaling.type: '{kind}' not in {'|'.join(TYPES)}")
+    raise UserError(f"model.rope_scaling.type: '{kind}' not in {'|'.join(TYPES)}")
 
 
 def _llama3(inv: torch.Tensor, sc: RopeScalingConfig) -> torch.Tensor:
@@ -110,12 +110,12 @@ def rope_scaling_to_hf(sc: RopeScalingConfig) -> dict | None:
 
 
 def rope_scaling_from_hf(d: dict | None) -> RopeScalingConfig:
-    """An HF ``rope_scaling`` dict -> config (ConfigError for what has no equivalent)."""
+    """An HF ``rope_scaling`` dict -> config (UserError for what has no equivalent)."""
     if not d or (d.get("rope_type") or d.get("type")) in (None, "default"):
         return RopeScalingConfig()
     kind = d.get("rope_type") or d.get("type")
     if kind not in TYPES or d.get("mscale") or d.get("mscale_all_dim"):
-        raise ConfigError(f"rope_scaling {kind!r} (with {sorted(d)}) has no equivalent here "
+        raise UserError(f"rope_scaling {kind!r} (with {sorted(d)}) has no equivalent here "
                           f"(supported: linear, llama3, yarn without mscale)")
     sc = RopeScalingConfig(type=kind, factor=float(d["factor"]),
                            original_max_seq_len=int(d.get("original_max_position_embeddings") or 0))

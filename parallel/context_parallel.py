@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import nn
 
-from models.config import ConfigError
+from models.config import UserError
 from models.kinds import present
 
 CP_MODES = ("ring", "alltoall")
@@ -42,17 +42,17 @@ RECURRENT_CP_READY = True
 # ---- layout rules -----------------------------------------------------------------------
 
 def check_cp_layout(pcfg) -> None:
-    """Rules that need only the parallel config (ConfigError naming the key)."""
+    """Rules that need only the parallel config (UserError naming the key)."""
     if pcfg.cp_mode not in CP_MODES:
-        raise ConfigError(f"parallel.cp_mode: '{pcfg.cp_mode}' is not one of {', '.join(CP_MODES)}")
+        raise UserError(f"parallel.cp_mode: '{pcfg.cp_mode}' is not one of {', '.join(CP_MODES)}")
     if pcfg.cp > 1 and pcfg.dp_engine == "deepspeed":
-        raise ConfigError("parallel.cp: context parallel does not compose with dp_engine=deepspeed; "
+        raise UserError("parallel.cp: context parallel does not compose with dp_engine=deepspeed; "
                           "use dp_engine=fsdp or cp=1")
 
 
 def check_cp_seq(seq_len: int, cp: int) -> None:
     if cp > 1 and seq_len % (2 * cp):
-        raise ConfigError(f"data.seq_len: {seq_len} must be divisible by 2*parallel.cp = {2 * cp} "
+        raise UserError(f"data.seq_len: {seq_len} must be divisible by 2*parallel.cp = {2 * cp} "
                           f"(each cp rank holds two equal chunks)")
 
 
@@ -68,14 +68,14 @@ def check_cp_model(cfg, pcfg, tp: int = 1) -> None:
         return
     rec = [k.name for k in present(cfg) if k.recurrent]
     if rec and not RECURRENT_CP_READY:
-        raise ConfigError(f"parallel.cp: context parallel does not support the {'/'.join(rec)} "
+        raise UserError(f"parallel.cp: context parallel does not support the {'/'.join(rec)} "
                           f"sublayers of model.pattern yet; use cp=1")
     if pcfg.cp_mode != "alltoall":
         return
     for key, heads, _ in attention_heads(cfg):
         local = heads // tp if heads % tp == 0 else heads
         if local % pcfg.cp:
-            raise ConfigError(f"parallel.cp_mode: alltoall needs the attention heads per tp rank "
+            raise UserError(f"parallel.cp_mode: alltoall needs the attention heads per tp rank "
                               f"({key}={heads} / tp={tp} = {local}) divisible by parallel.cp={pcfg.cp}; "
                               f"use cp_mode=ring")
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.config import ConfigError
+from models.config import UserError
 from parallel.apply import apply_activation_checkpointing, apply_compile
 from parallel.config import ParallelConfig
 from parallel.head import make_fused_head, route_inputs
@@ -43,17 +43,17 @@ STATE_TAG = "state"
 
 
 def check_layout(pcfg: ParallelConfig, world: World) -> None:
-    """DeepSpeed here is pure data parallelism over all ranks (ConfigError otherwise)."""
+    """DeepSpeed here is pure data parallelism over all ranks (UserError otherwise)."""
     if not world.distributed:
-        raise ConfigError("parallel.dp_engine=deepspeed: needs at least 2 processes (ZeRO partitions "
+        raise UserError("parallel.dp_engine=deepspeed: needs at least 2 processes (ZeRO partitions "
                           "over data-parallel ranks); start them with `pretrain launch local --nproc N`")
     for key in ("tp", "pp", "cp", "ep", "dp_replicate"):
         if getattr(pcfg, key) != 1:
-            raise ConfigError(f"parallel.{key}: must be 1 with parallel.dp_engine=deepspeed "
+            raise UserError(f"parallel.{key}: must be 1 with parallel.dp_engine=deepspeed "
                               f"(DeepSpeed ZeRO shards over all ranks; use dp_engine=fsdp for "
                               f"tensor/pipeline/hybrid layouts)")
     if pcfg.mixed_precision != "fp32":
-        raise ConfigError("parallel.mixed_precision: only fp32 with parallel.dp_engine=deepspeed "
+        raise UserError("parallel.mixed_precision: only fp32 with parallel.dp_engine=deepspeed "
                           "(use train.dtype=bf16 for bf16 autocast compute)")
 
 
@@ -64,7 +64,7 @@ def _import_deepspeed():
     try:
         import deepspeed
     except ImportError:
-        raise ConfigError(MISSING) from None
+        raise UserError(MISSING) from None
     from deepspeed.accelerator import get_accelerator
     from deepspeed.utils import logger as ds_logger
 
@@ -164,7 +164,7 @@ class DeepSpeedModel(ParallelModel):
         boundary, whose reduction leaves the gradients ready for :meth:`optimizer_step`."""
         n = len(micro_batches)
         if n != self.accumulation:
-            raise ConfigError(f"train.micro_batch: {n} micro-batches per step, but the DeepSpeed "
+            raise UserError(f"train.micro_batch: {n} micro-batches per step, but the DeepSpeed "
                               f"engine was built for {self.accumulation}")
         total = torch.zeros((), device=self.world.device)
         for i, mb in enumerate(micro_batches):
@@ -246,11 +246,11 @@ class DeepSpeedModel(ParallelModel):
         """Restore weights and optimizer state written by :meth:`_save_state`."""
         path = Path(ckpt_dir) / STATE_DIR / STATE_TAG
         if not path.is_dir():
-            raise ConfigError(f"checkpoint {ckpt_dir} has no DeepSpeed state ({STATE_DIR}/{STATE_TAG}); "
+            raise UserError(f"checkpoint {ckpt_dir} has no DeepSpeed state ({STATE_DIR}/{STATE_TAG}); "
                             f"it was not written with parallel.dp_engine=deepspeed (use "
                             f"checkpoint.init_from to start from its weights)")
         if saved_world_size is not None and saved_world_size != self.world.world_size:
-            raise ConfigError(f"checkpoint {ckpt_dir}: DeepSpeed ZeRO state was saved by "
+            raise UserError(f"checkpoint {ckpt_dir}: DeepSpeed ZeRO state was saved by "
                             f"{saved_world_size} processes; resume it with the same number "
                             f"(this run has {self.world.world_size}), or start from its weights "
                             f"with checkpoint.init_from")
@@ -258,4 +258,4 @@ class DeepSpeedModel(ParallelModel):
                                                 load_optimizer_states=True,
                                                 load_lr_scheduler_states=False)
         if loaded is None:
-            raise ConfigError(f"checkpoint {ckpt_dir}: DeepSpeed could not load {path}")
+            raise UserError(f"checkpoint {ckpt_dir}: DeepSpeed could not load {path}")

@@ -29,7 +29,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from models.config import ConfigError
+from models.config import UserError
 
 EXPERT_PARAMS = ("w_gate", "w_up", "w_down")
 
@@ -41,11 +41,11 @@ def moe_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def check_ep(cfg, ep: int) -> None:
-    """Reject a model whose experts cannot be split ``ep`` ways (ConfigError naming the key)."""
+    """Reject a model whose experts cannot be split ``ep`` ways (UserError naming the key)."""
     if ep == 1 or cfg.moe is None or "moe" not in cfg.sublayer_kinds:
         return
     if cfg.moe.n_experts % ep:
-        raise ConfigError(f"parallel.ep: {ep} does not divide model.moe.n_experts={cfg.moe.n_experts}")
+        raise UserError(f"parallel.ep: {ep} does not divide model.moe.n_experts={cfg.moe.n_experts}")
 
 
 class AllToAllExpertComm:
@@ -127,7 +127,7 @@ def expert_fsdp_options(model: nn.Module, world) -> dict:
             ShardPlacementResult,
         )
     except ImportError as e:
-        raise ConfigError("parallel.ep: sharding experts over parallel.dp_shard/ep > 1 needs torch "
+        raise UserError("parallel.ep: sharding experts over parallel.dp_shard/ep > 1 needs torch "
                           ">= 2.14 (per-parameter FSDP meshes)") from e
     if mesh["dp_replicate"].size() > 1:
         info = HSDPMeshInfo(mesh["dp_replicate", "edp"], shard_mesh_dim=1, replicate_mesh_dim=0)

@@ -25,21 +25,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from models.config import ConfigError, ModelConfig
+from models.config import ModelConfig, UserError
 
 
 def check_mtp(cfg: ModelConfig, pcfg, world) -> None:
-    """Layouts multi-token prediction does not support yet (ConfigError naming the key)."""
+    """Layouts multi-token prediction does not support yet (UserError naming the key)."""
     if not cfg.mtp_depth:
         return
     if world.cp_size > 1:
-        raise ConfigError("model.mtp_depth: not supported with parallel.cp > 1 yet (the shifted "
+        raise UserError("model.mtp_depth: not supported with parallel.cp > 1 yet (the shifted "
                           "targets cross the context-parallel chunks)")
     if pcfg.dp_engine == "deepspeed":
-        raise ConfigError("model.mtp_depth: not supported with parallel.dp_engine=deepspeed yet")
+        raise UserError("model.mtp_depth: not supported with parallel.dp_engine=deepspeed yet")
     if world.tp_size > 1:
         if pcfg.sequence_parallel:
-            raise ConfigError("model.mtp_depth: not supported with parallel.sequence_parallel yet "
+            raise UserError("model.mtp_depth: not supported with parallel.sequence_parallel yet "
                               "(the shifted embeddings cross the sequence shards)")
         from parallel.tp_plans import check_tp
 

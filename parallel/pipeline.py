@@ -22,26 +22,26 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from models.config import ConfigError, ModelConfig
+from models.config import ModelConfig, UserError
 from parallel import tp as tp_mod
 from parallel.mtp import mtp_kwargs, take_mtp_loss
 from parallel.runner import ParallelModel, _local, aux_losses, check_pipeline_rows, pipeline_microbatches
 
 
 def stages_per_rank(pcfg) -> int:
-    """Virtual stages per pp rank for the configured schedule (ConfigError if inconsistent)."""
+    """Virtual stages per pp rank for the configured schedule (UserError if inconsistent)."""
     name, v = pcfg.pp_schedule, pcfg.pp_virtual_stages
     if name in ("gpipe", "1f1b"):
         if v != 1:
-            raise ConfigError(f"parallel.pp_virtual_stages: {v} needs pp_schedule=interleaved_1f1b "
+            raise UserError(f"parallel.pp_virtual_stages: {v} needs pp_schedule=interleaved_1f1b "
                               f"or zbv ({name} runs one stage per rank)")
         return 1
     if name == "zbv":
         if v not in (1, 2):
-            raise ConfigError(f"parallel.pp_virtual_stages: zbv runs exactly 2 stages per rank, got {v}")
+            raise UserError(f"parallel.pp_virtual_stages: zbv runs exactly 2 stages per rank, got {v}")
         return 2
     if v < 2:
-        raise ConfigError("parallel.pp_virtual_stages: interleaved_1f1b needs >= 2 stages per rank")
+        raise UserError("parallel.pp_virtual_stages: interleaved_1f1b needs >= 2 stages per rank")
     return v
 
 
@@ -60,21 +60,21 @@ def param_costs(model: nn.Module) -> tuple[list[float], float, float]:
 
 
 def check_split(cfg: ModelConfig, n_stages: int) -> list[int]:
-    """The ways ``split_stages`` can fail (ConfigError); returns the ``|`` marks."""
+    """The ways ``split_stages`` can fail (UserError); returns the ``|`` marks."""
     n = cfg.n_sublayers
     if n_stages > n:
-        raise ConfigError(f"parallel.pp: {n_stages} pipeline stages but the model has only {n} "
+        raise UserError(f"parallel.pp: {n_stages} pipeline stages but the model has only {n} "
                           f"sublayers (lower parallel.pp or parallel.pp_virtual_stages)")
     marks = sorted({b for b in cfg.stage_boundaries() if 0 < b < n})
     if marks and len(marks) + 1 != n_stages:
-        raise ConfigError(f"model.pattern: its '|' marks cut {len(marks) + 1} pipeline stages, but "
+        raise UserError(f"model.pattern: its '|' marks cut {len(marks) + 1} pipeline stages, but "
                           f"parallel.pp * pp_virtual_stages = {n_stages}")
     return marks
 
 
 def split_stages(cfg: ModelConfig, n_stages: int, costs: list[float], embed_cost: float,
                  head_cost: float) -> list[list[int]]:
-    """Global sublayer indices of each stage (ConfigError if the model cannot be split)."""
+    """Global sublayer indices of each stage (UserError if the model cannot be split)."""
     n = cfg.n_sublayers
     marks = check_split(cfg, n_stages)
     if marks:
@@ -131,7 +131,7 @@ def check_pp(cfg: ModelConfig, pcfg, pp: int) -> None:
         return
     n_stages = pp * stages_per_rank(pcfg)
     if cfg.tie_embeddings:
-        raise ConfigError("model.tie_embeddings: not supported with parallel.pp > 1 (embedding and "
+        raise UserError("model.tie_embeddings: not supported with parallel.pp > 1 (embedding and "
                           "head live on different stages)")
     check_split(cfg, n_stages)
 
@@ -167,18 +167,18 @@ def attach_aux_losses(part: nn.Module, record: list, scale: float = 1.0) -> None
 
 
 def check_schedule(name: str, n_micro: int, pp: int) -> None:
-    """The micro-batch counts torch's schedule constructors refuse (ConfigError), checked
+    """The micro-batch counts torch's schedule constructors refuse (UserError), checked
     before anything is built (torch 2.14: 1F1B needs at least one micro-batch per stage;
     interleaved 1F1B a whole number of micro-batches per round of ``pp``)."""
     if n_micro < 1:
-        raise ConfigError(f"parallel.pp_microbatches: must be >= 1, got {n_micro}")
+        raise UserError(f"parallel.pp_microbatches: must be >= 1, got {n_micro}")
     if name == "1f1b" and n_micro < pp:
-        raise ConfigError(f"parallel.pp_microbatches: {n_micro} micro-batches do not fit the 1f1b "
+        raise UserError(f"parallel.pp_microbatches: {n_micro} micro-batches do not fit the 1f1b "
                           f"schedule: it needs at least pp={pp}")
     if name == "interleaved_1f1b":
         rounds = max(1, n_micro // pp)
         if n_micro % rounds:
-            raise ConfigError(f"parallel.pp_microbatches: {n_micro} micro-batches do not fit the "
+            raise UserError(f"parallel.pp_microbatches: {n_micro} micro-batches do not fit the "
                               f"interleaved_1f1b schedule: not a multiple of its {rounds} rounds")
 
 
@@ -195,7 +195,7 @@ def build_schedule(name: str, stages: list, n_micro: int, loss_fn):
     try:
         return cls(stages, n_microbatches=n_micro, loss_fn=loss_fn, scale_grads=True)
     except ValueError as e:
-        raise ConfigError(f"parallel.pp_microbatches: {n_micro} micro-batches do not fit the "
+        raise UserError(f"parallel.pp_microbatches: {n_micro} micro-batches do not fit the "
                           f"{name} schedule: {e}") from None
 
 

@@ -31,7 +31,7 @@ from torch.distributed.tensor.parallel import (
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
 import kernels
-from models.config import ConfigError, ModelConfig
+from models.config import ModelConfig, UserError
 from parallel.ladder import async_reduce
 
 
@@ -68,7 +68,7 @@ class TPPlan:
     """How one sublayer kind is split over tp."""
 
     apply: Callable[[nn.Module, TPContext], None]  # (sublayer, ctx): shard that Sublayer in place
-    check: Callable[[ModelConfig, int], None] | None = None  # (cfg, tp): ConfigError if it cannot split
+    check: Callable[[ModelConfig, int], None] | None = None  # (cfg, tp): UserError if it cannot split
     # ladder may defer the input-gradient reduction (the plan reads a replicated input)
     ladder_deferrable: bool = True
 
@@ -231,10 +231,10 @@ def mha_plan(sub: nn.Module, ctx: TPContext) -> None:
 
 def mha_check(cfg: ModelConfig, tp: int) -> None:
     if cfg.n_heads % tp:
-        raise ConfigError(f"parallel.tp: {tp} does not divide model.n_heads={cfg.n_heads}")
+        raise UserError(f"parallel.tp: {tp} does not divide model.n_heads={cfg.n_heads}")
     kv = cfg.kv_heads
     if kv % tp and tp % kv:
-        raise ConfigError(f"parallel.tp: {tp} and model.n_kv_heads={kv} must divide one another")
+        raise UserError(f"parallel.tp: {tp} and model.n_kv_heads={kv} must divide one another")
 
 
 def _mlp_plan(sub: nn.Module, ctx: TPContext) -> None:
@@ -248,7 +248,7 @@ def _mlp_plan(sub: nn.Module, ctx: TPContext) -> None:
 
 def _mlp_check(cfg: ModelConfig, tp: int) -> None:
     if cfg.ffn_dim % tp:
-        raise ConfigError(f"parallel.tp: {tp} does not divide the MLP hidden size {cfg.ffn_dim} "
+        raise UserError(f"parallel.tp: {tp} does not divide the MLP hidden size {cfg.ffn_dim} "
                           f"(model.ffn_hidden)")
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
-from models.config import ConfigError, ModelConfig
+from models.config import ModelConfig, UserError
 from parallel.tp import TPContext, TPPlan, _mixer_input, _norms, sublayer_output
 
 COLUMN = ("q_proj", "k_proj", "v_proj", "z_proj", "a_proj", "b_proj")
@@ -29,7 +29,7 @@ DIRECT = (("", "dt_bias", Shard(0)), ("", "A_log", Shard(0)), ("conv_q", "weight
 def _gdn_check(cfg: ModelConfig, tp: int) -> None:
     gc = cfg.gdn
     if gc.n_heads % tp:
-        raise ConfigError(f"model.gdn.n_heads: {gc.n_heads} q/k heads cannot be split over parallel.tp={tp} "
+        raise UserError(f"model.gdn.n_heads: {gc.n_heads} q/k heads cannot be split over parallel.tp={tp} "
                           f"(each rank needs whole heads; use a tp that divides gdn.n_heads)")
 
 

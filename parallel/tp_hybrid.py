@@ -25,7 +25,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_mod
 from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
-from models.config import ConfigError, ModelConfig
+from models.config import ModelConfig, UserError
 from parallel.tp import ReplicatedKVHeads, TPContext, TPPlan, _mixer_input, _norms, reduce_sublayer_output
 from parallel.tp_mamba import check_mamba_split, local_params_in_forward, mamba_inner_plan, shard_direct_params
 
@@ -72,10 +72,10 @@ def _hybrid_kv(cfg: ModelConfig) -> int:
 def _hybrid_check(cfg: ModelConfig, tp: int) -> None:
     hc = cfg.hybrid
     if hc.n_attn_heads % tp:
-        raise ConfigError(f"parallel.tp: {tp} does not divide model.hybrid.n_attn_heads={hc.n_attn_heads}")
+        raise UserError(f"parallel.tp: {tp} does not divide model.hybrid.n_attn_heads={hc.n_attn_heads}")
     kv = _hybrid_kv(cfg)
     if kv % tp and tp % kv:
-        raise ConfigError(f"parallel.tp: {tp} and the hybrid mixer's {kv} KV heads (model.n_kv_heads) "
+        raise UserError(f"parallel.tp: {tp} and the hybrid mixer's {kv} KV heads (model.n_kv_heads) "
                           f"must divide one another")
     check_mamba_split(hc.n_mamba_heads, cfg.mamba.n_groups, tp, "model.hybrid.n_mamba_heads")
 

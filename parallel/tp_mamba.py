@@ -22,7 +22,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
-from models.config import ConfigError, ModelConfig
+from models.config import ModelConfig, UserError
 from parallel.tp import (
     TPContext,
     TPPlan,
@@ -42,10 +42,10 @@ DIRECT_PARAMS = (("", "dt_bias"), ("", "A_log"), ("", "D"), ("norm", "weight"),
 def check_mamba_split(n_heads: int, n_groups: int, tp: int, heads_key: str = "model.mamba") -> None:
     """Each tp rank must hold whole groups (and so whole heads): ``tp`` divides n_groups."""
     if n_groups % tp:
-        raise ConfigError(f"model.mamba.n_groups: {n_groups} groups cannot be split over parallel.tp={tp} "
+        raise UserError(f"model.mamba.n_groups: {n_groups} groups cannot be split over parallel.tp={tp} "
                           f"(each rank needs whole groups; use a tp that divides n_groups)")
     if n_heads % tp:  # implied by the groups dividing the heads; kept for a clear message
-        raise ConfigError(f"parallel.tp: {tp} does not divide the {n_heads} Mamba heads ({heads_key})")
+        raise UserError(f"parallel.tp: {tp} does not divide the {n_heads} Mamba heads ({heads_key})")
 
 
 def _mamba_check(cfg: ModelConfig, tp: int) -> None:

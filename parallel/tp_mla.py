@@ -21,7 +21,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import parallelize_module
 
-from models.config import ConfigError, ModelConfig
+from models.config import ModelConfig, UserError
 from parallel.tp import TPContext, _norms, sublayer_output
 
 COLUMN = ("wq", "wq_b", "wkv_b")  # sharded by heads (dim 0)
@@ -30,7 +30,7 @@ REPLICATED = ("wq_a", "q_norm", "wkv_a", "kv_norm")
 
 def mla_check(cfg: ModelConfig, tp: int) -> None:
     if cfg.n_heads % tp:
-        raise ConfigError(f"parallel.tp: {tp} does not divide model.n_heads={cfg.n_heads}")
+        raise UserError(f"parallel.tp: {tp} does not divide model.n_heads={cfg.n_heads}")
 
 
 def local_views_in_forward(owner: nn.Module, targets: list[tuple[nn.Module, str, tuple | None]]) -> None:

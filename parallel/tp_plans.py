@@ -12,7 +12,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_modul
 from torch.distributed.tensor.parallel import ColwiseParallel, SequenceParallel, parallelize_module
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
-from models.config import ConfigError, ModelConfig
+from models.config import ModelConfig, UserError
 from models.kinds import ATTENTION, GDN, HYBRID, MAMBA, MLP_KIND, MOE
 from parallel import tp, tp_gdn, tp_hybrid, tp_mamba, tp_mla, tp_moe
 from parallel.ladder import LadderPlan
@@ -48,12 +48,12 @@ def check_tp(cfg: ModelConfig, tp: int) -> None:
     if tp == 1:
         return
     if cfg.vocab_size % tp:
-        raise ConfigError(f"parallel.tp: {tp} does not divide model.vocab_size={cfg.vocab_size}")
+        raise UserError(f"parallel.tp: {tp} does not divide model.vocab_size={cfg.vocab_size}")
     if cfg.tie_embeddings:
-        raise ConfigError("model.tie_embeddings: not supported with parallel.tp > 1")
+        raise UserError("model.tie_embeddings: not supported with parallel.tp > 1")
     for kind in dict.fromkeys(cfg.sublayer_kinds):
         if kind not in TP_PLANS:
-            raise ConfigError(f"parallel.tp: sublayer kind '{kind}' has no tensor-parallel plan; "
+            raise UserError(f"parallel.tp: sublayer kind '{kind}' has no tensor-parallel plan; "
                               f"use parallel.tp=1")
         if TP_PLANS[kind].check is not None:
             TP_PLANS[kind].check(cfg, tp)

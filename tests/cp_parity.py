@@ -31,9 +31,9 @@ BASE = dict(vocab_size=512, d_model=64, n_heads=4, n_kv_heads=2, max_seq_len=SEQ
 
 
 def model_cfg(name: str):
-    from models.config import ModelConfig, MoEConfig
+    from models.config import MoEConfig, ModelConfig
 
-    from models.config import HybridHeadsConfig, MambaConfig, MLAConfig
+    from models.config import HybridHeadsConfig, MLAConfig, MambaConfig
 
     kw = {**BASE, **MODELS[name]}
     for key, cls in (("moe", MoEConfig), ("mamba", MambaConfig), ("hybrid", HybridHeadsConfig),

@@ -68,7 +68,7 @@ NUMERICS_FREE = ("ac", "ac_every", "compile")
 
 def model_cfg(family: str = "dense", **over):
     """The family's tiny ModelConfig with ``over`` (nested dicts merge into their section)."""
-    from models.config import GDNConfig, HybridHeadsConfig, MambaConfig, MLAConfig, ModelConfig, MoEConfig
+    from models.config import GDNConfig, HybridHeadsConfig, MLAConfig, MambaConfig, MoEConfig, ModelConfig
 
     kw = {**BASE, **FAMILIES[family]}
     for k, v in over.items():

@@ -187,10 +187,10 @@ def test_bad_cp_config_rejected(override, needle):
 
 
 def test_cp_not_dividing_the_world_rejected():
-    from models.config import ConfigError
+    from models.config import UserError
     from parallel import ParallelConfig, resolve_layout
 
-    with pytest.raises(ConfigError, match="parallel.cp: 4 does not divide the world size 6"):
+    with pytest.raises(UserError, match="parallel.cp: 4 does not divide the world size 6"):
         resolve_layout(ParallelConfig(cp=4), 6)
 
 

@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import tiny_overrides
 from kernels.gdn import flop_mapping, gated_delta_rule_chunked, gated_delta_rule_recurrent, l2norm
-from models.config import ConfigError, GDNConfig, ModelConfig
+from models.config import GDNConfig, ModelConfig, UserError
 from models.gdn import GatedDeltaNetMixer, from_hf_gdn, gdn_flops_per_token, to_hf_gdn
 from models.layers import Context
 from pretrain.metrics import read_metrics
@@ -179,9 +179,9 @@ def test_flops_match_flop_counter(seq_len):
 
 
 def test_config_rules():
-    with pytest.raises(ConfigError, match="model.gdn.n_v_heads"):
+    with pytest.raises(UserError, match="model.gdn.n_v_heads"):
         ModelConfig(pattern="G-", gdn=GDNConfig(n_heads=4, n_v_heads=6)).validate()
-    with pytest.raises(ConfigError, match="model.gdn.dt_min"):
+    with pytest.raises(UserError, match="model.gdn.dt_min"):
         ModelConfig(pattern="G-", gdn=GDNConfig(dt_min=0.5, dt_max=0.1)).validate()
     ModelConfig(pattern="G-*-", gdn=GDNConfig(n_heads=2, n_v_heads=4)).validate()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.config import HybridHeadsConfig, MambaConfig, ModelConfig, MoEConfig
+from models.config import HybridHeadsConfig, MambaConfig, MoEConfig, ModelConfig
 from models.transformer import build_model
 from parallel.world import World
 from pretrain.checkpoint import save_checkpoint

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.config import HybridHeadsConfig, MambaConfig, ModelConfig, MoEConfig
+from models.config import HybridHeadsConfig, MambaConfig, MoEConfig, ModelConfig
 from models.kinds import BY_SYMBOL, KINDS
 from models.transformer import Sublayer, build_model
 from pretrain.flops import cpu_attention_flop_mapping

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.config import ConfigError, MLAConfig, ModelConfig, RopeScalingConfig
+from models.config import MLAConfig, ModelConfig, RopeScalingConfig, UserError
 from models.layers import Attention, Context, rope_tables
 from models.mla import MLAttention, kv_cache_bytes_per_token, mla_flops_per_token
 
@@ -152,7 +152,7 @@ def test_gate_and_partial_rotary_equal_qwen3_next():
     (dict(attention="gqa"), "model.attention"),
 ])
 def test_config_rules(bad, msg):
-    with pytest.raises(ConfigError, match=msg):
+    with pytest.raises(UserError, match=msg):
         ModelConfig(d_model=64, n_heads=4, **bad).validate()
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.config import ConfigError, ModelConfig, MoEConfig
+from models.config import MoEConfig, ModelConfig, UserError
 from models.moe import (MoE, assign_slots, count_params, moe_active_params,
                         moe_flops_per_token, moe_metrics, route, update_expert_biases,
                         upcycle_dense_state)
@@ -430,9 +430,9 @@ def test_upcycled_model_equals_dense_at_init(moe):
 
 def test_upcycle_rejects_mismatched_layouts():
     dense = build_model(make_cfg(d=32, ffn=64, pattern="*-"), seed=0)
-    with pytest.raises(ConfigError, match="no MLP at sublayer 0"):
+    with pytest.raises(UserError, match="no MLP at sublayer 0"):
         upcycle_dense_state(dense.state_dict(), make_cfg(d=32, ffn=64, pattern="E*"))
-    with pytest.raises(ConfigError, match="ffn_hidden"):
+    with pytest.raises(UserError, match="ffn_hidden"):
         upcycle_dense_state(dense.state_dict(), make_cfg(d=32, ffn=64, pattern="*E", ffn_hidden=16))
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.config import ConfigError, ModelConfig
+from models.config import ModelConfig, UserError
 from models.transformer import build_model
 
 TINY = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16)
@@ -166,13 +166,13 @@ def test_unsupported_layouts_are_refused(layout, msg):
 
     pcfg = ParallelConfig(**layout)
     world = type("W", (), {"cp_size": layout.get("cp", 1), "tp_size": layout.get("tp", 1)})()
-    with pytest.raises(ConfigError, match=msg):
+    with pytest.raises(UserError, match=msg):
         check_mtp(ModelConfig(**TINY, mtp_depth=1), pcfg, world)
     check_mtp(ModelConfig(**TINY), pcfg, world)  # off: nothing to refuse
 
 
 def test_bad_mtp_pattern_is_a_config_error():
-    with pytest.raises(ConfigError, match="model.mtp_pattern"):
+    with pytest.raises(UserError, match="model.mtp_pattern"):
         ModelConfig(**TINY, mtp_depth=1, mtp_pattern="*|-").validate()
 
 

@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from conftest import ROOT, tiny_overrides
-from models.config import ConfigError
+from models.config import UserError
 
 sys.path.insert(0, str(ROOT / "tests"))
 import test_parallel_worker as W  # noqa: E402
@@ -157,7 +157,7 @@ def _pcfg(**kw):
 def test_layout_must_fit_world(kw, world, needle):
     from parallel import resolve_layout
 
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(UserError) as e:
         resolve_layout(_pcfg(**kw), world)
     assert needle in str(e.value) and "\n" not in str(e.value)
 
@@ -185,7 +185,7 @@ def test_model_must_divide_layout(model, layout, needle):
 
     m = build_model(W.model_cfg(**model), init=False)
     w = World(tp_size=layout.get("tp", 1), pp_size=layout.get("pp", 1), dp_size=layout.get("dp_shard", 1))
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(UserError) as e:
         check_layout(m, _pcfg(**layout), w)
     msg = str(e.value)
     assert msg.startswith(("parallel.", "model.")) and "\n" not in msg
@@ -197,7 +197,7 @@ def test_unknown_sublayer_kind_has_no_tp_plan(monkeypatch):
     from parallel import tp, tp_plans
 
     monkeypatch.delitem(tp_plans.TP_PLANS, "mlp")
-    with pytest.raises(ConfigError, match="sublayer kind 'mlp' has no tensor-parallel plan"):
+    with pytest.raises(UserError, match="sublayer kind 'mlp' has no tensor-parallel plan"):
         tp_plans.check_tp(W.model_cfg(), 2)
 
 

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from models.config import ConfigError
+from models.config import UserError
 
 sys.path.insert(0, str(ROOT / "tests"))
 import test_parallel_hybrid_worker as H  # noqa: E402
@@ -94,7 +94,7 @@ def _check(model: dict, layout: dict):
      "parallel.tp: 2 does not divide model.hybrid.n_attn_heads=3"),
 ])
 def test_bad_tp_layout_is_rejected(model, tp, needle):
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(UserError) as e:
         _check(model, {"tp": tp, "dp_shard": 1})
     msg = str(e.value)
     assert needle in msg and "\n" not in msg, msg

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from models.config import ConfigError
+from models.config import UserError
 
 sys.path.insert(0, str(ROOT / "tests"))
 import test_parallel_moe_worker as M  # noqa: E402
@@ -128,10 +128,10 @@ def test_ep_must_divide_dp_shard_and_experts():
     from parallel import ParallelConfig, resolve_layout
     from parallel.expert_parallel import check_ep
 
-    with pytest.raises(ConfigError, match=r"parallel.ep: 3 does not divide parallel.dp_shard\*cp = 4\*1"):
+    with pytest.raises(UserError, match=r"parallel.ep: 3 does not divide parallel.dp_shard\*cp = 4\*1"):
         resolve_layout(ParallelConfig(ep=3), 4)
     assert resolve_layout(ParallelConfig(ep=2, tp=2), 8)["dp_shard"] == 4
-    with pytest.raises(ConfigError, match="parallel.ep: 3 does not divide model.moe.n_experts=8"):
+    with pytest.raises(UserError, match="parallel.ep: 3 does not divide model.moe.n_experts=8"):
         check_ep(M.moe_model_cfg("mixtral"), 3)
 
 
@@ -140,7 +140,7 @@ def test_deepspeed_rejects_expert_parallel():
     from parallel.deepspeed_engine import check_layout
     from parallel.world import World
 
-    with pytest.raises(ConfigError, match="parallel.ep: must be 1 with parallel.dp_engine=deepspeed"):
+    with pytest.raises(UserError, match="parallel.ep: must be 1 with parallel.dp_engine=deepspeed"):
         check_layout(ParallelConfig(ep=2, dp_engine="deepspeed"), World(world_size=4, dp_size=4))
 
 

@@ -24,7 +24,7 @@ SEQ, GLOBAL_BATCH, MICRO = 32, 8, 2
 
 
 def model_cfg(**kw):
-    from models.config import GDNConfig, HybridHeadsConfig, MambaConfig, ModelConfig, MoEConfig
+    from models.config import GDNConfig, HybridHeadsConfig, MambaConfig, MoEConfig, ModelConfig
 
     # nested configs arrive as dicts from JSON job specs
     for key, cls in (("moe", MoEConfig), ("mamba", MambaConfig), ("hybrid", HybridHeadsConfig),

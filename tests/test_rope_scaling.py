@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from models.config import ConfigError, ModelConfig, RopeScalingConfig
+from models.config import ModelConfig, RopeScalingConfig, UserError
 from models.rope_scaling import rope_inv_freq, rope_scaling_from_hf, rope_scaling_to_hf
 
 CASES = [
@@ -43,7 +43,7 @@ def test_frequencies_match_transformers(sc, head_dim, theta):
 def test_bad_rope_scaling_is_a_config_error():
     for sc, key in ((RopeScalingConfig(type="ntk"), "type"), (RopeScalingConfig(type="yarn", factor=0.5), "factor"),
                     (RopeScalingConfig(type="llama3", factor=8.0), "original_max_seq_len")):
-        with pytest.raises(ConfigError, match=f"model.rope_scaling.{key}"):
+        with pytest.raises(UserError, match=f"model.rope_scaling.{key}"):
             ModelConfig(rope_scaling=sc).validate()
 
 

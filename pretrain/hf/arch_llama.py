@@ -9,7 +9,7 @@ biases export with a zero o_proj bias.
 
 from __future__ import annotations
 
-from models.config import ConfigError, ModelConfig
+from models.config import ModelConfig
 from models.rope_scaling import rope_scaling_from_hf, rope_scaling_to_hf
 from pretrain.errors import UserError
 from pretrain.hf.common import base_issues, blocks, need, rope_issues
@@ -38,7 +38,7 @@ def attention_from_config(hf: dict, arch: str) -> dict:
     hd = hf.get("head_dim") or d // nh
     try:
         scaling = rope_scaling_from_hf(hf.get("rope_scaling"))
-    except ConfigError as e:
+    except UserError as e:
         raise UserError(f"{arch}: {e}") from None
     return dict(vocab_size=hf["vocab_size"], d_model=d, n_heads=nh,
                 n_kv_heads=hf.get("num_key_value_heads") or nh,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models.config import ModelConfig, MoEConfig
+from models.config import MoEConfig, ModelConfig
 from pretrain.hf.arch_llama import attention_config, attention_from_config
 from pretrain.hf.common import base_issues, blocks, need, take
 from pretrain.hf.pieces import ROUTER, Attention, ExpertBias, Experts, MappedArch, Piece, mlp, norm

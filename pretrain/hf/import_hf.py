@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from models.config import ConfigError
 from pretrain.errors import UserError
 
 
@@ -39,7 +38,7 @@ def import_model(model_dir: str, out: str) -> Path:
     try:
         mc = arch.import_config(hf)
         mc.validate()
-    except (ConfigError, KeyError) as e:
+    except (UserError, KeyError) as e:
         raise UserError(f"{src}: {arch.hf_class} config does not map to a model here: {e}") from None
     tensors = {k: v.float() if v.is_floating_point() else v for k, v in read_hf_weights(src).items()}
     sd = arch.import_weights(hf, mc, tensors)
