@@ -103,8 +103,8 @@ def quality_bench(args) -> None:
                 progress=False)
         data = str(root / "data")
     best = {}
-    for name, lrs in (("adamw", (1e-3, 3e-3, 1e-2)), ("muon", (1e-3, 3e-3, 1e-2))):
-        for lr in lrs:
+    for name in args.optims:
+        for lr in args.lrs:
             run = Path(tempfile.mkdtemp()) / "run"
             s = train(load_config("tiny", [
                 f"--data.path={data}", f"--logging.run_dir={run}", "--logging.progress=off",
@@ -128,6 +128,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--data", default=None)
     ap.add_argument("--out", default="")
+    ap.add_argument("--optims", nargs="+", default=["adamw", "muon"], help="quality: optimizers to run")
+    ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2], help="quality: lr grid")
     args = ap.parse_args()
     {"step": step_bench, "quality": quality_bench, "_step_worker": step_worker}[args.mode](args)
 
