@@ -220,3 +220,20 @@ def test_planner_counts_muon():
     assert (1, cfg.d_model, cfg.mamba.expand * cfg.d_model) in shapes  # out_proj
     moe = load_config("moe_mixtral_tiny").model
     assert (4, 64, 192) in muon_matrices("moe", moe, ep=2)  # 8 experts over ep 2
+
+
+def test_gathered_matrices_stay_within_one_bucket():
+    """The owner gathers whole matrices a bucket at a time: each bucket's full-matrix
+    elements stay within ``bucket_numel`` (a matrix larger than it goes alone), so the extra
+    memory per rank is at most one bucket; every parameter lands in exactly one bucket."""
+    from parallel.muon import Muon
+
+    params = [torch.nn.Parameter(torch.zeros(r, c)) for r, c in
+              ((8, 8), (4, 16), (30, 30), (2, 3), (16, 16), (10, 10), (1, 50))]
+    opt = Muon([{"params": params, "muon": True}], lr=1e-3, bucket_numel=300)
+    buckets = list(opt._buckets(params))
+    assert [id(p) for b in buckets for p in b] == [id(p) for p in params]
+    for b in buckets:
+        total = sum(p.numel() for p in b)
+        assert total <= 300 or len(b) == 1, [tuple(p.shape) for p in b]
+    assert any(len(b) > 1 for b in buckets) and any(p.numel() > 300 for b in buckets for p in b)
