@@ -37,12 +37,10 @@ def _cases():
 
     bf = "*bf16"
     scalars = {"eps": "fp32", "z_loss": "fp32"}
-    for has_z, has_r in ((False, False), (False, True), (True, False)):
-        yield norms._norm_fwd, dict(HAS_Z=has_z, HAS_R=has_r, BLOCK_M=4, BLOCK=1024), \
-            dict(scalars, X=bf, Z=bf, R=bf, Y=bf, S=bf)
-    for has_z, has_ds in ((False, False), (False, True), (True, False)):
-        yield norms._norm_bwd, dict(HAS_Z=has_z, HAS_DS=has_ds, BLOCK_M=1, BLOCK=8192), \
-            dict(scalars, DY=bf, X=bf, Z=bf, DS=bf, DX=bf, DZ=bf)
+    for has_z in (False, True):
+        yield norms._norm_fwd, dict(HAS_Z=has_z, BLOCK_M=4, BLOCK=1024), dict(scalars, X=bf, Z=bf, Y=bf)
+    for has_z in (False, True):
+        yield norms._norm_bwd, dict(HAS_Z=has_z, BLOCK_M=1, BLOCK=8192), dict(scalars, DY=bf, X=bf, Z=bf, DX=bf, DZ=bf)
     for sign in (1, -1):
         yield rotary._rotary, dict(SIGN=sign, BLOCK_R=32, BLOCK_D=64), dict(X=bf, Y=bf)
     yield swiglu._swiglu_fwd, dict(BLOCK_M=4, BLOCK=1024), dict(G=bf, U=bf, Y=bf)
@@ -72,7 +70,7 @@ def test_all_kernels_compile_for_cuda():
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=280)
     assert out.returncode == 0, out.stderr[-4000:]
-    assert "compiled 12 kernel variants" in out.stdout
+    assert "compiled 10 kernel variants" in out.stdout
 
 
 if __name__ == "__main__":
