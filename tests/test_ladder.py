@@ -24,12 +24,15 @@ LADDER_FROM2 = {"residual": "ladder", "ladder_from": 2}  # sublayers 0, 1 standa
 LADDER_MOE = {"residual": "ladder", "pattern": "*E", "moe": {"n_experts": 4, "top_k": 2}}
 TP2 = {"tp": 2, "dp_shard": 1}
 JOBS_2 = [
+    # first in the process: run after the other ladder jobs of this list, inductor fails on
+    # it ("device_mesh._get_submesh is not an OpOverload"; alone or first it passes) - a known
+    # gap, see the session 4 note
+    {"name": "tp2_ladder_compile", "layout": TP2, "model": LADDER, "kw": {"compile": True}, "steps": 3},
     {"name": "tp2_ladder", "layout": TP2, "model": LADDER, "steps": STEPS},
     {"name": "tp2_sp_ladder", "layout": {**TP2, "sequence_parallel": True}, "model": LADDER, "steps": STEPS},
     {"name": "tp2_ladder_ac", "layout": TP2, "model": LADDER, "kw": {"ac": "full"}, "steps": 3},
     {"name": "tp2_ladder_from2", "layout": TP2, "model": LADDER_FROM2, "steps": STEPS},
     {"name": "tp2_sp_ladder_moe", "layout": {**TP2, "sequence_parallel": True}, "model": LADDER_MOE, "steps": 3},
-    {"name": "tp2_ladder_compile", "layout": TP2, "model": LADDER, "kw": {"compile": True}, "steps": 3},
     {"name": "tp2_standard", "layout": TP2, "steps": 3},
 ]
 JOBS_4 = [
