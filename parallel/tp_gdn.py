@@ -19,6 +19,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_modul
 
 from models.config import ModelConfig, UserError
 from parallel.tp import TPContext, TPPlan, _mixer_input, _norms, sublayer_output
+from parallel.tp_mamba import local_params_in_forward
 
 COLUMN = ("q_proj", "k_proj", "v_proj", "z_proj", "a_proj", "b_proj")
 # (submodule path inside the mixer, parameter, placement) of the parameters it uses directly
@@ -46,32 +47,9 @@ def _direct_params(mixer: nn.Module, mesh) -> list[tuple[nn.Module, str]]:
     return out
 
 
-def _local_in_forward(owner: nn.Module, targets: list[tuple[nn.Module, str]]) -> None:
-    """During ``owner``'s forward each target parameter reads as its local tensor (a
-    replicated one with a ``Partial`` gradient); the parameters are restored afterwards."""
-    inner = owner.forward
-
-    def local(p):
-        if not isinstance(p, DTensor):
-            return p
-        if p.placements[0].is_replicate():
-            return p.to_local(grad_placements=(Partial(),))
-        return p.to_local()
-
-    def forward(*args, **kwargs):
-        saved = []
-        try:
-            for mod, name in targets:
-                p = mod._parameters.pop(name)
-                saved.append((mod, name, p))
-                mod.__dict__[name] = local(p)
-            return inner(*args, **kwargs)
-        finally:
-            for mod, name, p in reversed(saved):
-                mod.__dict__.pop(name, None)
-                mod._parameters[name] = p
-
-    owner.forward = forward
+def _local(p: DTensor):
+    # a replicated parameter used by this rank's heads only: its local gradient is partial
+    return p.to_local(grad_placements=(Partial(),)) if p.placements[0].is_replicate() else p.to_local()
 
 
 def _gdn_plan(sub: nn.Module, ctx: TPContext) -> None:
@@ -80,7 +58,7 @@ def _gdn_plan(sub: nn.Module, ctx: TPContext) -> None:
     plan.update({f"mixer.{name}": ColwiseParallel(use_local_output=True) for name in COLUMN})
     plan["mixer.out_proj"] = sublayer_output(ctx)
     parallelize_module(sub, ctx.mesh, plan)
-    _local_in_forward(sub.mixer, _direct_params(sub.mixer, ctx.mesh))
+    local_params_in_forward(sub.mixer, _direct_params(sub.mixer, ctx.mesh), local=_local)
 
 
 PLAN = TPPlan(_gdn_plan, _gdn_check)

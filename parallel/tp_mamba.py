@@ -73,9 +73,10 @@ def shard_direct_params(mamba: nn.Module, ctx: TPContext) -> list[tuple[nn.Modul
     return out
 
 
-def local_params_in_forward(owner: nn.Module, targets: list[tuple[nn.Module, str]]) -> None:
-    """During ``owner``'s forward, ``mod.name`` reads the local shard of each DTensor
-    parameter in ``targets``; the parameters themselves are restored afterwards.
+def local_params_in_forward(owner: nn.Module, targets: list[tuple[nn.Module, str]],
+                            local=lambda p: p.to_local()) -> None:
+    """During ``owner``'s forward, ``mod.name`` reads ``local(p)`` (default: the local shard)
+    of each DTensor parameter in ``targets``; the parameters themselves are restored afterwards.
 
     Runs inside any FSDP hooks of the enclosing sublayer, so it sees (and restores) the
     parameters FSDP has just unsharded.
@@ -88,7 +89,7 @@ def local_params_in_forward(owner: nn.Module, targets: list[tuple[nn.Module, str
             for mod, name in targets:
                 p = mod._parameters.pop(name)
                 saved.append((mod, name, p))
-                mod.__dict__[name] = p.to_local() if isinstance(p, DTensor) else p
+                mod.__dict__[name] = local(p) if isinstance(p, DTensor) else p
             return inner(*args, **kwargs)
         finally:
             for mod, name, p in reversed(saved):
