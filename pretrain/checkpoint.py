@@ -74,8 +74,22 @@ def _model_state(parts) -> dict:
     return sd
 
 
-def _optim_state(parts, optimizer) -> dict:
-    return get_optimizer_state_dict(as_one_module(parts), optimizer)
+# The optimizer state is saved per parameter (``optim.param_groups.<name>.lr``, not
+# ``optim.param_groups.<i>.lr``): pipeline stages hold different parameters in their groups, and
+# DCP keeps one rank's copy of a per-group entry, so the other stages' groups came back without
+# their hyper-parameters (``KeyError: 'betas'`` on the first step after resuming under pp).
+_PER_PARAMETER = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _optim_state(parts, optimizer, per_parameter: bool = True) -> dict:
+    return get_optimizer_state_dict(as_one_module(parts), optimizer,
+                                    options=_PER_PARAMETER if per_parameter else None)
+
+
+def _saved_per_group(path: Path) -> bool:
+    """Whether ``path`` holds the optimizer's param groups by index (checkpoints written before
+    the per-parameter format; they load as before)."""
+    return "optim.param_groups.0.params" in read_dcp_metadata(path).state_dict_metadata
 
 
 def save_checkpoint(run_dir, step: int, parts, optimizer, trainer_state: dict, world,
@@ -94,11 +108,11 @@ def save_checkpoint(run_dir, step: int, parts, optimizer, trainer_state: dict, w
     return finish_save(tmp, step, world, world.barrier, trainer_state, config_text, tokenizer, keep)
 
 
-def collect_state(parts, optimizer) -> dict:
+def collect_state(parts, optimizer, per_parameter: bool = True) -> dict:
     """What DCP saves: this rank's shards of the model and optimizer state."""
     state = {"model": _model_state(parts)}
     if optimizer is not None:
-        state["optim"] = _optim_state(parts, optimizer)
+        state["optim"] = _optim_state(parts, optimizer, per_parameter)
     return state
 
 
@@ -155,7 +169,8 @@ def load_checkpoint(path: Path, parts, optimizer, world) -> dict:
     rng, rng_state = path / f"rng_rank{world.rank}.pt", None
     if rng.is_file() and saved_world_size(path) == world.world_size:  # read (safely) before any weights
         rng_state = load_tensors(rng, f"checkpoint {path}")
-    state = collect_state(parts, optimizer)
+    per_parameter = optimizer is None or not _saved_per_group(path)
+    state = collect_state(parts, optimizer, per_parameter)
     try:
         _dcp_load(state, path)
     except UserError:
@@ -165,7 +180,8 @@ def load_checkpoint(path: Path, parts, optimizer, world) -> dict:
     for part in parts:
         set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
     if optimizer is not None:
-        set_optimizer_state_dict(as_one_module(parts), optimizer, state["optim"])
+        set_optimizer_state_dict(as_one_module(parts), optimizer, state["optim"],
+                                 options=_PER_PARAMETER if per_parameter else None)
     if rng_state is not None:
         _set_rng_state(rng_state)
     return read_trainer_state(path)

@@ -19,7 +19,7 @@ from conftest import ROOT, tiny_overrides
 from models.config import UserError
 
 sys.path.insert(0, str(ROOT / "tests"))
-import test_parallel_worker as W  # noqa: E402
+import test_parallel_worker  # noqa: E402
 from torchrun_jobs import assert_steps_close, job_result, run_jobs  # noqa: E402
 
 STEPS = 10
@@ -52,7 +52,7 @@ def ref(parity_tokens):
     import torch
 
     torch.set_num_threads(1)
-    return {"base": W.run_layout({}, STEPS)}
+    return {"base": test_parallel_worker.run_layout({}, STEPS)}
 
 
 @pytest.fixture(scope="module")
@@ -99,14 +99,25 @@ def test_checkpoint_resumes_across_layouts(results, ref, ckpt_dir):
     res = _check_job(results, "resume_into_pp2_zbv")
     _close(res["loss"], ref["base"]["loss"][SAVE_AT:SAVE_AT + 2], 1e-5)
     # ... and in one process
-    single = W.run_resume(None, {}, str(ckpt_dir), SAVE_AT, SAVE_AT + 2)
+    single = test_parallel_worker.run_resume(None, {}, str(ckpt_dir), SAVE_AT, SAVE_AT + 2)
     _close(single["loss"], ref["base"]["loss"][SAVE_AT:SAVE_AT + 2], 1e-5)
 
 
 # ---- the real trainer under torchrun ------------------------------------------------------
 
-@pytest.mark.timeout(300)
+def _torchrun_train(tiny_dataset, run_dir, **overrides):
+    args = ["--nproc_per_node", "2", "-m", "pretrain", "train", "tiny",
+            *tiny_overrides(tiny_dataset, run_dir, **{"parallel.pp": 2, "parallel.dp_shard": 1, **overrides})]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", *args], capture_output=True,
+                       text=True, timeout=240, env=env, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-4000:]
+
+
+@pytest.mark.timeout(420)
 def test_trainer_resumes_single_process_run_under_pipeline_parallel(tiny_dataset, tmp_path):
+    """A one-process checkpoint resumed under pp=2, then that run's own pp=2 checkpoint resumed
+    under pp=2 again (its optimizer groups differ per stage); both continue the single run."""
     from pretrain.config import load_config
     from pretrain.metrics import read_metrics
     from pretrain.train import train
@@ -114,13 +125,8 @@ def test_trainer_resumes_single_process_run_under_pipeline_parallel(tiny_dataset
     single = tmp_path / "single"
     train(load_config("tiny", tiny_overrides(tiny_dataset, single, **{"train.steps": 6, "checkpoint.every": 3})))
     pp = tmp_path / "pp"
-    args = ["--nproc_per_node", "2", "-m", "pretrain", "train", "tiny",
-            *tiny_overrides(tiny_dataset, pp, **{"train.steps": 6, "parallel.pp": 2, "parallel.dp_shard": 1,
-                                                 "checkpoint.resume": single / "checkpoints" / "step_3"})]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", *args], capture_output=True,
-                       text=True, timeout=240, env=env, cwd=ROOT)
-    assert p.returncode == 0, p.stderr[-4000:]
+    _torchrun_train(tiny_dataset, pp, **{"train.steps": 6, "checkpoint.every": 2,
+                                         "checkpoint.resume": single / "checkpoints" / "step_3"})
     want = {r["step"]: r for r in read_metrics(single)}
     got = read_metrics(pp)
     assert [r["step"] for r in got] == [4, 5, 6]
@@ -129,6 +135,14 @@ def test_trainer_resumes_single_process_run_under_pipeline_parallel(tiny_dataset
     s1 = json.loads((single / "summary.json").read_text())
     s2 = json.loads((pp / "summary.json").read_text())
     assert abs(s1["val_loss"] - s2["val_loss"]) <= 1e-5 * s1["val_loss"]
+
+    again = tmp_path / "pp_again"
+    _torchrun_train(tiny_dataset, again, **{"train.steps": 6, "checkpoint.resume": pp / "checkpoints" / "step_4"})
+    resumed = read_metrics(again)
+    assert [r["step"] for r in resumed] == [5, 6]
+    for r in resumed:  # same layout, same order of operations: equal to the uninterrupted pp=2 run
+        assert (r["loss"], r["grad_norm"]) == (got[r["step"] - 4]["loss"], got[r["step"] - 4]["grad_norm"])
+    assert json.loads((again / "summary.json").read_text())["val_loss"] == s2["val_loss"]
 
 
 @pytest.mark.timeout(120)
@@ -183,7 +197,7 @@ def test_model_must_divide_layout(model, layout, needle):
     from parallel import World, check_layout
     from models.transformer import build_model
 
-    m = build_model(W.model_cfg(**model), init=False)
+    m = build_model(test_parallel_worker.model_cfg(**model), init=False)
     w = World(tp_size=layout.get("tp", 1), pp_size=layout.get("pp", 1), dp_size=layout.get("dp_shard", 1))
     with pytest.raises(UserError) as e:
         check_layout(m, _pcfg(**layout), w)
@@ -198,15 +212,15 @@ def test_unknown_sublayer_kind_has_no_tp_plan(monkeypatch):
 
     monkeypatch.delitem(tp_plans.TP_PLANS, "mlp")
     with pytest.raises(UserError, match="sublayer kind 'mlp' has no tensor-parallel plan"):
-        tp_plans.check_tp(W.model_cfg(), 2)
+        tp_plans.check_tp(test_parallel_worker.model_cfg(), 2)
 
 
 def test_stage_split_by_marks_and_by_cost():
     from parallel.pipeline import split_stages
 
-    cfg = W.model_cfg(n_layers=3, pattern="*-|")  # marks at 2, 4 (and a trailing one, ignored)
+    cfg = test_parallel_worker.model_cfg(n_layers=3, pattern="*-|")  # marks at 2, 4 (and a trailing one, ignored)
     assert split_stages(cfg, 3, [1.0] * 6, 0, 0) == [[0, 1], [2, 3], [4, 5]]
-    cfg = W.model_cfg(n_layers=4)
+    cfg = test_parallel_worker.model_cfg(n_layers=4)
     assert split_stages(cfg, 2, [1.0] * 8, 0, 0) == [[0, 1, 2, 3], [4, 5, 6, 7]]
     # the LM head's cost moves sublayers off the last stage
     assert split_stages(cfg, 2, [1.0] * 8, 0, 2.0) == [[0, 1, 2, 3, 4], [5, 6, 7]]
