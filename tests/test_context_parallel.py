@@ -18,7 +18,7 @@ import pytest
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "tests"))
-import cp_parity as P  # noqa: E402
+import cp_parity  # noqa: E402
 from torchrun_jobs import job_result, run_jobs  # noqa: E402
 
 TOL = 1e-5  # loss (absolute, values ~6) and step-1 gradients (relative to each tensor's max)
@@ -46,7 +46,7 @@ JOBS = {  # CI
         {"name": "cp2_dp_shard2", "layout": {"cp": 2, "dp_shard": 2}},
         {"name": "cp2_pp2", "layout": {**CP2, "pp": 2}},
         {"name": "resume_one_to_cp4", "kind": "resume", "load": {"cp": 4, "dp_shard": 1},
-         "save_at": SAVE_AT, "steps": P.STEPS}],
+         "save_at": SAVE_AT, "steps": cp_parity.STEPS}],
 }
 PARITY_JOBS = {  # pytest -m parity
     2: [{"name": "cp2_ring_mqa", "layout": CP2, "model": "mqa"},
@@ -81,8 +81,8 @@ def work(tiny_dataset, tmp_path_factory):
 
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("cp")
-    P.write_tokens(tiny_dataset, tmp / "tokens.pt")
-    P.resume_job({"tokens": str(tmp / "tokens.pt"), "save": {}, "save_at": SAVE_AT, "dir": str(tmp / "one")})
+    cp_parity.write_tokens(tiny_dataset, tmp / "tokens.pt")
+    cp_parity.resume_job({"tokens": str(tmp / "tokens.pt"), "save": {}, "save_at": SAVE_AT, "dir": str(tmp / "one")})
     return tmp
 
 
@@ -95,8 +95,8 @@ def _refs(work, jobs) -> None:
     refs = torch.load(work / "ref.pt") if (work / "ref.pt").exists() else {}
     floors = torch.load(work / "floor.pt") if (work / "floor.pt").exists() else {}
     for m in sorted({j.get("model", "dense") for n in jobs for j in jobs[n]} - set(refs)):
-        refs[m] = P.train(data, {}, m, P.STEPS)
-        floors[m] = P.compare(P.train(data, {}, m, P.STEPS, floor=True), refs[m])
+        refs[m] = cp_parity.train(data, {}, m, cp_parity.STEPS)
+        floors[m] = cp_parity.compare(cp_parity.train(data, {}, m, cp_parity.STEPS, floor=True), refs[m])
     torch.save(refs, work / "ref.pt")
     torch.save(floors, work / "floor.pt")
 
@@ -107,7 +107,7 @@ def _launch(work, jobs, attn: bool) -> dict:
     for n, js in jobs.items():
         extra = [{**a, "name": f"{a['name']}_cp{n}", "kind": "attn"} for a in ATTN] if attn else []
         train = [{"kind": "train", "tokens": str(work / "tokens.pt"), "ref": str(work / "ref.pt"),
-                  "dir": str(work / ("one" if "one" in j["name"] else "cp2")), "steps": P.STEPS, **j}
+                  "dir": str(work / ("one" if "one" in j["name"] else "cp2")), "steps": cp_parity.STEPS, **j}
                  for j in js]
         out.update(run_jobs("test_cp_worker.py", n, extra + train, work, timeout=1800))
     return out
@@ -162,8 +162,8 @@ def test_more_layouts_match_one_process(parity_results, work, name):
 
 @pytest.mark.timeout(3000)
 def test_resume_across_cp_layouts(results, work):
-    one = P.resume_job({"tokens": str(work / "tokens.pt"), "ref": str(work / "ref.pt"), "load": {},
-                        "save_at": SAVE_AT, "steps": P.STEPS, "dir": str(work / "cp2")})
+    one = cp_parity.resume_job({"tokens": str(work / "tokens.pt"), "ref": str(work / "ref.pt"), "load": {},
+                                "save_at": SAVE_AT, "steps": cp_parity.STEPS, "dir": str(work / "cp2")})
     floor = _floor(work, "dense")
     for res in (one, job_result(results, "resume_one_to_cp4")):
         print(f"resume: loss {res['loss_diff']:.2e} weights {res['weights_diff']:.2e} (floor {floor:.2e})")

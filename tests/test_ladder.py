@@ -15,7 +15,7 @@ import torch
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "tests"))
-import test_parallel_worker as W  # noqa: E402
+import test_parallel_worker  # noqa: E402
 from torchrun_jobs import assert_steps_close, job_result, run_jobs  # noqa: E402
 
 STEPS = 3  # these jobs check the asynchronous reductions; ladder parity: tests/test_parity.py
@@ -52,7 +52,7 @@ def torchrun(nproc: int, jobs: list[dict], tmp, timeout: float) -> dict:
 @pytest.fixture(scope="module")
 def ref(parity_tokens):
     torch.set_num_threads(1)
-    return {"ladder": W.run_layout({}, STEPS, LADDER), "standard": W.run_layout({}, 3)}
+    return {"ladder": test_parallel_worker.run_layout({}, STEPS, LADDER), "standard": test_parallel_worker.run_layout({}, 3)}
 
 
 @pytest.fixture(scope="module")

@@ -19,19 +19,19 @@ for p in (ROOT, ROOT / "tests"):
         sys.path.insert(0, str(p))
 
 
-import test_parallel_worker as W  # noqa: E402
+import test_parallel_worker  # noqa: E402
 
 
 def run_counted(layout: dict, steps: int, model_kw: dict | None = None, **kw) -> dict:
     """Per-step loss and grad norm, plus per-step issued/pending async reductions."""
     from parallel import ladder
 
-    runner, opt, world = W.build(layout, model_kw, **kw)
+    runner, opt, world = test_parallel_worker.build(layout, model_kw, **kw)
     losses, norms, issued, grad_issued, pending, trace = [], [], [], [], [], None
     ladder.TRACE = []
     for step in range(steps):
         ladder.reset_counts()
-        loss = runner.forward_backward(W.rank_batches(step, world))
+        loss = runner.forward_backward(test_parallel_worker.rank_batches(step, world))
         losses.append(runner.reduce_loss(loss))
         issued.append(ladder.counts()["issued"])
         grad_issued.append(ladder.counts()["grad_issued"])

@@ -17,7 +17,7 @@ for p in (ROOT, ROOT / "tests"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-import test_parallel_worker as W  # noqa: E402
+import test_parallel_worker  # noqa: E402
 
 # "M-*-" x 1: Mamba (4 heads of 32, 2 groups, 2 chunks per sequence), MLP, attention, MLP
 HYBRID = dict(pattern="M-*-", n_layers=1, mamba=dict(d_state=16, head_dim=32, n_groups=2, chunk_size=16))
@@ -27,14 +27,14 @@ HEADS = dict(pattern="P-", mamba=dict(d_state=16, head_dim=16, n_groups=2, chunk
 
 
 _MODEL: dict = {}
-_build = W.build
+_build = test_parallel_worker.build
 
 
 def _build_default_model(layout: dict, model_kw: dict | None = None, **kw):
     return _build(layout, model_kw if model_kw is not None else _MODEL, **kw)
 
 
-W.build = _build_default_model  # so W.run_resume / W.run_init_check build _MODEL
+test_parallel_worker.build = _build_default_model  # so test_parallel_worker.run_resume / test_parallel_worker.run_init_check build _MODEL
 
 
 def with_model(model: dict, fn, *args, **kw):
@@ -48,15 +48,15 @@ def with_model(model: dict, fn, *args, **kw):
 
 
 def run_job(job: dict) -> dict:
-    """One job of ``W.main``'s kinds, built on the job's ``model``."""
+    """One job of ``test_parallel_worker.main``'s kinds, built on the job's ``model``."""
     kind, model = job.get("kind", "layout"), job.get("model", {})
     if kind == "layout":
-        return W.run_layout(job["layout"], job.get("steps", 10), model, **job.get("kw", {}))
+        return test_parallel_worker.run_layout(job["layout"], job.get("steps", 10), model, **job.get("kw", {}))
     if kind == "resume":
-        return with_model(model, W.run_resume, job.get("save"), job.get("load"), job["dir"],
+        return with_model(model, test_parallel_worker.run_resume, job.get("save"), job.get("load"), job["dir"],
                           job["save_at"], job["steps"])
     if kind == "init":
-        return with_model(model, W.run_init_check, job["layout"])
+        return with_model(model, test_parallel_worker.run_init_check, job["layout"])
     raise ValueError(kind)
 
 

@@ -18,7 +18,7 @@ from conftest import ROOT
 from models.config import UserError
 
 sys.path.insert(0, str(ROOT / "tests"))
-import test_parallel_moe_worker as M  # noqa: E402
+import test_parallel_moe_worker  # noqa: E402
 from torchrun_jobs import assert_steps_close, job_result, run_jobs  # noqa: E402
 
 STEPS = 10
@@ -60,7 +60,7 @@ def ref(parity_tokens):
     import torch
 
     torch.set_num_threads(1)
-    return {"mixtral": M.run_moe({}, "mixtral", STEPS)}
+    return {"mixtral": test_parallel_moe_worker.run_moe({}, "mixtral", STEPS)}
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_resume_across_expert_layouts(results, ref, name):
 @pytest.mark.parametrize("ckpt", [CKPT, CKPT_EDP2])
 def test_resume_expert_parallel_checkpoint_in_one_process(results, ref, ckpt):
     _job(results, "save_edp2")
-    res = M.run_resume(None, {}, f"{results['tmp']}/{ckpt}", "mixtral", SAVE_AT, STEPS)
+    res = test_parallel_moe_worker.run_resume(None, {}, f"{results['tmp']}/{ckpt}", "mixtral", SAVE_AT, STEPS)
     _close(res["loss"], ref["mixtral"]["loss"][SAVE_AT:], 1e-5)
 
 
@@ -132,7 +132,7 @@ def test_ep_must_divide_dp_shard_and_experts():
         resolve_layout(ParallelConfig(ep=3), 4)
     assert resolve_layout(ParallelConfig(ep=2, tp=2), 8)["dp_shard"] == 4
     with pytest.raises(UserError, match="parallel.ep: 3 does not divide model.moe.n_experts=8"):
-        check_ep(M.moe_model_cfg("mixtral"), 3)
+        check_ep(test_parallel_moe_worker.moe_model_cfg("mixtral"), 3)
 
 
 def test_deepspeed_rejects_expert_parallel():

@@ -19,7 +19,7 @@ for p in (ROOT, ROOT / "tests"):
 
 import torch  # noqa: E402
 
-import test_parallel_worker as W  # noqa: E402
+import test_parallel_worker  # noqa: E402
 
 
 def moe_model_cfg(preset: str):
@@ -29,7 +29,7 @@ def moe_model_cfg(preset: str):
     from models.config import MoEConfig
 
     moe = yaml.safe_load((ROOT / "configs" / f"moe_{preset}_tiny.yaml").read_text())["model"]
-    return W.model_cfg(pattern=moe["pattern"], moe=MoEConfig(**moe["moe"]))
+    return test_parallel_worker.model_cfg(pattern=moe["pattern"], moe=MoEConfig(**moe["moe"]))
 
 
 def _biases(runner) -> dict[str, list[float]]:
@@ -44,21 +44,21 @@ def _build(layout: dict, preset: str):
     from pretrain.config import OptimConfig
     from pretrain.optim import build_optimizer
 
-    pcfg, world = W.make_world(layout)
+    pcfg, world = test_parallel_worker.make_world(layout)
     runner = parallelize(build_model(moe_model_cfg(preset), init=False), pcfg, world, seed=0)
     opt = build_optimizer(runner.parts, OptimConfig(lr=3e-3, warmup_steps=0, weight_decay=0.1))
     return runner, opt, world
 
 
-def rank_batches(step: int, world, micro: int = W.MICRO) -> list[dict]:
+def rank_batches(step: int, world, micro: int = test_parallel_worker.MICRO) -> list[dict]:
     """This dp rank's rows of the global batch of ``step``, in micro-batches of ``micro`` rows."""
-    mbs = W.rank_batches(step, world)
+    mbs = test_parallel_worker.rank_batches(step, world)
     b = {k: torch.cat([mb[k] for mb in mbs]) for k in mbs[0]}
     n = b["input_ids"].shape[0]
     return [{k: v[i:i + micro] for k, v in b.items()} for i in range(0, n, micro)]
 
 
-def _train(runner, opt, world, start: int, stop: int, micro: int = W.MICRO) -> dict:
+def _train(runner, opt, world, start: int, stop: int, micro: int = test_parallel_worker.MICRO) -> dict:
     import torch.distributed as dist
 
     losses, norms, biases, metrics = [], [], [], {}
@@ -101,7 +101,7 @@ def _expert_memory(runner, opt) -> dict:
     return {"local": local, "total": total, "adam_state": state}
 
 
-def run_moe(layout: dict, preset: str, steps: int = 10, micro: int = W.MICRO) -> dict:
+def run_moe(layout: dict, preset: str, steps: int = 10, micro: int = test_parallel_worker.MICRO) -> dict:
     """Per-step loss, grad norm and expert biases (after each step) of ``steps`` steps, and
     the routed-expert elements rank 0 holds."""
     runner, opt, world = _build(layout, preset)
@@ -182,7 +182,7 @@ def run_job(job: dict) -> dict:
         return run_moe(job["layout"], job["preset"], job["steps"])
     if kind == "nosync":
         return run_nosync(job["layout"], job["preset"])
-    return run_moe(job["layout"], job["preset"], job.get("steps", 10), job.get("micro", W.MICRO))
+    return run_moe(job["layout"], job["preset"], job.get("steps", 10), job.get("micro", test_parallel_worker.MICRO))
 
 
 def main(spec_path: str, out_path: str) -> None:
