@@ -47,3 +47,16 @@ def parity_tokens(tiny_dataset, tmp_path_factory) -> Path:
     path = parity.prepare_tokens(tiny_dataset, tmp_path_factory.mktemp("parity_data") / "tokens.pt")
     os.environ["PARITY_TOKENS"] = str(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models and ops: extra intra-op threads only spin on a shared CPU (20x slower steps
+    measured under load). A whole module: ``pytestmark = pytest.mark.usefixtures("one_thread")``
+    (module-scoped, so the module's own module-scoped fixtures run on one thread too)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -18,12 +18,7 @@ from models.layers import ForwardContext
 from pretrain.metrics import read_metrics
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _inputs(b=2, L=37, H=3, K=8, V=5, dtype=torch.float64, seed=0):

@@ -22,17 +22,9 @@ from pretrain.hf.import_hf import import_model
 
 from hf_sharp import LOGIT_TOL, check_sharp, sharpen
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("one_thread")]
 VOCAB = 96
 MAMBA = MambaConfig(d_state=8, head_dim=8, n_groups=1, chunk_size=4)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: extra threads only contend on a shared machine
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny(**kw) -> ModelConfig:

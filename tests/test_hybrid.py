@@ -18,13 +18,7 @@ from models.transformer import build_model
 from pretrain.config import load_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These ops are tiny; on a shared 2-core machine intra-op threads only contend.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _cfg(pattern="P-", **kw) -> ModelConfig:

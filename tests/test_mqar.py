@@ -113,15 +113,6 @@ def test_recall_of_an_oracle_is_one_and_of_a_random_model_near_zero(one_thread):
     assert rand["queries"] == 128 * 8 and rand["recall"] <= 3 * rand["chance"]
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models: extra threads only spin on a shared CPU (20x slower steps measured under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _train_mqar(run, steps, **extra):
     from pretrain.config import load_config
     from pretrain.train import train
