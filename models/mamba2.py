@@ -92,6 +92,11 @@ class Mamba2Cache:
     ssm: torch.Tensor  # [b, H, P, N], fp32
 
 
+def mamba_heads(cfg: ModelConfig) -> int:
+    """Heads of an ``M`` mixer: ``mamba.expand * d_model / mamba.head_dim``."""
+    return cfg.mamba.expand * cfg.d_model // cfg.mamba.head_dim
+
+
 class Mamba2Mixer(nn.Module):
     """The Mamba-2 block's mixer. ``n_heads`` overrides expand*d_model/head_dim; without
     ``out_proj`` the mixer returns the gated-normed SSD output (for the hybrid-heads mixer)."""
@@ -102,7 +107,7 @@ class Mamba2Mixer(nn.Module):
     def __init__(self, cfg: ModelConfig, n_heads: int | None = None, out_proj: bool = True):
         super().__init__()
         mc = cfg.mamba
-        H = n_heads if n_heads is not None else mc.expand * cfg.d_model // mc.head_dim
+        H = n_heads if n_heads is not None else mamba_heads(cfg)
         if H < 1 or H % mc.n_groups:
             raise UserError(f"model.mamba.n_groups: {mc.n_groups} groups do not divide {H} Mamba heads")
         self.mamba_cfg = mc
@@ -267,7 +272,7 @@ def check_mamba(cfg: ModelConfig) -> None:
     d_inner = mc.expand * cfg.d_model
     need(d_inner % mc.head_dim == 0, "mamba.head_dim",
          f"{mc.head_dim} does not divide expand*d_model={d_inner}")
-    n_heads = d_inner // mc.head_dim
+    n_heads = mamba_heads(cfg)
     need(n_heads % mc.n_groups == 0, "mamba.n_groups",
          f"{mc.n_groups} groups do not divide {n_heads} Mamba heads")
 
@@ -277,7 +282,7 @@ def mamba_flops_per_token(cfg: ModelConfig, seq_len: int, n_heads: int | None = 
     """Forward matmul/conv FLOPs per token of one ``M`` mixer on a ``seq_len`` sequence,
     counted as FlopCounterMode counts the reference (chunk padding included)."""
     mc = cfg.mamba
-    H = n_heads if n_heads is not None else mc.expand * cfg.d_model // mc.head_dim
+    H = n_heads if n_heads is not None else mamba_heads(cfg)
     d_inner, gn = H * mc.head_dim, mc.n_groups * mc.d_state
     f = 2 * cfg.d_model * (2 * d_inner + 2 * gn + H)
     if out_proj:

@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
 from models.config import ModelConfig, UserError
+from models.mamba2 import mamba_heads
 from parallel.tp import (
     TPContext,
     TPPlan,
@@ -49,8 +50,7 @@ def check_mamba_split(n_heads: int, n_groups: int, tp: int, heads_key: str = "mo
 
 
 def _mamba_check(cfg: ModelConfig, tp: int) -> None:
-    mc = cfg.mamba
-    check_mamba_split(mc.expand * cfg.d_model // mc.head_dim, mc.n_groups, tp)
+    check_mamba_split(mamba_heads(cfg), cfg.mamba.n_groups, tp)
 
 
 def mamba_inner_plan(prefix: str) -> dict:

@@ -12,6 +12,7 @@ default (``partial_rotary_factor`` 0.5); we export full rotation (factor 1.0).
 from __future__ import annotations
 
 from models.config import MambaConfig, ModelConfig
+from models.mamba2 import mamba_heads
 from pretrain.hf.arch_llama import attention_config, attention_from_config
 from pretrain.hf.arch_io import base_issues, blocks, need, stack
 from pretrain.hf.pieces import Attention, MambaMixer, MappedArch, mlp, norm
@@ -51,7 +52,7 @@ class Mamba2(MappedArch):
     def export_config(self, mc):
         mm = mc.mamba
         return {"model_type": "mamba2", "vocab_size": mc.vocab_size, "hidden_size": mc.d_model,
-                "num_hidden_layers": mc.n_sublayers, "num_heads": mm.expand * mc.d_model // mm.head_dim,
+                "num_hidden_layers": mc.n_sublayers, "num_heads": mamba_heads(mc),
                 "head_dim": mm.head_dim, "state_size": mm.d_state, "expand": mm.expand, "n_groups": mm.n_groups,
                 "conv_kernel": mm.d_conv, "use_conv_bias": mm.conv_bias, "use_bias": False,
                 "chunk_size": mm.chunk_size, "time_step_limit": list(mm.dt_limit), "rms_norm": True,
@@ -96,7 +97,7 @@ class Bamba(MappedArch):
         mm, b = mc.mamba, blocks(mc)
         return {"model_type": "bamba", **attention_config(mc), "intermediate_size": mc.ffn_hidden_resolved,
                 "num_hidden_layers": len(b), "attn_layer_indices": [i for i, x in enumerate(b) if x == "*-"],
-                "mamba_n_heads": mm.expand * mc.d_model // mm.head_dim, "mamba_d_head": mm.head_dim,
+                "mamba_n_heads": mamba_heads(mc), "mamba_d_head": mm.head_dim,
                 "mamba_n_groups": mm.n_groups, "mamba_d_state": mm.d_state, "mamba_d_conv": mm.d_conv,
                 "mamba_expand": mm.expand, "mamba_chunk_size": mm.chunk_size, "mamba_conv_bias": mm.conv_bias,
                 "mamba_proj_bias": False, "partial_rotary_factor": 1.0}

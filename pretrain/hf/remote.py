@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from models.config import ModelConfig
+from models.mamba2 import mamba_heads
 from pretrain.config import from_dict
 from pretrain.errors import UserError
 from pretrain.hf.arch_io import Arch
@@ -55,7 +56,7 @@ def _moe_section(mc: ModelConfig) -> dict:
 def _mamba_section(mc: ModelConfig) -> dict:
     mm = mc.mamba
     return {"d_state": mm.d_state, "head_dim": mm.head_dim, "n_groups": mm.n_groups,
-            "d_conv": mm.d_conv, "n_heads": mm.expand * mc.d_model // mm.head_dim,
+            "d_conv": mm.d_conv, "n_heads": mamba_heads(mc),
             "dt_limit": list(mm.dt_limit), "conv_bias": mm.conv_bias}
 
 

@@ -15,6 +15,7 @@ from typing import Callable
 from models import gdn
 from models.config import ModelConfig
 from models.kinds import ATTENTION, GDN, HYBRID, MAMBA, MLP_KIND, MOE
+from models.mamba2 import mamba_heads
 from pretrain.planner import mla_stats as mla
 
 
@@ -174,8 +175,7 @@ MOE_COSTS = KindCosts(
 # ---- Mamba-2 and hybrid heads ---------------------------------------------------------------
 
 def _ssm_heads(kind: str, cfg: ModelConfig) -> int:
-    mc = cfg.mamba
-    return mc.expand * cfg.d_model // mc.head_dim if kind == MAMBA.name else cfg.hybrid.n_mamba_heads
+    return mamba_heads(cfg) if kind == MAMBA.name else cfg.hybrid.n_mamba_heads
 
 
 def _ssm_linears(kind: str, cfg: ModelConfig, tp: int) -> list[Linear]:
