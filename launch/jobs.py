@@ -36,7 +36,7 @@ class TrainJob:
     workdir: Path  # relative paths in the config and overrides are relative to this
     preempt_grace_s: float
     dp_engine: str
-    parallel: object = None  # the config's ParallelConfig, to check the layout against a world size
+    run_config: object = None  # the loaded pretrain.config.Config, to check against a world size
     resume: str = "off"  # checkpoint.resume
     lock_wait_s: float = 0.0  # checkpoint.lock_wait_s
 
@@ -48,13 +48,14 @@ class TrainJob:
         wait_until_free(self.run_dir, self.lock_wait_s if wait and self.resume == "auto" else 0.0)
 
     def check_world(self, world_size: int) -> None:
-        """Reject a ``parallel.*`` layout that cannot fill ``world_size`` processes, before launching."""
-        if self.parallel is None:
+        """Reject, before launching, what the trainer would refuse on ``world_size`` processes (the
+        layout rules of ``pretrain.layout_check.check_run``, which the planner applies too)."""
+        if self.run_config is None:
             return
-        from parallel.world import resolve_layout
+        from pretrain.layout_check import check_run
 
         try:
-            resolve_layout(self.parallel, world_size)
+            check_run(self.run_config, world_size)
         except UserError as e:
             raise UserError(f"{e} (this launch starts {world_size} processes)") from None
 
@@ -82,7 +83,7 @@ def parse_train_args(config: str | None, overrides: list[str]) -> TrainJob:
     if not run_dir.is_absolute():
         run_dir = workdir / run_dir
     return TrainJob(str(path), list(overrides), run_dir, workdir, cfg.train.preempt_grace_s,
-                    cfg.parallel.dp_engine, cfg.parallel, cfg.checkpoint.resume, cfg.checkpoint.lock_wait_s)
+                    cfg.parallel.dp_engine, cfg, cfg.checkpoint.resume, cfg.checkpoint.lock_wait_s)
 
 
 def parse_env(items: list[str]) -> dict[str, str]:
