@@ -29,7 +29,7 @@ from torch import nn
 from kernels.gdn import gated_delta_rule, gated_delta_rule_flops, gated_delta_rule_step, l2norm
 from kernels.ssd import segment_ids
 from models.config import GDNConfig, ModelConfig, UserError
-from models.mamba2 import CausalConv1d
+from models.mamba2 import CausalConv1d, run_convs, sharded_convs, step_convs, zero_conv_states
 
 _CONV_PARTS = ("q", "k", "v")
 
@@ -127,12 +127,7 @@ class GatedDeltaNetMixer(nn.Module):
             return self.out_proj(self._mix_sharded(x, doc_ids, shard))
         seq_idx = segment_ids(doc_ids) if doc_ids is not None else None
         p = self.project(x)
-        for part in _CONV_PARTS:
-            conv = getattr(self, f"conv_{part}")
-            if cache is None:
-                p[part] = conv(p[part], seq_idx)
-            else:
-                p[part], cache.conv[part] = conv(p[part], seq_idx, cache.conv[part])
+        run_convs(self, p, _CONV_PARTS, seq_idx, cache)
         q, k, v, g, beta = self.kernel_inputs(p)
         o = gated_delta_rule(q, k, v, g, beta, self.gdn_cfg.chunk_size, seq_idx=seq_idx,
                              initial_state=cache.state if cache is not None else None,
@@ -147,19 +142,10 @@ class GatedDeltaNetMixer(nn.Module):
         it), which yields both its final state F and its transition M (X -> M X); after the
         shard's state exchange the piece is rerun from its entering state."""
         p = self.project(u)
-        widths = [p[part].shape[-1] for part in _CONV_PARTS]
-        conv_in = torch.cat([p[part] for part in _CONV_PARTS], -1)
-        pieces = shard.split(conv_in)
-        halos = shard.halo(pieces, self.conv_q.weight.shape[-1] - 1, doc_ids is not None)
-        ids = shard.split(doc_ids) if doc_ids is not None else [None] * len(pieces)
         gates = list(zip(shard.split(p["a"]), shard.split(p["b"])))
         runs, finals, moves = [], [], []
-        for piece, halo, pid, (a, b) in zip(pieces, halos, ids, gates):
-            seq_idx = segment_ids(pid) if pid is not None else None
-            parts = {"a": a, "b": b}
-            for part, xp, hp in zip(_CONV_PARTS, piece.split(widths, -1), halo.split(widths, -1)):
-                parts[part] = getattr(self, f"conv_{part}")(xp, seq_idx, hp.transpose(1, 2))[0]
-            q, k, v, g, beta = self.kernel_inputs(parts)
+        for (parts, seq_idx), (a, b) in zip(sharded_convs(self, p, _CONV_PARTS, doc_ids, shard), gates):
+            q, k, v, g, beta = self.kernel_inputs({"a": a, "b": b, **parts})
             B, L, H, dk = k.shape
             eye = torch.eye(dk, dtype=torch.float64 if v.dtype == torch.float64 else torch.float32,
                             device=v.device)
@@ -201,9 +187,7 @@ class GatedDeltaNetMixer(nn.Module):
     def allocate_cache(self, batch: int, device=None, dtype=None) -> GDNCache:
         device = device if device is not None else self.A_log.device
         dtype = dtype if dtype is not None else self.v_proj.weight.dtype
-        K = self.conv_q.weight.shape[-1]
-        conv = {part: torch.zeros(batch, getattr(self, f"conv_{part}").weight.shape[0], K - 1,
-                                  device=device, dtype=dtype) for part in _CONV_PARTS}
+        conv = zero_conv_states(self, _CONV_PARTS, batch, device, dtype)
         sdt = torch.float64 if self.A_log.dtype == torch.float64 else torch.float32
         state = torch.zeros(batch, self.A_log.shape[0], self.head_k_dim, self.head_v_dim, device=device, dtype=sdt)
         return GDNCache(conv=conv, state=state)
@@ -212,8 +196,7 @@ class GatedDeltaNetMixer(nn.Module):
         """Decode one token: x_t [B, D] or [B, 1, D] -> same rank output; updates ``cache``."""
         squeeze = x_t.dim() == 3
         p = self.project(x_t[:, 0] if squeeze else x_t)
-        for part in _CONV_PARTS:
-            p[part], cache.conv[part] = getattr(self, f"conv_{part}").step(p[part], cache.conv[part])
+        step_convs(self, p, _CONV_PARTS, cache)
         q, k, v, g, beta = self.kernel_inputs(p)
         o, cache.state = gated_delta_rule_step(cache.state, q, k, v, g, beta)
         y = self.out_proj(self.gate(o, p["z"]))

@@ -92,6 +92,46 @@ class Mamba2Cache:
     ssm: torch.Tensor  # [b, H, P, N], fp32
 
 
+# ---- the causal convs of a recurrent mixer (``conv_<part>``: Mamba-2 here, Gated DeltaNet) --
+
+def run_convs(mixer: nn.Module, p: dict, parts: tuple[str, ...], seq_idx, cache=None) -> None:
+    """``p[part] = mixer.conv_<part>(p[part])`` for each of ``parts``; with ``cache``, continue
+    from its conv states and leave the final ones in ``cache.conv``."""
+    for part in parts:
+        conv = getattr(mixer, f"conv_{part}")
+        if cache is None:
+            p[part] = conv(p[part], seq_idx)
+        else:
+            p[part], cache.conv[part] = conv(p[part], seq_idx, cache.conv[part])
+
+
+def sharded_convs(mixer: nn.Module, p: dict, parts: tuple[str, ...], doc_ids, shard):
+    """Context parallel: yields ``(convs, seq_idx)`` per piece of ``shard``, ``convs[part]`` the
+    piece of ``p[part]`` through ``mixer.conv_<part>`` with the halo of the positions before it."""
+    widths = [p[part].shape[-1] for part in parts]
+    K = getattr(mixer, f"conv_{parts[0]}").weight.shape[-1]
+    pieces = shard.split(torch.cat([p[part] for part in parts], -1))
+    halos = shard.halo(pieces, K - 1, doc_ids is not None)
+    ids = shard.split(doc_ids) if doc_ids is not None else [None] * len(pieces)
+    for piece, halo, pid in zip(pieces, halos, ids):
+        seq_idx = segment_ids(pid) if pid is not None else None
+        yield {part: getattr(mixer, f"conv_{part}")(xp, seq_idx, hp.transpose(1, 2))[0]
+               for part, xp, hp in zip(parts, piece.split(widths, -1), halo.split(widths, -1))}, seq_idx
+
+
+def zero_conv_states(mixer: nn.Module, parts: tuple[str, ...], batch: int, device, dtype) -> dict:
+    """Generation: each conv's last K-1 inputs, zero."""
+    K = getattr(mixer, f"conv_{parts[0]}").weight.shape[-1]
+    return {part: torch.zeros(batch, getattr(mixer, f"conv_{part}").weight.shape[0], K - 1,
+                              device=device, dtype=dtype) for part in parts}
+
+
+def step_convs(mixer: nn.Module, p: dict, parts: tuple[str, ...], cache) -> None:
+    """Generation: one token of each of ``parts`` through its conv, updating ``cache.conv``."""
+    for part in parts:
+        p[part], cache.conv[part] = getattr(mixer, f"conv_{part}").step(p[part], cache.conv[part])
+
+
 def mamba_heads(cfg: ModelConfig) -> int:
     """Heads of an ``M`` mixer: ``mamba.expand * d_model / mamba.head_dim``."""
     return cfg.mamba.expand * cfg.d_model // cfg.mamba.head_dim
@@ -175,12 +215,7 @@ class Mamba2Mixer(nn.Module):
         b, L, _ = u.shape
         seq_idx = segment_ids(doc_ids) if doc_ids is not None else None
         p = self._project(u)
-        for part in _CONV_PARTS:
-            conv = getattr(self, f"conv_{part}")
-            if cache is None:
-                p[part] = conv(p[part], seq_idx)
-            else:
-                p[part], cache.conv[part] = conv(p[part], seq_idx, cache.conv[part])
+        run_convs(self, p, _CONV_PARTS, seq_idx, cache)
         P, N = self.head_dim, self.d_state
         H, G = p["x"].shape[-1] // P, p["B"].shape[-1] // N
         dt, A = self._dt_A(p["dt"])
@@ -196,22 +231,12 @@ class Mamba2Mixer(nn.Module):
         """``mix`` on a context-parallel shard: each piece runs from a zero state with its
         conv halo, then gets the contribution of the state entering it (exact)."""
         p = self._project(u)
-        widths = [p[part].shape[-1] for part in _CONV_PARTS]
-        K = self.conv_x.weight.shape[-1]
-        conv_in = torch.cat([p[part] for part in _CONV_PARTS], -1)
-        pieces = shard.split(conv_in)
-        halos = shard.halo(pieces, K - 1, doc_ids is not None)
-        ids = shard.split(doc_ids) if doc_ids is not None else [None] * len(pieces)
         dt_all, A = self._dt_A(p["dt"])
         dts = shard.split(dt_all)
         P, N = self.head_dim, self.d_state
         runs = []
-        for piece, halo, pid, dt in zip(pieces, halos, ids, dts):
-            seq_idx = segment_ids(pid) if pid is not None else None
-            parts = {}
-            for part, xp, hp in zip(_CONV_PARTS, piece.split(widths, -1), halo.split(widths, -1)):
-                parts[part] = getattr(self, f"conv_{part}")(xp, seq_idx, hp.transpose(1, 2))[0]
-            b, L = piece.shape[:2]
+        for (parts, seq_idx), dt in zip(sharded_convs(self, p, _CONV_PARTS, doc_ids, shard), dts):
+            b, L = parts["x"].shape[:2]
             H, G = parts["x"].shape[-1] // P, parts["B"].shape[-1] // N
             C = parts["C"].view(b, L, G, N)
             y, final = ssd(parts["x"].view(b, L, H, P), dt, A, parts["B"].view(b, L, G, N), C,
@@ -227,9 +252,7 @@ class Mamba2Mixer(nn.Module):
         """Zero state for ``batch`` sequences (conv states in ``dtype``, SSM state in fp32)."""
         device = device if device is not None else self.A_log.device
         dtype = dtype if dtype is not None else self.x_proj.weight.dtype
-        K = self.conv_x.weight.shape[-1]
-        conv = {part: torch.zeros(batch, getattr(self, f"conv_{part}").weight.shape[0], K - 1,
-                                  device=device, dtype=dtype) for part in _CONV_PARTS}
+        conv = zero_conv_states(self, _CONV_PARTS, batch, device, dtype)
         H = self.A_log.shape[0]
         sdt = torch.float64 if self.A_log.dtype == torch.float64 else torch.float32
         ssm = torch.zeros(batch, H, self.head_dim, self.d_state, device=device, dtype=sdt)
@@ -239,8 +262,7 @@ class Mamba2Mixer(nn.Module):
         """One token [B, D] -> [B, d_inner] before ``out_proj``; updates ``cache`` in place."""
         b = u_t.shape[0]
         p = self._project(u_t)
-        for part in _CONV_PARTS:
-            p[part], cache.conv[part] = getattr(self, f"conv_{part}").step(p[part], cache.conv[part])
+        step_convs(self, p, _CONV_PARTS, cache)
         P, N = self.head_dim, self.d_state
         H, G = p["x"].shape[-1] // P, p["B"].shape[-1] // N
         dt, A = self._dt_A(p["dt"])
