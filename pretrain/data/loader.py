@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from pretrain.config import DataConfig
+from pretrain.data.rows import RowCursor
 from pretrain.data.store import Dataset, open_dataset, read_block
 from pretrain.errors import UserError
 
@@ -119,7 +120,7 @@ def _sources_of(cfg: DataConfig) -> list[tuple[str, float]]:
     return [(cfg.path, 1.0)]
 
 
-class TokenBatches:
+class TokenBatches(RowCursor):
     """Infinite iterator of ``{"input_ids", "labels", "doc_ids"}`` batches for one DP rank.
 
     Each batch has ``global_batch // dp_size`` rows of ``cfg.seq_len`` tokens (LongTensors).
@@ -129,16 +130,10 @@ class TokenBatches:
     def __init__(self, cfg: DataConfig, split: str, global_batch: int, dp_rank: int, dp_size: int,
                  seed: int, cache_dir: str | None = None, eos_id: int | None = None,
                  doc_ids: bool = True, shuffle: bool | None = None, model_vocab: int | None = None):
-        if global_batch < 1 or dp_size < 1 or global_batch % dp_size:
-            raise UserError(f"train.global_batch={global_batch} must be a positive multiple of the "
-                            f"data-parallel size {dp_size}")
-        if not 0 <= dp_rank < dp_size:
-            raise UserError(f"data-parallel rank {dp_rank} is outside [0, {dp_size})")
+        super().__init__(global_batch, dp_rank, dp_size, cfg.seq_len)
         if cfg.seq_len < 1:
             raise UserError(f"data.seq_len must be positive, got {cfg.seq_len}")
-        self.cfg, self.split, self.seq_len = cfg, split, cfg.seq_len
-        self.global_batch, self.dp_rank, self.dp_size = global_batch, dp_rank, dp_size
-        self.local_batch = global_batch // dp_size
+        self.cfg, self.split = cfg, split
         self.seed = int(seed)
         self.shuffle = cfg.shuffle if shuffle is None else shuffle
         self.with_doc_ids = doc_ids
@@ -149,7 +144,6 @@ class TokenBatches:
         self.sources = [_Source(ds, w, split, cfg.seq_len) for ds, (_, w) in zip(datasets, specs)]
         self.eos_id = int(datasets[0].meta["eos_id"])
         self.mixture = _Mixture([w for _, w in specs], self.seed)
-        self.cursor = 0  # global samples consumed
         self._perms: dict[tuple[int, int], np.ndarray] = {}
         self._blocks: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         # Identifies the sample order by content, not by path, so moved data still resumes.
@@ -216,9 +210,8 @@ class TokenBatches:
 
     def batch_at(self, cursor: int) -> dict:
         """This rank's slice of the global batch starting at global sample ``cursor``."""
-        start = cursor + self.dp_rank * self.local_batch
         rows, pads = [], set()
-        for g in range(start, start + self.local_batch):
+        for g in self.rank_rows(cursor):
             s, w = self.locate(g)
             rows.append(self.window(s, w))
             pads.add(self.sources[s].pad_id)
@@ -242,9 +235,8 @@ class TokenBatches:
         for a, b in spans:
             if not 0 <= a < b <= self.seq_len:
                 raise ValueError(f"span ({a}, {b}) outside [0, {self.seq_len})")
-        start = cursor + self.dp_rank * self.local_batch
         rows, pads = [], set()
-        for g in range(start, start + self.local_batch):
+        for g in self.rank_rows(cursor):
             s, w = self.locate(g)
             rows.append(np.concatenate([self.window(s, w, a, b + 1) for a, b in spans]))
             pads.add(self.sources[s].pad_id)
@@ -261,18 +253,6 @@ class TokenBatches:
             out["doc_ids"] = torch.cat([doc_ids_of(p, self.eos_id) for p in parts], 1)
             out["span_eos"] = torch.stack([(p == self.eos_id).sum(1) for p in parts], 1)
         return out
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        batch = self.batch_at(self.cursor)
-        self.cursor += self.global_batch
-        return batch
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.global_batch * self.seq_len
 
     def epochs(self) -> list[float]:
         """Epochs completed so far per source (for logging)."""

@@ -27,6 +27,7 @@ import zlib
 import numpy as np
 import torch
 
+from pretrain.data.rows import RowCursor
 from pretrain.errors import UserError
 
 IGNORE_INDEX = -100
@@ -97,23 +98,18 @@ def mqar_batch(vocab_size: int, seq_len: int, pairs: int, seed: int, start: int,
             "labels": torch.from_numpy(np.stack([r[1] for r in rows]))}
 
 
-class MqarBatches:
+class MqarBatches(RowCursor):
     """Infinite MQAR batches for one data-parallel rank, with ``TokenBatches``' interface
     (``next``, ``batch_at``, ``state_dict``/``load_state_dict``, ``meta``)."""
 
     def __init__(self, vocab_size: int, seq_len: int, pairs: int, split: str, global_batch: int,
                  dp_rank: int, dp_size: int, seed: int, placement: str = "power", power_a: float = 0.01,
                  doc_ids: bool = False):
-        if global_batch < 1 or dp_size < 1 or global_batch % dp_size:
-            raise UserError(f"train.global_batch={global_batch} must be a positive multiple of the "
-                            f"data-parallel size {dp_size}")
+        super().__init__(global_batch, dp_rank, dp_size, seq_len)
         check_mqar(vocab_size, seq_len, pairs)
         self.args = dict(vocab_size=vocab_size, seq_len=seq_len, pairs=pairs, split=split,
                          placement=placement, power_a=power_a)
-        self.seq_len, self.global_batch = seq_len, global_batch
-        self.dp_rank, self.local_batch = dp_rank, global_batch // dp_size
         self.seed, self.with_doc_ids = int(seed), doc_ids
-        self.cursor = 0
         self._fingerprint = zlib.crc32(repr(sorted(self.args.items())).encode())
         keys, values = vocab_split(vocab_size)
         self.meta = {"task": "mqar", "vocab_size": vocab_size, "seq_len": seq_len, "split": split,
@@ -130,23 +126,11 @@ class MqarBatches:
     def batch_at(self, cursor: int) -> dict:
         a = self.args
         out = mqar_batch(a["vocab_size"], a["seq_len"], a["pairs"], self.seed,
-                         cursor + self.dp_rank * self.local_batch, self.local_batch, a["split"],
+                         self.rank_rows(cursor).start, self.local_batch, a["split"],
                          a["placement"], a["power_a"])
         if self.with_doc_ids:  # one document per row
             out["doc_ids"] = torch.zeros_like(out["input_ids"])
         return out
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        batch = self.batch_at(self.cursor)
-        self.cursor += self.global_batch
-        return batch
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.global_batch * self.seq_len
 
     def state_dict(self) -> dict:
         return {"cursor": int(self.cursor), "seed": self.seed, "seq_len": self.seq_len,
