@@ -72,13 +72,12 @@ def test_qwen3_next_moe_gated_attention(tmp_path):
     round_trip_weights(tmp_path, model)
 
 
-def test_gdn_hybrid_dense_and_moe_layers_ungated_tied(tmp_path):
+def test_gdn_hybrid_dense_and_moe_layers_ungated(tmp_path):
     """Dense and MoE layers mixed (mlp_only_layers), ungated full-rotary attention (zero gate
-    rows and a doubled o_proj on export, ungated again on import), an ungated shared expert,
-    tied embeddings."""
+    rows and a doubled o_proj on export, ungated again on import), an ungated shared expert."""
     moe = MoEConfig(n_experts=4, top_k=2, ffn_hidden=16, n_shared_experts=1)
     attn = dict(ATTN, attn_output_gate=False, partial_rotary_factor=1.0)
-    mc = tiny(pattern="G-GE*-*E", n_layers=1, gdn=GDN, moe=moe, norm_eps=1e-5, tie_embeddings=True, **attn)
+    mc = tiny(pattern="G-GE*-*E", n_layers=1, gdn=GDN, moe=moe, norm_eps=1e-5, **attn)
     model, _, _ = export_and_compare(tmp_path, mc, "Qwen3NextForCausalLM")
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cfg["mlp_only_layers"] == [0, 2] and cfg["layer_types"][2:] == ["full_attention"] * 2
@@ -89,7 +88,8 @@ def test_gdn_hybrid_dense_and_moe_layers_ungated_tied(tmp_path):
 def test_what_qwen3_next_cannot_express_is_refused_in_one_line(tmp_path):
     cases = {"gdn.norm_eps": tiny(pattern="G-*-", n_layers=1, gdn=GDN, norm_eps=1e-6, **ATTN),
              "qk_norm": tiny(pattern="G-*-", n_layers=1, gdn=GDN, norm_eps=1e-5, **dict(ATTN, qk_norm=False)),
-             "pattern": tiny(pattern="GG-*-", n_layers=1, gdn=GDN, norm_eps=1e-5, **ATTN)}
+             "pattern": tiny(pattern="GG-*-", n_layers=1, gdn=GDN, norm_eps=1e-5, **ATTN),
+             "both G and *": tiny(pattern="G-", n_layers=2, gdn=GDN, norm_eps=1e-5)}
     for key, mc in cases.items():
         sd = build_model(mc, seed=0).state_dict()
         with pytest.raises(UserError) as e:
@@ -97,7 +97,7 @@ def test_what_qwen3_next_cannot_express_is_refused_in_one_line(tmp_path):
         msg = str(e.value)
         print(msg)
         assert "\n" not in msg and "Qwen3NextForCausalLM" in msg and (key in msg or key == "pattern"), msg
-    mc = tiny(pattern="GEG-", n_layers=1, gdn=GDN, norm_eps=1e-5, moe=MOE)
+    mc = tiny(pattern="GE*-", n_layers=1, gdn=GDN, norm_eps=1e-5, moe=MOE, qk_norm=True, tie_embeddings=True)
     assert choose(mc, build_model(mc, seed=0).state_dict())[0].hf_class == "Qwen3NextForCausalLM"
     with pytest.raises(UserError, match="remote-code always"):  # the remote code has no GDN
         choose(mc, build_model(mc, seed=0).state_dict(), "always")

@@ -3,7 +3,7 @@ own layout according to the planner, and the Gated DeltaNet tiny presets train o
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
 
 import pytest
 
@@ -77,4 +77,18 @@ def test_tiny_gdn_presets_train(name, tiny_dataset, tmp_path):
     print(name, [round(v, 3) for v in losses])
     assert len(losses) == 12 and all(v == v for v in losses)
     assert sum(losses[-3:]) / 3 < losses[0] - 0.4, losses
-    assert Path(tmp_path / "run" / "config.yaml").is_file()
+    # the trained run exports in one command to the standard class, which computes the same logits
+    from transformers import AutoModelForCausalLM
+
+    from pretrain.cli import main as cli
+    from pretrain.evaluate import load_for_inference
+
+    assert cli(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["Qwen3NextForCausalLM"]
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    _, model, _ = load_for_inference(str(tmp_path / "run"))
+    x = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        d = (model(x) - hf(x).logits).abs().max().item()
+    print(f"{name}: exported, max |logit difference| {d:.1e}")
+    assert d < 1e-4

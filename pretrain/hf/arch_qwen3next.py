@@ -117,6 +117,8 @@ class Qwen3Next(MappedArch):
             return None  # plain attention stacks go to Llama / Mixtral / Qwen2-MoE first
         attn, moe = any(x[0] == "*" for x in b), any(x[1] == "E" for x in b)
         out = base_issues(mc, attention=attn)
+        if not attn or "G" not in stack(mc):  # (its generation cache indexes both kinds of layer)
+            out.append("a stack without both G and * mixers (transformers' Qwen3-Next needs both)")
         if attn and mc.attention != "mha":
             out.append(f"model.attention={mc.attention} (Qwen3-Next attention is multi-head / GQA)")
         elif attn and not mc.qk_norm:
@@ -187,8 +189,8 @@ class Qwen3Next(MappedArch):
         E = hf.get("num_experts", 0)
         types = hf.get("layer_types") or ["linear_attention" if (i + 1) % hf.get("full_attention_interval", 4)
                                           else "full_attention" for i in range(n)]
-        need(len(types) == n and set(types) <= set(MIXER.values()), f"{WHERE}: layer_types {sorted(set(types))} "
-             f"(expected {n} of linear_attention / full_attention)")
+        need(len(types) == n and set(types) == set(MIXER.values()), f"{WHERE}: layer_types {sorted(set(types))} "
+             f"(expected {n} of linear_attention and full_attention, both present)")
         mixer = {v: k for k, v in MIXER.items()}
         kinds = [mixer[t] + ("E" if i not in dense and E > 0 and (i + 1) % step == 0 else "-")
                  for i, t in enumerate(types)]
