@@ -81,8 +81,15 @@ def test_gdn_hybrid_dense_and_moe_layers_ungated(tmp_path):
     model, _, _ = export_and_compare(tmp_path, mc, "Qwen3NextForCausalLM")
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cfg["mlp_only_layers"] == [0, 2] and cfg["layer_types"][2:] == ["full_attention"] * 2
-    imported, _, _ = load_for_inference(str(tmp_path / "imp"))
-    assert not imported.model.attn_output_gate and imported.model.moe.shared_expert_gate  # (gate 0 on export)
+    cfg_back, again, _ = load_for_inference(str(tmp_path / "imp"))
+    assert not cfg_back.model.attn_output_gate  # zero gate rows came back as an ungated attention
+    ours, back = model.state_dict(), again.state_dict()
+    for i in (3, 7):  # the ungated shared expert comes back gated: gate 0, down projection x2
+        pre = f"layers.{i}.mixer."
+        assert not back.pop(pre + "shared_gate.weight").any()
+        assert torch.equal(back[pre + "shared_expert.w_down.weight"], 2 * ours[pre + "shared_expert.w_down.weight"])
+        back[pre + "shared_expert.w_down.weight"] = ours[pre + "shared_expert.w_down.weight"]
+    assert ours.keys() == back.keys() and all(torch.equal(ours[k], back[k]) for k in ours)
 
 
 def test_what_qwen3_next_cannot_express_is_refused_in_one_line(tmp_path):

@@ -58,9 +58,8 @@ def choose(mc: ModelConfig, sd: dict, remote_code: str = "auto") -> tuple[Arch, 
 
 
 def not_exportable(mc: ModelConfig) -> list[str]:
-    """Features no export target (standard class or remote code) computes yet. Per-layer
-    mappings exist for the Qwen3-Next / DeepSeek-V3 targets: ``models.gdn.to_hf_gdn``, and
-    the MLA and attention-option weight names in models/mla.py."""
+    """Features the remote code does not compute: exported only when ``Qwen3NextForCausalLM``
+    (pretrain/hf/arch_qwen3next.py) fits the whole model exactly, else refused in one line."""
     out = []
     if "gdn" in mc.sublayer_kinds:
         out.append("Gated DeltaNet sublayers (G)")
