@@ -57,6 +57,9 @@ def test_gdn_presets_shapes():
     assert q.sublayer_kinds.count("gdn") == 36 and q.sublayer_kinds.count("moe") == 48
     assert total_params(q) == pytest.approx(80e9, rel=0.02)
     assert active_params(q) == pytest.approx(3.9e9, rel=0.05)
+    from pretrain.hf.registry import QWEN3_NEXT
+
+    assert QWEN3_NEXT.issues(g, {}) == [] and QWEN3_NEXT.issues(q, {}) == []  # both export exactly
 
 
 @pytest.mark.timeout(300)
