@@ -24,7 +24,7 @@ import torch
 from models.config import GDNConfig, MoEConfig, ModelConfig
 from pretrain.hf.arch_llama import attention_config, attention_from_config
 from pretrain.hf.arch_moe import SharedExpert, routing_issues
-from pretrain.hf.common import base_issues, blocks, need, stack, strip_prefix, take
+from pretrain.hf.arch_io import base_issues, blocks, need, stack, strip_prefix, take
 from pretrain.hf.pieces import ROUTER, ExpertBias, Experts, MappedArch, Piece, mlp
 
 WHERE = "Qwen3NextForCausalLM"
@@ -142,7 +142,7 @@ class Qwen3Next(MappedArch):
         hk, hv = gdn_heads(g)
         moe = any(x[1] == "E" for x in b)
         h = expert_width(mc)
-        return {"model_type": "qwen3_next", **attention_config(mc), "intermediate_size": mc.ffn_dim,
+        return {"model_type": "qwen3_next", **attention_config(mc), "intermediate_size": mc.ffn_hidden_resolved,
                 "num_hidden_layers": len(b), "layer_types": [MIXER[x[0]] for x in b],
                 "partial_rotary_factor": mc.partial_rotary_factor, "attention_bias": False,
                 "linear_conv_kernel_dim": g.conv_size, "linear_key_head_dim": g.head_k_dim,
