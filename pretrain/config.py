@@ -121,6 +121,12 @@ class LoggingConfig:
 
 
 @dataclass
+class HardwareConfig:  # what a preset is sized for; `pretrain plan` and tests/test_presets.py check it fits
+    gpus: int = spec(0, ge=0, note="0: not named")
+    gpu_type: str = spec("h100", choices=("h100", "h200", "a100", "b200", "cpu"))
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -129,6 +135,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
 
     def validate(self) -> None:
         """Every field against its declaration (``spec(...)`` above), then rules across fields."""

@@ -9,10 +9,13 @@ from pretrain.hf.arch_falcon_h1 import FalconH1
 from pretrain.hf.arch_llama import Llama
 from pretrain.hf.arch_mamba import Bamba, Mamba2
 from pretrain.hf.arch_moe import Mixtral, Qwen2Moe
+from pretrain.hf.arch_qwen3next import Qwen3Next
 from pretrain.hf.arch_io import Arch, stack
 from pretrain.hf.remote import Remote
 
 ARCHS: list[Arch] = [Llama(), Mixtral(), Qwen2Moe(), Mamba2(), Bamba(), FalconH1()]
+QWEN3_NEXT = Qwen3Next()  # the one target of G and the attention options (tried before the refusal)
+ARCHS.append(QWEN3_NEXT)
 REMOTE = Remote()
 REMOTE_MODES = ("auto", "always", "never")
 
@@ -23,8 +26,14 @@ def choose(mc: ModelConfig, sd: dict, remote_code: str = "auto") -> tuple[Arch, 
     if remote_code not in REMOTE_MODES:
         raise UserError(f"--remote-code: '{remote_code}' is not one of {', '.join(REMOTE_MODES)}")
     missing = not_exportable(mc)
-    if missing:  # neither a standard class nor the remote code computes these yet
-        raise UserError(f"export: {', '.join(missing)} have no Hugging Face export yet")
+    if missing:  # the remote code does not compute these: Qwen3-Next exactly, or nothing
+        q3 = QWEN3_NEXT.issues(mc, sd)
+        if q3 is None or q3 or remote_code == "always":
+            why = "; ".join(q3) if q3 else "not a stack of such layers" if q3 is None else "--remote-code always"
+            raise UserError(f"export: {', '.join(missing)} have no Hugging Face export except as "
+                            f"{QWEN3_NEXT.hf_class} (layers of a G or * mixer then an MLP or MoE), "
+                            f"which does not fit: {why}")
+        return QWEN3_NEXT, [], []
     best, issues = None, [f"sublayer pattern '{stack(mc)}' (no transformers class has this layout)"]
     for arch in ARCHS:
         found = arch.issues(mc, sd)
@@ -49,9 +58,8 @@ def choose(mc: ModelConfig, sd: dict, remote_code: str = "auto") -> tuple[Arch, 
 
 
 def not_exportable(mc: ModelConfig) -> list[str]:
-    """Features no export target (standard class or remote code) computes yet. Per-layer
-    mappings exist for the Qwen3-Next / DeepSeek-V3 targets: ``models.gdn.to_hf_gdn``, and
-    the MLA and attention-option weight names in models/mla.py."""
+    """Features the remote code does not compute: exported only when ``Qwen3NextForCausalLM``
+    (pretrain/hf/arch_qwen3next.py) fits the whole model exactly, else refused in one line."""
     out = []
     if "gdn" in mc.sublayer_kinds:
         out.append("Gated DeltaNet sublayers (G)")
