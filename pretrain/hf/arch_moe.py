@@ -29,6 +29,8 @@ def routing_issues(mc: ModelConfig, sd: dict, renormalize_required: bool) -> lis
         out.append(f"model.moe.score_fn={m.score_fn} (sigmoid router scores)")
     if renormalize_required and not m.renormalize:
         out.append("model.moe.renormalize=false (top-k weights not renormalised)")
+    if m.routed_scaling_factor != 1.0:
+        out.append(f"model.moe.routed_scaling_factor={m.routed_scaling_factor} (scaled routed weights)")
     if m.n_groups > 1 and m.topk_groups < m.n_groups:
         out.append("model.moe.n_groups/topk_groups (group-limited routing)")
     if m.router_bias:

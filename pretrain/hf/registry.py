@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from models.config import ModelConfig
 from pretrain.errors import UserError
+from pretrain.hf.arch_deepseek_v3 import DeepseekV3
 from pretrain.hf.arch_falcon_h1 import FalconH1
 from pretrain.hf.arch_llama import Llama
 from pretrain.hf.arch_mamba import Bamba, Mamba2
@@ -13,6 +14,8 @@ from pretrain.hf.common import Arch, stack
 from pretrain.hf.remote import Remote
 
 ARCHS: list[Arch] = [Llama(), Mixtral(), Qwen2Moe(), Mamba2(), Bamba(), FalconH1()]
+DEEPSEEK_V3 = DeepseekV3()  # MLA models only, chosen before the others (which have no MLA)
+ARCHS.append(DEEPSEEK_V3)
 REMOTE = Remote()
 REMOTE_MODES = ("auto", "always", "never")
 
@@ -25,6 +28,8 @@ def choose(mc: ModelConfig, sd: dict, remote_code: str = "auto") -> tuple[Arch, 
     missing = not_exportable(mc)
     if missing:  # neither a standard class nor the remote code computes these yet
         raise UserError(f"export: {', '.join(missing)} have no Hugging Face export yet")
+    if mc.attention == "mla":
+        return _mla_target(mc, sd, remote_code)
     best, issues = None, [f"sublayer pattern '{stack(mc)}' (no transformers class has this layout)"]
     for arch in ARCHS:
         found = arch.issues(mc, sd)
@@ -50,17 +55,29 @@ def choose(mc: ModelConfig, sd: dict, remote_code: str = "auto") -> tuple[Arch, 
 
 def not_exportable(mc: ModelConfig) -> list[str]:
     """Features no export target (standard class or remote code) computes yet. Per-layer
-    mappings exist for the Qwen3-Next / DeepSeek-V3 targets: ``models.gdn.to_hf_gdn``, and
-    the MLA and attention-option weight names in models/mla.py."""
+    mappings exist for the Qwen3-Next target: ``models.gdn.to_hf_gdn``, and the
+    attention-option weight names in models/mla.py. (MLA: DeepseekV3ForCausalLM only.)"""
     out = []
     if "gdn" in mc.sublayer_kinds:
         out.append("Gated DeltaNet sublayers (G)")
-    if mc.attention == "mla":
-        out.append("multi-head latent attention (model.attention=mla)")
     out += [f"model.{k}" for k in ("qk_norm", "attn_output_gate") if getattr(mc, k)]
     if mc.partial_rotary_factor != 1.0:
         out.append("model.partial_rotary_factor")
     return out
+
+
+def _mla_target(mc: ModelConfig, sd: dict, remote_code: str) -> tuple[Arch, list[str], list[str]]:
+    """MLA models: DeepseekV3ForCausalLM or a refusal naming what it cannot represent (the
+    remote code has no MLA)."""
+    issues = DEEPSEEK_V3.issues(mc, sd)
+    if issues is None:
+        issues = [f"sublayer pattern '{stack(mc)}' (attention + MLP or MoE layers only)"]
+    if remote_code == "always":
+        issues = issues + ["--remote-code always (the remote code has no multi-head latent attention)"]
+    if issues:
+        raise UserError(f"export: {DEEPSEEK_V3.hf_class} cannot represent this MLA model: {'; '.join(issues)} "
+                        "(the remote code has no MLA)")
+    return DEEPSEEK_V3, [], []
 
 
 def arch_for_hf(hf: dict) -> Arch:
