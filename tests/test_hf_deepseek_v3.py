@@ -255,9 +255,20 @@ def test_tiny_preset_trains_and_exports_via_cli(tiny_dataset, tmp_path, capsys):
     assert cfg["architectures"] == ["DeepseekV3ForCausalLM"] and cfg["num_nextn_predict_layers"] == 1
 
 
-def test_full_preset_matches_published_config():
-    """configs/deepseek_v3.yaml exports DeepSeek-V3's published config.json fields."""
+def test_full_preset_matches_published_config_and_fits_its_hardware():
+    """configs/deepseek_v3.yaml exports DeepSeek-V3's published config.json fields, and its own
+    layout (pp16 x ep64, 2048 H100s as its header says) fits per the planner."""
     from pretrain.config import load_config
+    from pretrain.plan import _describe
+    from pretrain.planner import hardware as hw
+    from pretrain.planner.layout import config_layout, project_recipe, workload
+    from pretrain.planner.search import evaluate
+
+    cfg = load_config("deepseek_v3")
+    dev = hw.get_device("h100", 8)
+    plan = evaluate(cfg.model, config_layout(cfg, 2048), workload(cfg), dev, project_recipe(cfg), cfg)
+    print(f"deepseek_v3 on 2048 x h100: {plan.layout.name}: {_describe(plan, dev)}")
+    assert plan.fits, plan.problem
     from pretrain.hf.registry import choose
     from pretrain.planner.model_stats import active_params, total_params
 
