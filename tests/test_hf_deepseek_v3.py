@@ -285,7 +285,9 @@ def test_full_preset_matches_published_config_and_fits_its_hardware():
     assert {k: got[k] for k in published} == published
     assert got["rope_scaling"] == dict(rope_type="yarn", factor=40.0, original_max_position_embeddings=4096,
                                        beta_fast=32.0, beta_slow=1.0, truncate=True, mscale=1.0, mscale_all_dim=1.0)
-    # 671B in the main model (DeepSeek's count), 37B active; MTP adds one MoE layer and eh_proj
+    # DeepSeek's counts: 671B in the main model, 37B active per token; MTP adds a MoE layer + eh_proj
     total, active = total_params(mc), active_params(mc)
     print(f"deepseek_v3: {total / 1e9:.2f}B parameters, {active / 1e9:.2f}B active")
-    assert 680e9 < total < 686e9 and 37e9 < active < 40e9
+    main = load_config("deepseek_v3", ["--model.mtp_depth=0"]).model
+    assert total_params(main) == pytest.approx(671e9, rel=2e-3) and 37e9 < active_params(main) < 38e9
+    assert 11e9 < total - total_params(main) < 12e9 and 0.6e9 < active - active_params(main) < 0.75e9

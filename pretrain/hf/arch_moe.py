@@ -7,8 +7,9 @@ always, Qwen2-MoE with ``norm_topk_prob``) renormalise, dropless. Expert ``e``'s
 transposes. Qwen2-MoE always has a sigmoid-gated shared expert: an ungated one exports with
 a zero gate (sigmoid = 1/2) and a doubled down projection, which is exact.
 DeepSeek-V3-style routing (sigmoid scores, score-correction bias, group-limited top-k) has no
-faithful target: transformers' DeepseekV3 uses multi-head latent attention, which plain
-GQA attention weights cannot be expressed in; such models go to remote code.
+faithful target here: transformers' DeepseekV3 uses multi-head latent attention, which plain
+GQA attention weights cannot be expressed in; such models go to remote code (MLA models
+export to DeepseekV3ForCausalLM: arch_deepseek_v3.py).
 """
 
 from __future__ import annotations
