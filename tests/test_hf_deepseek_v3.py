@@ -100,6 +100,14 @@ def test_export_equals_transformers_and_round_trips(tmp_path, q_lora, mtp):
     model, ckpt = checkpoint(tmp_path / "run", mc)
     s = export_checkpoint(str(ckpt), str(tmp_path / "hf"))
     assert s["architecture"] == "DeepseekV3ForCausalLM" and not s["remote_code"], s
+    if mtp == 1:  # the training-time export (checkpoint.hf_every; meta tensors first) writes the same bytes
+        from pretrain.hf.live_export import export_live
+
+        cfg = Config(model=mc)
+        cfg.data.seq_len = 16
+        live = export_live(tmp_path / "run", 2, [model], cfg, World(), None)
+        for f in ("model.safetensors", "config.json"):
+            assert (live / f).read_bytes() == (tmp_path / "hf" / f).read_bytes(), f
     hf = load_hf(tmp_path / "hf")
     assert type(hf).__name__ == "DeepseekV3ForCausalLM"
     x = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))

@@ -76,8 +76,8 @@ class MLA(Piece):
         rows, out = self._rows(), {}
         for o, h in self._pairs():
             w = sd[ours + o]
-            if o in rows:  # HF row rows[i] = our row i
-                w = torch.empty_like(w).index_copy_(0, rows[o], w)
+            if o in rows:  # HF row rows[i] = our row i (a gather: live export passes meta tensors)
+                w = w.index_select(0, torch.argsort(rows[o]).to(w.device))
             out[theirs + h] = w
         return out
 
