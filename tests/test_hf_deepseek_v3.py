@@ -128,7 +128,8 @@ def test_export_equals_transformers_and_round_trips(tmp_path, q_lora, mtp):
     assert out[0].tolist() == sample(model, x[0, :4].tolist(), 16, greedy=True)
 
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert (cfg["first_k_dense_replace"], cfg["num_nextn_predict_layers"], cfg["routed_scaling_factor"]) == (1, mtp, 2.5)
+    got = (cfg["first_k_dense_replace"], cfg["num_nextn_predict_layers"], cfg["routed_scaling_factor"])
+    assert got == (1, mtp, 2.5), got
     assert cfg["rope_scaling"]["mscale"] == cfg["rope_scaling"]["mscale_all_dim"] == 1.0
     from safetensors import safe_open
 
@@ -171,7 +172,8 @@ def test_mtp_layer_computes_deepseek_v3_mtp_with_transformers_modules(tmp_path):
     x = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         seen = []  # the last decoder layer's output: the stack before the final norm
-        hook = hf.model.layers[-1].register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o))
+        hook = hf.model.layers[-1].register_forward_hook(
+            lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o))
         hf.model(x)
         hook.remove()
         h = seen[0]

@@ -77,7 +77,12 @@ def _mla_target(mc: ModelConfig, sd: dict, remote_code: str) -> tuple[Arch, list
     if issues:
         raise UserError(f"export: {DEEPSEEK_V3.hf_class} cannot represent this MLA model: {'; '.join(issues)} "
                         "(the remote code has no MLA)")
-    return DEEPSEEK_V3, [], []
+    notes = []
+    if mc.mtp_depth:
+        n = len(stack(mc)) // 2
+        notes.append(f"the {mc.mtp_depth} MTP module(s) are stored as layer(s) {n}..{n + mc.mtp_depth - 1} "
+                     "(DeepSeek-V3's layout, num_nextn_predict_layers); transformers skips them on load")
+    return DEEPSEEK_V3, [], notes
 
 
 def arch_for_hf(hf: dict) -> Arch:
