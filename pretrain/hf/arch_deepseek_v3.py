@@ -7,8 +7,9 @@ only, group-limited top-k (``n_group``/``topk_group``, groups ranked by their tw
 scores), optional renormalisation (``norm_topk_prob``), then ``routed_scaling_factor``; always
 ungated shared experts of ``n_shared_experts x moe_intermediate_size`` (none: zero width).
 One difference: outside the chosen groups transformers masks biased scores to 0 where we
-use -inf, so the choices differ only if a chosen group's biased score is negative and still
-ranks in the top-k (a bias below -1 on many experts); with non-negative biases never.
+(and DeepSeek's reference code) use -inf, so the choices differ for tokens whose k-th best
+biased score inside the chosen groups is negative; with non-negative biases never (sigmoid
+scores are positive; export notes negative biases).
 
 Weights: DeepSeek stores each head's rope rows (of q and of ``kv_a_proj_with_mqa``'s rope
 key) interleaved, pairs ``(2i, 2i+1)``, and transformers de-interleaves them at run time

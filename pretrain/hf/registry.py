@@ -82,6 +82,10 @@ def _mla_target(mc: ModelConfig, sd: dict, remote_code: str) -> tuple[Arch, list
         n = len(stack(mc)) // 2
         notes.append(f"the {mc.mtp_depth} MTP module(s) are stored as layer(s) {n}..{n + mc.mtp_depth - 1} "
                      "(DeepSeek-V3's layout, num_nextn_predict_layers); transformers skips them on load")
+    if any(v.device.type != "meta" and v.min() < 0 for k, v in sd.items() if k.endswith("mixer.expert_bias")):
+        notes.append("some expert_bias values are negative: transformers masks the groups it does not choose with "
+                     "0 (we and DeepSeek's reference code with -inf), so its routing differs for tokens whose k-th "
+                     "best biased score inside the chosen groups is negative")
     return DEEPSEEK_V3, [], notes
 
 
