@@ -214,6 +214,12 @@ def test_refusals_name_the_feature(tmp_path):
         with pytest.raises(UserError, match=f"DeepseekV3ForCausalLM cannot represent.*{msg}"):
             export_checkpoint(str(ck), str(tmp_path / f"out{i}"))
         assert not (tmp_path / f"out{i}").exists()
+    from pretrain.hf.registry import choose
+
+    sd = build_model(tiny(), seed=1).state_dict()
+    assert choose(tiny(), sd)[2] == []
+    sd["layers.3.mixer.expert_bias"][2] = -0.1  # transformers' router may then choose differently
+    assert "negative" in choose(tiny(), sd)[2][0]
 
 
 def test_import_transformers_model_saved_without_mtp(tmp_path):
