@@ -171,7 +171,7 @@ class DeepseekV3(MappedArch):
             out.append("dense layers after MoE layers (DeepseekV3 has first_k_dense_replace dense layers, "
                        "then MoE layers only)")
         m = mc.moe
-        if "*E" in b or mc.mtp_pattern == "*E":
+        if "*E" in b or (mc.mtp_depth and mc.mtp_pattern == "*E"):
             if m.score_fn != "sigmoid":
                 out.append(f"model.moe.score_fn={m.score_fn} (DeepseekV3 routes with sigmoid scores)")
             if m.router_bias:
