@@ -34,7 +34,7 @@ import torch
 from models.config import MLAConfig, MoEConfig, ModelConfig
 from models.rope_scaling import rope_scaling_from_hf, rope_scaling_to_hf
 from pretrain.errors import UserError
-from pretrain.hf.common import base_issues, blocks, need, rope_issues, take
+from pretrain.hf.arch_io import base_issues, blocks, need, rope_issues, take
 from pretrain.hf.pieces import ROUTER, Experts, MappedArch, Piece, Rename, mlp, norm
 
 WHERE = "DeepseekV3ForCausalLM"
@@ -195,7 +195,7 @@ class DeepseekV3(MappedArch):
         m, a = mc.moe, mc.mla
         b = blocks(mc)
         return {"model_type": "deepseek_v3", "vocab_size": mc.vocab_size, "hidden_size": mc.d_model,
-                "intermediate_size": mc.ffn_dim, "moe_intermediate_size": expert_width(mc),
+                "intermediate_size": mc.ffn_hidden_resolved, "moe_intermediate_size": expert_width(mc),
                 "num_hidden_layers": len(b), "num_attention_heads": mc.n_heads,
                 "num_key_value_heads": mc.n_heads, "n_shared_experts": m.n_shared_experts,
                 "n_routed_experts": m.n_experts, "routed_scaling_factor": m.routed_scaling_factor,
