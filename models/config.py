@@ -67,6 +67,7 @@ class MoEConfig:
     ffn_hidden: int = spec(0, ge=0, note="0: same as the dense MLP")  # 0: same as the dense MLP
     score_fn: str = spec("softmax", choices=("softmax", "sigmoid"))
     renormalize: bool = True
+    routed_scaling_factor: float = spec(1.0, gt=0)  # routed experts' weights x this (DeepSeek-V3: 2.5)
     n_groups: int = spec(1, ge=1)  # group-limited routing: experts split into groups
     topk_groups: int = spec(1, ge=1)
     aux_loss_coef: float = spec(1e-2, ge=0)

@@ -140,6 +140,6 @@ def has_experts(cfg: ModelConfig) -> bool:
 
 
 def inactive_params(cfg: ModelConfig) -> int:
-    """Parameters of the whole stack one token does not use."""
-    return sum(KINDS[k].inactive_params(cfg) for k in cfg.sublayer_kinds
+    """Parameters of the whole stack (MTP modules included) one token does not use."""
+    return sum(KINDS[k].inactive_params(cfg) for k in cfg.sublayer_kinds + cfg.mtp_kinds * cfg.mtp_depth
                if KINDS[k].inactive_params is not None)

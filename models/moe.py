@@ -167,6 +167,8 @@ class MoE(nn.Module):
         scores, idx, weights = route(logits, score_fn=m.score_fn, top_k=k, renormalize=m.renormalize,
                                      n_groups=m.n_groups, topk_groups=m.topk_groups,
                                      expert_bias=self.expert_bias)
+        if m.routed_scaling_factor != 1.0:
+            weights = weights * m.routed_scaling_factor
         selected = torch.bincount(idx.reshape(-1), minlength=E)
         if self.training and not _in_backward():
             self.tokens_per_expert += selected

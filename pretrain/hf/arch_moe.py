@@ -7,8 +7,9 @@ always, Qwen2-MoE with ``norm_topk_prob``) renormalise, dropless. Expert ``e``'s
 transposes. Qwen2-MoE always has a sigmoid-gated shared expert: an ungated one exports with
 a zero gate (sigmoid = 1/2) and a doubled down projection, which is exact.
 DeepSeek-V3-style routing (sigmoid scores, score-correction bias, group-limited top-k) has no
-faithful target: transformers' DeepseekV3 uses multi-head latent attention, which plain
-GQA attention weights cannot be expressed in; such models go to remote code.
+faithful target here: transformers' DeepseekV3 uses multi-head latent attention, which plain
+GQA attention weights cannot be expressed in; such models go to remote code (MLA models
+export to DeepseekV3ForCausalLM: arch_deepseek_v3.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def routing_issues(mc: ModelConfig, sd: dict, renormalize_required: bool) -> lis
         out.append(f"model.moe.score_fn={m.score_fn} (sigmoid router scores)")
     if renormalize_required and not m.renormalize:
         out.append("model.moe.renormalize=false (top-k weights not renormalised)")
+    if m.routed_scaling_factor != 1.0:
+        out.append(f"model.moe.routed_scaling_factor={m.routed_scaling_factor} (scaled routed weights)")
     if m.n_groups > 1 and m.topk_groups < m.n_groups:
         out.append("model.moe.n_groups/topk_groups (group-limited routing)")
     if m.router_bias:

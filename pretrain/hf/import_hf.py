@@ -1,7 +1,7 @@
 """``pretrain import-hf``: a local Hugging Face model directory -> a ``step_0`` checkpoint.
 
 Supported: LlamaForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM, Mamba2ForCausalLM,
-BambaForCausalLM (full rotary) and this project's own remote-code exports. The result is
+BambaForCausalLM (full rotary), DeepseekV3ForCausalLM (its MTP layers included) and this project's own remote-code exports. The result is
 ``OUT/checkpoints/step_0`` (DCP weights, no optimizer state, trainer_state.json with step 0
 and ``weights_only``, config.yaml, meta.json, tokenizer.model when the HF directory has one),
 written by the same ``save_checkpoint`` as training, so ``--checkpoint.init_from=OUT`` loads it
@@ -85,7 +85,7 @@ def _hf_names_used(arch, mc, sd: dict, tensors: dict) -> set[str]:
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="pretrain import-hf",
                                  description="Turn a local Hugging Face model (Llama, Mixtral, Qwen2-MoE, Mamba-2, "
-                                             "Bamba, or a pretrain export) into a step_0 checkpoint for "
+                                             "Bamba, DeepSeek-V3, or a pretrain export) into a step_0 checkpoint for "
                                              "--checkpoint.init_from.")
     ap.add_argument("--model", required=True, help="Hugging Face model directory (config.json + safetensors)")
     ap.add_argument("--out", required=True, help="new run directory (gets checkpoints/step_0)")

@@ -162,6 +162,7 @@ class MoE(nn.Module):
         idx = choice.topk(m["top_k"], dim=-1).indices
         prio = scores.gather(1, idx)
         w = prio / (prio.sum(-1, keepdim=True) + 1e-20) if m["renormalize"] else prio
+        w = w * m.get("routed_scaling_factor", 1.0)
         return idx, w, prio
 
     def kept(self, idx, priority):

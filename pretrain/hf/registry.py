@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from models.config import ModelConfig
 from pretrain.errors import UserError
+from pretrain.hf.arch_deepseek_v3 import DeepseekV3
 from pretrain.hf.arch_falcon_h1 import FalconH1
 from pretrain.hf.arch_llama import Llama
 from pretrain.hf.arch_mamba import Bamba, Mamba2
@@ -16,6 +17,8 @@ from pretrain.hf.remote import Remote
 ARCHS: list[Arch] = [Llama(), Mixtral(), Qwen2Moe(), Mamba2(), Bamba(), FalconH1()]
 QWEN3_NEXT = Qwen3Next()  # the one target of G and the attention options (tried before the refusal)
 ARCHS.append(QWEN3_NEXT)
+DEEPSEEK_V3 = DeepseekV3()  # MLA models only, chosen before the others (which have no MLA)
+ARCHS.append(DEEPSEEK_V3)
 REMOTE = Remote()
 REMOTE_MODES = ("auto", "always", "never")
 
@@ -26,6 +29,10 @@ def choose(mc: ModelConfig, sd: dict, remote_code: str = "auto") -> tuple[Arch, 
     if remote_code not in REMOTE_MODES:
         raise UserError(f"--remote-code: '{remote_code}' is not one of {', '.join(REMOTE_MODES)}")
     missing = not_exportable(mc)
+    if mc.attention == "mla":
+        if missing:
+            raise UserError(f"export: {', '.join(missing)} have no Hugging Face export with MLA")
+        return _mla_target(mc, sd, remote_code)
     if missing:  # the remote code does not compute these: Qwen3-Next exactly, or nothing
         q3 = QWEN3_NEXT.issues(mc, sd)
         if q3 is None or q3 or remote_code == "always":
@@ -59,16 +66,38 @@ def choose(mc: ModelConfig, sd: dict, remote_code: str = "auto") -> tuple[Arch, 
 
 def not_exportable(mc: ModelConfig) -> list[str]:
     """Features the remote code does not compute: exported only when ``Qwen3NextForCausalLM``
-    (pretrain/hf/arch_qwen3next.py) fits the whole model exactly, else refused in one line."""
+    (pretrain/hf/arch_qwen3next.py) fits the whole model exactly, else refused in one line.
+    (MLA models go to ``DeepseekV3ForCausalLM`` only.)"""
     out = []
     if "gdn" in mc.sublayer_kinds:
         out.append("Gated DeltaNet sublayers (G)")
-    if mc.attention == "mla":
-        out.append("multi-head latent attention (model.attention=mla)")
     out += [f"model.{k}" for k in ("qk_norm", "attn_output_gate") if getattr(mc, k)]
     if mc.partial_rotary_factor != 1.0:
         out.append("model.partial_rotary_factor")
     return out
+
+
+def _mla_target(mc: ModelConfig, sd: dict, remote_code: str) -> tuple[Arch, list[str], list[str]]:
+    """MLA models: DeepseekV3ForCausalLM or a refusal naming what it cannot represent (the
+    remote code has no MLA)."""
+    issues = DEEPSEEK_V3.issues(mc, sd)
+    if issues is None:
+        issues = [f"sublayer pattern '{stack(mc)}' (attention + MLP or MoE layers only)"]
+    if remote_code == "always":
+        issues = issues + ["--remote-code always (the remote code has no multi-head latent attention)"]
+    if issues:
+        raise UserError(f"export: {DEEPSEEK_V3.hf_class} cannot represent this MLA model: {'; '.join(issues)} "
+                        "(the remote code has no MLA)")
+    notes = []
+    if mc.mtp_depth:
+        n = len(stack(mc)) // 2
+        notes.append(f"the {mc.mtp_depth} MTP module(s) are stored as layer(s) {n}..{n + mc.mtp_depth - 1} "
+                     "(DeepSeek-V3's layout, num_nextn_predict_layers); transformers skips them on load")
+    if any(v.device.type != "meta" and v.min() < 0 for k, v in sd.items() if k.endswith("mixer.expert_bias")):
+        notes.append("some expert_bias values are negative: transformers masks the groups it does not choose with "
+                     "0 (we and DeepSeek's reference code with -inf), so its routing differs for tokens whose k-th "
+                     "best biased score inside the chosen groups is negative")
+    return DEEPSEEK_V3, [], notes
 
 
 def arch_for_hf(hf: dict) -> Arch:

@@ -50,7 +50,8 @@ def _moe_section(mc: ModelConfig) -> dict:
             "score_fn": m.score_fn, "renormalize": m.renormalize, "n_groups": m.n_groups,
             "topk_groups": m.topk_groups, "n_shared_experts": m.n_shared_experts,
             "shared_expert_gate": m.shared_expert_gate, "router_bias": m.router_bias,
-            "capacity_factor": m.capacity_factor, "drop_policy": m.drop_policy}
+            "capacity_factor": m.capacity_factor, "drop_policy": m.drop_policy,
+            "routed_scaling_factor": m.routed_scaling_factor}
 
 
 def _mamba_section(mc: ModelConfig) -> dict:
