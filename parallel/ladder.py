@@ -111,16 +111,39 @@ def _wait_stage_outputs(module, args, out):
 
 def async_reduce(out, layout, use_local_output: bool = True):
     """Issue the reduction of a Partial DTensor into ``layout`` without waiting for it."""
-    r = out.redistribute(placements=(layout,), async_op=True)
-    if not use_local_output:
-        return r
-    local = r.to_local()
-    if torch.compiler.is_compiling():
-        return local  # traced: the compiler places the wait_tensor itself
+    if not use_local_output or torch.compiler.is_compiling():
+        # traced: the compiler places the wait_tensor itself
+        r = out.redistribute(placements=(layout,), async_op=True)
+        return r.to_local() if use_local_output else r
+    # The collective's own output buffer is the sublayer's output (DTensor's to_local would
+    # return a view of it, and FSDP2 warns that a module returning a view may drop a hook).
+    local = _PendingReduce.apply(out.to_local(grad_placements=(Replicate(),)), out.device_mesh,
+                                 isinstance(layout, Shard))
     if isinstance(local, AsyncCollectiveTensor) and not local.completed:
         local.__class__ = _CountedACT
         COUNTS.issued += 1
     return local
+
+
+class _PendingReduce(torch.autograd.Function):
+    """A row-parallel output's local partial sum -> its sum over tp (all-reduce, or
+    reduce-scatter along the sequence with SP), issued and not waited: the result is the
+    collective's fresh output tensor (an AsyncCollectiveTensor, waited at first use).
+    Backward: the gradient of the sum is the replicated gradient (all-gathered along the
+    sequence with SP), as for DTensor's Partial -> Replicate/Shard(1) redistribute."""
+
+    @staticmethod
+    def forward(ctx, x, mesh, sequence_parallel):
+        ctx.mesh, ctx.sp = mesh, sequence_parallel
+        if sequence_parallel:
+            return _reduce_scatter(x.contiguous(), "sum", scatter_dim=1, group=mesh)
+        return funcol.all_reduce(x.contiguous(), "sum", group=mesh)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.sp:
+            grad = funcol.wait_tensor(funcol.all_gather_tensor(grad.contiguous(), gather_dim=1, group=ctx.mesh))
+        return grad, None, None
 
 
 def pending() -> int:

@@ -49,6 +49,7 @@ def serve_jobs(run_job, spec_path: str, out_path: str, combine=None) -> None:
     for the next. ``combine(per_rank_results) -> dict`` merges the ranks' results (default:
     rank 0's); rank 0 writes them all to OUT."""
     import datetime
+    import time
     import traceback
 
     import torch
@@ -60,6 +61,7 @@ def serve_jobs(run_job, spec_path: str, out_path: str, combine=None) -> None:
     results = {}
     for job in json.loads(Path(spec_path).read_text()):
         print(f"[rank {rank}] {job['name']}", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
         try:
             res = run_job(job)
         except Exception as e:
@@ -69,6 +71,7 @@ def serve_jobs(run_job, spec_path: str, out_path: str, combine=None) -> None:
         dist.all_gather_object(gathered, res)
         errors = [r for r in gathered if "error" in r]
         results[job["name"]] = errors[0] if errors else (combine or (lambda rs: rs[0]))(gathered)
+        results[job["name"]]["seconds"] = round(time.perf_counter() - t0, 2)  # the CI budget
         if rank == 0:  # after every job: a launch that times out still shows how far it got
             tmp = Path(f"{out_path}.partial")
             tmp.write_text(json.dumps(results))
