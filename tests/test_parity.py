@@ -23,6 +23,7 @@ from torchrun_jobs import run_jobs  # noqa: E402
 
 BF16_U = 2.0 ** -8  # bf16 unit roundoff (8 significant bits)
 CI_JOBS = matrix.ci_jobs()
+MTP_JOBS = matrix.mtp_jobs()
 ALL_JOBS = matrix.all_jobs()
 # seconds per job on a loaded 2-core machine, by world size (the launch timeout)
 SECONDS_PER_JOB = {2: 60, 4: 90, 8: 240}
@@ -35,6 +36,7 @@ def refs(parity_tokens, tmp_path_factory):
 
 def launch(jobs: list[dict], refs: parity.References, tmp) -> dict:
     """Run ``jobs`` (one torchrun per world size) against their cached references."""
+    refs.prepare(jobs)
     out = {}
     for world in sorted({j["world"] for j in jobs}):
         batch = [{**j, "tokens": refs.tokens, "ref": str(refs.path(j))} for j in jobs if j["world"] == world]
@@ -61,7 +63,8 @@ def selected(jobs: list[dict], request) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def ci_results(refs, tmp_path_factory, request):
-    return launch(selected(CI_JOBS, request), refs, tmp_path_factory.mktemp("parity_ci"))
+    """CI's jobs and the MTP jobs: one torchrun launch per world size for both."""
+    return launch(selected(CI_JOBS + MTP_JOBS, request), refs, tmp_path_factory.mktemp("parity_ci"))
 
 
 @pytest.fixture(scope="module")
@@ -95,22 +98,16 @@ def test_layout_matches_one_process(ci_results, refs, name):
     verify(job, ci_results[name], refs)
 
 
-MTP_JOBS = matrix.mtp_jobs()
-
-
-@pytest.fixture(scope="module")
-def mtp_results(refs, tmp_path_factory):
-    return launch(MTP_JOBS, refs, tmp_path_factory.mktemp("parity_mtp"))
 
 
 @pytest.mark.timeout(1200)
 @pytest.mark.parametrize("name", [j["name"] for j in MTP_JOBS])
-def test_mtp_layout_matches_one_process(mtp_results, refs, name):
+def test_mtp_layout_matches_one_process(ci_results, refs, name):
     """Multi-token prediction (family "mtp", two depths) under tp, FSDP, DDP and pp: the
     loss (main + MTP), every gradient (the MTP modules' and the shared embedding's among
     them) and the final weights match one process."""
     job = next(j for j in MTP_JOBS if j["name"] == name)
-    verify(job, mtp_results[name], refs)
+    verify(job, ci_results[name], refs)
     if not job.get("refuse"):
         assert any(k.startswith("mtp.1.") for k in refs.ref(job)["grads"])
 
