@@ -40,7 +40,8 @@ def launch(jobs: list[dict], refs: parity.References, tmp) -> dict:
     out = {}
     for world in sorted({j["world"] for j in jobs}):
         batch = [{**j, "tokens": refs.tokens, "ref": str(refs.path(j))} for j in jobs if j["world"] == world]
-        out.update(run_jobs("parity_worker.py", world, batch, tmp, timeout=120 + SECONDS_PER_JOB[world] * len(batch)))
+        out.update(run_jobs("parity_worker.py", world, batch, tmp, timeout=120 + SECONDS_PER_JOB[world] * len(batch),
+                            partial=True))
     return out
 
 

@@ -16,18 +16,45 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_jobs(worker: str, nproc: int, jobs: list[dict], tmp: Path, timeout: float,
-             steps: int | None = None) -> dict:
-    """Run ``jobs`` with ``tests/<worker>`` under ``torchrun --nproc_per_node nproc``."""
+             steps: int | None = None, partial: bool = False) -> dict:
+    """Run ``jobs`` with ``tests/<worker>`` under ``torchrun --nproc_per_node nproc``.
+
+    A failed launch raises, naming the failures the ranks reported (the whole stderr is
+    kept in ``tmp``); with ``partial`` it returns the jobs that finished instead, and an
+    error for each of the others."""
     spec, out = tmp / f"jobs{nproc}.json", tmp / f"results{nproc}.json"
     if steps is not None:
         jobs = [{"steps": steps, **j} for j in jobs]
     spec.write_text(json.dumps(jobs))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PG_TIMEOUT="60")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
+               PG_TIMEOUT=os.environ.get("PG_TIMEOUT", "60"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            str(ROOT / "tests" / worker), str(spec), str(out)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    assert p.returncode == 0 and out.is_file(), p.stderr[-4000:]
-    return json.loads(out.read_text())
+    log = tmp / f"stderr{nproc}.log"
+    try:
+        with open(log, "w") as f:
+            code = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=f, timeout=timeout, env=env,
+                                  cwd=ROOT).returncode
+    except subprocess.TimeoutExpired:
+        code = f"timeout after {timeout:.0f} s"
+    if code == 0 and out.is_file():
+        return json.loads(out.read_text())
+    why = f"torchrun exited with {code} ({log}):\n{failures(log.read_text())}"
+    if not partial:
+        raise AssertionError(why)
+    done = Path(f"{out}.partial")
+    results = json.loads(done.read_text()) if done.is_file() else {}
+    return {j["name"]: results.get(j["name"], {"error": why, "trace": why}) for j in jobs}
+
+
+def failures(stderr: str, limit: int = 6000) -> str:
+    """The lines of a worker's stderr that say what failed (its tracebacks, the first rank
+    error), not torchrun's teardown noise."""
+    lines = stderr.splitlines()
+    keep = [i for i, l in enumerate(lines) if "failed" in l or "Error" in l or "Traceback" in l]
+    picked = sorted({k for i in keep[:40] for k in range(i, min(i + 12, len(lines)))})
+    text = "\n".join(lines[k] for k in picked if "elastic" not in lines[k])
+    return text[:limit] or stderr[-limit:]
 
 
 def job_result(results: dict, name: str) -> dict:
