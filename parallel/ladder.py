@@ -103,10 +103,15 @@ def apply_ladder(model: nn.Module, plan: LadderPlan, mesh, sequence_parallel: bo
 
 def _wait_stage_outputs(module, args, out):
     # The pending output crosses the stage boundary by point-to-point send, which needs
-    # its values: wait here (through an autograd-tracked copy, so the graph is kept).
-    if isinstance(out, tuple):
-        return tuple(t.clone() if isinstance(t, AsyncCollectiveTensor) else t for t in out)
-    return out
+    # its values: wait here (through an autograd-tracked copy, so the graph is kept). A
+    # stage whose one ladder sublayer had no pending input returns the gradient seam's view
+    # of its input stream: copied too (FSDP2 warns about a module returning a view).
+    def own(t):
+        if isinstance(t, AsyncCollectiveTensor) or (isinstance(t, torch.Tensor) and t._base is not None):
+            return t.clone()
+        return t
+
+    return tuple(own(t) for t in out) if isinstance(out, tuple) else own(out)
 
 
 def async_reduce(out, layout, use_local_output: bool = True):
