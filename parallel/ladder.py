@@ -8,9 +8,10 @@ overlap what (the tp plans read it through ``TPContext.async_output`` and
 ``input_boundary``), and :func:`apply_ladder` installs the input boundaries, the gradient
 seam and the stage-output wait. A flagged row-parallel output projection's reduction
 goes through :func:`parallel.tp.reduce_sublayer_output`, which calls :func:`async_reduce`,
-which issues the collective through DTensor's functional collectives
-(``redistribute(async_op=True)``) and returns an ``AsyncCollectiveTensor`` that waits
-at first use. ``standard`` and ``parallel`` keep the synchronous path.
+which issues the collective on the local partial sum with functional collectives
+(:class:`_PendingReduce`) and returns the collective's own output, an
+``AsyncCollectiveTensor`` that waits at first use (not a view: FSDP2 warns about a
+module returning one). ``standard`` and ``parallel`` keep the synchronous path.
 
 Every issued reduction is counted, and so is its wait (an ``AsyncCollectiveTensor``
 subclass counts the moment it is first used), so a test or the trainer can check that
