@@ -8,9 +8,10 @@ overlap what (the tp plans read it through ``TPContext.async_output`` and
 ``input_boundary``), and :func:`apply_ladder` installs the input boundaries, the gradient
 seam and the stage-output wait. A flagged row-parallel output projection's reduction
 goes through :func:`parallel.tp.reduce_sublayer_output`, which calls :func:`async_reduce`,
-which issues the collective through DTensor's functional collectives
-(``redistribute(async_op=True)``) and returns an ``AsyncCollectiveTensor`` that waits
-at first use. ``standard`` and ``parallel`` keep the synchronous path.
+which issues the collective on the local partial sum with functional collectives
+(:class:`_PendingReduce`) and returns the collective's own output, an
+``AsyncCollectiveTensor`` that waits at first use (not a view: FSDP2 warns about a
+module returning one). ``standard`` and ``parallel`` keep the synchronous path.
 
 Every issued reduction is counted, and so is its wait (an ``AsyncCollectiveTensor``
 subclass counts the moment it is first used), so a test or the trainer can check that
@@ -103,24 +104,52 @@ def apply_ladder(model: nn.Module, plan: LadderPlan, mesh, sequence_parallel: bo
 
 def _wait_stage_outputs(module, args, out):
     # The pending output crosses the stage boundary by point-to-point send, which needs
-    # its values: wait here (through an autograd-tracked copy, so the graph is kept).
-    if isinstance(out, tuple):
-        return tuple(t.clone() if isinstance(t, AsyncCollectiveTensor) else t for t in out)
-    return out
+    # its values: wait here (through an autograd-tracked copy, so the graph is kept). A
+    # stage whose one ladder sublayer had no pending input returns the gradient seam's view
+    # of its input stream: copied too (FSDP2 warns about a module returning a view).
+    def own(t):
+        if isinstance(t, AsyncCollectiveTensor) or (isinstance(t, torch.Tensor) and t._base is not None):
+            return t.clone()
+        return t
+
+    return tuple(own(t) for t in out) if isinstance(out, tuple) else own(out)
 
 
 def async_reduce(out, layout, use_local_output: bool = True):
     """Issue the reduction of a Partial DTensor into ``layout`` without waiting for it."""
-    r = out.redistribute(placements=(layout,), async_op=True)
-    if not use_local_output:
-        return r
-    local = r.to_local()
-    if torch.compiler.is_compiling():
-        return local  # traced: the compiler places the wait_tensor itself
+    if not use_local_output or torch.compiler.is_compiling():
+        # traced: the compiler places the wait_tensor itself
+        r = out.redistribute(placements=(layout,), async_op=True)
+        return r.to_local() if use_local_output else r
+    # The collective's own output buffer is the sublayer's output (DTensor's to_local would
+    # return a view of it, and FSDP2 warns that a module returning a view may drop a hook).
+    local = _PendingReduce.apply(out.to_local(grad_placements=(Replicate(),)), out.device_mesh,
+                                 isinstance(layout, Shard))
     if isinstance(local, AsyncCollectiveTensor) and not local.completed:
         local.__class__ = _CountedACT
         COUNTS.issued += 1
     return local
+
+
+class _PendingReduce(torch.autograd.Function):
+    """A row-parallel output's local partial sum -> its sum over tp (all-reduce, or
+    reduce-scatter along the sequence with SP), issued and not waited: the result is the
+    collective's fresh output tensor (an AsyncCollectiveTensor, waited at first use).
+    Backward: the gradient of the sum is the replicated gradient (all-gathered along the
+    sequence with SP), as for DTensor's Partial -> Replicate/Shard(1) redistribute."""
+
+    @staticmethod
+    def forward(ctx, x, mesh, sequence_parallel):
+        ctx.mesh, ctx.sp = mesh, sequence_parallel
+        if sequence_parallel:
+            return _reduce_scatter(x.contiguous(), "sum", scatter_dim=1, group=mesh)
+        return funcol.all_reduce(x.contiguous(), "sum", group=mesh)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.sp:
+            grad = funcol.wait_tensor(funcol.all_gather_tensor(grad.contiguous(), gather_dim=1, group=ctx.mesh))
+        return grad, None, None
 
 
 def pending() -> int:

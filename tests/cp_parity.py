@@ -161,6 +161,28 @@ def compare(got: dict, ref: dict) -> dict:
     return out
 
 
+def reference(tokens: str, model: str) -> tuple[dict, dict]:
+    """One process: the reference run of ``model`` and its noise floor (the same run with
+    attention summed in the ring's block order) as ``(ref, floor numbers)``."""
+    torch.set_num_threads(1)
+    data = torch.load(tokens)
+    ref = train(data, {}, model, STEPS)
+    return ref, compare(train(data, {}, model, STEPS, floor=True), ref)
+
+
+def references(tokens: str, models: list[str], workers: int = 2) -> dict:
+    """``{model: (ref, floor)}``, ``workers`` models at a time (one thread each: the
+    machine's cores would otherwise idle while one process runs)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    if len(models) < 2:
+        return {m: reference(tokens, m) for m in models}
+    with ProcessPoolExecutor(min(workers, len(models)), mp_context=mp.get_context("spawn")) as ex:
+        futures = {m: ex.submit(reference, tokens, m) for m in models}
+        return {m: f.result() for m, f in futures.items()}
+
+
 def train_job(job: dict) -> dict:
     data = torch.load(job["tokens"])
     ref = torch.load(job["ref"])[job.get("model", "dense")]

@@ -187,12 +187,16 @@ def gather_full(runner, what: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def merge_ranks(local: dict) -> dict | None:
-    """Rank 0 gets the union of every rank's ``local`` (pipeline stages hold different names)."""
+def merge_ranks(local: dict, world=None) -> dict | None:
+    """Rank 0 gets the union of every rank's ``local`` (pipeline stages hold different names).
+    With ``world``, only the first rank of each pipeline stage sends its tensors (the others
+    hold the same full tensors: gathered DTensors, replicated parameters)."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
         return local
+    if world is not None and (world.tp_rank, world.dp_rank, world.cp_rank) != (0, 0, 0):
+        local = {}
     parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(local, parts, dst=0)
     if parts is None:
@@ -215,13 +219,23 @@ def perturb(runner, seed: int) -> None:
             p.mul_(1 + sign * 2.0 ** -23)
 
 
+def default_micro(world) -> int:
+    """Micro-batch rows of a layout run: ``MICRO``, or half the rows of one rank when it holds
+    the whole batch outside a pipeline (two micro-batches still accumulate; each pass costs
+    about the same at these sizes, so half the passes). The reference's other split is
+    one of the noise floors, so the tolerance covers it."""
+    if world.pp_size == 1 and world.dp_size == 1 and world.world_size > 1:
+        return max(MICRO, GLOBAL_BATCH // 2)
+    return MICRO
+
+
 def train(job: dict, micro: int | None = None, on_step=None, perturb_seed: int | None = None) -> dict:
     """Run ``job``: per-step loss and grad norm, step-1 gradients and final weights (on rank
     0; None elsewhere). ``on_step(runner, step)`` runs after each backward (before clipping)."""
     runner, opt, world = build(job)
     if perturb_seed is not None:
         perturb(runner, perturb_seed)
-    micro = micro or job.get("micro", MICRO)
+    micro = micro or job.get("micro") or default_micro(world)
     losses, norms, grads = [], [], None
     for step in range(job.get("steps", STEPS)):
         loss = runner.forward_backward(rank_batches(job["tokens"], step, world.dp_rank, world.dp_size, micro))
@@ -229,13 +243,13 @@ def train(job: dict, micro: int | None = None, on_step=None, perturb_seed: int |
         if on_step is not None:
             on_step(runner, step)
         if step == 0:
-            grads = merge_ranks(gather_full(runner, "grads"))
+            grads = merge_ranks(gather_full(runner, "grads"), world)
         norms.append(float(runner.clip_grad_norm_(CLIP)))
         opt.step()
         opt.zero_grad(set_to_none=True)
         runner.after_optimizer_step()
     return {"loss": losses, "grad_norm": norms, "grads": grads,
-            "weights": merge_ranks(gather_full(runner, "weights"))}
+            "weights": merge_ranks(gather_full(runner, "weights"), world)}
 
 
 # ---- comparison ----------------------------------------------------------------------
@@ -303,6 +317,20 @@ def key_name(key: dict) -> str:
     return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def reference(key: dict, tokens: str, out: Path) -> None:
+    """The one-process run of ``key`` and its noise-floor runs (:class:`References`), saved
+    to ``out`` (written whole, then renamed: another process may be waiting for it)."""
+    torch.set_num_threads(1)
+    job = {**key, "tokens": tokens}
+    ref = train(job, micro=MICRO)
+    floors = {"split": compare(train(job, micro=GLOBAL_BATCH), ref)}
+    for seed in PERTURB_SEEDS:
+        floors[f"ulp{seed}"] = compare(train(job, micro=MICRO, perturb_seed=seed), ref)
+    tmp = out.with_suffix(".tmp")
+    torch.save({"ref": ref, "floors": floors}, tmp)
+    tmp.rename(out)
+
+
 class References:
     """One-process reference runs and their noise floors, computed once per key per session
     and saved in ``root`` (the worker loads ``path(key)``)."""
@@ -312,17 +340,27 @@ class References:
         self.floors: dict[str, dict] = {}
 
     def path(self, job: dict) -> Path:
-        key = ref_key(job)
-        p = self.root / f"ref_{key_name(key)}.pt"
+        p = self.root / f"ref_{key_name(ref_key(job))}.pt"
         if not p.is_file():
-            torch.set_num_threads(1)
-            job = {**key, "tokens": self.tokens}
-            ref = train(job, micro=MICRO)
-            floors = {"split": compare(train(job, micro=GLOBAL_BATCH), ref)}
-            for seed in PERTURB_SEEDS:
-                floors[f"ulp{seed}"] = compare(train(job, micro=MICRO, perturb_seed=seed), ref)
-            torch.save({"ref": ref, "floors": floors}, p)
+            reference(ref_key(job), self.tokens, p)
         return p
+
+    def prepare(self, jobs: list[dict], workers: int = 2) -> None:
+        """Compute the missing references of ``jobs`` in ``workers`` processes at once (each
+        one-threaded: the machine's cores would otherwise idle while one process runs)."""
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        todo = {}
+        for j in jobs:
+            p = self.root / f"ref_{key_name(ref_key(j))}.pt"
+            if not p.is_file():
+                todo[str(p)] = ref_key(j)
+        if len(todo) < 2:
+            return
+        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=mp.get_context("spawn")) as ex:
+            for f in [ex.submit(reference, key, self.tokens, Path(p)) for p, key in todo.items()]:
+                f.result()
 
     def floor(self, job: dict) -> dict:
         """``{"split": numbers, "ulp": largest numbers of the perturbed runs}``."""

@@ -67,13 +67,6 @@ def run_parity(job: dict) -> dict:
                     if p.grad is not None:
                         probe.seen.add(f"grad:{p.grad.dtype}")
 
-    # Known remaining view: a ladder sublayer's pending output under tp is the asynchronous
-    # all-reduce's tensor (parallel/ladder.py; joined out of place, so no hook is dropped;
-    # copying it would wait and lose the overlap). Elsewhere the warning is an error.
-    lay = job.get("layout", {})
-    ladder_async = (parity.model_cfg(job.get("family", "dense"), **job.get("model", {})).residual == "ladder"
-                    and lay.get("tp", 1) > 1 and lay.get("dp_shard", 1) * lay.get("dp_replicate", 1) > 1)
-    warnings.filterwarnings("ignore" if ladder_async else "error", message=".*returned a view tensor.*")
     try:
         got = parity.train(job, on_step=on_step)
     except UserError as e:

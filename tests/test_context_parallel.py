@@ -91,12 +91,11 @@ def _refs(work, jobs) -> None:
     the floor is the same run with attention summed in the ring's block order."""
     import torch
 
-    data = torch.load(work / "tokens.pt")
     refs = torch.load(work / "ref.pt") if (work / "ref.pt").exists() else {}
     floors = torch.load(work / "floor.pt") if (work / "floor.pt").exists() else {}
-    for m in sorted({j.get("model", "dense") for n in jobs for j in jobs[n]} - set(refs)):
-        refs[m] = cp_parity.train(data, {}, m, cp_parity.STEPS)
-        floors[m] = cp_parity.compare(cp_parity.train(data, {}, m, cp_parity.STEPS, floor=True), refs[m])
+    todo = sorted({j.get("model", "dense") for n in jobs for j in jobs[n]} - set(refs))
+    for m, (ref, floor) in cp_parity.references(str(work / "tokens.pt"), todo).items():
+        refs[m], floors[m] = ref, floor
     torch.save(refs, work / "ref.pt")
     torch.save(floors, work / "floor.pt")
 

@@ -23,6 +23,7 @@ from torchrun_jobs import run_jobs  # noqa: E402
 
 BF16_U = 2.0 ** -8  # bf16 unit roundoff (8 significant bits)
 CI_JOBS = matrix.ci_jobs()
+MTP_JOBS = matrix.mtp_jobs()
 ALL_JOBS = matrix.all_jobs()
 # seconds per job on a loaded 2-core machine, by world size (the launch timeout)
 SECONDS_PER_JOB = {2: 60, 4: 90, 8: 240}
@@ -35,10 +36,15 @@ def refs(parity_tokens, tmp_path_factory):
 
 def launch(jobs: list[dict], refs: parity.References, tmp) -> dict:
     """Run ``jobs`` (one torchrun per world size) against their cached references."""
+    refs.prepare(jobs)
     out = {}
     for world in sorted({j["world"] for j in jobs}):
         batch = [{**j, "tokens": refs.tokens, "ref": str(refs.path(j))} for j in jobs if j["world"] == world]
-        out.update(run_jobs("parity_worker.py", world, batch, tmp, timeout=120 + SECONDS_PER_JOB[world] * len(batch)))
+        # compiled jobs first: after other tp jobs in the same process inductor fails on a
+        # compiled tp sublayer ("device_mesh._get_submesh is not an OpOverload"; known gap)
+        batch.sort(key=lambda j: not j.get("kw", {}).get("compile"))
+        out.update(run_jobs("parity_worker.py", world, batch, tmp, timeout=120 + SECONDS_PER_JOB[world] * len(batch),
+                            partial=True))
     return out
 
 
@@ -61,12 +67,29 @@ def selected(jobs: list[dict], request) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def ci_results(refs, tmp_path_factory, request):
-    return launch(selected(CI_JOBS, request), refs, tmp_path_factory.mktemp("parity_ci"))
+    """CI's jobs and the MTP jobs: one torchrun launch per world size for both."""
+    return launch(selected(CI_JOBS + MTP_JOBS, request), refs, tmp_path_factory.mktemp("parity_ci"))
 
 
 @pytest.fixture(scope="module")
-def matrix_results(refs, tmp_path_factory):
-    return launch(ALL_JOBS, refs, tmp_path_factory.mktemp("parity_all"))
+def matrix_results(refs, tmp_path_factory, request):
+    return launch(selected(ALL_JOBS, request), refs, tmp_path_factory.mktemp("parity_all"))
+
+
+@pytest.mark.parity
+@pytest.mark.timeout(14400)
+@pytest.mark.parametrize("name", [j["name"] for j in ALL_JOBS])
+def test_matrix(matrix_results, refs, name):
+    """``make parity``: every job of the generated matrix (``-k FAMILY`` for one family)
+    passes the check CI applies to it (fp32 parity, bf16 bounds, expected refusal)."""
+    job = next(j for j in ALL_JOBS if j["name"] == name)
+    res = matrix_results[name]
+    if job["layout"].get("mixed_precision", "fp32") == "bf16" and not job.get("refuse"):
+        check_bf16(name, res)
+    else:
+        verify(job, res, refs)
+    if job["family"] == "deepseek" and not job.get("refuse"):
+        check_expert_bias(job, res, refs)
 
 
 FP32_CI = [j["name"] for j in CI_JOBS if j["layout"].get("mixed_precision", "fp32") == "fp32"]
@@ -79,22 +102,16 @@ def test_layout_matches_one_process(ci_results, refs, name):
     verify(job, ci_results[name], refs)
 
 
-MTP_JOBS = matrix.mtp_jobs()
-
-
-@pytest.fixture(scope="module")
-def mtp_results(refs, tmp_path_factory):
-    return launch(MTP_JOBS, refs, tmp_path_factory.mktemp("parity_mtp"))
 
 
 @pytest.mark.timeout(1200)
 @pytest.mark.parametrize("name", [j["name"] for j in MTP_JOBS])
-def test_mtp_layout_matches_one_process(mtp_results, refs, name):
+def test_mtp_layout_matches_one_process(ci_results, refs, name):
     """Multi-token prediction (family "mtp", two depths) under tp, FSDP, DDP and pp: the
     loss (main + MTP), every gradient (the MTP modules' and the shared embedding's among
     them) and the final weights match one process."""
     job = next(j for j in MTP_JOBS if j["name"] == name)
-    verify(job, mtp_results[name], refs)
+    verify(job, ci_results[name], refs)
     if not job.get("refuse"):
         assert any(k.startswith("mtp.1.") for k in refs.ref(job)["grads"])
 
@@ -106,8 +123,11 @@ def test_expert_bias_trajectory_matches_one_process(ci_results, refs, name):
     routing decision that differs can move a bias by 1e-3. Over the 10 steps every bias
     equals the one-process one exactly (unless rounding alone flips one in the one-process
     run's own perturbed runs: then within 10x that), and they moved."""
-    job = next(j for j in CI_JOBS if j["name"] == name)
-    res, floor = ci_results[name], max(f["expert_bias"] for f in refs.floor(job).values())
+    check_expert_bias(next(j for j in CI_JOBS if j["name"] == name), ci_results[name], refs)
+
+
+def check_expert_bias(job: dict, res: dict, refs: parity.References) -> None:
+    name, floor = job["name"], max(f["expert_bias"] for f in refs.floor(job).values())
     print(f"{name}: expert bias max difference {res['expert_bias']:.1e} (floor {floor:.1e})")
     assert res["expert_bias"] <= 10 * floor, (res["expert_bias"], floor)
     ref = refs.ref(job)
@@ -126,7 +146,10 @@ def test_bf16_close_to_fp32_but_not_equal(ci_results, name):
     printed, not bounded: Adam's normalised update turns rounding-level gradient changes of
     small gradients into lr-sized steps. Every job differs from fp32 by more than 100x the
     fp32 tolerance, and the gradients are reduced (and handed to the optimizer) in fp32."""
-    res = ci_results[name]
+    check_bf16(name, ci_results[name])
+
+
+def check_bf16(name: str, res: dict) -> None:
     assert "error" not in res, res.get("trace", res)
     print(f"{name}: loss {res['loss']:.2e}, grad {res['grad']:.2e}, weight {res['weight']:.2e} "
           f"(u = {BF16_U:.2e})")

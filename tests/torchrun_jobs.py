@@ -16,18 +16,45 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_jobs(worker: str, nproc: int, jobs: list[dict], tmp: Path, timeout: float,
-             steps: int | None = None) -> dict:
-    """Run ``jobs`` with ``tests/<worker>`` under ``torchrun --nproc_per_node nproc``."""
+             steps: int | None = None, partial: bool = False) -> dict:
+    """Run ``jobs`` with ``tests/<worker>`` under ``torchrun --nproc_per_node nproc``.
+
+    A failed launch raises, naming the failures the ranks reported (the whole stderr is
+    kept in ``tmp``); with ``partial`` it returns the jobs that finished instead, and an
+    error for each of the others."""
     spec, out = tmp / f"jobs{nproc}.json", tmp / f"results{nproc}.json"
     if steps is not None:
         jobs = [{"steps": steps, **j} for j in jobs]
     spec.write_text(json.dumps(jobs))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PG_TIMEOUT="60")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
+               PG_TIMEOUT=os.environ.get("PG_TIMEOUT", "60"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            str(ROOT / "tests" / worker), str(spec), str(out)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    assert p.returncode == 0 and out.is_file(), p.stderr[-4000:]
-    return json.loads(out.read_text())
+    log = tmp / f"stderr{nproc}.log"
+    try:
+        with open(log, "w") as f:
+            code = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=f, timeout=timeout, env=env,
+                                  cwd=ROOT).returncode
+    except subprocess.TimeoutExpired:
+        code = f"timeout after {timeout:.0f} s"
+    if code == 0 and out.is_file():
+        return json.loads(out.read_text())
+    why = f"torchrun exited with {code} ({log}):\n{failures(log.read_text())}"
+    if not partial:
+        raise AssertionError(why)
+    done = Path(f"{out}.partial")
+    results = json.loads(done.read_text()) if done.is_file() else {}
+    return {j["name"]: results.get(j["name"], {"error": why, "trace": why}) for j in jobs}
+
+
+def failures(stderr: str, limit: int = 6000) -> str:
+    """The lines of a worker's stderr that say what failed (its tracebacks, the first rank
+    error), not torchrun's teardown noise."""
+    lines = stderr.splitlines()
+    keep = [i for i, l in enumerate(lines) if "failed" in l or "Error" in l or "Traceback" in l]
+    picked = sorted({k for i in keep[:40] for k in range(i, min(i + 12, len(lines)))})
+    text = "\n".join(lines[k] for k in picked if "elastic" not in lines[k])
+    return text[:limit] or stderr[-limit:]
 
 
 def job_result(results: dict, name: str) -> dict:
@@ -49,6 +76,7 @@ def serve_jobs(run_job, spec_path: str, out_path: str, combine=None) -> None:
     for the next. ``combine(per_rank_results) -> dict`` merges the ranks' results (default:
     rank 0's); rank 0 writes them all to OUT."""
     import datetime
+    import time
     import traceback
 
     import torch
@@ -60,6 +88,7 @@ def serve_jobs(run_job, spec_path: str, out_path: str, combine=None) -> None:
     results = {}
     for job in json.loads(Path(spec_path).read_text()):
         print(f"[rank {rank}] {job['name']}", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
         try:
             res = run_job(job)
         except Exception as e:
@@ -69,6 +98,7 @@ def serve_jobs(run_job, spec_path: str, out_path: str, combine=None) -> None:
         dist.all_gather_object(gathered, res)
         errors = [r for r in gathered if "error" in r]
         results[job["name"]] = errors[0] if errors else (combine or (lambda rs: rs[0]))(gathered)
+        results[job["name"]]["seconds"] = round(time.perf_counter() - t0, 2)  # the CI budget
         if rank == 0:  # after every job: a launch that times out still shows how far it got
             tmp = Path(f"{out_path}.partial")
             tmp.write_text(json.dumps(results))
