@@ -192,6 +192,8 @@ def test_dp_shard_fills_the_rest():
     ({}, {"pp": 2, "pp_virtual_stages": 2}, "parallel.pp_virtual_stages: 2 needs pp_schedule"),
     ({"tie_embeddings": True}, {"pp": 2}, "model.tie_embeddings"),
     ({}, {"pp": 2, "pp_schedule": "zbv", "dp_shard": 2}, "parallel.pp_schedule: zbv does not compose"),
+    ({"pattern": "*E", "moe": {"n_experts": 4, "top_k": 2}}, {"pp": 2, "pp_schedule": "zbv"},
+     "zbv does not compose with MoE sublayers"),
 ])
 def test_model_must_divide_layout(model, layout, needle):
     from parallel import World, check_layout
