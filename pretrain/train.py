@@ -85,7 +85,8 @@ def build_data(cfg: Config, world, run_dir: Path, split: str):
     from pretrain.data.loader import TokenBatches
 
     return TokenBatches(cfg.data, split, cfg.train.global_batch, world.dp_rank, world.dp_size,
-                        seed=cfg.train.seed, cache_dir=cfg.data.cache_path(run_dir), doc_ids=cfg.model.doc_mask)
+                        seed=cfg.train.seed, cache_dir=cfg.data.cache_path(run_dir), doc_ids=cfg.model.doc_mask,
+                        cp_rank=world.cp_rank, cp_size=world.cp_size)  # cp: rank-local reads
 
 
 def tokenizer_path(cfg: Config, run_dir: Path) -> str | None:

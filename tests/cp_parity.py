@@ -23,6 +23,9 @@ MODELS = {
     "hybrid": dict(pattern="M-*-", n_layers=1, mamba=dict(d_state=16, head_dim=16, n_groups=2, chunk_size=48)),
     "heads": dict(pattern="P-", n_layers=1, mamba=dict(d_state=16, head_dim=16, n_groups=2, chunk_size=48),
                   hybrid=dict(n_attn_heads=4, n_mamba_heads=4)),
+    # Gated DeltaNet hybrid: 2 q/k heads, 4 value heads of 16 (state passing with delta-rule transitions)
+    "gdn": dict(pattern="G-*-", n_layers=1, gdn=dict(n_heads=2, n_v_heads=4, head_k_dim=16, head_v_dim=16,
+                                                    chunk_size=48)),
     # multi-head latent attention: q/k head dim 24 != v head dim 16 (v padded for the ring)
     "mla": dict(pattern="*-", n_layers=2, attention="mla",
                 mla=dict(q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)),
@@ -33,11 +36,11 @@ BASE = dict(vocab_size=512, d_model=64, n_heads=4, n_kv_heads=2, max_seq_len=SEQ
 def model_cfg(name: str):
     from models.config import MoEConfig, ModelConfig
 
-    from models.config import HybridHeadsConfig, MLAConfig, MambaConfig
+    from models.config import GDNConfig, HybridHeadsConfig, MLAConfig, MambaConfig
 
     kw = {**BASE, **MODELS[name]}
     for key, cls in (("moe", MoEConfig), ("mamba", MambaConfig), ("hybrid", HybridHeadsConfig),
-                     ("mla", MLAConfig)):
+                     ("mla", MLAConfig), ("gdn", GDNConfig)):
         if isinstance(kw.get(key), dict):
             kw[key] = cls(**kw[key])
     return ModelConfig(**kw)

@@ -16,7 +16,8 @@ index* ``g`` maps deterministically to one window:
 The global batch of step ``s`` is indices ``[s*G, (s+1)*G)``; data-parallel rank ``r`` of
 ``D`` takes the contiguous slice ``[r*G/D, (r+1)*G/D)``. The union over ranks is the same
 for any ``D``, and the state is a single cursor, so a resumed run (with any ``D``)
-continues exactly where the interrupted one stopped.
+continues exactly where the interrupted one stopped. Under context parallel
+(``cp_size > 1``) each cp rank reads only its two chunks of those rows (:meth:`TokenBatches.local_at`).
 
 Labels are the inputs shifted by one; labels at padding (the padded tail of a split's last
 block, see prepare.py) are ``IGNORE_INDEX`` (-100, torch's cross-entropy default).
@@ -128,7 +129,8 @@ class TokenBatches:
 
     def __init__(self, cfg: DataConfig, split: str, global_batch: int, dp_rank: int, dp_size: int,
                  seed: int, cache_dir: str | None = None, eos_id: int | None = None,
-                 doc_ids: bool = True, shuffle: bool | None = None, model_vocab: int | None = None):
+                 doc_ids: bool = True, shuffle: bool | None = None, model_vocab: int | None = None,
+                 cp_rank: int = 0, cp_size: int = 1):
         if global_batch < 1 or dp_size < 1 or global_batch % dp_size:
             raise UserError(f"train.global_batch={global_batch} must be a positive multiple of the "
                             f"data-parallel size {dp_size}")
@@ -136,7 +138,14 @@ class TokenBatches:
             raise UserError(f"data-parallel rank {dp_rank} is outside [0, {dp_size})")
         if cfg.seq_len < 1:
             raise UserError(f"data.seq_len must be positive, got {cfg.seq_len}")
+        if cp_size > 1 and cfg.seq_len % (2 * cp_size):
+            raise UserError(f"data.seq_len: {cfg.seq_len} must be divisible by 2*parallel.cp = {2 * cp_size} "
+                            f"(each cp rank holds two equal chunks)")
         self.cfg, self.split, self.seq_len = cfg, split, cfg.seq_len
+        # context parallel: this rank reads only its chunks i and 2N-1-i of every row
+        self.cp_rank, self.cp_size = cp_rank, cp_size
+        self.cp_spans = cp_spans(cfg.seq_len, cp_size, cp_rank) if cp_size > 1 else None
+        self.read_stats = {"blocks": 0, "bytes": 0, "tokens": 0}  # store reads; tokens cut into rows
         self.global_batch, self.dp_rank, self.dp_size = global_batch, dp_rank, dp_size
         self.local_batch = global_batch // dp_size
         self.seed = int(seed)
@@ -189,6 +198,8 @@ class TokenBatches:
         if block is None:
             block = read_block(self.sources[s].store, b)
             self._blocks[key] = block
+            self.read_stats["blocks"] += 1
+            self.read_stats["bytes"] += int(np.asarray(block).nbytes)
             if len(self._blocks) > _BLOCK_CACHE:
                 self._blocks.popitem(last=False)
         else:
@@ -200,6 +211,7 @@ class TokenBatches:
         reading only the stored blocks they lie in."""
         src = self.sources[s]
         stop = src.window if stop is None else stop
+        self.read_stats["tokens"] += max(stop - start, 0)
         if src.per_block:
             b, j = divmod(w, src.per_block)
             return self._block(s, b)[j * src.window + start:j * src.window + stop]
@@ -236,8 +248,8 @@ class TokenBatches:
         """Only input positions ``spans`` (``[start, stop)`` within ``[0, seq_len)``, in order)
         of this rank's rows at ``cursor``, e.g. a context-parallel rank's chunks: reads just
         the blocks those tokens lie in. Returns ``input_ids`` and ``labels`` [B, sum of span
-        lengths] (as ``batch_at`` sliced at the spans) and, with doc ids, ``doc_ids`` counted
-        from each span's start plus ``span_eos`` [B, n_spans] (EOS inputs in each span):
+        lengths] (as ``batch_at`` sliced at the spans), ``span_eos`` [B, n_spans] (EOS inputs
+        in each span) and, with doc ids, ``doc_ids`` counted from each span's start:
         :func:`span_doc_ids` turns them into ``batch_at``'s ids given every span's counts."""
         for a, b in spans:
             if not 0 <= a < b <= self.seq_len:
@@ -255,18 +267,27 @@ class TokenBatches:
         inputs, labels = x[:, keep], x[:, keep + 1]
         for pad in pads - {-1}:
             labels[labels == pad] = IGNORE_INDEX
-        out = {"input_ids": inputs, "labels": labels}
+        parts = inputs.split([b - a for a, b in spans], dim=1)
+        out = {"input_ids": inputs, "labels": labels,
+               "span_eos": torch.stack([(p == self.eos_id).sum(1) for p in parts], 1)}
         if self.with_doc_ids:
-            parts = inputs.split([b - a for a, b in spans], dim=1)
             out["doc_ids"] = torch.cat([doc_ids_of(p, self.eos_id) for p in parts], 1)
-            out["span_eos"] = torch.stack([(p == self.eos_id).sum(1) for p in parts], 1)
         return out
+
+    def local_at(self, cursor: int) -> dict:
+        """What this rank trains on at ``cursor``: ``batch_at``, or under context parallel
+        only this cp rank's two chunks of each row (``spans_at``; its ``span_eos`` marks the
+        batch as already split, ``parallel.context_parallel.CPPlan.split`` completes the
+        document ids from the other ranks' counts)."""
+        if self.cp_spans is None:
+            return self.batch_at(cursor)
+        return self.spans_at(cursor, self.cp_spans)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        batch = self.batch_at(self.cursor)
+        batch = self.local_at(self.cursor)
         self.cursor += self.global_batch
         return batch
 
@@ -299,6 +320,13 @@ class TokenBatches:
             raise UserError(f"loader state was saved with seed {sd.get('seed')}, this run uses "
                             f"{self.seed}; keep train.seed when resuming")
         self.cursor = int(sd["cursor"])
+
+
+def cp_spans(seq_len: int, cp: int, rank: int) -> list[tuple[int, int]]:
+    """Input positions ``[start, stop)`` of cp rank ``rank``: chunks ``rank`` and ``2cp-1-rank``
+    of ``2cp`` (the split of ``parallel.context_parallel.chunk_positions``)."""
+    c = seq_len // (2 * cp)
+    return [(i * c, (i + 1) * c) for i in (rank, 2 * cp - 1 - rank)]
 
 
 def doc_ids_of(inputs: torch.Tensor, eos_id: int) -> torch.Tensor:
