@@ -164,9 +164,9 @@ class CPPlan:
         batch = dict(batch)
         eos = batch.pop("span_eos")
         if batch.get("doc_ids") is not None:
-            parts = eos.new_empty((self.size, *eos.shape))
+            parts = eos.new_empty((self.size * eos.shape[0], *eos.shape[1:]))
             dist.all_gather_into_tensor(parts, eos.contiguous(), group=self.group)
-            batch["doc_ids"] = local_doc_ids(batch["doc_ids"], parts, self.rank)
+            batch["doc_ids"] = local_doc_ids(batch["doc_ids"], parts.view(self.size, *eos.shape), self.rank)
         return batch
 
     def loss_scale(self, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -240,7 +240,10 @@ def install_cp(model: nn.Module, plan: CPPlan) -> None:
 
     def make_context(seq_len, device, doc_ids):
         n = seq_len * plan.size
-        return set_cp_context(orig(n, device, doc_ids), plan, doc_ids, n, recurrent)
+        # under sequence parallel the stream holds 1/tp of the rank's positions, but the
+        # recurrent mixers run on all of them (the whole sequence is n * stream_shards)
+        full = n * getattr(model, "stream_shards", 1)
+        return set_cp_context(orig(n, device, doc_ids), plan, doc_ids, full, recurrent)
 
     model.make_context = make_context
     from parallel.tp_moe import _tp_sum
