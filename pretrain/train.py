@@ -408,7 +408,7 @@ def run_eval(cfg: Config, pm, world, run_dir: Path) -> float | None:
         batches = eval_batches(cfg.data, cfg.data.val_split, cfg.train.global_batch,
                                cfg.train.eval_batches, dp_rank=world.dp_rank, dp_size=world.dp_size,
                                cache_dir=cfg.data.cache_path(run_dir),
-                               doc_ids=cfg.model.doc_mask)
+                               doc_ids=cfg.model.doc_mask, cp_rank=world.cp_rank, cp_size=world.cp_size)
     except UserError as e:
         if world.is_main:
             print(f"warning: no held-out evaluation: {e}", file=sys.stderr)

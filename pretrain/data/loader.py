@@ -360,16 +360,18 @@ def _check_compatible(datasets: list[Dataset], eos_id: int | None, model_vocab: 
 
 def eval_batches(cfg: DataConfig, split: str, batch: int, n_batches: int, dp_rank: int = 0,
                  dp_size: int = 1, cache_dir: str | None = None, eos_id: int | None = None,
-                 doc_ids: bool = True) -> list[dict]:
+                 doc_ids: bool = True, cp_rank: int = 0, cp_size: int = 1) -> list[dict]:
     """A fixed list of held-out batches (no shuffling, seed 0): the same in every run.
 
-    ``batch`` is the global evaluation batch; with ``dp_size > 1`` each rank gets its slice.
+    ``batch`` is the global evaluation batch; with ``dp_size > 1`` each rank gets its slice
+    (with ``cp_size > 1`` only its cp rank's chunks, as in training).
     Sources smaller than ``batch * n_batches`` windows are cycled.
     """
     if n_batches < 1:
         raise UserError(f"train.eval_batches must be >= 1, got {n_batches}")
     it = TokenBatches(dataclasses.replace(cfg, shuffle=False), split, batch, dp_rank, dp_size,
-                      seed=0, cache_dir=cache_dir, eos_id=eos_id, doc_ids=doc_ids, shuffle=False)
+                      seed=0, cache_dir=cache_dir, eos_id=eos_id, doc_ids=doc_ids, shuffle=False,
+                      cp_rank=cp_rank, cp_size=cp_size)
     return [next(it) for _ in range(n_batches)]
 
 
