@@ -132,6 +132,20 @@ def unsplit(parts: list[torch.Tensor], dim: int = 1) -> torch.Tensor:
     return out.index_copy_(dim, pos, torch.cat(parts, dim))
 
 
+def local_doc_ids(doc_ids: torch.Tensor, span_eos: torch.Tensor, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s document ids counted from each of its chunks' starts ([B, S/cp], as
+    ``TokenBatches.spans_at`` gives them) -> the whole row's ids at its positions, given
+    ``span_eos`` [cp, B, 2]: every cp rank's EOS count in its two chunks (rank order)."""
+    cp = span_eos.shape[0]
+    counts = span_eos.new_zeros((span_eos.shape[1], 2 * cp))
+    for r in range(cp):
+        counts[:, r], counts[:, 2 * cp - 1 - r] = span_eos[r, :, 0], span_eos[r, :, 1]
+    before = counts.cumsum(1) - counts  # EOS before each chunk's start
+    first, second = doc_ids.chunk(2, dim=1)
+    return torch.cat([first + before[:, rank:rank + 1],
+                      second + before[:, 2 * cp - 1 - rank:2 * cp - rank]], 1)
+
+
 @dataclass
 class CPPlan:
     """This rank's context-parallel coordinates and mode (built by :func:`make_cp_plan`)."""
@@ -143,7 +157,17 @@ class CPPlan:
     aux_group: object | None = None  # where MoE routing statistics are summed
 
     def split(self, batch: dict) -> dict:
-        return split_batch(batch, self.size, self.rank)
+        """This rank's share of ``batch``: whole rows are split here; a batch the loader
+        read rank-locally (it carries ``span_eos``) only gets its global document ids."""
+        if "span_eos" not in batch:
+            return split_batch(batch, self.size, self.rank)
+        batch = dict(batch)
+        eos = batch.pop("span_eos")
+        if batch.get("doc_ids") is not None:
+            parts = eos.new_empty((self.size * eos.shape[0], *eos.shape[1:]))
+            dist.all_gather_into_tensor(parts, eos.contiguous(), group=self.group)
+            batch["doc_ids"] = local_doc_ids(batch["doc_ids"], parts.view(self.size, *eos.shape), self.rank)
+        return batch
 
     def loss_scale(self, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """``cp * n_local / n_global`` for a local mean token loss (see the module docstring)."""
@@ -216,7 +240,10 @@ def install_cp(model: nn.Module, plan: CPPlan) -> None:
 
     def make_context(seq_len, device, doc_ids):
         n = seq_len * plan.size
-        return set_cp_context(orig(n, device, doc_ids), plan, doc_ids, n, recurrent)
+        # under sequence parallel the stream holds 1/tp of the rank's positions, but the
+        # recurrent mixers run on all of them (the whole sequence is n * stream_shards)
+        full = n * getattr(model, "stream_shards", 1)
+        return set_cp_context(orig(n, device, doc_ids), plan, doc_ids, full, recurrent)
 
     model.make_context = make_context
     from parallel.tp_moe import _tp_sum

@@ -85,7 +85,8 @@ def build_data(cfg: Config, world, run_dir: Path, split: str):
     from pretrain.data.loader import TokenBatches
 
     return TokenBatches(cfg.data, split, cfg.train.global_batch, world.dp_rank, world.dp_size,
-                        seed=cfg.train.seed, cache_dir=cfg.data.cache_path(run_dir), doc_ids=cfg.model.doc_mask)
+                        seed=cfg.train.seed, cache_dir=cfg.data.cache_path(run_dir), doc_ids=cfg.model.doc_mask,
+                        cp_rank=world.cp_rank, cp_size=world.cp_size)  # cp: rank-local reads
 
 
 def tokenizer_path(cfg: Config, run_dir: Path) -> str | None:
@@ -407,7 +408,7 @@ def run_eval(cfg: Config, runner, world, run_dir: Path) -> float | None:
         batches = eval_batches(cfg.data, cfg.data.val_split, cfg.train.global_batch,
                                cfg.train.eval_batches, dp_rank=world.dp_rank, dp_size=world.dp_size,
                                cache_dir=cfg.data.cache_path(run_dir),
-                               doc_ids=cfg.model.doc_mask)
+                               doc_ids=cfg.model.doc_mask, cp_rank=world.cp_rank, cp_size=world.cp_size)
     except UserError as e:
         if world.is_main:
             print(f"warning: no held-out evaluation: {e}", file=sys.stderr)

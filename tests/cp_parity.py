@@ -23,6 +23,9 @@ MODELS = {
     "hybrid": dict(pattern="M-*-", n_layers=1, mamba=dict(d_state=16, head_dim=16, n_groups=2, chunk_size=48)),
     "heads": dict(pattern="P-", n_layers=1, mamba=dict(d_state=16, head_dim=16, n_groups=2, chunk_size=48),
                   hybrid=dict(n_attn_heads=4, n_mamba_heads=4)),
+    # Gated DeltaNet hybrid: 2 q/k heads, 4 value heads of 16 (state passing with delta-rule transitions)
+    "gdn": dict(pattern="G-*-", n_layers=1, gdn=dict(n_heads=2, n_v_heads=4, head_k_dim=16, head_v_dim=16,
+                                                    chunk_size=48)),
     # multi-head latent attention: q/k head dim 24 != v head dim 16 (v padded for the ring)
     "mla": dict(pattern="*-", n_layers=2, attention="mla",
                 mla=dict(q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)),
@@ -33,11 +36,11 @@ BASE = dict(vocab_size=512, d_model=64, n_heads=4, n_kv_heads=2, max_seq_len=SEQ
 def model_cfg(name: str):
     from models.config import MoEConfig, ModelConfig
 
-    from models.config import HybridHeadsConfig, MLAConfig, MambaConfig
+    from models.config import GDNConfig, HybridHeadsConfig, MLAConfig, MambaConfig
 
     kw = {**BASE, **MODELS[name]}
     for key, cls in (("moe", MoEConfig), ("mamba", MambaConfig), ("hybrid", HybridHeadsConfig),
-                     ("mla", MLAConfig)):
+                     ("mla", MLAConfig), ("gdn", GDNConfig)):
         if isinstance(kw.get(key), dict):
             kw[key] = cls(**kw[key])
     return ModelConfig(**kw)
@@ -107,6 +110,8 @@ def build(layout: dict, model: str, kw: dict):
     ws = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = build_world(pcfg, rank, ws, 0, torch.device("cpu"))
+    if pcfg.mixed_precision == "bf16":  # bf16 compute as the trainer sets it (train.dtype)
+        kw = {**kw, "autocast_dtype": torch.bfloat16}
     runner = parallelize(build_model(model_cfg(model), init=False), pcfg, world, seed=0, **kw)
     opt = build_optimizer(runner.parts, OptimConfig(lr=3e-3, warmup_steps=0, weight_decay=0.1))
     return runner, opt, world
@@ -128,17 +133,23 @@ def blockwise_attention(runner) -> None:
 
 
 def train(data: dict, layout: dict, model: str, steps: int, kw: dict | None = None,
-          floor: bool = False) -> dict:
-    """Loss per step, gradients after step 1 and final weights (full tensors by name)."""
+          floor: bool = False, probe=None) -> dict:
+    """Loss per step, gradients after step 1 and final weights (full tensors by name).
+    ``probe``: a ``parity_worker.ReduceDtypes`` recording step 1's gradient reduce dtypes."""
     runner, opt, world = build(layout, model, kw or {})
     if floor:
         blockwise_attention(runner)
     losses, grads = [], None
     for step in range(steps):
+        if probe is not None:
+            probe.active = step == 0
         loss = runner.forward_backward(batches(data, step, world.dp_rank, world.dp_size))
         losses.append(runner.reduce_loss(loss))
         if step == 0:
             grads = named(runner.parts, grads=True)
+            if probe is not None:  # and the gradients handed to the optimizer
+                probe.seen.update(f"grad:{p.grad.dtype}" for part in runner.parts
+                                  for p in part.parameters() if p.grad is not None)
         runner.clip_grad_norm_(1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -151,6 +162,10 @@ def compare(got: dict, ref: dict) -> dict:
     relative to the largest reference entry of the same tensor) over this rank's tensors."""
     out = {"loss": got["loss"], "names": sorted(got["grads"])}
     out["loss_diff"] = max(abs(a - b) for a, b in zip(got["loss"], ref["loss"]))
+    # the parity harness's relative measures (tests/parity.py: bf16 tolerances are in these)
+    out["loss_rel"] = max(abs(a - b) / abs(b) for a, b in zip(got["loss"], ref["loss"]))
+    out["grads_l2"] = max(float((t - ref["grads"][n]).norm() / ref["grads"][n].norm().clamp_min(1e-12))
+                          for n, t in got["grads"].items())
     for key in ("grads", "weights"):
         worst, rel = 0.0, 0.0
         for name, t in got[key].items():
@@ -185,9 +200,22 @@ def references(tokens: str, models: list[str], workers: int = 2) -> dict:
 
 def train_job(job: dict) -> dict:
     data = torch.load(job["tokens"])
-    ref = torch.load(job["ref"])[job.get("model", "dense")]
-    got = train(data, job["layout"], job.get("model", "dense"), job.get("steps", STEPS), job.get("kw"))
-    return compare(got, ref)
+    model = job.get("model", "dense")
+    ref = torch.load(job["ref"])[job.get("ref_key", model)]
+    probe = None
+    if job.get("probe_reduce"):
+        from parity_worker import ReduceDtypes
+
+        probe = ReduceDtypes()
+    try:
+        got = train(data, job["layout"], model, job.get("steps", STEPS), job.get("kw"), probe=probe)
+    finally:
+        if probe is not None:
+            probe.restore()
+    out = compare(got, ref)
+    if probe is not None:
+        out["reduce_dtypes"] = sorted(probe.seen)
+    return out
 
 
 def resume_job(job: dict) -> dict:

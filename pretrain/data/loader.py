@@ -16,7 +16,8 @@ index* ``g`` maps deterministically to one window:
 The global batch of step ``s`` is indices ``[s*G, (s+1)*G)``; data-parallel rank ``r`` of
 ``D`` takes the contiguous slice ``[r*G/D, (r+1)*G/D)``. The union over ranks is the same
 for any ``D``, and the state is a single cursor, so a resumed run (with any ``D``)
-continues exactly where the interrupted one stopped.
+continues exactly where the interrupted one stopped. Under context parallel
+(``cp_size > 1``) each cp rank reads only its two chunks of those rows (:meth:`TokenBatches.local_at`).
 
 Labels are the inputs shifted by one; labels at padding (the padded tail of a split's last
 block, see prepare.py) are ``IGNORE_INDEX`` (-100, torch's cross-entropy default).
@@ -129,11 +130,19 @@ class TokenBatches(RowCursor):
 
     def __init__(self, cfg: DataConfig, split: str, global_batch: int, dp_rank: int, dp_size: int,
                  seed: int, cache_dir: str | None = None, eos_id: int | None = None,
-                 doc_ids: bool = True, shuffle: bool | None = None, model_vocab: int | None = None):
+                 doc_ids: bool = True, shuffle: bool | None = None, model_vocab: int | None = None,
+                 cp_rank: int = 0, cp_size: int = 1):
         super().__init__(global_batch, dp_rank, dp_size, cfg.seq_len)
         if cfg.seq_len < 1:
             raise UserError(f"data.seq_len must be positive, got {cfg.seq_len}")
+        if cp_size > 1 and cfg.seq_len % (2 * cp_size):
+            raise UserError(f"data.seq_len: {cfg.seq_len} must be divisible by 2*parallel.cp = {2 * cp_size} "
+                            f"(each cp rank holds two equal chunks)")
         self.cfg, self.split = cfg, split
+        # context parallel: this rank reads only its chunks i and 2N-1-i of every row
+        self.cp_rank, self.cp_size = cp_rank, cp_size
+        self.cp_spans = cp_spans(cfg.seq_len, cp_size, cp_rank) if cp_size > 1 else None
+        self.read_stats = {"blocks": 0, "bytes": 0, "tokens": 0}  # store reads; tokens cut into rows
         self.seed = int(seed)
         self.shuffle = cfg.shuffle if shuffle is None else shuffle
         self.with_doc_ids = doc_ids
@@ -183,6 +192,8 @@ class TokenBatches(RowCursor):
         if block is None:
             block = read_block(self.sources[s].store, b)
             self._blocks[key] = block
+            self.read_stats["blocks"] += 1
+            self.read_stats["bytes"] += int(np.asarray(block).nbytes)
             if len(self._blocks) > _BLOCK_CACHE:
                 self._blocks.popitem(last=False)
         else:
@@ -194,6 +205,7 @@ class TokenBatches(RowCursor):
         reading only the stored blocks they lie in."""
         src = self.sources[s]
         stop = src.window if stop is None else stop
+        self.read_stats["tokens"] += max(stop - start, 0)
         if src.per_block:
             b, j = divmod(w, src.per_block)
             return self._block(s, b)[j * src.window + start:j * src.window + stop]
@@ -229,8 +241,8 @@ class TokenBatches(RowCursor):
         """Only input positions ``spans`` (``[start, stop)`` within ``[0, seq_len)``, in order)
         of this rank's rows at ``cursor``, e.g. a context-parallel rank's chunks: reads just
         the blocks those tokens lie in. Returns ``input_ids`` and ``labels`` [B, sum of span
-        lengths] (as ``batch_at`` sliced at the spans) and, with doc ids, ``doc_ids`` counted
-        from each span's start plus ``span_eos`` [B, n_spans] (EOS inputs in each span):
+        lengths] (as ``batch_at`` sliced at the spans), ``span_eos`` [B, n_spans] (EOS inputs
+        in each span) and, with doc ids, ``doc_ids`` counted from each span's start:
         :func:`span_doc_ids` turns them into ``batch_at``'s ids given every span's counts."""
         for a, b in spans:
             if not 0 <= a < b <= self.seq_len:
@@ -247,12 +259,21 @@ class TokenBatches(RowCursor):
         inputs, labels = x[:, keep], x[:, keep + 1]
         for pad in pads - {-1}:
             labels[labels == pad] = IGNORE_INDEX
-        out = {"input_ids": inputs, "labels": labels}
+        parts = inputs.split([b - a for a, b in spans], dim=1)
+        out = {"input_ids": inputs, "labels": labels,
+               "span_eos": torch.stack([(p == self.eos_id).sum(1) for p in parts], 1)}
         if self.with_doc_ids:
-            parts = inputs.split([b - a for a, b in spans], dim=1)
             out["doc_ids"] = torch.cat([doc_ids_of(p, self.eos_id) for p in parts], 1)
-            out["span_eos"] = torch.stack([(p == self.eos_id).sum(1) for p in parts], 1)
         return out
+
+    def local_at(self, cursor: int) -> dict:
+        """What this rank trains on at ``cursor``: ``batch_at``, or under context parallel
+        only this cp rank's two chunks of each row (``spans_at``; its ``span_eos`` marks the
+        batch as already split, ``parallel.context_parallel.CPPlan.split`` completes the
+        document ids from the other ranks' counts)."""
+        if self.cp_spans is None:
+            return self.batch_at(cursor)
+        return self.spans_at(cursor, self.cp_spans)
 
     def epochs(self) -> list[float]:
         """Epochs completed so far per source (for logging)."""
@@ -279,6 +300,13 @@ class TokenBatches(RowCursor):
             raise UserError(f"loader state was saved with seed {sd.get('seed')}, this run uses "
                             f"{self.seed}; keep train.seed when resuming")
         self.cursor = int(sd["cursor"])
+
+
+def cp_spans(seq_len: int, cp: int, rank: int) -> list[tuple[int, int]]:
+    """Input positions ``[start, stop)`` of cp rank ``rank``: chunks ``rank`` and ``2cp-1-rank``
+    of ``2cp`` (the split of ``parallel.context_parallel.chunk_positions``)."""
+    c = seq_len // (2 * cp)
+    return [(i * c, (i + 1) * c) for i in (rank, 2 * cp - 1 - rank)]
 
 
 def doc_ids_of(inputs: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -312,16 +340,18 @@ def _check_compatible(datasets: list[Dataset], eos_id: int | None, model_vocab: 
 
 def eval_batches(cfg: DataConfig, split: str, batch: int, n_batches: int, dp_rank: int = 0,
                  dp_size: int = 1, cache_dir: str | None = None, eos_id: int | None = None,
-                 doc_ids: bool = True) -> list[dict]:
+                 doc_ids: bool = True, cp_rank: int = 0, cp_size: int = 1) -> list[dict]:
     """A fixed list of held-out batches (no shuffling, seed 0): the same in every run.
 
-    ``batch`` is the global evaluation batch; with ``dp_size > 1`` each rank gets its slice.
+    ``batch`` is the global evaluation batch; with ``dp_size > 1`` each rank gets its slice
+    (with ``cp_size > 1`` only its cp rank's chunks, as in training).
     Sources smaller than ``batch * n_batches`` windows are cycled.
     """
     if n_batches < 1:
         raise UserError(f"train.eval_batches must be >= 1, got {n_batches}")
     it = TokenBatches(dataclasses.replace(cfg, shuffle=False), split, batch, dp_rank, dp_size,
-                      seed=0, cache_dir=cache_dir, eos_id=eos_id, doc_ids=doc_ids, shuffle=False)
+                      seed=0, cache_dir=cache_dir, eos_id=eos_id, doc_ids=doc_ids, shuffle=False,
+                      cp_rank=cp_rank, cp_size=cp_size)
     return [next(it) for _ in range(n_batches)]
 
 

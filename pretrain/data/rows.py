@@ -9,7 +9,7 @@ from pretrain.errors import UserError
 class RowCursor:
     """The global batch at ``cursor`` is rows ``cursor .. cursor + global_batch - 1`` of the
     stream; data-parallel rank r reads its ``local_batch`` rows from ``cursor + r * local_batch``.
-    ``next`` returns the subclass's ``batch_at(cursor)`` and advances ``cursor`` by the global
+    ``next`` returns the subclass's ``local_at(cursor)`` and advances ``cursor`` by the global
     batch, so a saved cursor names the same position under any data-parallel size."""
 
     def __init__(self, global_batch: int, dp_rank: int, dp_size: int, seq_len: int):
@@ -31,11 +31,15 @@ class RowCursor:
     def batch_at(self, cursor: int) -> dict:
         raise NotImplementedError
 
+    def local_at(self, cursor: int) -> dict:
+        """What this rank trains on at ``cursor`` (a subclass may read less than its rows)."""
+        return self.batch_at(cursor)
+
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        batch = self.batch_at(self.cursor)
+        batch = self.local_at(self.cursor)
         self.cursor += self.global_batch
         return batch
 
