@@ -113,6 +113,10 @@ def test_deepspeed_hostfile_command(capsys, tmp_path):
     hosts.write_text("# two workers\nworker-0 slots=8\nworker-1 slots=8\n")
     p = cli(capsys, "launch", "deepspeed", "--hostfile", str(hosts), "--dry-run", "tiny",
             "--parallel.dp_engine=deepspeed", f"--logging.run_dir={tmp_path}/r")
+    # refused before launching, as the trainer would refuse it (pretrain.layout_check.check_run)
+    assert p.returncode == 2 and "train.global_batch=8" in p.stderr and "16 processes" in p.stderr, p.stderr
+    p = cli(capsys, "launch", "deepspeed", "--hostfile", str(hosts), "--dry-run", "tiny",
+            "--parallel.dp_engine=deepspeed", "--train.global_batch=16", f"--logging.run_dir={tmp_path}/r")
     assert p.returncode == 0, p.stderr
     words = shlex.split(p.stdout)
     assert words[1:4] == ["-m", "deepspeed.launcher.runner", f"--hostfile={hosts}"]
