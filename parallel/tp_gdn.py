@@ -14,7 +14,7 @@ read them (value head ``h`` reads q/k head ``h // r``, so contiguous blocks stay
 from __future__ import annotations
 
 from torch import nn
-from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
 from models.config import ModelConfig, UserError
@@ -47,13 +47,18 @@ def _direct_params(mixer: nn.Module, mesh) -> list[tuple[nn.Module, str]]:
     return out
 
 
+def _local(p: DTensor):
+    # a replicated parameter used by this rank's heads only: its local gradient is partial
+    return p.to_local(grad_placements=(Partial(),)) if p.placements[0].is_replicate() else p.to_local()
+
+
 def _gdn_plan(sub: nn.Module, ctx: TPContext) -> None:
     plan = _norms(sub, ctx)
     plan["mixer"] = _mixer_input(ctx)
     plan.update({f"mixer.{name}": ColwiseParallel(use_local_output=True) for name in COLUMN})
     plan["mixer.out_proj"] = sublayer_output(ctx)
     parallelize_module(sub, ctx.mesh, plan)
-    local_params_in_forward(sub.mixer, _direct_params(sub.mixer, ctx.mesh))
+    local_params_in_forward(sub.mixer, _direct_params(sub.mixer, ctx.mesh), local=_local)
 
 
 PLAN = TPPlan(_gdn_plan, _gdn_check)

@@ -19,7 +19,7 @@ on the DTensor parameters with their own placement).
 from __future__ import annotations
 
 from torch import nn
-from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
 from models.config import ModelConfig, UserError
@@ -73,16 +73,10 @@ def shard_direct_params(mamba: nn.Module, ctx: TPContext) -> list[tuple[nn.Modul
     return out
 
 
-def local_view(p: DTensor):
-    """The local tensor of a tp-distributed parameter, differentiably. A replicated one feeds
-    only this rank's heads, so its local gradient is this rank's share of a sum (``Partial``)."""
-    return p.to_local(grad_placements=(Partial(),)) if p.placements[0].is_replicate() else p.to_local()
-
-
-def local_params_in_forward(owner: nn.Module, targets: list[tuple[nn.Module, str]]) -> None:
-    """During ``owner``'s forward, ``mod.name`` reads :func:`local_view` of each DTensor
-    parameter in ``targets``; the parameters themselves are restored afterwards. (Mamba-2,
-    Gated DeltaNet and MLA mixers, the attention's replicated ``q_norm``/``k_norm``.)
+def local_params_in_forward(owner: nn.Module, targets: list[tuple[nn.Module, str]],
+                            local=lambda p: p.to_local()) -> None:
+    """During ``owner``'s forward, ``mod.name`` reads ``local(p)`` (default: the local shard)
+    of each DTensor parameter in ``targets``; the parameters themselves are restored afterwards.
 
     Runs inside any FSDP hooks of the enclosing sublayer, so it sees (and restores) the
     parameters FSDP has just unsharded.
@@ -95,7 +89,7 @@ def local_params_in_forward(owner: nn.Module, targets: list[tuple[nn.Module, str
             for mod, name in targets:
                 p = mod._parameters.pop(name)
                 saved.append((mod, name, p))
-                mod.__dict__[name] = local_view(p) if isinstance(p, DTensor) else p
+                mod.__dict__[name] = local(p) if isinstance(p, DTensor) else p
             return inner(*args, **kwargs)
         finally:
             for mod, name, p in reversed(saved):

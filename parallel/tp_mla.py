@@ -23,7 +23,6 @@ from torch.distributed.tensor.parallel import parallelize_module
 
 from models.config import ModelConfig, UserError
 from parallel.tp import TPContext, _norms, sublayer_output
-from parallel.tp_mamba import local_params_in_forward
 
 COLUMN = ("wq", "wq_b", "wkv_b")  # sharded by heads (dim 0)
 REPLICATED = ("wq_a", "q_norm", "wkv_a", "kv_norm")
@@ -32,6 +31,24 @@ REPLICATED = ("wq_a", "q_norm", "wkv_a", "kv_norm")
 def mla_check(cfg: ModelConfig, tp: int) -> None:
     if cfg.n_heads % tp:
         raise UserError(f"parallel.tp: {tp} does not divide model.n_heads={cfg.n_heads}")
+
+
+def local_views_in_forward(owner: nn.Module, targets: list[tuple[nn.Module, str, tuple | None]]) -> None:
+    """During ``owner``'s forward, ``mod.name`` is the local tensor of each DTensor parameter in
+    ``targets`` (``(mod, name, grad_placements)``: ``(Partial(),)`` marks the local gradient as
+    this rank's share of a sum over tp); the registered parameters are untouched."""
+    def pre(module, args):
+        for mod, name, gp in targets:
+            p = mod._parameters[name]
+            mod.__dict__[name] = p.to_local(grad_placements=gp) if gp else p.to_local()
+
+    def post(module, args, out):
+        for mod, name, _ in targets:
+            mod.__dict__.pop(name, None)
+        return out
+
+    owner.register_forward_pre_hook(pre)
+    owner.register_forward_hook(post)
 
 
 def _distribute(mod: nn.Module, mesh, placement) -> list[str]:
@@ -47,7 +64,7 @@ def replicate_partial_grads(mod: nn.Module, mesh) -> None:
     """Parameters of ``mod`` replicated over tp, applied to this rank's own heads only (so
     their local gradients are partial sums): the standard attention's q_norm / k_norm."""
     names = _distribute(mod, mesh, Replicate())
-    local_params_in_forward(mod, [(mod, n) for n in names])
+    local_views_in_forward(mod, [(mod, n, (Partial(),)) for n in names])
 
 
 def _stream_input(ctx: TPContext):
@@ -74,9 +91,9 @@ def mla_plan(sub: nn.Module, ctx: TPContext) -> None:
     mixer = sub.mixer
     mixer.register_forward_pre_hook(_stream_input(ctx))
     targets = []
-    for child, placement in ((COLUMN, Shard(0)), (REPLICATED, Replicate())):
+    for child, placement, grads in ((COLUMN, Shard(0), None), (REPLICATED, Replicate(), (Partial(),))):
         for cname in child:
             mod = getattr(mixer, cname, None)
             if mod is not None:
-                targets += [(mod, n) for n in _distribute(mod, ctx.mesh, placement)]
-    local_params_in_forward(mixer, targets)  # the replicated ones' gradients: Partial
+                targets += [(mod, n, grads) for n in _distribute(mod, ctx.mesh, placement)]
+    local_views_in_forward(mixer, targets)
