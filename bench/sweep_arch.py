@@ -1,16 +1,20 @@
 """Architectures at (about) equal parameters and equal training tokens, on CPU: held-out loss on
 a small text corpus and MQAR recall after training on MQAR.
 
-    .venv/bin/python bench/sweep_arch.py [--steps 300] [--out runs/bench_sweep_arch] [--only dense,ladder]
+    .venv/bin/python bench/sweep_arch.py [--steps 300] [--mqar-steps 600] [--out runs/bench_sweep_arch]
+        [--only dense,ladder] [--results bench/results]
 
 Each candidate is a line of ``CANDIDATES`` (a name and config overrides); one this tree cannot
 build (an unknown pattern symbol or config key) is skipped with a note. The number of pattern
 repeats (``model.n_layers``) of each candidate is chosen to bring its parameter count closest to
 the dense model's. Every candidate trains twice from the same seed with the same steps, batch
 and sequence length: on text (the stdlib corpus with a 512-token BPE, as the tests' dataset),
-reporting held-out loss, and on MQAR (``data.task=mqar``, a 64-token vocabulary), reporting
-recall on 256 held-out sequences. Writes ``<out>/table.md`` and ``<out>/sweep_arch.png``;
-finished runs are reused on a rerun (delete ``<out>/runs`` to start over).
+reporting held-out loss, and on MQAR (``data.task=mqar``, a 64-token vocabulary, its own step
+count and a larger batch: a step of 32-token rows costs little more at 128 rows than at 16 on
+CPU, and the task needs many examples), reporting recall on 256 held-out sequences. Writes
+``<out>/table.md``, ``sweep_arch.json``/``.csv`` and ``sweep_arch.png`` (and copies them to
+``--results``); finished runs are reused on a rerun (delete ``<out>/runs`` to start over), so
+candidates can train in separate processes (``--only``) and a last run gathers them.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ sys.path.insert(0, str(ROOT))
 
 MAMBA = {"model.mamba.d_state": 16, "model.mamba.head_dim": 16, "model.mamba.n_groups": 1,
          "model.mamba.chunk_size": 32}
-MOE = {"model.moe.n_experts": 4, "model.moe.top_k": 2}
+# 4 experts of a third of the dense MLP's width, top-2: total parameters match the dense
+# model's at 3 repeats, active ones are below it
+MOE = {"model.moe.n_experts": 4, "model.moe.top_k": 2, "model.moe.ffn_hidden": 64}
 GDN = {"model.gdn.n_heads": 2, "model.gdn.head_k_dim": 16, "model.gdn.head_v_dim": 16, "model.gdn.chunk_size": 16}
 MLA = {"model.mla.kv_lora_rank": 32, "model.mla.qk_nope_head_dim": 16, "model.mla.qk_rope_head_dim": 8,
        "model.mla.v_head_dim": 16}
@@ -114,7 +120,8 @@ def run(args) -> list[dict]:
     data = build_corpus(out)
     lm_base = {**COMMON, **LM, "data.path": str(data)}
     mq_base = {**COMMON, "data.task": "mqar", "model.vocab_size": args.mqar_vocab,
-               "data.seq_len": args.mqar_seq_len, "data.mqar.pairs": args.mqar_pairs}
+               "data.seq_len": args.mqar_seq_len, "data.mqar.pairs": args.mqar_pairs,
+               "train.global_batch": args.mqar_batch, "optim.lr": args.mqar_lr}
     target = n_params({**lm_base, "model.pattern": "*-", "model.n_layers": args.dense_layers})
     rows = []
     only = set(args.only.split(",")) if args.only else None
@@ -130,31 +137,47 @@ def run(args) -> list[dict]:
               f"(dense: {target})", flush=True)
         ov = {**ov, "model.n_layers": repeats}
         lm = train_once({**lm_base, **ov}, out / "runs" / f"lm_{name}", args.steps)
-        mq = train_once({**mq_base, **ov}, out / "runs" / f"mqar_{name}", args.steps)
+        mq = train_once({**mq_base, **ov}, out / "runs" / f"mqar_{name}", args.mqar_steps)
         rec, _ = checkpoint_recall(str(out / "runs" / f"mqar_{name}"), samples=256)
         row = {"arch": name, "pattern": ov["model.pattern"], "repeats": repeats, "params": params,
-               "tokens": lm["tokens"], "val_loss": lm["val_loss"], "mqar_val_loss": mq["val_loss"],
+               "tokens": lm["tokens"], "val_loss": lm["val_loss"], "mqar_tokens": mq["tokens"],
+               "mqar_val_loss": mq["val_loss"],
                "mqar_recall": rec["recall"], "mqar_chance": rec["chance"],
-               "minutes": (lm.get("seconds", 0) + mq.get("seconds", 0)) / 60}
+               "lm_minutes": lm.get("seconds", 0) / 60, "mqar_minutes": mq.get("seconds", 0) / 60}
         print(f"  held-out loss {row['val_loss']:.4f}, MQAR recall {row['mqar_recall']:.3f}", flush=True)
         rows.append(row)
     return rows
 
 
 def write_table(rows: list[dict], path: Path, args) -> str:
-    lines = [f"{args.steps} steps x 16 sequences for every run; text: seq 64, 512-token BPE; MQAR: "
-             f"{args.mqar_pairs} pairs, seq {args.mqar_seq_len}, vocab {args.mqar_vocab} "
-             f"(chance {rows[0]['mqar_chance']:.4f}); params: the text model's (the MQAR models differ "
-             f"only in the smaller embedding and head)", "",
-             "| arch | pattern | repeats | params | tokens | held-out loss | MQAR loss | MQAR recall | minutes |",
+    lines = [f"text: {args.steps} steps x 16 sequences of 64 tokens, 512-token BPE, lr 3e-3; MQAR: "
+             f"{args.mqar_steps} steps x {args.mqar_batch} sequences, lr {args.mqar_lr:g}, {args.mqar_pairs} pairs, "
+             f"seq {args.mqar_seq_len}, vocab {args.mqar_vocab} (chance {rows[0]['mqar_chance']:.4f}); "
+             f"params: the text model's (the MQAR models differ only in the smaller embedding and head); "
+             f"minutes: wall time of each training on a shared machine", "",
+             "| arch | pattern | repeats | params | text tokens | held-out loss | MQAR loss | MQAR recall "
+             "| minutes text / MQAR |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['arch']} | `{r['pattern']}` | {r['repeats']} | {r['params']:,} | {r['tokens']:,} | "
                      f"{r['val_loss']:.4f} | {r['mqar_val_loss']:.4f} | {r['mqar_recall']:.3f} | "
-                     f"{r['minutes']:.1f} |")
+                     f"{r['lm_minutes']:.1f} / {r['mqar_minutes']:.1f} |")
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
+
+
+def write_numbers(rows: list[dict], out: Path, args) -> None:
+    """The rows as JSON (with the settings) and CSV."""
+    import csv
+
+    (out / "sweep_arch.json").write_text(json.dumps({"settings": {k: v for k, v in vars(args).items()
+                                                                   if k not in ("out", "results", "only")},
+                                                      "rows": rows}, indent=1))
+    with open(out / "sweep_arch.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -190,12 +213,16 @@ def main() -> int:
     torch.set_num_threads(1)  # small models: more threads only spin on a shared CPU
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/bench_sweep_arch")
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--dense-layers", type=int, default=2, help="the dense reference's '*-' repeats")
+    ap.add_argument("--steps", type=int, default=300, help="text training steps")
+    ap.add_argument("--mqar-steps", type=int, default=600)
+    ap.add_argument("--mqar-batch", type=int, default=128)
+    ap.add_argument("--mqar-lr", type=float, default=3e-3)
+    ap.add_argument("--dense-layers", type=int, default=4, help="the dense reference's '*-' repeats")
     ap.add_argument("--mqar-pairs", type=int, default=4)
     ap.add_argument("--mqar-seq-len", type=int, default=32)
     ap.add_argument("--mqar-vocab", type=int, default=64)
     ap.add_argument("--only", default="", help="comma-separated candidate names")
+    ap.add_argument("--results", default="", help="also copy the table, numbers and plot to this directory")
     args = ap.parse_args()
     t0 = time.time()
     rows = run(args)
@@ -206,7 +233,14 @@ def main() -> int:
     print()
     print(write_table(rows, out / "table.md", args))
     plot(rows, out / "sweep_arch.png")
-    print(f"wrote {out / 'table.md'} and {out / 'sweep_arch.png'} ({(time.time() - t0) / 60:.1f} min)")
+    write_numbers(rows, out, args)
+    if args.results:
+        dest = Path(args.results)
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in ("table.md", "sweep_arch.png", "sweep_arch.json", "sweep_arch.csv"):
+            if (out / f).is_file():
+                shutil.copy(out / f, dest / (f if f.startswith("sweep") else "sweep_arch.md"))
+    print(f"wrote {out / 'table.md'}, sweep_arch.png/json/csv ({(time.time() - t0) / 60:.1f} min)")
     return 0
 
 
