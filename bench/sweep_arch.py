@@ -1,7 +1,7 @@
 """Architectures at (about) equal parameters and equal training tokens, on CPU: held-out loss on
 a small text corpus and MQAR recall after training on MQAR.
 
-    .venv/bin/python bench/sweep_arch.py [--steps 300] [--mqar-steps 600] [--out runs/bench_sweep_arch]
+    .venv/bin/python bench/sweep_arch.py [--steps 150] [--mqar-steps 200] [--out runs/bench_sweep_arch]
         [--only dense,ladder] [--results bench/results]
 
 Each candidate is a line of ``CANDIDATES`` (a name and config overrides); one this tree cannot
@@ -136,8 +136,12 @@ def run(args) -> list[dict]:
         print(f"{name}: pattern {ov['model.pattern']!r} x{repeats}, {params} parameters "
               f"(dense: {target})", flush=True)
         ov = {**ov, "model.n_layers": repeats}
-        lm = train_once({**lm_base, **ov}, out / "runs" / f"lm_{name}", args.steps)
-        mq = train_once({**mq_base, **ov}, out / "runs" / f"mqar_{name}", args.mqar_steps)
+        if args.task != "mqar":
+            lm = train_once({**lm_base, **ov}, out / "runs" / f"lm_{name}", args.steps)
+        if args.task != "lm":
+            mq = train_once({**mq_base, **ov}, out / "runs" / f"mqar_{name}", args.mqar_steps)
+        if args.task != "both":
+            continue
         rec, _ = checkpoint_recall(str(out / "runs" / f"mqar_{name}"), samples=256)
         row = {"arch": name, "pattern": ov["model.pattern"], "repeats": repeats, "params": params,
                "tokens": lm["tokens"], "val_loss": lm["val_loss"], "mqar_tokens": mq["tokens"],
@@ -213,19 +217,23 @@ def main() -> int:
     torch.set_num_threads(1)  # small models: more threads only spin on a shared CPU
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/bench_sweep_arch")
-    ap.add_argument("--steps", type=int, default=300, help="text training steps")
-    ap.add_argument("--mqar-steps", type=int, default=600)
-    ap.add_argument("--mqar-batch", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=150, help="text training steps")
+    ap.add_argument("--mqar-steps", type=int, default=200)
+    ap.add_argument("--mqar-batch", type=int, default=64)
     ap.add_argument("--mqar-lr", type=float, default=3e-3)
     ap.add_argument("--dense-layers", type=int, default=4, help="the dense reference's '*-' repeats")
     ap.add_argument("--mqar-pairs", type=int, default=4)
     ap.add_argument("--mqar-seq-len", type=int, default=32)
     ap.add_argument("--mqar-vocab", type=int, default=64)
     ap.add_argument("--only", default="", help="comma-separated candidate names")
+    ap.add_argument("--task", default="both", choices=("both", "lm", "mqar"),
+                    help="train only one half (parallel processes; a last run with both gathers)")
     ap.add_argument("--results", default="", help="also copy the table, numbers and plot to this directory")
     args = ap.parse_args()
     t0 = time.time()
     rows = run(args)
+    if args.task != "both":
+        return 0
     if not rows:
         print("no candidate could be built", file=sys.stderr)
         return 1

@@ -257,12 +257,13 @@ def _more_layouts() -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def more_layout_results(parity_tokens, tmp_path_factory):
+def more_layout_results(parity_tokens, tmp_path_factory, request):
     import parity
     from torchrun_jobs import run_jobs
 
+    wanted = {item.callspec.params.get("name") for item in request.session.items if hasattr(item, "callspec")}
     refs = parity.References(tmp_path_factory.mktemp("mtp_refs"), parity_tokens)
-    jobs = [{**j, "tokens": refs.tokens, "ref": str(refs.path(j))} for j in _more_layouts()]
+    jobs = [{**j, "tokens": refs.tokens, "ref": str(refs.path(j))} for j in _more_layouts() if j["name"] in wanted]
     out = {}
     for world in sorted({j["world"] for j in jobs}):
         batch = [j for j in jobs if j["world"] == world]
