@@ -94,8 +94,9 @@ def _config_of(run_dir: Path):
     return load_config(str(run_dir / "config.yaml"))
 
 
-def train_once(overrides: dict, run_dir: Path, steps: int) -> dict:
-    """Train (or reuse a finished run in ``run_dir``); the run's summary plus wall time."""
+def train_once(overrides: dict, run_dir: Path, steps: int, train_missing: bool = True) -> dict | None:
+    """Train (or reuse a finished run in ``run_dir``); the run's summary plus wall time (None
+    if unfinished and not ``train_missing``)."""
     from pretrain.train import train
 
     cfg = _config({**overrides, "logging.run_dir": str(run_dir), "train.steps": steps})
@@ -104,6 +105,8 @@ def train_once(overrides: dict, run_dir: Path, steps: int) -> dict:
         s = json.loads(summary_path.read_text())
         if s.get("steps") == steps and _config_of(run_dir).to_dict() == cfg.to_dict():
             return s
+    if not train_missing:
+        return None
     shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.perf_counter()
     s = train(cfg)
@@ -114,7 +117,6 @@ def train_once(overrides: dict, run_dir: Path, steps: int) -> dict:
 
 def run(args) -> list[dict]:
     from pretrain.errors import UserError
-    from pretrain.mqar_eval import checkpoint_recall
 
     out = Path(args.out)
     data = build_corpus(out)
@@ -136,36 +138,48 @@ def run(args) -> list[dict]:
         print(f"{name}: pattern {ov['model.pattern']!r} x{repeats}, {params} parameters "
               f"(dense: {target})", flush=True)
         ov = {**ov, "model.n_layers": repeats}
+        lm = mq = None
         if args.task != "mqar":
-            lm = train_once({**lm_base, **ov}, out / "runs" / f"lm_{name}", args.steps)
+            lm = train_once({**lm_base, **ov}, out / "runs" / f"lm_{name}", args.steps, args.task != "gather")
         if args.task != "lm":
-            mq = train_once({**mq_base, **ov}, out / "runs" / f"mqar_{name}", args.mqar_steps)
-        if args.task != "both":
+            mq = train_once({**mq_base, **ov}, out / "runs" / f"mqar_{name}", args.mqar_steps, args.task != "gather")
+        if args.task in ("lm", "mqar"):
             continue
-        rec, _ = checkpoint_recall(str(out / "runs" / f"mqar_{name}"), samples=256)
-        row = {"arch": name, "pattern": ov["model.pattern"], "repeats": repeats, "params": params,
-               "tokens": lm["tokens"], "val_loss": lm["val_loss"], "mqar_tokens": mq["tokens"],
-               "mqar_val_loss": mq["val_loss"],
-               "mqar_recall": rec["recall"], "mqar_chance": rec["chance"],
-               "lm_minutes": lm.get("seconds", 0) / 60, "mqar_minutes": mq.get("seconds", 0) / 60}
-        print(f"  held-out loss {row['val_loss']:.4f}, MQAR recall {row['mqar_recall']:.3f}", flush=True)
-        rows.append(row)
+        rows.append(make_row(name, ov, repeats, params, lm, mq, out))
     return rows
+
+
+def make_row(name: str, ov: dict, repeats: int, params: int, lm: dict | None, mq: dict | None, out: Path) -> dict:
+    """One table row (a half that has not finished: None values, noted)."""
+    from pretrain.mqar_eval import checkpoint_recall
+
+    rec = checkpoint_recall(str(out / "runs" / f"mqar_{name}"), samples=256)[0] if mq else {}
+    row = {"arch": name, "pattern": ov["model.pattern"], "repeats": repeats, "params": params,
+           "tokens": lm and lm["tokens"], "val_loss": lm and lm["val_loss"], "mqar_tokens": mq and mq["tokens"],
+           "mqar_val_loss": mq and mq["val_loss"], "mqar_recall": rec.get("recall"), "mqar_chance": rec.get("chance"),
+           "lm_minutes": lm and lm.get("seconds", 0) / 60, "mqar_minutes": mq and mq.get("seconds", 0) / 60}
+    print(f"  held-out loss {_fmt(row['val_loss'], '.4f')}, MQAR recall {_fmt(row['mqar_recall'], '.3f')}"
+          + ("" if lm and mq else " (unfinished runs: not trained in --task gather)"), flush=True)
+    return row
+
+
+def _fmt(v, spec: str) -> str:
+    return "not run" if v is None else format(v, spec)
 
 
 def write_table(rows: list[dict], path: Path, args) -> str:
     lines = [f"text: {args.steps} steps x 16 sequences of 64 tokens, 512-token BPE, lr 3e-3; MQAR: "
              f"{args.mqar_steps} steps x {args.mqar_batch} sequences, lr {args.mqar_lr:g}, {args.mqar_pairs} pairs, "
-             f"seq {args.mqar_seq_len}, vocab {args.mqar_vocab} (chance {rows[0]['mqar_chance']:.4f}); "
+             f"seq {args.mqar_seq_len}, vocab {args.mqar_vocab} (chance {1 / (args.mqar_vocab - args.mqar_vocab // 2):.4f}); "
              f"params: the text model's (the MQAR models differ only in the smaller embedding and head); "
              f"minutes: wall time of each training on a shared machine", "",
              "| arch | pattern | repeats | params | text tokens | held-out loss | MQAR loss | MQAR recall "
              "| minutes text / MQAR |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['arch']} | `{r['pattern']}` | {r['repeats']} | {r['params']:,} | {r['tokens']:,} | "
-                     f"{r['val_loss']:.4f} | {r['mqar_val_loss']:.4f} | {r['mqar_recall']:.3f} | "
-                     f"{r['lm_minutes']:.1f} / {r['mqar_minutes']:.1f} |")
+        lines.append(f"| {r['arch']} | `{r['pattern']}` | {r['repeats']} | {r['params']:,} | {_fmt(r['tokens'], ',')} | "
+                     f"{_fmt(r['val_loss'], '.4f')} | {_fmt(r['mqar_val_loss'], '.4f')} | "
+                     f"{_fmt(r['mqar_recall'], '.3f')} | {_fmt(r['lm_minutes'], '.1f')} / {_fmt(r['mqar_minutes'], '.1f')} |")
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
@@ -184,7 +198,7 @@ def write_numbers(rows: list[dict], out: Path, args) -> None:
         w.writerows(rows)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, chance: float) -> None:
     try:
         from pretrain.report import _pyplot
         plt = _pyplot()
@@ -193,12 +207,13 @@ def plot(rows: list[dict], path: Path) -> None:
         return
     names = [r["arch"] for r in rows]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    a1.bar(names, [r["val_loss"] for r in rows], color="tab:blue")
+    losses = [r["val_loss"] for r in rows if r["val_loss"] is not None]
+    a1.bar(names, [r["val_loss"] or 0 for r in rows], color="tab:blue")  # 0: not run
     a1.set_ylabel("held-out loss (text)")
-    lo = min(r["val_loss"] for r in rows)
-    a1.set_ylim(lo * 0.97, max(r["val_loss"] for r in rows) * 1.01)
-    a2.bar(names, [r["mqar_recall"] for r in rows], color="tab:orange")
-    a2.axhline(rows[0]["mqar_chance"], color="gray", ls="--", lw=1, label="chance")
+    if losses:
+        a1.set_ylim(min(losses) * 0.97, max(losses) * 1.01)
+    a2.bar(names, [r["mqar_recall"] or 0 for r in rows], color="tab:orange")
+    a2.axhline(chance, color="gray", ls="--", lw=1, label="chance")
     a2.set_ylabel("MQAR recall")
     a2.set_ylim(0, 1)
     a2.legend(fontsize=8)
@@ -226,13 +241,14 @@ def main() -> int:
     ap.add_argument("--mqar-seq-len", type=int, default=32)
     ap.add_argument("--mqar-vocab", type=int, default=64)
     ap.add_argument("--only", default="", help="comma-separated candidate names")
-    ap.add_argument("--task", default="both", choices=("both", "lm", "mqar"),
-                    help="train only one half (parallel processes; a last run with both gathers)")
+    ap.add_argument("--task", default="both", choices=("both", "lm", "mqar", "gather"),
+                    help="train only one half (parallel processes; a last run with both gathers); "
+                         "gather: train nothing, tabulate the finished runs")
     ap.add_argument("--results", default="", help="also copy the table, numbers and plot to this directory")
     args = ap.parse_args()
     t0 = time.time()
     rows = run(args)
-    if args.task != "both":
+    if args.task in ("lm", "mqar"):
         return 0
     if not rows:
         print("no candidate could be built", file=sys.stderr)
@@ -240,7 +256,7 @@ def main() -> int:
     out = Path(args.out)
     print()
     print(write_table(rows, out / "table.md", args))
-    plot(rows, out / "sweep_arch.png")
+    plot(rows, out / "sweep_arch.png", 1 / (args.mqar_vocab - args.mqar_vocab // 2))
     write_numbers(rows, out, args)
     if args.results:
         dest = Path(args.results)
