@@ -106,13 +106,30 @@ def train_once(overrides: dict, run_dir: Path, steps: int, train_missing: bool =
         if s.get("steps") == steps and _config_of(run_dir).to_dict() == cfg.to_dict():
             return s
     if not train_missing:
-        return None
+        return stopped_run(run_dir, cfg)
     shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.perf_counter()
     s = train(cfg)
     s["seconds"] = time.perf_counter() - t0
     summary_path.write_text(json.dumps(s, indent=1))
     return s
+
+
+def stopped_run(run_dir: Path, cfg) -> dict | None:
+    """A run of this config stopped early (SIGTERM: the trainer checkpoints at the next step
+    and exits): its steps and tokens so far (``partial``), or None if there is none."""
+    ckpts = sorted(run_dir.glob("checkpoints/step_*"), key=lambda p: int(p.name.split("_")[1]))
+    if not ckpts or not (run_dir / "config.yaml").is_file():
+        return None
+    keep = ("logging", "train")  # train.steps is the planned length, not the stopped one
+    if {k: v for k, v in _config_of(run_dir).to_dict().items() if k not in keep} != \
+            {k: v for k, v in cfg.to_dict().items() if k not in keep}:
+        return None
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    step = int(ckpts[-1].name.split("_")[1])
+    tokens = next((r["tokens"] for r in recs if r.get("step") == step), None)
+    return {"steps": step, "tokens": tokens, "val_loss": None, "partial": True,
+            "seconds": sum(r.get("step_time_s", 0) for r in recs if r.get("step", 0) <= step)}
 
 
 def run(args) -> list[dict]:
@@ -157,9 +174,12 @@ def make_row(name: str, ov: dict, repeats: int, params: int, lm: dict | None, mq
     row = {"arch": name, "pattern": ov["model.pattern"], "repeats": repeats, "params": params,
            "tokens": lm and lm["tokens"], "val_loss": lm and lm["val_loss"], "mqar_tokens": mq and mq["tokens"],
            "mqar_val_loss": mq and mq["val_loss"], "mqar_recall": rec.get("recall"), "mqar_chance": rec.get("chance"),
-           "lm_minutes": lm and lm.get("seconds", 0) / 60, "mqar_minutes": mq and mq.get("seconds", 0) / 60}
+           "lm_minutes": lm and lm.get("seconds", 0) / 60, "mqar_minutes": mq and mq.get("seconds", 0) / 60,
+           "lm_steps": lm and lm["steps"], "mqar_steps": mq and mq["steps"]}
     print(f"  held-out loss {_fmt(row['val_loss'], '.4f')}, MQAR recall {_fmt(row['mqar_recall'], '.3f')}"
-          + ("" if lm and mq else " (unfinished runs: not trained in --task gather)"), flush=True)
+          + ("" if lm and mq else " (unfinished runs: not trained in --task gather)")
+          + "".join(f" ({k} stopped at step {r['steps']})" for k, r in (("text", lm), ("MQAR", mq))
+                    if r and r.get("partial")), flush=True)
     return row
 
 
@@ -172,12 +192,14 @@ def write_table(rows: list[dict], path: Path, args) -> str:
              f"{args.mqar_steps} steps x {args.mqar_batch} sequences, lr {args.mqar_lr:g}, {args.mqar_pairs} pairs, "
              f"seq {args.mqar_seq_len}, vocab {args.mqar_vocab} (chance {1 / (args.mqar_vocab - args.mqar_vocab // 2):.4f}); "
              f"params: the text model's (the MQAR models differ only in the smaller embedding and head); "
-             f"minutes: wall time of each training on a shared machine", "",
-             "| arch | pattern | repeats | params | text tokens | held-out loss | MQAR loss | MQAR recall "
+             f"minutes: wall time of each training on a shared machine; steps: those run (fewer than "
+             f"planned: stopped early, recall from its last checkpoint, no held-out MQAR loss)", "",
+             "| arch | pattern | repeats | params | steps text / MQAR | held-out loss | MQAR loss | MQAR recall "
              "| minutes text / MQAR |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['arch']} | `{r['pattern']}` | {r['repeats']} | {r['params']:,} | {_fmt(r['tokens'], ',')} | "
+        lines.append(f"| {r['arch']} | `{r['pattern']}` | {r['repeats']} | {r['params']:,} | "
+                     f"{_fmt(r['lm_steps'], 'd')} / {_fmt(r['mqar_steps'], 'd')} | "
                      f"{_fmt(r['val_loss'], '.4f')} | {_fmt(r['mqar_val_loss'], '.4f')} | "
                      f"{_fmt(r['mqar_recall'], '.3f')} | {_fmt(r['lm_minutes'], '.1f')} / {_fmt(r['mqar_minutes'], '.1f')} |")
     text = "\n".join(lines) + "\n"
