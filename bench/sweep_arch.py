@@ -220,7 +220,7 @@ def write_numbers(rows: list[dict], out: Path, args) -> None:
         w.writerows(rows)
 
 
-def plot(rows: list[dict], path: Path, chance: float) -> None:
+def plot(rows: list[dict], path: Path, chance: float, equal: bool = True) -> None:
     try:
         from pretrain.report import _pyplot
         plt = _pyplot()
@@ -242,7 +242,8 @@ def plot(rows: list[dict], path: Path, chance: float) -> None:
     for ax in (a1, a2):
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
         ax.grid(alpha=0.3, axis="y")
-    fig.suptitle("equal parameters (approx.) and equal training tokens")
+    fig.suptitle("equal parameters (approx.) and equal training tokens" if equal else
+                 "equal parameters (approx.); some runs stopped early (steps in the table)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -278,7 +279,8 @@ def main() -> int:
     out = Path(args.out)
     print()
     print(write_table(rows, out / "table.md", args))
-    plot(rows, out / "sweep_arch.png", 1 / (args.mqar_vocab - args.mqar_vocab // 2))
+    equal = all(r["lm_steps"] == args.steps and r["mqar_steps"] == args.mqar_steps for r in rows)
+    plot(rows, out / "sweep_arch.png", 1 / (args.mqar_vocab - args.mqar_vocab // 2), equal)
     write_numbers(rows, out, args)
     if args.results:
         dest = Path(args.results)
