@@ -73,12 +73,12 @@ def worker(args) -> None:
     world = build_world(pcfg, rank, ws, 0, torch.device("cpu"))
     model = build_model(mc, init=False)
     n_params = sum(p.numel() for p in model.parameters())
-    pm = parallelize(model, pcfg, world, seed=0)
-    opt = torch.optim.AdamW([p for part in pm.parts for p in part.parameters()], lr=1e-4)
+    runner = parallelize(model, pcfg, world, seed=0)
+    opt = torch.optim.AdamW([p for part in runner.parts for p in part.parameters()], lr=1e-4)
     x = torch.randint(0, args.vocab, (1, 33), generator=torch.Generator().manual_seed(rank))
 
     def train_step():
-        pm.forward_backward([{"input_ids": x[:, :-1], "labels": x[:, 1:]}])
+        runner.forward_backward([{"input_ids": x[:, :-1], "labels": x[:, 1:]}])
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -88,7 +88,7 @@ def worker(args) -> None:
     for i in range(args.saves):
         dist.barrier()
         t0 = time.perf_counter()
-        ckpt.save_checkpoint(out / "sync", i + 1, pm.parts, opt, {"step": i + 1}, world, "{}", keep=1)
+        ckpt.save_checkpoint(out / "sync", i + 1, runner.parts, opt, {"step": i + 1}, world, "{}", keep=1)
         sync.append(time.perf_counter() - t0)
     saver = AsyncSaver(world, 600)
     before = rss_mb()
@@ -96,7 +96,7 @@ def worker(args) -> None:
     stalls, writes, phases = [], [], []
     for i in range(args.saves):
         dist.barrier()
-        saver.save(out / "async", i + 1, pm.parts, opt, {"step": i + 1}, "{}", None, 1)
+        saver.save(out / "async", i + 1, runner.parts, opt, {"step": i + 1}, "{}", None, 1)
         stalls.append(saver.last_stall_s)
         phases.append(saver.last_phases)
         train_step()  # training goes on while the write proceeds

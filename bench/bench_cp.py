@@ -97,7 +97,7 @@ def worker(spec: dict) -> dict:
     world = build_world(pcfg, rank, ws, 0, torch.device("cpu"))
     cfg = ModelConfig(vocab_size=512, d_model=spec["d_model"], n_layers=1, pattern="*-", n_heads=4,
                       n_kv_heads=2, max_seq_len=spec["seq"], doc_mask=spec["doc_mask"])
-    pm = parallelize(build_model(cfg, init=False), pcfg, world, seed=0)
+    runner = parallelize(build_model(cfg, init=False), pcfg, world, seed=0)
     batch = _batch(spec["seq"])
     comm = {"t": 0.0}
     orig_wait, orig_s2h, orig_h2s = ra._wait, ra._seq_to_heads, ra._heads_to_seq
@@ -112,8 +112,8 @@ def worker(spec: dict) -> dict:
         return inner
 
     ra._wait, ra._seq_to_heads, ra._heads_to_seq = timed(orig_wait), timed(orig_s2h), timed(orig_h2s)
-    mb = pm._to_device(batch)
-    act, loss = saved_bytes(lambda: pm._micro_loss(mb))
+    mb = runner._to_device(batch)
+    act, loss = saved_bytes(lambda: runner._micro_loss(mb))
     if spec["steps"] == 0:  # memory only
         ra._wait, ra._seq_to_heads, ra._heads_to_seq = orig_wait, orig_s2h, orig_h2s
         return {"act_bytes": act, "step_s": float("nan"), "exposed_share": float("nan")}
@@ -122,7 +122,7 @@ def worker(spec: dict) -> dict:
     for _ in range(spec["steps"] + 1):
         comm["t"] = 0.0
         t = time.perf_counter()
-        pm.forward_backward([batch])
+        runner.forward_backward([batch])
         dt = time.perf_counter() - t
         times.append(dt)
         shares.append(comm["t"] / dt)

@@ -71,9 +71,9 @@ def worker(args) -> dict:
         cfg = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, pattern="*-",
                           n_heads=args.heads, n_kv_heads=args.heads, max_seq_len=max(args.seq, args.prompt),
                           residual=mode)
-        pm = parallelize(build_model(cfg, init=False), pcfg, world, seed=0)
-        opt = build_optimizer(pm.parts, OptimConfig(lr=1e-4, warmup_steps=0))
-        built[mode] = (pm, opt)
+        runner = parallelize(build_model(cfg, init=False), pcfg, world, seed=0)
+        opt = build_optimizer(runner.parts, OptimConfig(lr=1e-4, warmup_steps=0))
+        built[mode] = (runner, opt)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, args.vocab, (1, args.prompt), generator=g)
     x = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g)
@@ -84,8 +84,8 @@ def worker(args) -> dict:
             built[mode][0].model(prompt)
 
     def train_step(mode):
-        pm, opt = built[mode]
-        pm.forward_backward(mb)
+        runner, opt = built[mode]
+        runner.forward_backward(mb)
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -48,10 +48,10 @@ def step_worker(args) -> None:
                        n_heads=args.d_model // 64, n_kv_heads=args.d_model // 64, max_seq_len=128)
     out = {}
     for name in ("adamw", "muon"):
-        pm = parallelize(build_model(mcfg, init=False), pcfg, world, seed=0)
-        opt = build_optimizer(pm.parts, OptimConfig(name=name, lr=1e-3))
+        runner = parallelize(build_model(mcfg, init=False), pcfg, world, seed=0)
+        opt = build_optimizer(runner.parts, OptimConfig(name=name, lr=1e-3))
         g = torch.Generator().manual_seed(rank)
-        for p in pm.parts[0].parameters():
+        for p in runner.parts[0].parameters():
             local = p.to_local() if hasattr(p, "to_local") else p
             grad = torch.randn(local.shape, generator=g)
             p.grad = type(p).from_local(grad, p.device_mesh, p.placements) if hasattr(p, "to_local") else grad

@@ -67,8 +67,8 @@ def worker(layout: dict, args) -> dict:
     world = build_world(pcfg, rank, ws, 0, torch.device("cpu"))
     cfg = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, pattern="*-",
                       n_heads=8, n_kv_heads=4, max_seq_len=args.seq)
-    pm = parallelize(build_model(cfg, init=False), pcfg, world, seed=0)
-    opt = build_optimizer(pm.parts, OptimConfig(lr=1e-3, warmup_steps=0))
+    runner = parallelize(build_model(cfg, init=False), pcfg, world, seed=0)
+    opt = build_optimizer(runner.parts, OptimConfig(lr=1e-3, warmup_steps=0))
     rows = args.batch // world.dp_size
     micro = max(rows // 2, 1)
     g = torch.Generator().manual_seed(0)
@@ -80,11 +80,11 @@ def worker(layout: dict, args) -> dict:
         if ws > 1:
             dist.barrier()
         t0 = time.perf_counter()
-        loss = pm.forward_backward(mbs)
-        pm.reduce_loss(loss)
-        pm.clip_grad_norm_(1.0)
-        mem = {"params": sum(_bytes(p) for part in pm.parts for p in part.parameters()),
-               "grads": sum(_bytes(p.grad) for part in pm.parts for p in part.parameters() if p.grad is not None)}
+        loss = runner.forward_backward(mbs)
+        runner.reduce_loss(loss)
+        runner.clip_grad_norm_(1.0)
+        mem = {"params": sum(_bytes(p) for part in runner.parts for p in part.parameters()),
+               "grads": sum(_bytes(p.grad) for part in runner.parts for p in part.parameters() if p.grad is not None)}
         opt.step()
         opt.zero_grad(set_to_none=True)
         if ws > 1:

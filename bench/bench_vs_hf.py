@@ -25,9 +25,9 @@ from models.transformer import build_model  # noqa: E402
 def hf_llama(cfg: ModelConfig):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    hc = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_dim,
+    hc = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_hidden_resolved,
                      num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-                     num_key_value_heads=cfg.kv_heads, max_position_embeddings=cfg.max_seq_len,
+                     num_key_value_heads=cfg.n_kv_heads_resolved, max_position_embeddings=cfg.max_seq_len,
                      rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=False,
                      attn_implementation="sdpa")
     return LlamaForCausalLM(hc)

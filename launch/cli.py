@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from launch import common
+from launch import jobs
 from pretrain import cliargs
 from pretrain.cliargs import Parser, integer
 from pretrain.errors import UserError
@@ -54,7 +54,7 @@ def main(argv: list[str]) -> int:
     args, overrides = p.parse_known_args(argv)
     if args.launcher is None:
         raise UserError("pretrain launch: choose a launcher: local, slurm or deepspeed")
-    job = common.parse_train_args(args.config, overrides)
+    job = jobs.parse_train_args(args.config, overrides)
     if args.launcher == "local":
         from launch import local
 
@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
         job.check_world(nproc)
         if not args.dry_run:
             job.check_run_dir_free()
-        return local.run(job, nproc, args.dry_run, common.parse_env(args.env))
+        return local.run(job, nproc, args.dry_run, jobs.parse_env(args.env))
     if args.launcher == "slurm":
         from launch import slurm
 
@@ -76,7 +76,7 @@ def main(argv: list[str]) -> int:
             job.check_world(args.nodes * (args.nproc_per_node or args.gpus_per_node or 1))
         if not args.dry_run and not any(o.startswith("--dependency") for o in args.sbatch):
             job.check_run_dir_free(wait=False)  # a double submit; --dependency orders the jobs
-        return slurm.run(args, job, common.parse_env(args.env))
+        return slurm.run(args, job, jobs.parse_env(args.env))
     from launch import deepspeed
 
     if not (args.include or args.exclude):

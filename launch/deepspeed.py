@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from launch.common import TrainJob, describe_status, env_with, python, shell_join
+from launch.jobs import TrainJob, describe_status, env_with, python, shell_join
 from pretrain.errors import UserError
 
 _HOST_LINE = re.compile(r"^([A-Za-z0-9_.:\-\[\]]+)\s+slots=(\d+)\s*$")

@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from launch.common import (STATUS_FILE_ENV, TrainJob, describe_status, env_with, final_status,
+from launch.jobs import (STATUS_FILE_ENV, TrainJob, describe_status, env_with, final_status,
                            shell_join, torchrun_cmd)
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)

@@ -32,7 +32,7 @@ import shlex
 import subprocess
 import time
 
-from launch.common import STATUS_FILE_ENV, TORCHRUN_SIGNALS, TrainJob, python
+from launch.jobs import STATUS_FILE_ENV, TORCHRUN_SIGNALS, TrainJob, python
 from pretrain.cliargs import sbatch_extra, sbatch_value
 from pretrain.errors import UserError
 

@@ -153,11 +153,11 @@ class ModelConfig:
 
     # ---- derived -----------------------------------------------------------------
     @property
-    def kv_heads(self) -> int:
+    def n_kv_heads_resolved(self) -> int:
         return self.n_kv_heads or self.n_heads
 
     @property
-    def dim_head(self) -> int:
+    def head_dim_resolved(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
 
     @property
@@ -165,10 +165,10 @@ class ModelConfig:
         """Dims per head RoPE rotates: MLA's decoupled key, else a fraction of the head (as HF)."""
         if self.attention == "mla":
             return self.mla.qk_rope_head_dim
-        return int(self.dim_head * self.partial_rotary_factor)
+        return int(self.head_dim_resolved * self.partial_rotary_factor)
 
     @property
-    def ffn_dim(self) -> int:
+    def ffn_hidden_resolved(self) -> int:
         if self.ffn_hidden:
             return self.ffn_hidden
         hidden = int(8 * self.d_model / 3)
@@ -225,10 +225,10 @@ class ModelConfig:
         if not self.head_dim:
             need(self.d_model % self.n_heads == 0, "n_heads",
                  f"{self.n_heads} heads do not divide d_model={self.d_model} (or set model.head_dim)")
-        need(self.dim_head % 2 == 0 or self.position != "rope", "head_dim",
-             f"head dim {self.dim_head} must be even for RoPE")
-        need(0 < self.kv_heads <= self.n_heads and self.n_heads % self.kv_heads == 0, "n_kv_heads",
-             f"{self.kv_heads} KV heads must divide n_heads={self.n_heads}")
+        need(self.head_dim_resolved % 2 == 0 or self.position != "rope", "head_dim",
+             f"head dim {self.head_dim_resolved} must be even for RoPE")
+        need(0 < self.n_kv_heads_resolved <= self.n_heads and self.n_heads % self.n_kv_heads_resolved == 0, "n_kv_heads",
+             f"{self.n_kv_heads_resolved} KV heads must divide n_heads={self.n_heads}")
         if self.attention == "mla" or self.qk_norm or self.attn_output_gate or self.partial_rotary_factor != 1:
             from models.mla import check_attention_options
 

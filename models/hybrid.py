@@ -2,8 +2,8 @@
 
 Attention heads and Mamba-2 heads read the same normalised input side by side; their
 outputs are concatenated ([attention | mamba]) and mixed by one ``out_proj``.
-Attention uses ``cfg.dim_head`` with ``cfg.hybrid.n_attn_heads`` query heads and
-``min(cfg.kv_heads, n_attn_heads)`` KV heads (reduced to a divisor of the query heads);
+Attention uses ``cfg.head_dim_resolved`` with ``cfg.hybrid.n_attn_heads`` query heads and
+``min(cfg.n_kv_heads_resolved, n_attn_heads)`` KV heads (reduced to a divisor of the query heads);
 the Mamba part is a ``Mamba2Mixer`` with ``cfg.hybrid.n_mamba_heads`` heads of
 ``cfg.mamba.head_dim`` and no projection of its own.
 
@@ -26,7 +26,7 @@ from models.mamba2 import Mamba2Mixer, check_ssm_params, mamba_flops_per_token
 
 def hybrid_kv_heads(cfg: ModelConfig) -> int:
     n_attn = cfg.hybrid.n_attn_heads
-    kv = min(cfg.kv_heads, n_attn)
+    kv = min(cfg.n_kv_heads_resolved, n_attn)
     return kv if n_attn % kv == 0 else math.gcd(n_attn, kv)
 
 
@@ -36,7 +36,7 @@ class HybridHeadsMixer(nn.Module):
         hc = cfg.hybrid
         if hc.n_attn_heads < 1 or hc.n_mamba_heads < 1:
             raise UserError("model.hybrid: n_attn_heads and n_mamba_heads must both be >= 1")
-        hd = cfg.dim_head
+        hd = cfg.head_dim_resolved
         self.head_dim = hd
         kv = hybrid_kv_heads(cfg)
         self.wq = nn.Linear(cfg.d_model, hc.n_attn_heads * hd, bias=cfg.qkv_bias)
@@ -81,7 +81,7 @@ def hybrid_attention_heads(cfg: ModelConfig) -> tuple[str, int, int]:
 def hybrid_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Forward FLOPs per token of one ``P`` mixer, counted as FlopCounterMode counts them
     (attention scores over the full S x S matrix, as its SDPA formula does)."""
-    hc, hd = cfg.hybrid, cfg.dim_head
+    hc, hd = cfg.hybrid, cfg.head_dim_resolved
     kv = hybrid_kv_heads(cfg)
     f = 2 * cfg.d_model * (hc.n_attn_heads + 2 * kv) * hd  # q, k, v
     f += 4 * seq_len * hc.n_attn_heads * hd  # QK^T and AV

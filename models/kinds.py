@@ -43,7 +43,7 @@ class SublayerKind:
     routed_experts: bool = False  # holds experts split over expert-parallel ranks
     # parameters of one sublayer a token does not use (MoE: the experts it is not routed to)
     inactive_params: Callable[[ModelConfig], int] | None = None
-    # the score FLOPs when its heads' dims are not ``cfg.dim_head`` (see ``score_flops``)
+    # the score FLOPs when its heads' dims are not ``cfg.head_dim_resolved`` (see ``score_flops``)
     scores: Callable[[ModelConfig, int], float] | None = None
 
     def score_flops(self, cfg: ModelConfig, seq_len: int) -> float:
@@ -73,19 +73,19 @@ _SHAPES: dict[tuple[str, str], dict[str, tuple[int, ...]]] = {}
 def attention_score_flops_per_token(cfg: ModelConfig, seq_len: int, n_heads: int | None = None) -> float:
     """QK^T and AV over the full S x S square (forward)."""
     h = cfg.n_heads if n_heads is None else n_heads
-    return 2 * 2 * seq_len * cfg.dim_head * h
+    return 2 * 2 * seq_len * cfg.head_dim_resolved * h
 
 
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int, n_heads: int | None = None) -> float:
-    d, hd = cfg.d_model, cfg.dim_head
+    d, hd = cfg.d_model, cfg.head_dim_resolved
     h = cfg.n_heads if n_heads is None else n_heads
-    kv = min(cfg.kv_heads, h)
+    kv = min(cfg.n_kv_heads_resolved, h)
     proj = 2 * d * hd * (2 * h + 2 * kv)  # q, o and k, v projections
     return proj + attention_score_flops_per_token(cfg, seq_len, h)
 
 
 def mlp_flops_per_token(cfg: ModelConfig) -> float:
-    return 2 * 3 * cfg.d_model * cfg.ffn_dim
+    return 2 * 3 * cfg.d_model * cfg.ffn_hidden_resolved
 
 
 def _attention_flops(cfg: ModelConfig, seq_len: int) -> float:
@@ -103,9 +103,9 @@ def _attention_scores(cfg: ModelConfig, seq_len: int) -> float:
 # ``*``: standard (MHA/GQA/MQA) attention or, with ``model.attention: mla``, DeepSeek's MLA
 ATTENTION = SublayerKind(
     "attention", "*", make_attention, _attention_flops,
-    attention_heads=lambda cfg: ("model.n_heads", cfg.n_heads, cfg.kv_heads), uses_rope=True,
+    attention_heads=lambda cfg: ("model.n_heads", cfg.n_heads, cfg.n_kv_heads_resolved), uses_rope=True,
     scores=_attention_scores)
-MLP_KIND = SublayerKind("mlp", "-", lambda cfg: MLP(cfg.d_model, cfg.ffn_dim),
+MLP_KIND = SublayerKind("mlp", "-", lambda cfg: MLP(cfg.d_model, cfg.ffn_hidden_resolved),
                         lambda cfg, seq_len: mlp_flops_per_token(cfg))
 MAMBA = SublayerKind("mamba", "M", Mamba2Mixer, lambda cfg, seq_len: mamba_flops_per_token(cfg, seq_len),
                      validate=check_mamba, recurrent=True)

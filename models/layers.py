@@ -18,7 +18,7 @@ from models.config import ModelConfig
 
 
 @dataclass
-class Context:
+class ForwardContext:
     """Per-forward side inputs shared by all sublayers."""
 
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin: [S, hd/2]
@@ -68,21 +68,21 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        hd = cfg.dim_head
+        hd = cfg.head_dim_resolved
         self.head_dim = hd
         # attn_output_gate: each head's q rows are followed by its gate rows ([q_h | g_h]), as
         # Qwen3-Next lays them out, so a column shard by heads keeps every gate with its head
         self.gated = cfg.attn_output_gate
         self.wq = nn.Linear(cfg.d_model, cfg.n_heads * hd * (2 if self.gated else 1), bias=cfg.qkv_bias)
-        self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * hd, bias=cfg.qkv_bias)
-        self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * hd, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads_resolved * hd, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads_resolved * hd, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=False)
         self.use_doc_mask = cfg.doc_mask
         # qk_norm: one RMSNorm over the head dim, shared by all heads (Qwen3)
         self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         B, S, _ = x.shape
         q = self.wq(x).view(B, S, -1, self.head_dim * (2 if self.gated else 1))
         if self.gated:
@@ -120,5 +120,5 @@ class MLP(nn.Module):
         self.w_up = nn.Linear(d_model, hidden, bias=False)
         self.w_down = nn.Linear(hidden, d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, ctx: Context | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
         return self.w_down(kernels.swiglu(self.w_gate(x), self.w_up(x)))

@@ -162,7 +162,7 @@ class Mamba2Mixer(nn.Module):
     def mix(self, u: torch.Tensor, doc_ids: torch.Tensor | None = None,
             cache: Mamba2Cache | None = None, shard=None) -> torch.Tensor:
         """Everything before ``out_proj``: [B, S, D] -> gated-normed SSD output [B, S, d_inner].
-        ``shard`` (``Context.recurrent_shard``): ``u`` holds pieces of longer sequences."""
+        ``shard`` (``ForwardContext.recurrent_shard``): ``u`` holds pieces of longer sequences."""
         if shard is not None:
             if cache is not None:
                 raise ValueError("a recurrent shard (context parallel) cannot prefill a cache")

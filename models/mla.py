@@ -29,7 +29,7 @@ from torch import nn
 
 import kernels
 from models.config import ModelConfig, UserError
-from models.layers import Attention, Context, RMSNorm
+from models.layers import Attention, ForwardContext, RMSNorm
 
 # transformers' DeepseekV3 builds q_a_layernorm / kv_a_layernorm with their default eps
 LATENT_NORM_EPS = 1e-6
@@ -59,9 +59,9 @@ def check_attention_options(cfg: ModelConfig) -> None:
         need("hybrid" not in kinds, "attention", "mla does not apply to 'P' sublayers; use attention: mha")
         return
     need(cfg.rope_dim >= 2 or not rope, "partial_rotary_factor",
-         f"{cfg.partial_rotary_factor} x head dim {cfg.dim_head} leaves no dims to rotate")
+         f"{cfg.partial_rotary_factor} x head dim {cfg.head_dim_resolved} leaves no dims to rotate")
     need(cfg.rope_dim % 2 == 0 or not rope, "partial_rotary_factor",
-         f"{cfg.partial_rotary_factor} x head dim {cfg.dim_head} = {cfg.rope_dim} dims must be even for RoPE")
+         f"{cfg.partial_rotary_factor} x head dim {cfg.head_dim_resolved} = {cfg.rope_dim} dims must be even for RoPE")
     need(cfg.partial_rotary_factor == 1 or "hybrid" not in kinds, "partial_rotary_factor",
          "not supported with 'P' sublayers")
 
@@ -103,7 +103,7 @@ class MLAttention(nn.Module):
             return self.wq(x)
         return self.wq_b(self.q_norm(self.wq_a(x)))
 
-    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         B, S, _ = x.shape
         q = self.project_q(x).view(B, S, -1, self.qk_dim)
         q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
@@ -121,7 +121,7 @@ class MLAttention(nn.Module):
         out = self.attend(q, k, v, ctx)
         return self.wo(out.reshape(B, S, -1))
 
-    def attend(self, q, k, v, ctx: Context) -> torch.Tensor:
+    def attend(self, q, k, v, ctx: ForwardContext) -> torch.Tensor:
         """Attention with value dim ``v_head_dim``. The context-parallel attention and the
         flash-attn path need one head dim for q, k and v: there v (or q and k) is padded with
         zeros, which changes neither the scores' scale (q is rescaled to keep 1/sqrt(qk_dim))
@@ -170,12 +170,12 @@ def kv_cache_elems_per_token(cfg: ModelConfig) -> dict[str, int]:
         if cfg.attention == "mla":
             per = cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim
         else:
-            per = 2 * cfg.kv_heads * cfg.dim_head
+            per = 2 * cfg.n_kv_heads_resolved * cfg.head_dim_resolved
         out["attention"] = n_attn * per
     if kinds.count("hybrid"):
         from models.hybrid import hybrid_kv_heads
 
-        out["hybrid"] = kinds.count("hybrid") * 2 * hybrid_kv_heads(cfg) * cfg.dim_head
+        out["hybrid"] = kinds.count("hybrid") * 2 * hybrid_kv_heads(cfg) * cfg.head_dim_resolved
     return out
 
 

@@ -293,7 +293,7 @@ def moe_metrics(model: nn.Module) -> dict[str, float]:
 # ---- sizes and FLOPs ----------------------------------------------------------------
 
 def expert_width(cfg: ModelConfig) -> int:
-    return cfg.moe.ffn_hidden or cfg.ffn_dim
+    return cfg.moe.ffn_hidden or cfg.ffn_hidden_resolved
 
 
 def _moe_params(cfg: ModelConfig, n_routed: int) -> int:

@@ -26,7 +26,7 @@ def upcycle_dense_state(dense_sd: dict, moe_cfg: ModelConfig, noise_std: float =
     """
     moe_cfg.validate()
     m, d = moe_cfg.moe, moe_cfg.d_model
-    h = m.ffn_hidden or moe_cfg.ffn_dim
+    h = m.ffn_hidden or moe_cfg.ffn_hidden_resolved
     moe_idx = [i for i, k in enumerate(moe_cfg.sublayer_kinds) if k == "moe"]
     prefixes = tuple(f"layers.{i}.mixer." for i in moe_idx)
     out = {k: v for k, v in dense_sd.items() if not k.startswith(prefixes)}

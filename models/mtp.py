@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from models.config import ModelConfig
-from models.layers import Context, RMSNorm
+from models.layers import ForwardContext, RMSNorm
 from models.transformer import Sublayer, join
 
 IGNORE_INDEX = -100
@@ -43,7 +43,7 @@ class MTPModule(nn.Module):
         self.layers = nn.ModuleDict({str(i): Sublayer(kind, cfg) for i, kind in enumerate(cfg.mtp_kinds)})
         self.norm = RMSNorm(d, cfg.norm_eps)
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         """(h^{k-1}, embeddings already shifted by k) -> (h^k, norm_k(h^k) for the head)."""
         x = self.proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
         for layer in self.layers.values():
@@ -64,7 +64,7 @@ def shift_left(x: torch.Tensor, k: int, fill) -> torch.Tensor:
     return torch.cat([x[:, k:], pad], dim=1)
 
 
-def mtp_losses(model: nn.Module, h: torch.Tensor, emb: torch.Tensor, ctx: Context,
+def mtp_losses(model: nn.Module, h: torch.Tensor, emb: torch.Tensor, ctx: ForwardContext,
                labels: torch.Tensor) -> list[torch.Tensor]:
     """Each depth's mean token loss; ``h`` is h^0, ``emb`` the unshifted input embeddings
     [B, S, d], ``labels`` the main labels [B, S] (``labels[i]`` = t_{i+1}). The head loss

@@ -12,7 +12,7 @@ Seams for ``parallel/`` (no-ops on one device):
 - ``stream_shards``: the stream holds ``1/stream_shards`` of each sequence's positions
   (sequence and context parallel split it), so ``make_context`` builds RoPE tables for
   the full length; ``context_hooks`` (``hook(ctx, seq_len, doc_ids) -> ctx``, in order)
-  give each forward's ``Context`` its parallel fields.
+  give each forward's ``ForwardContext`` its parallel fields.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch import nn
 import kernels
 from models import kinds
 from models.config import ModelConfig
-from models.layers import Context, RMSNorm, rope_tables
+from models.layers import ForwardContext, RMSNorm, rope_tables
 
 
 class Sublayer(nn.Module):
@@ -40,7 +40,7 @@ class Sublayer(nn.Module):
         self.mixer = record.factory(cfg)
         self.out_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.norm == "peri" else None
 
-    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         h = self.mixer(self.norm(x), ctx)
         if self.out_norm is not None:
             h = self.out_norm(h)
@@ -79,15 +79,15 @@ class LanguageModel(nn.Module):
             self.output.weight = self.tok_embeddings.weight
 
     # ---- forward ----------------------------------------------------------------
-    def make_context(self, seq_len: int, device, doc_ids: torch.Tensor | None) -> Context:
-        """The forward's Context for a stream of ``seq_len`` local positions."""
+    def make_context(self, seq_len: int, device, doc_ids: torch.Tensor | None) -> ForwardContext:
+        """The forward's ForwardContext for a stream of ``seq_len`` local positions."""
         seq_len *= self.stream_shards
         rope = None
         kinds_here = [l.kind for l in self.layers.values()] + (self.cfg.mtp_kinds if self.mtp is not None else [])
         if self.cfg.position == "rope" and any(kinds.KINDS[k].uses_rope for k in kinds_here):
             rope = rope_tables(self.cfg.rope_dim, seq_len, self.cfg.rope_theta, device,
                                scaling=self.cfg.rope_scaling, max_seq_len=self.cfg.max_seq_len)
-        ctx = Context(rope=rope, doc_ids=doc_ids)
+        ctx = ForwardContext(rope=rope, doc_ids=doc_ids)
         for hook in self.context_hooks:
             ctx = hook(ctx, seq_len, doc_ids)
         return ctx
@@ -139,7 +139,7 @@ class LanguageModel(nn.Module):
             h = join(h, pending)
         return self.norm(h)
 
-    def run_stack(self, h: torch.Tensor, ctx: Context, pending: torch.Tensor | None):
+    def run_stack(self, h: torch.Tensor, ctx: ForwardContext, pending: torch.Tensor | None):
         mode = self.cfg.residual
         items = list(self.layers.items())
         i = 0

@@ -14,10 +14,10 @@ from torch import nn
 from models.errors import UserError
 from parallel.config import ParallelConfig
 from parallel.fsdp import apply_data_parallel
-from parallel.head import make_fused_head, route_inputs
+from parallel.head import make_fused_head, accept_stage_inputs
 from parallel.init import is_meta, materialize
-from parallel.pipeline import PipelineModel
-from parallel.runner import ParallelModel
+from parallel.pipeline import PipelineRunner
+from parallel.runner import PlainRunner
 from parallel.world import World
 
 
@@ -73,8 +73,8 @@ def parallelize(model: nn.Module, pcfg: ParallelConfig, world: World, *, ac: str
                 ac_every: int = 2, compile: bool = False, z_loss: float = 0.0,
                 fused_loss: bool = False, autocast_dtype: torch.dtype | None = None,
                 seed: int = 0, stage_costs: tuple[list[float], float, float] | None = None
-                ) -> ParallelModel:
-    """Apply ``pcfg``'s layout to ``model`` for this rank and return the ParallelModel.
+                ) -> PlainRunner:
+    """Apply ``pcfg``'s layout to ``model`` for this rank and return the PlainRunner.
 
     ``model`` should be on the meta device (``build_model(..., init=False)``); it is then
     materialised on ``world.device`` and initialised from ``seed`` after sharding. An
@@ -90,7 +90,7 @@ def parallelize(model: nn.Module, pcfg: ParallelConfig, world: World, *, ac: str
     from parallel.context_parallel import make_cp_plan
 
     cp = make_cp_plan(world, pcfg.cp_mode, pcfg.sequence_parallel)
-    common = dict(z_loss=z_loss, fused_loss=fused_loss, autocast_dtype=autocast_dtype,
+    runner_kwargs = dict(z_loss=z_loss, fused_loss=fused_loss, autocast_dtype=autocast_dtype,
                   sequence_parallel=pcfg.sequence_parallel, cp=cp)
     if world.pp_size > 1:
         parts, stage_ids, n_stages = _split(model, pcfg, world, stage_costs)
@@ -101,9 +101,9 @@ def parallelize(model: nn.Module, pcfg: ParallelConfig, world: World, *, ac: str
         if meta:
             materialize(part, world.device, seed)
     if world.pp_size > 1:
-        return PipelineModel(parts, world, stage_ids=stage_ids, n_stages=n_stages,
-                             schedule=pcfg.pp_schedule, pp_microbatches=pcfg.pp_microbatches, **common)
-    return ParallelModel(parts, world, **common)
+        return PipelineRunner(parts, world, stage_ids=stage_ids, n_stages=n_stages,
+                             schedule=pcfg.pp_schedule, pp_microbatches=pcfg.pp_microbatches, **runner_kwargs)
+    return PlainRunner(parts, world, **runner_kwargs)
 
 
 def _split(model, pcfg, world, stage_costs):
@@ -156,4 +156,4 @@ def _parallelize_part(part, pcfg, world, ac, ac_every, compile, z_loss, fused_lo
 
         # expert parallel: experts FSDP-sharded over edp (and dp_replicate), not dp
         apply_data_parallel(part, world, pcfg, **expert_fsdp_options(part, world))
-    route_inputs(part)
+    accept_stage_inputs(part)

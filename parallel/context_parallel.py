@@ -7,9 +7,9 @@ global positions of the local tokens and document ids stay global, so documents 
 chunk boundaries freely.
 
 The model reaches CP through one seam: :func:`install_cp` adds a hook to the model's
-``context_hooks`` so that every forward's ``Context`` gets its CP fields from
+``context_hooks`` so that every forward's ``ForwardContext`` gets its CP fields from
 :func:`set_cp_context` (the one place that sets them): the RoPE tables of this rank's
-positions and ``Context.attention`` (ring or all-to-all attention over the cp group).
+positions and ``ForwardContext.attention`` (ring or all-to-all attention over the cp group).
 
 Loss: each rank's token loss is scaled by ``cp * n_local / n_global`` (n: non-ignored
 labels of the micro-batch, summed over cp), so that FSDP's gradient *mean* over the
@@ -176,7 +176,7 @@ def gather_doc_ids(doc_ids: torch.Tensor, plan: CPPlan) -> torch.Tensor:
 
 
 def set_cp_context(ctx, plan: CPPlan, doc_ids: torch.Tensor | None, seq_len: int, recurrent: bool = False):
-    """Set every per-forward context-parallel field of ``ctx`` (a ``models.layers.Context``
+    """Set every per-forward context-parallel field of ``ctx`` (a ``models.layers.ForwardContext``
     built for the global sequence length ``seq_len``): RoPE tables at this rank's global
     positions, ``ctx.attention``, the ring or all-to-all attention with the global document
     runs, and (``recurrent``: the model has Mamba-2 / ``P`` sublayers) ``ctx.recurrent_shard``,

@@ -28,7 +28,7 @@ single-device code (see ``Mamba2Mixer._mix_sharded``):
 ``shard.entering_states(finals, log_decays | transitions=, doc_reset)`` -> per piece [B, *state]
 
 Build one per batch with :func:`zigzag_shard` (or :class:`RecurrentShard` for another layout)
-and put it on the model's ``Context.recurrent_shard``.
+and put it on the model's ``ForwardContext.recurrent_shard``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The same single-device model is wrapped by a DeepSpeed engine with ZeRO stage 1, 2 or 3
 (``parallel.zero_stage``; ``parallel.offload_optimizer`` keeps the optimizer state in CPU
-memory) instead of FSDP2. The trainer sees a :class:`DeepSpeedModel`, a runner
+memory) instead of FSDP2. The trainer sees a :class:`DeepSpeedRunner`, a runner
 (``parallel.runner.Runner``) whose ``forward_backward`` runs the micro-batches through
 ``engine.backward`` (gradient accumulation and the ZeRO reduction are the engine's) and
 whose ``optimizer_step`` is ``engine.step`` (global-norm clipping to ``optim.grad_clip``,
@@ -33,9 +33,9 @@ from torch import nn
 from models.config import UserError
 from parallel.apply import apply_activation_checkpointing, apply_compile
 from parallel.config import ParallelConfig
-from parallel.head import make_fused_head, route_inputs
+from parallel.head import make_fused_head, accept_stage_inputs
 from parallel.init import is_meta, materialize
-from parallel.runner import ParallelModel, ReadCheckpoint, WriteCheckpoint, aux_losses
+from parallel.runner import PlainRunner, ReadCheckpoint, WriteCheckpoint, aux_losses
 from parallel.world import World
 
 STATE_DIR = "deepspeed"
@@ -81,7 +81,7 @@ def _import_deepspeed():
 def deepspeed_parallelize(model: nn.Module, pcfg: ParallelConfig, world: World, *, micro_batch: int,
                           accumulation: int, grad_clip: float, ac: str = "off", ac_every: int = 2,
                           compile: bool = False, z_loss: float = 0.0, fused_loss: bool = False,
-                          autocast_dtype: torch.dtype | None = None, seed: int = 0) -> "DeepSpeedModel":
+                          autocast_dtype: torch.dtype | None = None, seed: int = 0) -> "DeepSpeedRunner":
     """Prepare ``model`` as ``parallel.parallelize`` would (minus tp/pp/FSDP) for a DeepSpeed
     engine: the full model on every rank, identical initial weights from ``seed``. The layout
     passed ``check_layout`` before the process group started (``pretrain.layout_check``)."""
@@ -92,13 +92,13 @@ def deepspeed_parallelize(model: nn.Module, pcfg: ParallelConfig, world: World, 
         apply_compile(model)
     if is_meta(model):
         materialize(model, world.device, seed)
-    route_inputs(model)
-    return DeepSpeedModel(model, pcfg, world, micro_batch=micro_batch, accumulation=accumulation,
+    accept_stage_inputs(model)
+    return DeepSpeedRunner(model, pcfg, world, micro_batch=micro_batch, accumulation=accumulation,
                           grad_clip=grad_clip, z_loss=z_loss, fused_loss=fused_loss,
                           autocast_dtype=autocast_dtype)
 
 
-class DeepSpeedModel(ParallelModel):
+class DeepSpeedRunner(PlainRunner):
     """One model wrapped by a DeepSpeed ZeRO engine (created by :meth:`attach_optimizer`)."""
 
     def __init__(self, model: nn.Module, pcfg: ParallelConfig, world: World, *, micro_batch: int,
@@ -199,7 +199,7 @@ class DeepSpeedModel(ParallelModel):
         return norm, applied
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        raise RuntimeError("DeepSpeedModel clips inside optimizer_step()")
+        raise RuntimeError("DeepSpeedRunner clips inside optimizer_step()")
 
     @torch.no_grad()
     def eval_loss(self, batch: dict) -> tuple[torch.Tensor, int]:

@@ -1,6 +1,6 @@
 """Model entry/exit adapters applied from outside: how a (part of a) model is called.
 
-- :func:`route_inputs` lets every model part be called as ``part(x[, pending], doc_ids=...,
+- :func:`accept_stage_inputs` lets every model part be called as ``part(x[, pending], doc_ids=...,
   labels=...)``: a pipeline stage receives ``(stream, pending)`` positionally in ladder
   mode, and the loss head needs the labels.
 - :class:`FusedLossHead` turns the LM head into head + loss (``train.fused_loss``), so
@@ -58,6 +58,6 @@ def _route(module: nn.Module, args: tuple, kwargs: dict):
     return args, kwargs
 
 
-def route_inputs(model: nn.Module) -> None:
+def accept_stage_inputs(model: nn.Module) -> None:
     """Accept ``labels=`` and a positional ladder ``pending`` on ``model`` (a forward pre-hook)."""
     model.register_forward_pre_hook(_route, with_kwargs=True)

@@ -24,7 +24,7 @@ output joins the stream above k's input). So the boundary at sublayer k's input
 (:class:`_InputBoundary`, a pre-hook that also runs the norm on the replicated stream so
 the whole partial gradient is reduced once) issues the collective and returns no
 gradient; the reduced gradient is added by two identity nodes (:class:`_AddDeferred`)
-that the model's seam (``Context.grad_seam``, :class:`DeferredInputGrads`) places on
+that the model's seam (``ForwardContext.grad_seam``, :class:`DeferredInputGrads`) places on
 the stream and the pending output *before* sublayer k-1's forward. The autograd engine
 runs ready nodes newest-first, so those older nodes run, and wait, only after sublayer
 k-1's backward: the collective overlaps it. The first ladder sublayer of a stage (no
@@ -176,7 +176,7 @@ class _Slot:
 
 
 class DeferredInputGrads:
-    """Per-forward ``Context.grad_seam``: before ladder sublayer k, put identity nodes on the
+    """Per-forward ``ForwardContext.grad_seam``: before ladder sublayer k, put identity nodes on the
     stream and the pending output that will add sublayer k+1's reduced input gradient."""
 
     def __init__(self):

@@ -67,20 +67,20 @@ def take_mtp_loss(parts: list[nn.Module]) -> torch.Tensor | float:
     return total
 
 
-def mtp_metrics(pm, rec: dict) -> dict:
+def mtp_metrics(runner, rec: dict) -> dict:
     """``mtp_loss_k`` (mean over the step's micro-batches and data-parallel ranks) and the
     main loss: ``loss`` becomes the next-token loss alone (comparable with a run without
     MTP), ``loss_total`` the optimised objective. Collective: every rank calls it."""
-    cfg = pm.parts[0].cfg
+    cfg = runner.parts[0].cfg
     d = cfg.mtp_depth
     if not d:
         return {}
-    t = torch.zeros(d + 1, dtype=torch.float64, device=pm.world.device)
-    for part in pm.parts:
+    t = torch.zeros(d + 1, dtype=torch.float64, device=runner.world.device)
+    for part in runner.parts:
         stats = part.__dict__.pop("_mtp_stats", None)
         if stats is not None:
             t += stats.to(t)
-    if pm.world.distributed:
+    if runner.world.distributed:
         dist.all_reduce(t)  # ranks without the last stage add zeros; tp copies cancel in the ratio
     depth = (t[:d] / t[d].clamp(min=1)).tolist()
     out = {f"mtp_loss_{k + 1}": v for k, v in enumerate(depth)}

@@ -9,7 +9,7 @@ index) match the unsplit model and checkpoints move between layouts.
 Schedules: ``gpipe``, ``1f1b`` (one stage per rank), ``interleaved_1f1b``
 (``pp_virtual_stages`` stages per rank, looped placement) and ``zbv``
 (torch's ``ScheduleZBVZeroBubble``: two stages per rank in a V, backward split into
-input- and weight-gradient passes). :class:`PipelineModel` is the runner that steps
+input- and weight-gradient passes). :class:`PipelineRunner` is the runner that steps
 through them.
 """
 
@@ -25,7 +25,7 @@ from torch import nn
 from models.config import ModelConfig, UserError
 from parallel import tp as tp_mod
 from parallel.mtp import mtp_kwargs, take_mtp_loss
-from parallel.runner import ParallelModel, _local, aux_losses, check_pipeline_rows, pipeline_microbatches
+from parallel.runner import PlainRunner, _local, aux_losses, check_pipeline_rows, pipeline_microbatches
 
 
 def stages_per_rank(pcfg) -> int:
@@ -199,7 +199,7 @@ def build_schedule(name: str, stages: list, n_micro: int, loss_fn):
                           f"{name} schedule: {e}") from None
 
 
-def stage_union(parts: list[nn.Module]) -> nn.Module:
+def as_one_module(parts: list[nn.Module]) -> nn.Module:
     """One module over this rank's pipeline stages, with the whole model's parameter names
     (for APIs that take a single module, e.g. DCP's optimizer state dict)."""
     if len(parts) == 1:
@@ -214,7 +214,7 @@ def stage_union(parts: list[nn.Module]) -> nn.Module:
     return union
 
 
-class PipelineModel(ParallelModel):
+class PipelineRunner(PlainRunner):
     """Runs each step through a torch.distributed.pipelining schedule over this rank's stages.
 
     The trainer's micro-batches become the pipeline's micro-batches (or

@@ -2,9 +2,9 @@
 
 A runner is what the trainer sees: the model part(s) this rank holds, how to run one
 optimizer step over micro-batches, and what a checkpoint of it holds. :class:`Runner`
-lists the methods; ``ParallelModel`` implements them for ``parallel.parallelize``,
-``parallel.pipeline.PipelineModel`` runs its step through a pipeline schedule and
-``parallel.deepspeed_engine.DeepSpeedModel`` through a DeepSpeed engine. The trainer code
+lists the methods; ``PlainRunner`` implements them for ``parallel.parallelize``,
+``parallel.pipeline.PipelineRunner`` runs its step through a pipeline schedule and
+``parallel.deepspeed_engine.DeepSpeedRunner`` through a DeepSpeed engine. The trainer code
 is the same for every engine and layout.
 """
 
@@ -131,7 +131,7 @@ class Runner(ABC):
         ``read(parts, optimizer)``; returns the trainer state ``read`` returned."""
 
 
-class ParallelModel(Runner):
+class PlainRunner(Runner):
     """This rank's model part(s) and how to run one optimizer step over micro-batches."""
 
     def __init__(self, parts: list[nn.Module], world: World, *, z_loss: float = 0.0,
@@ -257,12 +257,12 @@ class ParallelModel(Runner):
         from models.moe import update_expert_biases
 
         w = self.world
-        dup = 1 if self.sequence_parallel else w.tp_size  # tp ranks without SP route the same tokens
+        token_copies = 1 if self.sequence_parallel else w.tp_size  # tp ranks without SP route the same tokens
 
         def all_reduce(t: torch.Tensor) -> torch.Tensor:
             if w.distributed:
                 dist.all_reduce(t, group=self._load_group)
-            return t / dup
+            return t / token_copies
 
         for part in self.parts:
             update_expert_biases(part, all_reduce)

@@ -188,7 +188,7 @@ class ReplicateOverTP(ParallelStyle):
 def _mixer_input(ctx: TPContext) -> PrepareModuleInput:
     # (x, ctx): x becomes one Replicate DTensor shared by all column-parallel linears, so
     # their input gradients are summed as DTensors and reduced once at this boundary.
-    # Context (rope tables, doc_ids) is per-sequence and already full on every rank.
+    # ForwardContext (rope tables, doc_ids) is per-sequence and already full on every rank.
     if ctx.input_boundary:  # already a Replicate DTensor (parallel/ladder.py)
         return PrepareModuleInput(input_layouts=(Replicate(), None),
                                   desired_input_layouts=(Replicate(), None), use_local_output=False)
@@ -217,14 +217,14 @@ def mha_plan(sub: nn.Module, ctx: TPContext) -> None:
     plan = _norms(sub, ctx)
     plan["mixer"] = _mixer_input(ctx)
     plan["mixer.wq"] = ColwiseParallel(use_local_output=True)
-    if cfg.kv_heads % tp == 0:
+    if cfg.n_kv_heads_resolved % tp == 0:
         plan["mixer.wk"] = ColwiseParallel(use_local_output=True)
         plan["mixer.wv"] = ColwiseParallel(use_local_output=True)
     else:  # tp > n_kv_heads: each rank's query heads share one KV head
         local_q = cfg.n_heads // tp
-        kv_head = (ctx.rank * local_q) // (cfg.n_heads // cfg.kv_heads)
-        plan["mixer.wk"] = ReplicatedKVHeads(kv_head, cfg.dim_head)
-        plan["mixer.wv"] = ReplicatedKVHeads(kv_head, cfg.dim_head)
+        kv_head = (ctx.rank * local_q) // (cfg.n_heads // cfg.n_kv_heads_resolved)
+        plan["mixer.wk"] = ReplicatedKVHeads(kv_head, cfg.head_dim_resolved)
+        plan["mixer.wv"] = ReplicatedKVHeads(kv_head, cfg.head_dim_resolved)
     plan["mixer.wo"] = sublayer_output(ctx)
     parallelize_module(sub, ctx.mesh, plan)
 
@@ -232,7 +232,7 @@ def mha_plan(sub: nn.Module, ctx: TPContext) -> None:
 def mha_check(cfg: ModelConfig, tp: int) -> None:
     if cfg.n_heads % tp:
         raise UserError(f"parallel.tp: {tp} does not divide model.n_heads={cfg.n_heads}")
-    kv = cfg.kv_heads
+    kv = cfg.n_kv_heads_resolved
     if kv % tp and tp % kv:
         raise UserError(f"parallel.tp: {tp} and model.n_kv_heads={kv} must divide one another")
 
@@ -247,8 +247,8 @@ def _mlp_plan(sub: nn.Module, ctx: TPContext) -> None:
 
 
 def _mlp_check(cfg: ModelConfig, tp: int) -> None:
-    if cfg.ffn_dim % tp:
-        raise UserError(f"parallel.tp: {tp} does not divide the MLP hidden size {cfg.ffn_dim} "
+    if cfg.ffn_hidden_resolved % tp:
+        raise UserError(f"parallel.tp: {tp} does not divide the MLP hidden size {cfg.ffn_hidden_resolved} "
                           f"(model.ffn_hidden)")
 
 

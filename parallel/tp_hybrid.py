@@ -82,7 +82,7 @@ def _hybrid_check(cfg: ModelConfig, tp: int) -> None:
 
 def _hybrid_plan(sub: nn.Module, ctx: TPContext) -> None:
     cfg, tp, r = ctx.cfg, ctx.size, ctx.rank
-    hc, hd = cfg.hybrid, cfg.dim_head
+    hc, hd = cfg.hybrid, cfg.head_dim_resolved
     plan = _norms(sub, ctx)
     plan["mixer"] = _mixer_input(ctx)
     plan["mixer.wq"] = ColwiseParallel(use_local_output=True)

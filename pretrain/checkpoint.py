@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from parallel.pipeline import stage_union
+from parallel.pipeline import as_one_module
 from pretrain.ckpt_safety import SafeLoadPlanner, SafeReader, load_tensors, read_dcp_metadata
 from pretrain.errors import UserError
 from pretrain.faults import maybe_kill
@@ -75,7 +75,7 @@ def _model_state(parts) -> dict:
 
 
 def _optim_state(parts, optimizer) -> dict:
-    return get_optimizer_state_dict(stage_union(parts), optimizer)
+    return get_optimizer_state_dict(as_one_module(parts), optimizer)
 
 
 def save_checkpoint(run_dir, step: int, parts, optimizer, trainer_state: dict, world,
@@ -165,7 +165,7 @@ def load_checkpoint(path: Path, parts, optimizer, world) -> dict:
     for part in parts:
         set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
     if optimizer is not None:
-        set_optimizer_state_dict(stage_union(parts), optimizer, state["optim"])
+        set_optimizer_state_dict(as_one_module(parts), optimizer, state["optim"])
     if rng_state is not None:
         _set_rng_state(rng_state)
     return read_trainer_state(path)

@@ -78,7 +78,7 @@ def upcycle_main(argv: list[str]) -> int:
     if not any(o.startswith("--model.pattern=") for o in overrides):
         overrides.append(f"--model.pattern={cfg.model.pattern.replace('-', 'E')}")
     if not any(o.startswith("--model.moe.ffn_hidden=") for o in overrides):
-        overrides.append(f"--model.moe.ffn_hidden={cfg.model.ffn_dim}")
+        overrides.append(f"--model.moe.ffn_hidden={cfg.model.ffn_hidden_resolved}")
     new_cfg = _config_with(cfg, overrides)
     from models.moe_upcycle import upcycle_dense_state
 

@@ -118,7 +118,7 @@ def _header(cfg, args, dev, recipe, wl) -> str:
 def _kv_cache_line(mc) -> str:
     from models.mla import kv_cache_bytes_per_token
 
-    kind = "MLA latent + rope key" if mc.attention == "mla" else f"K and V of {mc.kv_heads} KV heads"
+    kind = "MLA latent + rope key" if mc.attention == "mla" else f"K and V of {mc.n_kv_heads_resolved} KV heads"
     return (f"kv cache: {kv_cache_bytes_per_token(mc):,} bytes/token in bf16 over all layers "
             f"({kind} per attention layer)")
 

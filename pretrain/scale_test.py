@@ -258,7 +258,7 @@ def run_local(sweep: Sweep, points: list[tuple[Point, object]], quiet: bool,
     Each single-process point is a ``pretrain train`` subprocess (its own peak memory), or
     with ``in_process`` a call in this process (faster start; peak memory is then this
     process's high-water mark so far)."""
-    from launch.common import TrainJob
+    from launch.jobs import TrainJob
 
     failed = []
     for i, (point, cfg) in enumerate(points, 1):
@@ -325,7 +325,7 @@ def _train_in_process(cfg) -> int:
 def run_slurm(sweep: Sweep, points: list[tuple[Point, object]], dry_run: bool) -> None:
     """Submit the pending points as job arrays; each task runs the script
     ``pretrain launch slurm`` writes for that point."""
-    from launch import common, slurm
+    from launch import jobs, slurm
 
     groups: dict[tuple[int, int], list] = {}
     for point, cfg in points:
@@ -339,14 +339,14 @@ def run_slurm(sweep: Sweep, points: list[tuple[Point, object]], dry_run: bool) -
         except SystemExit:
             raise UserError(f"{sweep.path}: slurm: options not understood by `pretrain launch slurm`: "
                             f"{' '.join(sweep.slurm)}") from None
-        env = common.parse_env(args.env)
+        env = jobs.parse_env(args.env)
         scripts = []
         members = [(point, cfg) for point, cfg in members if not busy_elsewhere(point, cfg)]
         if not members:
             continue
         for point, cfg in members:
             cfg_path = write_point_config(cfg, point, sweep).resolve()
-            job = common.parse_train_args(str(cfg_path), [])
+            job = jobs.parse_train_args(str(cfg_path), [])
             path = job.run_dir / "slurm" / "point.sbatch"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(slurm.render(args, job, env))

@@ -106,15 +106,15 @@ def split_micro_batches(batch: dict, micro: int) -> list[dict]:
     return [{k: v[i:i + micro] for k, v in batch.items()} for i in range(0, rows, micro)]
 
 
-def evaluate(pm, batches) -> float:
+def evaluate(runner, batches) -> float:
     """Mean held-out token loss over ``batches`` (all data-parallel ranks)."""
-    pm.train(False)
+    runner.train(False)
     total = torch.zeros(2, dtype=torch.float64)
     for batch in batches:
-        loss_sum, n = pm.eval_loss(batch)
+        loss_sum, n = runner.eval_loss(batch)
         total += torch.tensor([float(loss_sum), float(n)], dtype=torch.float64)
-    pm.train(True)
-    pm.world.all_reduce(total)
+    runner.train(True)
+    runner.world.all_reduce(total)
     return (total[0] / total[1].clamp(min=1)).item()
 
 
@@ -156,7 +156,7 @@ class Run:
     run_dir: Path
     config_text: str  # the resolved config, as written to <run_dir>/config.yaml
     n_params: int
-    pm: Runner
+    runner: Runner
     optimizer: torch.optim.Optimizer
     scheduler: object
     train_data: object
@@ -187,7 +187,7 @@ def build_run(cfg: Config, world) -> Run:
     # multi-process layouts shard a meta-device model, then initialise each shard
     model = build_model(cfg.model, device=world.device, seed=cfg.train.seed, init=not world.distributed)
     n_params = model.num_params()
-    pm = build_model_runner(cfg, world, model)
+    runner = build_model_runner(cfg, world, model)
     train_data = build_data(cfg, world, run_dir, cfg.data.train_split)
     if train_data.meta.get("vocab_size", 0) > cfg.model.vocab_size:
         raise UserError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the data's "
@@ -196,13 +196,13 @@ def build_run(cfg: Config, world) -> Run:
 
     resume_from, init_weights = resolve_start(cfg, run_dir)  # never a silent fresh start
     if init_weights is not None:  # before the optimizer: an engine copies the weights it starts from
-        for part in pm.parts:
+        for part in runner.parts:
             ckpt.load_model_weights(init_weights, part)
-    optimizer = build_optimizer(pm.parts, cfg.optim,
+    optimizer = build_optimizer(runner.parts, cfg.optim,
                                 log=(lambda s: print(s, file=sys.stderr)) if world.is_main else None)
-    optimizer = pm.attach_optimizer(optimizer)
+    optimizer = runner.attach_optimizer(optimizer)
     scheduler = build_scheduler(optimizer, cfg.train.steps, cfg.optim)
-    return Run(cfg, world, run_dir, config_text, n_params, pm, optimizer, scheduler, train_data,
+    return Run(cfg, world, run_dir, config_text, n_params, runner, optimizer, scheduler, train_data,
                resume_from, init_weights)
 
 
@@ -230,7 +230,7 @@ def resume(run: Run) -> None:
     path = run.resume_from
     if path is None:
         return
-    state = run.pm.load_checkpoint(lambda parts, optimizer: ckpt.load_checkpoint(path, parts, optimizer, run.world),
+    state = run.runner.load_checkpoint(lambda parts, optimizer: ckpt.load_checkpoint(path, parts, optimizer, run.world),
                                    path, ckpt.saved_world_size(path))
     run.step, run.tokens = state["step"], state["tokens"]
     run.nan_skipped = state.get("nan_skipped", 0)
@@ -278,7 +278,7 @@ class TrainLoop:
             if run.cfg.checkpoint.hf_every:
                 self.export_hf(run.step)
             self.wait_for_saves()
-            self.val_loss = run_eval(run.cfg, run.pm, run.world, run.run_dir)
+            self.val_loss = run_eval(run.cfg, run.runner, run.world, run.run_dir)
         finally:
             self.watchdog.stop()
             self.stragglers.close()
@@ -295,13 +295,13 @@ class TrainLoop:
 
     def step(self) -> dict:
         """One optimizer step; returns its metrics record."""
-        run, tcfg, pm = self.run, self.run.cfg.train, self.run.pm
+        run, tcfg, runner = self.run, self.run.cfg.train, self.run.runner
         t0 = time.perf_counter()
         self.stragglers.begin_step()
         micro_batches = split_micro_batches(next(run.train_data), tcfg.micro_batch)
-        loss = step_faults(run.step + 1, lambda: pm.forward_backward(micro_batches))  # test-only
-        self.loss_val = loss_val = pm.reduce_loss(loss)
-        grad_norm, finite = pm.optimizer_step(run.cfg.optim.grad_clip, skip=not math.isfinite(loss_val))
+        loss = step_faults(run.step + 1, lambda: runner.forward_backward(micro_batches))  # test-only
+        self.loss_val = loss_val = runner.reduce_loss(loss)
+        grad_norm, finite = runner.optimizer_step(run.cfg.optim.grad_clip, skip=not math.isfinite(loss_val))
         if not finite and tcfg.nan_policy == "skip":
             run.nan_skipped += 1
         elif not finite:
@@ -317,8 +317,8 @@ class TrainLoop:
                "tokens": run.tokens, "tokens_per_sec": self.tokens_per_step / dt,
                "step_time_s": dt, "mfu": (self.flops_tok * self.tokens_per_step / dt / (self.peak * world.world_size))
                if self.peak else None, "memory_mb": peak_memory_mb(world.device), "nan_skipped": run.nan_skipped}
-        rec.update(pm.step_metrics())
-        rec.update(mtp_metrics(pm, rec))  # MTP: mtp_loss_k; `loss` = main loss, `loss_total`
+        rec.update(runner.step_metrics())
+        rec.update(mtp_metrics(runner, rec))  # MTP: mtp_loss_k; `loss` = main loss, `loss_total`
         rec.update(self.stragglers.step(run.step, dt))
         return rec
 
@@ -328,7 +328,7 @@ class TrainLoop:
         step, steps = run.step, cfg.train.steps
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < steps:
             with self.watchdog.suspended():
-                self.val_loss = run_eval(cfg, run.pm, run.world, run.run_dir)
+                self.val_loss = run_eval(cfg, run.runner, run.world, run.run_dir)
             rec["val_loss"] = self.val_loss
         if self.metrics:
             self.metrics.write(rec)
@@ -360,14 +360,14 @@ class TrainLoop:
                                         run.config_text, self.tok_path, keep, extra=extra)
 
         with self.watchdog.suspended():
-            return run.pm.save_checkpoint(write)
+            return run.runner.save_checkpoint(write)
 
     def export_hf(self, at_step: int) -> None:
         """checkpoint.hf_every: Hugging Face weights from the live (sharded) state."""
         from pretrain.hf.live_export import export_live
 
         run = self.run
-        with self.watchdog.suspended(), run.pm.checkpoint_parts() as parts:
+        with self.watchdog.suspended(), run.runner.checkpoint_parts() as parts:
             path = export_live(run.run_dir, at_step, parts, run.cfg, run.world, self.tok_path)
         self.progress.write(f"wrote Hugging Face weights to {path}")
 
@@ -395,13 +395,13 @@ def _agreed_signal(flag: PreemptionFlag, world) -> bool:
     return t.item() > 0
 
 
-def run_eval(cfg: Config, pm, world, run_dir: Path) -> float | None:
+def run_eval(cfg: Config, runner, world, run_dir: Path) -> float | None:
     from pretrain.data.loader import eval_batches
 
     if cfg.data.task == "mqar":
         from pretrain.data import mqar
 
-        return evaluate(pm, mqar.eval_batches(cfg, cfg.data.val_split, cfg.train.global_batch,
+        return evaluate(runner, mqar.eval_batches(cfg, cfg.data.val_split, cfg.train.global_batch,
                                               cfg.train.eval_batches, world.dp_rank, world.dp_size))
     try:
         batches = eval_batches(cfg.data, cfg.data.val_split, cfg.train.global_batch,
@@ -412,7 +412,7 @@ def run_eval(cfg: Config, pm, world, run_dir: Path) -> float | None:
         if world.is_main:
             print(f"warning: no held-out evaluation: {e}", file=sys.stderr)
         return None
-    return evaluate(pm, batches)
+    return evaluate(runner, batches)
 
 
 def train_main(cfg: Config) -> int:

@@ -107,12 +107,12 @@ def build(layout: dict, model: str, kw: dict):
     ws = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = build_world(pcfg, rank, ws, 0, torch.device("cpu"))
-    pm = parallelize(build_model(model_cfg(model), init=False), pcfg, world, seed=0, **kw)
-    opt = build_optimizer(pm.parts, OptimConfig(lr=3e-3, warmup_steps=0, weight_decay=0.1))
-    return pm, opt, world
+    runner = parallelize(build_model(model_cfg(model), init=False), pcfg, world, seed=0, **kw)
+    opt = build_optimizer(runner.parts, OptimConfig(lr=3e-3, warmup_steps=0, weight_decay=0.1))
+    return runner, opt, world
 
 
-def blockwise_attention(pm) -> None:
+def blockwise_attention(runner) -> None:
     """One process, attention through the ring's block arithmetic (one rank, no transfers):
     how far a different summation order alone moves the run (the noise floor)."""
     from kernels.reference import doc_segments
@@ -123,27 +123,27 @@ def blockwise_attention(pm) -> None:
             q, k, v, doc_segments(d) if d is not None else None, CPGroup(None))
         return ctx
 
-    for part in pm.parts:
+    for part in runner.parts:
         part.context_hooks.append(blockwise)
 
 
 def train(data: dict, layout: dict, model: str, steps: int, kw: dict | None = None,
           floor: bool = False) -> dict:
     """Loss per step, gradients after step 1 and final weights (full tensors by name)."""
-    pm, opt, world = build(layout, model, kw or {})
+    runner, opt, world = build(layout, model, kw or {})
     if floor:
-        blockwise_attention(pm)
+        blockwise_attention(runner)
     losses, grads = [], None
     for step in range(steps):
-        loss = pm.forward_backward(batches(data, step, world.dp_rank, world.dp_size))
-        losses.append(pm.reduce_loss(loss))
+        loss = runner.forward_backward(batches(data, step, world.dp_rank, world.dp_size))
+        losses.append(runner.reduce_loss(loss))
         if step == 0:
-            grads = named(pm.parts, grads=True)
-        pm.clip_grad_norm_(1.0)
+            grads = named(runner.parts, grads=True)
+        runner.clip_grad_norm_(1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        pm.after_optimizer_step()
-    return {"loss": losses, "grads": grads, "weights": named(pm.parts, grads=False)}
+        runner.after_optimizer_step()
+    return {"loss": losses, "grads": grads, "weights": named(runner.parts, grads=False)}
 
 
 def compare(got: dict, ref: dict) -> dict:
@@ -177,25 +177,25 @@ def resume_job(job: dict) -> dict:
     data = torch.load(job["tokens"])
     save_at, model = job["save_at"], job.get("model", "dense")
     if job.get("save") is not None:
-        pm, opt, world = build(job["save"], model, {})
+        runner, opt, world = build(job["save"], model, {})
         for step in range(save_at):
-            pm.forward_backward(batches(data, step, world.dp_rank, world.dp_size))
-            pm.clip_grad_norm_(1.0)
+            runner.forward_backward(batches(data, step, world.dp_rank, world.dp_size))
+            runner.clip_grad_norm_(1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        ckpt.save_checkpoint(job["dir"], save_at, pm.parts, opt, {"step": save_at}, world, "x: 1\n")
+        ckpt.save_checkpoint(job["dir"], save_at, runner.parts, opt, {"step": save_at}, world, "x: 1\n")
     if job.get("load") is None:
         return {}
-    pm, opt, world = build(job["load"], model, {})
-    ckpt.load_checkpoint(Path(job["dir"]) / "checkpoints" / f"step_{save_at}", pm.parts, opt, world)
+    runner, opt, world = build(job["load"], model, {})
+    ckpt.load_checkpoint(Path(job["dir"]) / "checkpoints" / f"step_{save_at}", runner.parts, opt, world)
     losses = []
     for step in range(save_at, job["steps"]):
-        losses.append(pm.reduce_loss(pm.forward_backward(batches(data, step, world.dp_rank, world.dp_size))))
-        pm.clip_grad_norm_(1.0)
+        losses.append(runner.reduce_loss(runner.forward_backward(batches(data, step, world.dp_rank, world.dp_size))))
+        runner.clip_grad_norm_(1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
     ref = torch.load(job["ref"])[model]
-    got = {"loss": losses, "weights": named(pm.parts, grads=False)}
+    got = {"loss": losses, "weights": named(runner.parts, grads=False)}
     worst = max(float((t - ref["weights"][n]).abs().max()) for n, t in got["weights"].items())
     return {"loss": losses, "want": ref["loss"][save_at:job["steps"]], "weights_diff": worst,
             "loss_diff": max(abs(a - b) for a, b in zip(losses, ref["loss"][save_at:]))}

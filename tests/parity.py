@@ -144,7 +144,7 @@ def refusal(job: dict, world_size: int) -> str | None:
 
 
 def build(job: dict):
-    """``(ParallelModel, optimizer, world)`` of ``job`` on the current process group (or one
+    """``(PlainRunner, optimizer, world)`` of ``job`` on the current process group (or one
     process without one), after the trainer's layout check (UserError if it refuses)."""
     import torch.distributed as dist
 
@@ -165,12 +165,12 @@ def build(job: dict):
     if pcfg.mixed_precision == "bf16":
         kw["autocast_dtype"] = torch.bfloat16
     model = build_model(model_cfg(job.get("family", "dense"), **job.get("model", {})), init=False)
-    pm = parallelize(model, pcfg, world, seed=0, **kw)
-    opt = build_optimizer(pm.parts, OptimConfig(lr=LR, warmup_steps=0, weight_decay=0.1))
-    return pm, opt, world
+    runner = parallelize(model, pcfg, world, seed=0, **kw)
+    opt = build_optimizer(runner.parts, OptimConfig(lr=LR, warmup_steps=0, weight_decay=0.1))
+    return runner, opt, world
 
 
-def gather_full(pm, what: str) -> dict[str, torch.Tensor]:
+def gather_full(runner, what: str) -> dict[str, torch.Tensor]:
     """This rank's parameters' full (gathered) gradients or values by canonical name, plus
     MoE expert biases for ``what == "weights"`` (every rank must call: DTensor gathers)."""
     from torch.distributed.tensor import DTensor
@@ -178,7 +178,7 @@ def gather_full(pm, what: str) -> dict[str, torch.Tensor]:
     from parallel.init import canonical_name
 
     out = {}
-    for part in pm.parts:
+    for part in runner.parts:
         for name, p in part.named_parameters():
             t = p.grad if what == "grads" else p
             if t is None:
@@ -210,11 +210,11 @@ def merge_ranks(local: dict) -> dict | None:
 
 
 @torch.no_grad()
-def perturb(pm, seed: int) -> None:
+def perturb(runner, seed: int) -> None:
     """Move every initial weight by about one float32 ulp (relative 2^-23, random sign): the
     same model up to rounding (one process only)."""
     g = torch.Generator().manual_seed(seed)
-    for part in pm.parts:
+    for part in runner.parts:
         for p in part.parameters():
             sign = torch.randint(0, 2, p.shape, generator=g).to(p.dtype) * 2 - 1
             p.mul_(1 + sign * 2.0 ** -23)
@@ -222,25 +222,25 @@ def perturb(pm, seed: int) -> None:
 
 def train(job: dict, micro: int | None = None, on_step=None, perturb_seed: int | None = None) -> dict:
     """Run ``job``: per-step loss and grad norm, step-1 gradients and final weights (on rank
-    0; None elsewhere). ``on_step(pm, step)`` runs after each backward (before clipping)."""
-    pm, opt, world = build(job)
+    0; None elsewhere). ``on_step(runner, step)`` runs after each backward (before clipping)."""
+    runner, opt, world = build(job)
     if perturb_seed is not None:
-        perturb(pm, perturb_seed)
+        perturb(runner, perturb_seed)
     micro = micro or job.get("micro", MICRO)
     losses, norms, grads = [], [], None
     for step in range(job.get("steps", STEPS)):
-        loss = pm.forward_backward(rank_batches(job["tokens"], step, world.dp_rank, world.dp_size, micro))
-        losses.append(pm.reduce_loss(loss))
+        loss = runner.forward_backward(rank_batches(job["tokens"], step, world.dp_rank, world.dp_size, micro))
+        losses.append(runner.reduce_loss(loss))
         if on_step is not None:
-            on_step(pm, step)
+            on_step(runner, step)
         if step == 0:
-            grads = merge_ranks(gather_full(pm, "grads"))
-        norms.append(float(pm.clip_grad_norm_(CLIP)))
+            grads = merge_ranks(gather_full(runner, "grads"))
+        norms.append(float(runner.clip_grad_norm_(CLIP)))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        pm.after_optimizer_step()
+        runner.after_optimizer_step()
     return {"loss": losses, "grad_norm": norms, "grads": grads,
-            "weights": merge_ranks(gather_full(pm, "weights"))}
+            "weights": merge_ranks(gather_full(runner, "weights"))}
 
 
 # ---- comparison ----------------------------------------------------------------------

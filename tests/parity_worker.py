@@ -59,10 +59,10 @@ def run_parity(job: dict) -> dict:
     if probe is not None:
         probe.active = True
 
-    def on_step(pm, step):
+    def on_step(runner, step):
         if probe is not None and step == 0:
             probe.active = False
-            for part in pm.parts:  # the gradients FSDP hands to the optimizer
+            for part in runner.parts:  # the gradients FSDP hands to the optimizer
                 for p in part.parameters():
                     if p.grad is not None:
                         probe.seen.add(f"grad:{p.grad.dtype}")

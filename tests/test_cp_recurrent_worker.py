@@ -27,7 +27,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import kernels  # noqa: E402
 from kernels.ssd import segment_ids  # noqa: E402
-from models.layers import Context, rope_tables  # noqa: E402
+from models.layers import ForwardContext, rope_tables  # noqa: E402
 from parallel.cp_recurrent import all_gather_autograd, zigzag_chunks, zigzag_shard  # noqa: E402
 
 SEQ, BATCH, LR = 128, 2, 3e-3
@@ -96,7 +96,7 @@ def forward_loss(model, batch: dict, cp: int, group) -> tuple[torch.Tensor, torc
                                                          for r in range(cp)]),
                  seg=local_slice(seg, cp, rank), seg_all=torch.cat([local_slice(seg, cp, r) for r in range(cp)], 1))
     cfg = model.cfg
-    ctx = Context(rope=rope_tables(cfg.dim_head, x.shape[1], cfg.rope_theta, positions=pos),
+    ctx = ForwardContext(rope=rope_tables(cfg.head_dim_resolved, x.shape[1], cfg.rope_theta, positions=pos),
                   doc_ids=ids, recurrent_shard=shard)
     h, _ = model.run_stack(model.tok_embeddings(x), ctx, None)
     logits = model.output(model.norm(h))

@@ -14,7 +14,7 @@ from conftest import tiny_overrides
 from kernels.gdn import flop_mapping, gated_delta_rule_chunked, gated_delta_rule_recurrent, l2norm
 from models.config import GDNConfig, ModelConfig, UserError
 from models.gdn import GatedDeltaNetMixer, from_hf_gdn, gdn_flops_per_token, to_hf_gdn
-from models.layers import Context
+from models.layers import ForwardContext
 from pretrain.metrics import read_metrics
 
 
@@ -133,7 +133,7 @@ def test_mixer_equals_transformers_qwen3_next(n_v_heads):
     assert all(torch.equal(back[k], t) for k, t in theirs.state_dict().items())
     x = torch.randn(2, 37, cfg.d_model, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        want, got = theirs(x), ours(x, Context())
+        want, got = theirs(x), ours(x, ForwardContext())
     # both fp32; their chunk form subtracts cumulative decays, ours sums segments: each is
     # ~1e-6 relative from an fp64 run of ours
     assert (got - want).abs().max() < 1e-5 * want.abs().max(), (got - want).abs().max()
@@ -152,9 +152,9 @@ def test_prefill_then_steps_equal_full_forward():
     cfg = _cfg()
     m = _mixer(cfg, torch.float64)
     x = torch.randn(2, 20, cfg.d_model, dtype=torch.float64)
-    full = m(x, Context())
+    full = m(x, ForwardContext())
     cache = m.allocate_cache(2)
-    head = m(x[:, :13], Context(), cache=cache)
+    head = m(x[:, :13], ForwardContext(), cache=cache)
     steps = torch.stack([m.step(x[:, t], cache) for t in range(13, 20)], 1)
     assert torch.allclose(torch.cat([head, steps], 1), full, atol=1e-10)
 
@@ -164,9 +164,9 @@ def test_conv_and_state_do_not_cross_documents():
     m = _mixer(cfg)
     x = torch.randn(1, 24, cfg.d_model)
     ids = torch.tensor([[0] * 9 + [1] * 15])
-    packed = m(x, Context(doc_ids=ids))
-    assert torch.allclose(packed[:, 9:], m(x[:, 9:], Context()), atol=1e-5)
-    assert torch.allclose(packed[:, :9], m(x[:, :9], Context()), atol=1e-5)
+    packed = m(x, ForwardContext(doc_ids=ids))
+    assert torch.allclose(packed[:, 9:], m(x[:, 9:], ForwardContext()), atol=1e-5)
+    assert torch.allclose(packed[:, :9], m(x[:, :9], ForwardContext()), atol=1e-5)
 
 
 @pytest.mark.parametrize("seq_len", [64, 50])
@@ -174,7 +174,7 @@ def test_flops_match_flop_counter(seq_len):
     cfg = _cfg()
     m = GatedDeltaNetMixer(cfg)
     with FlopCounterMode(display=False, custom_mapping=flop_mapping()) as fc:
-        m(torch.randn(2, seq_len, cfg.d_model), Context())
+        m(torch.randn(2, seq_len, cfg.d_model), ForwardContext())
     assert fc.get_total_flops() / (2 * seq_len) == pytest.approx(gdn_flops_per_token(cfg, seq_len), rel=1e-9)
 
 
@@ -230,10 +230,10 @@ def test_sharded_mixer_equals_whole_sequence(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
         for doc_ids in (None, ids):
-            want = m(x, Context(doc_ids=doc_ids))
+            want = m(x, ForwardContext(doc_ids=doc_ids))
             gw = torch.autograd.grad(want.square().sum(), list(m.parameters()))
             shard = RecurrentShard(dist.group.WORLD, [[0, 1, 2]], [10, 13, 14], doc_ids)
-            got = m(x, Context(doc_ids=doc_ids, recurrent_shard=shard))
+            got = m(x, ForwardContext(doc_ids=doc_ids, recurrent_shard=shard))
             gg = torch.autograd.grad(got.square().sum(), list(m.parameters()))
             assert (got - want).abs().max() < 1e-10
             assert max((a - b).abs().max() for a, b in zip(gg, gw)) < 1e-9

@@ -68,7 +68,7 @@ def max_diff(ours, theirs, x) -> float:
 
 
 def safetensors_in(out: Path) -> dict:
-    from pretrain.hf.common import read_hf_weights
+    from pretrain.hf.arch_io import read_hf_weights
 
     return read_hf_weights(out)
 
@@ -206,7 +206,7 @@ def test_import_transformers_llama(tmp_path):
     hf.save_pretrained(tmp_path / "llama")
     step0 = import_model(str(tmp_path / "llama"), str(tmp_path / "ckpt"))
     _, ours, _ = load_for_inference(str(step0))
-    assert ours.cfg.head_dim == 16 and ours.cfg.qkv_bias and ours.cfg.kv_heads == 2
+    assert ours.cfg.head_dim == 16 and ours.cfg.qkv_bias and ours.cfg.n_kv_heads_resolved == 2
     x = torch.randint(0, 128, (2, 20))
     assert max_diff(ours, hf, x) < 1e-4
 

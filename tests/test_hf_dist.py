@@ -54,18 +54,18 @@ def worker(out: Path) -> None:
     for name, layout in {**LAYOUTS, **LIVE_ONLY}.items():
         pcfg = ParallelConfig(**layout)
         world = build_world(pcfg, rank, ws, 0, torch.device("cpu"))
-        pm = parallelize(build_model(mc, init=False), pcfg, world, seed=3)
-        opt = torch.optim.AdamW([p for part in pm.parts for p in part.parameters()], lr=1e-2)
+        runner = parallelize(build_model(mc, init=False), pcfg, world, seed=3)
+        opt = torch.optim.AdamW([p for part in runner.parts for p in part.parameters()], lr=1e-2)
         for _ in range(2):  # both ranks see the same batch: fine for a weights round trip
-            pm.forward_backward([{"input_ids": x[:, :-1], "labels": x[:, 1:]}])
+            runner.forward_backward([{"input_ids": x[:, :-1], "labels": x[:, 1:]}])
             opt.step()
             opt.zero_grad(set_to_none=True)
-        save_checkpoint(out / name, 2, pm.parts, opt, {"step": 2}, world, text)
-        export_live(out / name, 2, pm.parts, cfg, world, None, max_shard_size="40KB")
+        save_checkpoint(out / name, 2, runner.parts, opt, {"step": 2}, world, text)
+        export_live(out / name, 2, runner.parts, cfg, world, None, max_shard_size="40KB")
         if name in LIVE_ONLY:
             continue
         with torch.no_grad():
-            logits = pm.model(x)
+            logits = runner.model(x)
         if isinstance(logits, DTensor):
             logits = logits.full_tensor()
         if rank == 0:

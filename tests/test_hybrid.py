@@ -62,10 +62,10 @@ def test_hybrid_equals_attention_plus_mamba_with_split_out_proj(with_docs):
     cfg = _cfg()
     model = build_model(cfg, seed=3)
     hyb = model.layers["0"].mixer
-    acfg = dataclasses.replace(cfg, n_heads=2, n_kv_heads=hybrid_kv_heads(cfg), head_dim=cfg.dim_head)
+    acfg = dataclasses.replace(cfg, n_heads=2, n_kv_heads=hybrid_kv_heads(cfg), head_dim=cfg.head_dim_resolved)
     attn = Attention(acfg)
     mamba = Mamba2Mixer(cfg, n_heads=4)
-    d_attn = 2 * cfg.dim_head
+    d_attn = 2 * cfg.head_dim_resolved
     W = hyb.out_proj.weight.detach()
     with torch.no_grad():
         for n in ("wq", "wk", "wv"):

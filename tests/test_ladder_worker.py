@@ -26,19 +26,19 @@ def run_counted(layout: dict, steps: int, model_kw: dict | None = None, **kw) ->
     """Per-step loss and grad norm, plus per-step issued/pending async reductions."""
     from parallel import ladder
 
-    pm, opt, world = W.build(layout, model_kw, **kw)
+    runner, opt, world = W.build(layout, model_kw, **kw)
     losses, norms, issued, grad_issued, pending, trace = [], [], [], [], [], None
     ladder.TRACE = []
     for step in range(steps):
         ladder.reset_counts()
-        loss = pm.forward_backward(W.rank_batches(step, world))
-        losses.append(pm.reduce_loss(loss))
+        loss = runner.forward_backward(W.rank_batches(step, world))
+        losses.append(runner.reduce_loss(loss))
         issued.append(ladder.counts()["issued"])
         grad_issued.append(ladder.counts()["grad_issued"])
         pending.append(ladder.pending())
         if trace is None:
             trace = list(ladder.TRACE)
-        norms.append(float(pm.clip_grad_norm_(0.5)))
+        norms.append(float(runner.clip_grad_norm_(0.5)))
         opt.step()
         opt.zero_grad(set_to_none=True)
     ladder.TRACE = None

@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from kernels.ssd import (causal_conv1d_ref, segment_ids, ssd, ssd_chunked, ssd_flops,
                          ssd_recurrent)
 from models.config import MambaConfig, ModelConfig
-from models.layers import Context
+from models.layers import ForwardContext
 from models.mamba2 import Mamba2Mixer, from_hf_mamba2, mamba_flops_per_token, to_hf_mamba2
 from models.transformer import build_model
 
@@ -157,7 +157,7 @@ def test_mixer_forward_equals_step_decoding_and_prefill(dt_limit):
     m = _mixer(n_groups=2, chunk_size=8, dt_limit=dt_limit)
     x = torch.randn(2, 21, 32)
     with torch.no_grad():
-        y = m(x, Context())
+        y = m(x, ForwardContext())
         cache = m.allocate_cache(2)
         steps = torch.cat([m.step(x[:, t:t + 1], cache) for t in range(21)], dim=1)
         torch.testing.assert_close(steps, y, rtol=1e-4, atol=1e-5)
@@ -173,18 +173,18 @@ def test_mixer_packed_documents_do_not_mix():
     x = torch.randn(1, 19, 32)
     doc = torch.tensor([[0] * 6 + [1] * 2 + [2] * 11])
     with torch.no_grad():
-        packed = m(x, Context(doc_ids=doc))
-        sep = torch.cat([m(x[:, s:e], Context()) for s, e in ((0, 6), (6, 8), (8, 19))], 1)
+        packed = m(x, ForwardContext(doc_ids=doc))
+        sep = torch.cat([m(x[:, s:e], ForwardContext()) for s, e in ((0, 6), (6, 8), (8, 19))], 1)
         torch.testing.assert_close(packed, sep, rtol=1e-4, atol=1e-5)
         # prefill over packed documents leaves only the last one's state in the cache
         cache = m.allocate_cache(1)
-        m(x[:, :12], Context(doc_ids=doc[:, :12]), cache=cache)
+        m(x[:, :12], ForwardContext(doc_ids=doc[:, :12]), cache=cache)
         tail = torch.stack([m.step(x[:, t], cache) for t in range(12, 19)], 1)
         torch.testing.assert_close(tail, sep[:, 12:], rtol=1e-4, atol=1e-5)
     # with doc_reset off the documents do mix
     m.mamba_cfg.doc_reset = False
     with torch.no_grad():
-        assert not torch.allclose(m(x, Context(doc_ids=doc)), sep, atol=1e-3)
+        assert not torch.allclose(m(x, ForwardContext(doc_ids=doc)), sep, atol=1e-3)
 
 
 def test_mixer_matches_hugging_face_mamba2():
@@ -204,7 +204,7 @@ def test_mixer_matches_hugging_face_mamba2():
     ours.load_state_dict(from_hf_mamba2(hf.state_dict()))
     x = torch.randn(2, 21, 32)
     with torch.no_grad():
-        torch.testing.assert_close(ours(x, Context()), hf(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours(x, ForwardContext()), hf(x), rtol=1e-4, atol=1e-5)
     back = to_hf_mamba2(ours.state_dict())
     assert set(back) == set(hf.state_dict())
     assert all(torch.equal(back[k], v) for k, v in hf.state_dict().items())
@@ -212,7 +212,7 @@ def test_mixer_matches_hugging_face_mamba2():
 
 def test_mixer_grad_flows_to_every_parameter():
     m = _mixer()
-    m(torch.randn(2, 13, 32), Context(doc_ids=torch.tensor([[0] * 6 + [1] * 7] * 2))).square().mean().backward()
+    m(torch.randn(2, 13, 32), ForwardContext(doc_ids=torch.tensor([[0] * 6 + [1] * 7] * 2))).square().mean().backward()
     for name, p in m.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
@@ -222,7 +222,7 @@ def test_flops_match_flop_counter(seq_len):
     cfg = _mixer_cfg(chunk_size=16)
     m = Mamba2Mixer(cfg)
     with FlopCounterMode(display=False) as fc:
-        m(torch.randn(2, seq_len, 32), Context())
+        m(torch.randn(2, seq_len, 32), ForwardContext())
     measured = fc.get_total_flops() / (2 * seq_len)
     assert measured == pytest.approx(mamba_flops_per_token(cfg, seq_len), rel=0.02)
     assert ssd_flops(2, seq_len, 8, 8, 2, 8, 16) > 0

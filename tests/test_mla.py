@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models.config import MLAConfig, ModelConfig, RopeScalingConfig, UserError
-from models.layers import Attention, Context, rope_tables
+from models.layers import Attention, ForwardContext, rope_tables
 from models.mla import MLAttention, kv_cache_bytes_per_token, mla_flops_per_token
 
 transformers = pytest.importorskip("transformers")
@@ -84,7 +84,7 @@ def test_mla_equals_deepseek_v3(q_lora_rank, yarn):
     x = torch.randn(B, S, 64, generator=torch.Generator().manual_seed(2))
     cos, sin = DeepseekV3RotaryEmbedding(hcfg)(x, torch.arange(S)[None])
     want = hf(x, (cos, sin), causal_mask(S))[0]
-    ctx = Context(rope=rope_tables(cfg.rope_dim, S, theta, scaling=cfg.rope_scaling, max_seq_len=32))
+    ctx = ForwardContext(rope=rope_tables(cfg.rope_dim, S, theta, scaling=cfg.rope_scaling, max_seq_len=32))
     got = ours(x, ctx)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
     # the CP / flash-attn path (q, k, v padded to one head dim) computes the same
@@ -112,7 +112,7 @@ def test_qk_norm_equals_qwen3():
             getattr(ours, a).weight.copy_(getattr(hf, b).weight)
     x = torch.randn(B, S, 64, generator=torch.Generator().manual_seed(4))
     want = hf(x, Qwen3RotaryEmbedding(hcfg)(x, torch.arange(S)[None]), causal_mask(S))[0]
-    got = ours(x, Context(rope=rope_tables(cfg.rope_dim, S, 10000.0)))
+    got = ours(x, ForwardContext(rope=rope_tables(cfg.rope_dim, S, 10000.0)))
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
@@ -139,7 +139,7 @@ def test_gate_and_partial_rotary_equal_qwen3_next():
         ours.k_norm.weight.copy_(1 + hf.k_norm.weight)
     x = torch.randn(B, S, 64, generator=torch.Generator().manual_seed(6))
     want = hf(x, Qwen3NextRotaryEmbedding(hcfg)(x, torch.arange(S)[None]), causal_mask(S))[0]
-    got = ours(x, Context(rope=rope_tables(cfg.rope_dim, S, 10000.0)))
+    got = ours(x, ForwardContext(rope=rope_tables(cfg.rope_dim, S, 10000.0)))
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 

@@ -87,17 +87,17 @@ def test_runner_loss_and_gradients_match_the_model():
 
     cfg = ModelConfig(**TINY, mtp_depth=2)
     x, labels, doc_ids = _batch()
-    pm = parallelize(build_model(cfg), ParallelConfig(), build_world(ParallelConfig(), 0, 1, 0, torch.device("cpu")))
-    loss = pm.forward_backward([{"input_ids": x, "labels": labels, "doc_ids": doc_ids}])
+    runner = parallelize(build_model(cfg), ParallelConfig(), build_world(ParallelConfig(), 0, 1, 0, torch.device("cpu")))
+    loss = runner.forward_backward([{"input_ids": x, "labels": labels, "doc_ids": doc_ids}])
     model = build_model(cfg)
     logits = model(x, doc_ids, mtp_labels=labels)
     want = F.cross_entropy(logits.flatten(0, 1), labels.flatten()) + model.mtp_loss
     assert abs(float(loss) - float(want.detach())) < 1e-5
-    grads = {n: p.grad for n, p in pm.model.named_parameters()}
+    grads = {n: p.grad for n, p in runner.model.named_parameters()}
     assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("mtp."))
     from parallel.mtp import mtp_metrics
 
-    m = mtp_metrics(pm, {"loss": float(loss)})
+    m = mtp_metrics(runner, {"loss": float(loss)})
     assert abs(m["loss"] - float(F.cross_entropy(logits.flatten(0, 1), labels.flatten()))) < 1e-5
     assert m["loss_total"] == float(loss) and set(m) == {"mtp_loss_1", "mtp_loss_2", "loss", "loss_total"}
 
@@ -219,7 +219,7 @@ def test_dry_run_counts_match_the_planner(layout):
 def test_last_stage_without_attention_still_gets_rope():
     """Pipeline split with the stack's attention all on the first stage: the last stage's
     MTP block still attends with RoPE (stages run in one process, no schedule)."""
-    from parallel.head import route_inputs
+    from parallel.head import accept_stage_inputs
     from parallel.init import materialize
     from parallel.pipeline import build_stage_model
 
@@ -230,7 +230,7 @@ def test_last_stage_without_attention_still_gets_rope():
     first, last = build_stage_model(meta, [0, 1, 2], True, False), build_stage_model(meta, [3], False, True)
     for part in (first, last):
         materialize(part, torch.device("cpu"), 0)
-        route_inputs(part)
+        accept_stage_inputs(part)
     assert [l.kind for l in last.layers.values()] == ["mlp"]
     want = full(x, doc_ids=doc_ids, mtp_labels=labels)
     got = last(*first(x, doc_ids=doc_ids, mtp_labels=labels), doc_ids=doc_ids, mtp_labels=labels)

@@ -32,10 +32,10 @@ def moe_model_cfg(preset: str):
     return W.model_cfg(pattern=moe["pattern"], moe=MoEConfig(**moe["moe"]))
 
 
-def _biases(pm) -> dict[str, list[float]]:
+def _biases(runner) -> dict[str, list[float]]:
     from models.moe import moe_layers
 
-    return {n: m.expert_bias.tolist() for part in pm.parts for n, m in moe_layers(part)}
+    return {n: m.expert_bias.tolist() for part in runner.parts for n, m in moe_layers(part)}
 
 
 def _build(layout: dict, preset: str):
@@ -45,9 +45,9 @@ def _build(layout: dict, preset: str):
     from pretrain.optim import build_optimizer
 
     pcfg, world = W.make_world(layout)
-    pm = parallelize(build_model(moe_model_cfg(preset), init=False), pcfg, world, seed=0)
-    opt = build_optimizer(pm.parts, OptimConfig(lr=3e-3, warmup_steps=0, weight_decay=0.1))
-    return pm, opt, world
+    runner = parallelize(build_model(moe_model_cfg(preset), init=False), pcfg, world, seed=0)
+    opt = build_optimizer(runner.parts, OptimConfig(lr=3e-3, warmup_steps=0, weight_decay=0.1))
+    return runner, opt, world
 
 
 def rank_batches(step: int, world, micro: int = W.MICRO) -> list[dict]:
@@ -58,39 +58,39 @@ def rank_batches(step: int, world, micro: int = W.MICRO) -> list[dict]:
     return [{k: v[i:i + micro] for k, v in b.items()} for i in range(0, n, micro)]
 
 
-def _train(pm, opt, world, start: int, stop: int, micro: int = W.MICRO) -> dict:
+def _train(runner, opt, world, start: int, stop: int, micro: int = W.MICRO) -> dict:
     import torch.distributed as dist
 
     losses, norms, biases, metrics = [], [], [], {}
     for step in range(start, stop):
-        loss = pm.forward_backward(rank_batches(step, world, micro))
-        losses.append(pm.reduce_loss(loss))
-        norms.append(float(pm.clip_grad_norm_(0.5)))
+        loss = runner.forward_backward(rank_batches(step, world, micro))
+        losses.append(runner.reduce_loss(loss))
+        norms.append(float(runner.clip_grad_norm_(0.5)))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        pm.after_optimizer_step()
-        b = _biases(pm)
+        runner.after_optimizer_step()
+        b = _biases(runner)
         if world.distributed:  # pipeline stages hold different layers
             parts = [None] * dist.get_world_size()
             dist.all_gather_object(parts, b)
             b = {k: v for p in parts for k, v in p.items()}
         biases.append(b)
-        metrics = pm.step_metrics()
+        metrics = runner.step_metrics()
     return {"loss": losses, "grad_norm": norms, "bias": biases, "metrics": metrics}
 
 
-def _expert_memory(pm, opt) -> dict:
+def _expert_memory(runner, opt) -> dict:
     """Routed-expert elements this rank holds: weights ``(local, total)`` and Adam state."""
     from torch.distributed.tensor import DTensor
 
     from parallel.expert_parallel import expert_numel, moe_modules
 
     local = total = 0
-    for part in pm.parts:
+    for part in runner.parts:
         a, b = expert_numel(part)
         local, total = local + a, total + b
     state = 0
-    for part in pm.parts:
+    for part in runner.parts:
         for m in moe_modules(part):
             for n in ("w_gate", "w_up", "w_down"):
                 st = opt.state.get(getattr(m, n), {})
@@ -104,9 +104,9 @@ def _expert_memory(pm, opt) -> dict:
 def run_moe(layout: dict, preset: str, steps: int = 10, micro: int = W.MICRO) -> dict:
     """Per-step loss, grad norm and expert biases (after each step) of ``steps`` steps, and
     the routed-expert elements rank 0 holds."""
-    pm, opt, world = _build(layout, preset)
-    out = _train(pm, opt, world, 0, steps, micro)
-    return {**out, "expert_memory": _expert_memory(pm, opt)}
+    runner, opt, world = _build(layout, preset)
+    out = _train(runner, opt, world, 0, steps, micro)
+    return {**out, "expert_memory": _expert_memory(runner, opt)}
 
 
 def run_resume(save: dict | None, load: dict | None, ckpt_dir: str, preset: str, save_at: int,
@@ -116,30 +116,30 @@ def run_resume(save: dict | None, load: dict | None, ckpt_dir: str, preset: str,
     from pretrain import checkpoint as ckpt
 
     if save is not None:
-        pm, opt, world = _build(save, preset)
-        _train(pm, opt, world, 0, save_at)
-        ckpt.save_checkpoint(ckpt_dir, save_at, pm.parts, opt, {"step": save_at}, world, "x: 1\n")
+        runner, opt, world = _build(save, preset)
+        _train(runner, opt, world, 0, save_at)
+        ckpt.save_checkpoint(ckpt_dir, save_at, runner.parts, opt, {"step": save_at}, world, "x: 1\n")
     if load is None:
         return {}
-    pm, opt, world = _build(load, preset)
-    ckpt.load_checkpoint(Path(ckpt_dir) / "checkpoints" / f"step_{save_at}", pm.parts, opt, world)
-    return _train(pm, opt, world, save_at, steps)
+    runner, opt, world = _build(load, preset)
+    ckpt.load_checkpoint(Path(ckpt_dir) / "checkpoints" / f"step_{save_at}", runner.parts, opt, world)
+    return _train(runner, opt, world, save_at, steps)
 
 
 def run_nosync(layout: dict, preset: str) -> dict:
     """Whether the expert weights hold a (reduced, sharded) gradient after each micro-batch's
-    backward when only the last one syncs, as ``ParallelModel.forward_backward`` runs them."""
+    backward when only the last one syncs, as ``PlainRunner.forward_backward`` runs them."""
     from parallel.expert_parallel import expert_params
     from parallel.fsdp import set_gradient_sync
 
-    pm, _, world = _build(layout, preset)
+    runner, _, world = _build(layout, preset)
     mbs = rank_batches(0, world, 1)
     has_grad = []
     for i, mb in enumerate(mbs):
-        set_gradient_sync(pm.parts, i == len(mbs) - 1)
-        with pm.loss_context():
-            (pm._micro_loss(pm._to_device(mb)) / len(mbs)).backward()
-        has_grad.append([p.grad is not None for part in pm.parts for p in expert_params(part)])
+        set_gradient_sync(runner.parts, i == len(mbs) - 1)
+        with runner.loss_context():
+            (runner._micro_loss(runner._to_device(mb)) / len(mbs)).backward()
+        has_grad.append([p.grad is not None for part in runner.parts for p in expert_params(part)])
     return {"has_grad": has_grad}
 
 

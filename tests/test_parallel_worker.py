@@ -74,17 +74,17 @@ def build(layout: dict, model_kw: dict | None = None, **kw):
 
     pcfg, world = make_world(layout)
     model = build_model(model_cfg(**(model_kw or {})), init=False)
-    pm = parallelize(model, pcfg, world, seed=0, **kw)
-    opt = build_optimizer(pm.parts, OptimConfig(lr=3e-3, warmup_steps=0, weight_decay=0.1))
-    return pm, opt, world
+    runner = parallelize(model, pcfg, world, seed=0, **kw)
+    opt = build_optimizer(runner.parts, OptimConfig(lr=3e-3, warmup_steps=0, weight_decay=0.1))
+    return runner, opt, world
 
 
-def train_steps(pm, opt, world, start: int, stop: int) -> dict:
+def train_steps(runner, opt, world, start: int, stop: int) -> dict:
     losses, norms = [], []
     for step in range(start, stop):
-        loss = pm.forward_backward(rank_batches(step, world))
-        losses.append(pm.reduce_loss(loss))
-        norms.append(float(pm.clip_grad_norm_(0.5)))
+        loss = runner.forward_backward(rank_batches(step, world))
+        losses.append(runner.reduce_loss(loss))
+        norms.append(float(runner.clip_grad_norm_(0.5)))
         opt.step()
         opt.zero_grad(set_to_none=True)
     return {"loss": losses, "grad_norm": norms}
@@ -92,8 +92,8 @@ def train_steps(pm, opt, world, start: int, stop: int) -> dict:
 
 def run_layout(layout: dict, steps: int = 10, model_kw: dict | None = None, **kw) -> dict:
     """Per-step loss and grad norm of ``steps`` optimizer steps; ``kw`` go to parallelize."""
-    pm, opt, world = build(layout, model_kw, **kw)
-    return train_steps(pm, opt, world, 0, steps)
+    runner, opt, world = build(layout, model_kw, **kw)
+    return train_steps(runner, opt, world, 0, steps)
 
 
 def run_resume(save_layout: dict, load_layout: dict, ckpt_dir: str, save_at: int, steps: int) -> dict:
@@ -102,21 +102,21 @@ def run_resume(save_layout: dict, load_layout: dict, ckpt_dir: str, save_at: int
     from pretrain import checkpoint as ckpt
 
     if save_layout is not None:
-        pm, opt, world = build(save_layout)
-        train_steps(pm, opt, world, 0, save_at)
-        ckpt.save_checkpoint(ckpt_dir, save_at, pm.parts, opt, {"step": save_at}, world, "x: 1\n")
+        runner, opt, world = build(save_layout)
+        train_steps(runner, opt, world, 0, save_at)
+        ckpt.save_checkpoint(ckpt_dir, save_at, runner.parts, opt, {"step": save_at}, world, "x: 1\n")
     if load_layout is None:
         return {}
-    pm, opt, world = build(load_layout)
-    ckpt.load_checkpoint(Path(ckpt_dir) / "checkpoints" / f"step_{save_at}", pm.parts, opt, world)
-    return train_steps(pm, opt, world, save_at, steps)
+    runner, opt, world = build(load_layout)
+    ckpt.load_checkpoint(Path(ckpt_dir) / "checkpoints" / f"step_{save_at}", runner.parts, opt, world)
+    return train_steps(runner, opt, world, save_at, steps)
 
 
 def run_gradsync(layout: dict) -> dict:
     """Count data-parallel gradient reductions during one step of 3 micro-batches."""
     import torch.distributed as dist
 
-    pm, opt, world = build(layout)
+    runner, opt, world = build(layout)
     counts = {"n": 0}
     names = ("reduce_scatter_single", "reduce_scatter_tensor", "all_reduce")
     saved = {n: getattr(dist, n) for n in names if hasattr(dist, n)}
@@ -138,8 +138,8 @@ def run_gradsync(layout: dict) -> dict:
                 setattr(dist, n, wrap(saved[n]))
         for i, mb in enumerate(mbs):
             before = counts["n"]
-            set_gradient_sync(pm.parts, i == len(mbs) - 1)
-            pm._micro_loss(pm._to_device(mb)).backward()
+            set_gradient_sync(runner.parts, i == len(mbs) - 1)
+            runner._micro_loss(runner._to_device(mb)).backward()
             per_mb.append(counts["n"] - before)
     finally:
         for n, fn in saved.items():
@@ -154,9 +154,9 @@ def run_init_check(layout: dict) -> dict:
     from models.transformer import init_tensor
     from parallel.init import canonical_name
 
-    pm, _, _ = build(layout)
+    runner, _, _ = build(layout)
     worst = 0.0
-    for part in pm.parts:
+    for part in runner.parts:
         for name, p in part.named_parameters():
             full = p.full_tensor() if isinstance(p, DTensor) else p
             ref = init_tensor(part, canonical_name(name), tuple(full.shape), 0)

@@ -1,7 +1,7 @@
 """The planner's activation memory against what CPU runs keep alive.
 
 ``live_memory.LiveBytes`` counts the tensor storages created during one training
-micro-batch (``ParallelModel._micro_loss`` then backward, single process, fp32, CPU
+micro-batch (``PlainRunner._micro_loss`` then backward, single process, fp32, CPU
 reference kernels, gradients already allocated): ``kept`` is what is alive when the
 forward ends (saved activations, the loss's log-softmax), ``peak`` the most alive at once
 during forward and backward (recomputation and gradient transients included). The
@@ -52,12 +52,12 @@ def measure(cfg) -> tuple[int, int]:
     from parallel import ParallelConfig, World, parallelize
 
     torch.manual_seed(0)
-    pm = parallelize(build_model(cfg.model), ParallelConfig(), World(), ac=cfg.train.activation_checkpointing)
+    runner = parallelize(build_model(cfg.model), ParallelConfig(), World(), ac=cfg.train.activation_checkpointing)
     x = torch.randint(1, cfg.model.vocab_size, (ROWS, SEQ + 1), generator=torch.Generator().manual_seed(0))
     mb = {"input_ids": x[:, :-1].contiguous(), "labels": x[:, 1:].contiguous()}
-    pm._micro_loss(mb).backward()  # gradients and lazily built buffers exist before measuring
+    runner._micro_loss(mb).backward()  # gradients and lazily built buffers exist before measuring
     with LiveBytes() as live:
-        loss = pm._micro_loss(mb)
+        loss = runner._micro_loss(mb)
         kept = live.current
         loss.backward()
         return kept, live.peak

@@ -78,11 +78,11 @@ def measure(layout: dict) -> dict:
     ws = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = build_world(pcfg, rank, ws, 0, torch.device("cpu"))
-    pm = parallelize(build_model(model_cfg, init=False), pcfg, world, seed=0)
-    opt = build_optimizer(pm.parts, OptimConfig(lr=1e-3, warmup_steps=0))
-    pm.forward_backward(_batches(world))
+    runner = parallelize(build_model(model_cfg, init=False), pcfg, world, seed=0)
+    opt = build_optimizer(runner.parts, OptimConfig(lr=1e-3, warmup_steps=0))
+    runner.forward_backward(_batches(world))
     opt.step()
-    params = {id(p): p for part in pm.parts for p in part.parameters()}.values()
+    params = {id(p): p for part in runner.parts for p in part.parameters()}.values()
     out = {"params": sum(_bytes(p) for p in params),
            "grads": sum(_bytes(p.grad) for p in params if p.grad is not None),
            "optimizer": sum(_bytes(v) for st in opt.state.values() for k, v in st.items()

@@ -29,8 +29,8 @@ def batch(rows=8, seq=16):
 
 
 def grads_after(model, micro=0, **pkw):
-    pm = parallelize(model, model_pcfg(), World(), **pkw)
-    loss = pm.forward_backward(split_micro_batches(batch(), micro))
+    runner = parallelize(model, model_pcfg(), World(), **pkw)
+    loss = runner.forward_backward(split_micro_batches(batch(), micro))
     return float(loss), {n.replace("._checkpoint_wrapped_module", ""): p.grad.clone()
                          for n, p in model.named_parameters()}
 

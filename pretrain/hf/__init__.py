@@ -5,5 +5,5 @@
 - ``arch_*``: one mapping per architecture (config fields and tensor names, both ways).
 - ``remote`` + ``modeling_pretrain_lm.py``: the self-contained modeling file for remote code.
 - ``tokenizer``: the sentencepiece model as a ``LlamaTokenizerFast``.
-- ``common``: safetensors I/O (sharded with an index), dtypes, the ``Arch`` interface.
+- ``arch_io``: safetensors I/O (sharded with an index), dtypes, the ``Arch`` interface.
 """

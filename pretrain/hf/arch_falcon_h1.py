@@ -19,7 +19,7 @@ import torch
 from models.config import HybridHeadsConfig, ModelConfig
 from pretrain.hf.arch_llama import attention_config, attention_from_config
 from pretrain.hf.arch_mamba import mamba_from_config
-from pretrain.hf.common import base_issues, blocks, need
+from pretrain.hf.arch_io import base_issues, blocks, need
 from pretrain.hf.pieces import Attention, MambaMixer, MappedArch, Piece, mlp, norm
 
 WHERE = "FalconH1ForCausalLM"
@@ -45,7 +45,7 @@ class FalconH1(MappedArch):
         from models.hybrid import hybrid_kv_heads
 
         mm, hy = mc.mamba, mc.hybrid
-        cfg = {"model_type": "falcon_h1", **attention_config(mc), "intermediate_size": mc.ffn_dim,
+        cfg = {"model_type": "falcon_h1", **attention_config(mc), "intermediate_size": mc.ffn_hidden_resolved,
                "num_hidden_layers": len(blocks(mc)), "num_attention_heads": hy.n_attn_heads,
                "num_key_value_heads": hybrid_kv_heads(mc), "mamba_d_ssm": hy.n_mamba_heads * mm.head_dim,
                "mamba_n_heads": hy.n_mamba_heads, "mamba_d_head": mm.head_dim, "mamba_n_groups": mm.n_groups,
@@ -55,7 +55,7 @@ class FalconH1(MappedArch):
         return cfg
 
     def pieces(self, mc):
-        split, out = mc.hybrid.n_attn_heads * mc.dim_head, []
+        split, out = mc.hybrid.n_attn_heads * mc.head_dim_resolved, []
         for i in range(len(blocks(mc))):
             a, f, dst = f"layers.{2 * i}.", f"layers.{2 * i + 1}.", f"model.layers.{i}."
             out += [(a, dst, norm("input_layernorm")), (f"{a}mixer.", dst, HybridHeads(split)),
@@ -81,8 +81,8 @@ class FalconH1(MappedArch):
         hy = HybridHeadsConfig(n_attn_heads=kw["n_heads"], n_mamba_heads=n_m)
         mc = ModelConfig(pattern="P-", n_layers=hf["num_hidden_layers"], ffn_hidden=hf["intermediate_size"],
                          mamba=mm, hybrid=hy, **kw)
-        need(hybrid_kv_heads(mc) == mc.kv_heads,
-             f"{WHERE}: {mc.kv_heads} KV heads do not divide {kw['n_heads']} attention heads")
+        need(hybrid_kv_heads(mc) == mc.n_kv_heads_resolved,
+             f"{WHERE}: {mc.n_kv_heads_resolved} KV heads do not divide {kw['n_heads']} attention heads")
         return mc
 
     def import_weights(self, hf, mc, t):

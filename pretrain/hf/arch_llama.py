@@ -12,7 +12,7 @@ from __future__ import annotations
 from models.config import ModelConfig
 from models.rope_scaling import rope_scaling_from_hf, rope_scaling_to_hf
 from pretrain.errors import UserError
-from pretrain.hf.common import base_issues, blocks, need, rope_issues
+from pretrain.hf.arch_io import base_issues, blocks, need, rope_issues
 from pretrain.hf.pieces import Attention, MappedArch, mlp, norm
 
 
@@ -22,7 +22,7 @@ def attention_config(mc: ModelConfig) -> dict:
     """The HF attention/RoPE/norm fields shared by Llama-family configs."""
     return {
         "vocab_size": mc.vocab_size, "hidden_size": mc.d_model,
-        "num_attention_heads": mc.n_heads, "num_key_value_heads": mc.kv_heads, "head_dim": mc.dim_head,
+        "num_attention_heads": mc.n_heads, "num_key_value_heads": mc.n_kv_heads_resolved, "head_dim": mc.head_dim_resolved,
         "max_position_embeddings": mc.max_seq_len, "rope_theta": mc.rope_theta, "rope_scaling": rope_scaling_to_hf(mc.rope_scaling),
         "rms_norm_eps": mc.norm_eps, "tie_word_embeddings": mc.tie_embeddings, "hidden_act": "silu",
         "attention_dropout": 0.0,
@@ -61,7 +61,7 @@ class Llama(MappedArch):
         return base_issues(mc)
 
     def export_config(self, mc):
-        return {"model_type": "llama", **attention_config(mc), "intermediate_size": mc.ffn_dim,
+        return {"model_type": "llama", **attention_config(mc), "intermediate_size": mc.ffn_hidden_resolved,
                 "num_hidden_layers": len(blocks(mc)), "attention_bias": mc.qkv_bias, "mlp_bias": False}
 
     def pieces(self, mc):

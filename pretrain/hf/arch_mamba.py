@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from models.config import MambaConfig, ModelConfig
 from pretrain.hf.arch_llama import attention_config, attention_from_config
-from pretrain.hf.common import base_issues, blocks, need, stack
+from pretrain.hf.arch_io import base_issues, blocks, need, stack
 from pretrain.hf.pieces import Attention, MambaMixer, MappedArch, mlp, norm
 
 
@@ -94,7 +94,7 @@ class Bamba(MappedArch):
 
     def export_config(self, mc):
         mm, b = mc.mamba, blocks(mc)
-        return {"model_type": "bamba", **attention_config(mc), "intermediate_size": mc.ffn_dim,
+        return {"model_type": "bamba", **attention_config(mc), "intermediate_size": mc.ffn_hidden_resolved,
                 "num_hidden_layers": len(b), "attn_layer_indices": [i for i, x in enumerate(b) if x == "*-"],
                 "mamba_n_heads": mm.expand * mc.d_model // mm.head_dim, "mamba_d_head": mm.head_dim,
                 "mamba_n_groups": mm.n_groups, "mamba_d_state": mm.d_state, "mamba_d_conv": mm.d_conv,

@@ -19,7 +19,7 @@ import torch
 
 from models.config import MoEConfig, ModelConfig
 from pretrain.hf.arch_llama import attention_config, attention_from_config
-from pretrain.hf.common import base_issues, blocks, need, take
+from pretrain.hf.arch_io import base_issues, blocks, need, take
 from pretrain.hf.pieces import ROUTER, Attention, ExpertBias, Experts, MappedArch, Piece, mlp, norm
 
 
@@ -106,7 +106,7 @@ class Qwen2Moe(MappedArch):
     def export_config(self, mc):
         m, h = mc.moe, _moe_width(mc)
         b = blocks(mc)
-        return {"model_type": "qwen2_moe", **attention_config(mc), "intermediate_size": mc.ffn_dim,
+        return {"model_type": "qwen2_moe", **attention_config(mc), "intermediate_size": mc.ffn_hidden_resolved,
                 "num_hidden_layers": len(b), "num_experts": m.n_experts, "num_experts_per_tok": m.top_k,
                 "moe_intermediate_size": h, "shared_expert_intermediate_size": m.n_shared_experts * h,
                 "norm_topk_prob": m.renormalize, "decoder_sparse_step": 1,

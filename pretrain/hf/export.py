@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 from pretrain.errors import UserError
-from pretrain.hf.common import BOS_ID, DTYPES, EOS_ID, HF_DTYPE_NAMES, PAD_ID, cast, parse_size, write_safetensors
+from pretrain.hf.arch_io import BOS_ID, DTYPES, EOS_ID, HF_DTYPE_NAMES, PAD_ID, cast, parse_size, write_safetensors
 
 
 def export_checkpoint(checkpoint: str, out: str, dtype: str = "fp32", max_shard_size: str | int = "5GB",

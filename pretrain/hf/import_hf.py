@@ -24,7 +24,7 @@ def import_model(model_dir: str, out: str) -> Path:
     from models.transformer import build_model
     from pretrain.config import Config
     from pretrain.convert import write_weights_checkpoint
-    from pretrain.hf.common import read_hf_weights
+    from pretrain.hf.arch_io import read_hf_weights
     from pretrain.hf.registry import arch_for_hf
 
     src = Path(model_dir)

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from pretrain.hf.common import DTYPES, SAFE_INDEX, SAFE_SINGLE, cast, parse_size
+from pretrain.hf.arch_io import DTYPES, SAFE_INDEX, SAFE_SINGLE, cast, parse_size
 
 ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
              torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}

@@ -1,5 +1,5 @@
 """Weight mappings as data: each architecture lists its pieces once, and the export and the
-import both walk that one list (:meth:`pretrain.hf.common.Arch.pieces`).
+import both walk that one list (:meth:`pretrain.hf.arch_io.Arch.pieces`).
 
 A piece maps the tensors under one of our name prefixes to those under one HF prefix, in
 both directions: ``to_hf(sd, ours, theirs)`` and ``from_hf(t, theirs, ours, where)`` (``where``
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from models.config import ModelConfig
-from pretrain.hf.common import Arch, need, strip_prefix, take
+from pretrain.hf.arch_io import Arch, need, strip_prefix, take
 
 
 class Piece(abc.ABC):

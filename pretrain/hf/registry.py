@@ -9,7 +9,7 @@ from pretrain.hf.arch_falcon_h1 import FalconH1
 from pretrain.hf.arch_llama import Llama
 from pretrain.hf.arch_mamba import Bamba, Mamba2
 from pretrain.hf.arch_moe import Mixtral, Qwen2Moe
-from pretrain.hf.common import Arch, stack
+from pretrain.hf.arch_io import Arch, stack
 from pretrain.hf.remote import Remote
 
 ARCHS: list[Arch] = [Llama(), Mixtral(), Qwen2Moe(), Mamba2(), Bamba(), FalconH1()]

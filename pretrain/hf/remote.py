@@ -15,7 +15,7 @@ from typing import Callable
 from models.config import ModelConfig
 from pretrain.config import from_dict
 from pretrain.errors import UserError
-from pretrain.hf.common import Arch
+from pretrain.hf.arch_io import Arch
 
 MODELING_FILE = Path(__file__).with_name("modeling_pretrain_lm.py")
 MODULE = MODELING_FILE.stem
@@ -25,7 +25,7 @@ def architecture(mc: ModelConfig) -> dict:
     """The resolved architecture the remote code builds (derived sizes spelled out)."""
     kinds = mc.sublayer_kinds
     a = {"sublayers": kinds, "vocab_size": mc.vocab_size, "d_model": mc.d_model, "n_heads": mc.n_heads,
-         "n_kv_heads": mc.kv_heads, "head_dim": mc.dim_head, "ffn_dim": mc.ffn_dim,
+         "n_kv_heads": mc.n_kv_heads_resolved, "head_dim": mc.head_dim_resolved, "ffn_dim": mc.ffn_hidden_resolved,
          "position": mc.position, "rope_theta": mc.rope_theta, "norm_eps": mc.norm_eps, "norm": mc.norm,
          "residual": mc.residual, "ladder_from": mc.ladder_from, "qkv_bias": mc.qkv_bias}
     if mc.rope_scaling.type != "none":

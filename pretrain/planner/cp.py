@@ -34,7 +34,7 @@ def _heads(kind: str, cfg: ModelConfig, tp: int) -> tuple[float, float]:
 def kv_block_bytes(kind: str, cfg: ModelConfig, layout: Layout, wl: Workload, act_bytes: float) -> float:
     """Bytes of one rank's K and V (what one ring step sends)."""
     _, kv = _heads(kind, cfg, layout.tp)
-    return 2 * local_tokens(layout, wl) * kv * cfg.dim_head * act_bytes
+    return 2 * local_tokens(layout, wl) * kv * cfg.head_dim_resolved * act_bytes
 
 
 def cp_memory_bytes(cfg: ModelConfig, layout: Layout, wl: Workload, recipe: Recipe) -> float:
@@ -46,7 +46,7 @@ def cp_memory_bytes(cfg: ModelConfig, layout: Layout, wl: Workload, recipe: Reci
     for kind in kinds:
         if layout.cp_mode == "alltoall":
             h, kv = _heads(kind, cfg, layout.tp)
-            b = 2 * (2 * h + 2 * kv) * local_tokens(layout, wl) * cfg.dim_head * recipe.act_bytes
+            b = 2 * (2 * h + 2 * kv) * local_tokens(layout, wl) * cfg.head_dim_resolved * recipe.act_bytes
         else:  # two K/V blocks (computing, arriving) + two fp32 dK/dV accumulators
             b = 2 * kv_block_bytes(kind, cfg, layout, wl, recipe.act_bytes) \
                 + 2 * kv_block_bytes(kind, cfg, layout, wl, 4.0)
@@ -64,7 +64,7 @@ def cp_attention_comm(kind: str, cfg: ModelConfig, layout: Layout, wl: Workload,
     group = hw.group_for(layout.dims, 3, dev.gpus_per_node)
     if layout.cp_mode == "alltoall":
         h, kv = _heads(kind, cfg, layout.tp)
-        per = local_tokens(layout, wl) * cfg.dim_head * recipe.act_bytes
+        per = local_tokens(layout, wl) * cfg.head_dim_resolved * recipe.act_bytes
         t = 2 * sum(hw.all_to_all_time(per * x, group, dev) for x in (h, kv, kv, h))
         return t, t
     cross = group.nodes > 1

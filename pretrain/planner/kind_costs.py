@@ -56,31 +56,31 @@ def heads_split(leaf: str, last: str, cfg: ModelConfig, tp: int) -> int | None:
 def _attention_linears(cfg: ModelConfig, tp: int) -> list[Linear]:
     if cfg.attention == "mla":
         return [Linear(*t) for t in mla.mla_linears(cfg)]
-    d, hd = cfg.d_model, cfg.dim_head
-    kv_split = "col" if cfg.kv_heads % max(tp, 1) == 0 else "rep"
+    d, hd = cfg.d_model, cfg.head_dim_resolved
+    kv_split = "col" if cfg.n_kv_heads_resolved % max(tp, 1) == 0 else "rep"
     q_out = cfg.n_heads * hd * (2 if cfg.attn_output_gate else 1)  # (wq also yields the gate)
-    return [Linear("wq", d, q_out, "col"), Linear("wk", d, cfg.kv_heads * hd, kv_split),
-            Linear("wv", d, cfg.kv_heads * hd, kv_split), Linear("wo", cfg.n_heads * hd, d, "row")]
+    return [Linear("wq", d, q_out, "col"), Linear("wk", d, cfg.n_kv_heads_resolved * hd, kv_split),
+            Linear("wv", d, cfg.n_kv_heads_resolved * hd, kv_split), Linear("wo", cfg.n_heads * hd, d, "row")]
 
 
 def _attention_tp_dim(leaf: str, last: str, cfg: ModelConfig, tp: int) -> int | None:
     if leaf in ("wk", "wv"):
-        return 0 if cfg.kv_heads % tp == 0 else None  # replicated KV heads
+        return 0 if cfg.n_kv_heads_resolved % tp == 0 else None  # replicated KV heads
     return {"wq": 0, "wo": 1, "wq_b": 0, "wkv_b": 0}.get(leaf)  # (wq_b, wkv_b: MLA)
 
 
 def _attention_elementwise(cfg: ModelConfig, tp: int, a: int) -> float:
     if cfg.attention == "mla":
         return mla.mla_elementwise_bytes(cfg, tp, a)
-    extra = 4 * (cfg.n_heads + cfg.kv_heads) * cfg.dim_head * a / tp
-    return extra + (4 * cfg.n_heads * cfg.dim_head * a / tp if cfg.attn_output_gate else 0)  # sigmoid, product
+    extra = 4 * (cfg.n_heads + cfg.n_kv_heads_resolved) * cfg.head_dim_resolved * a / tp
+    return extra + (4 * cfg.n_heads * cfg.head_dim_resolved * a / tp if cfg.attn_output_gate else 0)  # sigmoid, product
 
 
 def _attention_saved(cfg: ModelConfig, tp: int, a: int) -> list[float]:
     if cfg.attention == "mla":
         return [mla.mla_activation_bytes(cfg, tp, a)]
-    hd = cfg.dim_head
-    qkv = (cfg.n_heads + 2 * cfg.kv_heads) * hd * a / tp
+    hd = cfg.head_dim_resolved
+    qkv = (cfg.n_heads + 2 * cfg.n_kv_heads_resolved) * hd * a / tp
     qkv += cfg.n_heads * hd * a / tp if cfg.attn_output_gate else 0  # the gate
     out = cfg.n_heads * hd * a / tp + cfg.n_heads * 4 / tp  # output + logsumexp
     return [qkv, out]
@@ -89,13 +89,13 @@ def _attention_saved(cfg: ModelConfig, tp: int, a: int) -> list[float]:
 def _attention_reference(cfg: ModelConfig, tp: int, a: int) -> float:
     if cfg.attention == "mla":
         return mla.mla_reference_extra(cfg)
-    return 2 * (cfg.n_heads - cfg.kv_heads) * cfg.dim_head * a / tp  # K, V repeated per query head
+    return 2 * (cfg.n_heads - cfg.n_kv_heads_resolved) * cfg.head_dim_resolved * a / tp  # K, V repeated per query head
 
 
 def _attention_widest(cfg: ModelConfig, tp: int) -> float:
     if cfg.attention == "mla":
         return mla.mla_widest(cfg, tp)
-    return max(cfg.n_heads * cfg.dim_head / tp, cfg.d_model)
+    return max(cfg.n_heads * cfg.head_dim_resolved / tp, cfg.d_model)
 
 
 ATTENTION_COSTS = KindCosts(
@@ -106,16 +106,16 @@ ATTENTION_COSTS = KindCosts(
 # ---- MLP ----------------------------------------------------------------------------------
 
 def _mlp_linears(cfg: ModelConfig, tp: int) -> list[Linear]:
-    d, f = cfg.d_model, cfg.ffn_dim
+    d, f = cfg.d_model, cfg.ffn_hidden_resolved
     return [Linear("w_gate", d, f, "col"), Linear("w_up", d, f, "col"), Linear("w_down", f, d, "row")]
 
 
 MLP_COSTS = KindCosts(
     linears=_mlp_linears,
-    elementwise=lambda cfg, tp, a: 8 * cfg.ffn_dim * a / tp,
-    saved=lambda cfg, tp, a: [3 * cfg.ffn_dim * a / tp],
-    reference=lambda cfg, tp, a: cfg.ffn_dim * a / tp,  # silu(gate)
-    widest=lambda cfg, tp: cfg.ffn_dim / tp,
+    elementwise=lambda cfg, tp, a: 8 * cfg.ffn_hidden_resolved * a / tp,
+    saved=lambda cfg, tp, a: [3 * cfg.ffn_hidden_resolved * a / tp],
+    reference=lambda cfg, tp, a: cfg.ffn_hidden_resolved * a / tp,  # silu(gate)
+    widest=lambda cfg, tp: cfg.ffn_hidden_resolved / tp,
     tp_dim=lambda leaf, last, cfg, tp: {"w_gate": 0, "w_up": 0, "w_down": 1}.get(leaf))
 
 
@@ -179,7 +179,7 @@ def _ssm_heads(kind: str, cfg: ModelConfig) -> int:
 
 
 def _ssm_linears(kind: str, cfg: ModelConfig, tp: int) -> list[Linear]:
-    d, hd, mc = cfg.d_model, cfg.dim_head, cfg.mamba
+    d, hd, mc = cfg.d_model, cfg.head_dim_resolved, cfg.mamba
     H = _ssm_heads(kind, cfg)
     di, gn = H * mc.head_dim, mc.n_groups * mc.d_state
     out = [Linear("z_proj", d, di, "col"), Linear("x_proj", d, di, "col"),
@@ -199,17 +199,17 @@ def _ssm_elementwise(kind: str, cfg: ModelConfig, tp: int, a: int) -> float:
     mc = cfg.mamba
     extra = 12 * _ssm_heads(kind, cfg) * mc.head_dim * a / tp
     if kind == HYBRID.name:
-        extra += 4 * 2 * cfg.hybrid.n_attn_heads * cfg.dim_head * a / tp
+        extra += 4 * 2 * cfg.hybrid.n_attn_heads * cfg.head_dim_resolved * a / tp
     return extra
 
 
 def _ssm_saved(kind: str, cfg: ModelConfig, tp: int, a: int) -> list[float]:
-    mc, hd = cfg.mamba, cfg.dim_head
+    mc, hd = cfg.mamba, cfg.head_dim_resolved
     H = _ssm_heads(kind, cfg)
     di, gn = H * mc.head_dim, mc.n_groups * mc.d_state
     ssm = (5 * di + 4 * gn + 2 * H) * a / tp + H * mc.head_dim * mc.d_state * 4 / (mc.chunk_size * tp)
     if kind == HYBRID.name:
-        ssm += (cfg.hybrid.n_attn_heads * 2 + 2 * cfg.kv_heads) * hd * a / tp
+        ssm += (cfg.hybrid.n_attn_heads * 2 + 2 * cfg.n_kv_heads_resolved) * hd * a / tp
     return [ssm]
 
 
