@@ -1,16 +1,20 @@
 """Architectures at (about) equal parameters and equal training tokens, on CPU: held-out loss on
 a small text corpus and MQAR recall after training on MQAR.
 
-    .venv/bin/python bench/sweep_arch.py [--steps 300] [--out runs/bench_sweep_arch] [--only dense,ladder]
+    .venv/bin/python bench/sweep_arch.py [--steps 150] [--mqar-steps 200] [--out runs/bench_sweep_arch]
+        [--only dense,ladder] [--results bench/results]
 
 Each candidate is a line of ``CANDIDATES`` (a name and config overrides); one this tree cannot
 build (an unknown pattern symbol or config key) is skipped with a note. The number of pattern
 repeats (``model.n_layers``) of each candidate is chosen to bring its parameter count closest to
 the dense model's. Every candidate trains twice from the same seed with the same steps, batch
 and sequence length: on text (the stdlib corpus with a 512-token BPE, as the tests' dataset),
-reporting held-out loss, and on MQAR (``data.task=mqar``, a 64-token vocabulary), reporting
-recall on 256 held-out sequences. Writes ``<out>/table.md`` and ``<out>/sweep_arch.png``;
-finished runs are reused on a rerun (delete ``<out>/runs`` to start over).
+reporting held-out loss, and on MQAR (``data.task=mqar``, a 64-token vocabulary, its own step
+count and a larger batch: a step of 32-token rows costs little more at 128 rows than at 16 on
+CPU, and the task needs many examples), reporting recall on 256 held-out sequences. Writes
+``<out>/table.md``, ``sweep_arch.json``/``.csv`` and ``sweep_arch.png`` (and copies them to
+``--results``); finished runs are reused on a rerun (delete ``<out>/runs`` to start over), so
+candidates can train in separate processes (``--only``) and a last run gathers them.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ sys.path.insert(0, str(ROOT))
 
 MAMBA = {"model.mamba.d_state": 16, "model.mamba.head_dim": 16, "model.mamba.n_groups": 1,
          "model.mamba.chunk_size": 32}
-MOE = {"model.moe.n_experts": 4, "model.moe.top_k": 2}
+# 4 experts of a third of the dense MLP's width, top-2: total parameters match the dense
+# model's at 3 repeats, active ones are below it
+MOE = {"model.moe.n_experts": 4, "model.moe.top_k": 2, "model.moe.ffn_hidden": 64}
 GDN = {"model.gdn.n_heads": 2, "model.gdn.head_k_dim": 16, "model.gdn.head_v_dim": 16, "model.gdn.chunk_size": 16}
 MLA = {"model.mla.kv_lora_rank": 32, "model.mla.qk_nope_head_dim": 16, "model.mla.qk_rope_head_dim": 8,
        "model.mla.v_head_dim": 16}
@@ -88,8 +94,9 @@ def _config_of(run_dir: Path):
     return load_config(str(run_dir / "config.yaml"))
 
 
-def train_once(overrides: dict, run_dir: Path, steps: int) -> dict:
-    """Train (or reuse a finished run in ``run_dir``); the run's summary plus wall time."""
+def train_once(overrides: dict, run_dir: Path, steps: int, train_missing: bool = True) -> dict | None:
+    """Train (or reuse a finished run in ``run_dir``); the run's summary plus wall time (None
+    if unfinished and not ``train_missing``)."""
     from pretrain.train import train
 
     cfg = _config({**overrides, "logging.run_dir": str(run_dir), "train.steps": steps})
@@ -98,6 +105,8 @@ def train_once(overrides: dict, run_dir: Path, steps: int) -> dict:
         s = json.loads(summary_path.read_text())
         if s.get("steps") == steps and _config_of(run_dir).to_dict() == cfg.to_dict():
             return s
+    if not train_missing:
+        return stopped_run(run_dir, cfg)
     shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.perf_counter()
     s = train(cfg)
@@ -106,15 +115,32 @@ def train_once(overrides: dict, run_dir: Path, steps: int) -> dict:
     return s
 
 
+def stopped_run(run_dir: Path, cfg) -> dict | None:
+    """A run of this config stopped early (SIGTERM: the trainer checkpoints at the next step
+    and exits): its steps and tokens so far (``partial``), or None if there is none."""
+    ckpts = sorted(run_dir.glob("checkpoints/step_*"), key=lambda p: int(p.name.split("_")[1]))
+    if not ckpts or not (run_dir / "config.yaml").is_file():
+        return None
+    keep = ("logging", "train")  # train.steps is the planned length, not the stopped one
+    if {k: v for k, v in _config_of(run_dir).to_dict().items() if k not in keep} != \
+            {k: v for k, v in cfg.to_dict().items() if k not in keep}:
+        return None
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    step = int(ckpts[-1].name.split("_")[1])
+    tokens = next((r["tokens"] for r in recs if r.get("step") == step), None)
+    return {"steps": step, "tokens": tokens, "val_loss": None, "partial": True,
+            "seconds": sum(r.get("step_time_s", 0) for r in recs if r.get("step", 0) <= step)}
+
+
 def run(args) -> list[dict]:
     from pretrain.errors import UserError
-    from pretrain.mqar_eval import checkpoint_recall
 
     out = Path(args.out)
     data = build_corpus(out)
     lm_base = {**COMMON, **LM, "data.path": str(data)}
     mq_base = {**COMMON, "data.task": "mqar", "model.vocab_size": args.mqar_vocab,
-               "data.seq_len": args.mqar_seq_len, "data.mqar.pairs": args.mqar_pairs}
+               "data.seq_len": args.mqar_seq_len, "data.mqar.pairs": args.mqar_pairs,
+               "train.global_batch": args.mqar_batch, "optim.lr": args.mqar_lr}
     target = n_params({**lm_base, "model.pattern": "*-", "model.n_layers": args.dense_layers})
     rows = []
     only = set(args.only.split(",")) if args.only else None
@@ -129,35 +155,72 @@ def run(args) -> list[dict]:
         print(f"{name}: pattern {ov['model.pattern']!r} x{repeats}, {params} parameters "
               f"(dense: {target})", flush=True)
         ov = {**ov, "model.n_layers": repeats}
-        lm = train_once({**lm_base, **ov}, out / "runs" / f"lm_{name}", args.steps)
-        mq = train_once({**mq_base, **ov}, out / "runs" / f"mqar_{name}", args.steps)
-        rec, _ = checkpoint_recall(str(out / "runs" / f"mqar_{name}"), samples=256)
-        row = {"arch": name, "pattern": ov["model.pattern"], "repeats": repeats, "params": params,
-               "tokens": lm["tokens"], "val_loss": lm["val_loss"], "mqar_val_loss": mq["val_loss"],
-               "mqar_recall": rec["recall"], "mqar_chance": rec["chance"],
-               "minutes": (lm.get("seconds", 0) + mq.get("seconds", 0)) / 60}
-        print(f"  held-out loss {row['val_loss']:.4f}, MQAR recall {row['mqar_recall']:.3f}", flush=True)
-        rows.append(row)
+        lm = mq = None
+        if args.task != "mqar":
+            lm = train_once({**lm_base, **ov}, out / "runs" / f"lm_{name}", args.steps, args.task != "gather")
+        if args.task != "lm":
+            mq = train_once({**mq_base, **ov}, out / "runs" / f"mqar_{name}", args.mqar_steps, args.task != "gather")
+        if args.task in ("lm", "mqar"):
+            continue
+        rows.append(make_row(name, ov, repeats, params, lm, mq, out))
     return rows
 
 
+def make_row(name: str, ov: dict, repeats: int, params: int, lm: dict | None, mq: dict | None, out: Path) -> dict:
+    """One table row (a half that has not finished: None values, noted)."""
+    from pretrain.mqar_eval import checkpoint_recall
+
+    rec = checkpoint_recall(str(out / "runs" / f"mqar_{name}"), samples=256)[0] if mq else {}
+    row = {"arch": name, "pattern": ov["model.pattern"], "repeats": repeats, "params": params,
+           "tokens": lm and lm["tokens"], "val_loss": lm and lm["val_loss"], "mqar_tokens": mq and mq["tokens"],
+           "mqar_val_loss": mq and mq["val_loss"], "mqar_recall": rec.get("recall"), "mqar_chance": rec.get("chance"),
+           "lm_minutes": lm and lm.get("seconds", 0) / 60, "mqar_minutes": mq and mq.get("seconds", 0) / 60,
+           "lm_steps": lm and lm["steps"], "mqar_steps": mq and mq["steps"]}
+    print(f"  held-out loss {_fmt(row['val_loss'], '.4f')}, MQAR recall {_fmt(row['mqar_recall'], '.3f')}"
+          + ("" if lm and mq else " (unfinished runs: not trained in --task gather)")
+          + "".join(f" ({k} stopped at step {r['steps']})" for k, r in (("text", lm), ("MQAR", mq))
+                    if r and r.get("partial")), flush=True)
+    return row
+
+
+def _fmt(v, spec: str) -> str:
+    return "not run" if v is None else format(v, spec)
+
+
 def write_table(rows: list[dict], path: Path, args) -> str:
-    lines = [f"{args.steps} steps x 16 sequences for every run; text: seq 64, 512-token BPE; MQAR: "
-             f"{args.mqar_pairs} pairs, seq {args.mqar_seq_len}, vocab {args.mqar_vocab} "
-             f"(chance {rows[0]['mqar_chance']:.4f}); params: the text model's (the MQAR models differ "
-             f"only in the smaller embedding and head)", "",
-             "| arch | pattern | repeats | params | tokens | held-out loss | MQAR loss | MQAR recall | minutes |",
+    lines = [f"text: {args.steps} steps x 16 sequences of 64 tokens, 512-token BPE, lr 3e-3; MQAR: "
+             f"{args.mqar_steps} steps x {args.mqar_batch} sequences, lr {args.mqar_lr:g}, {args.mqar_pairs} pairs, "
+             f"seq {args.mqar_seq_len}, vocab {args.mqar_vocab} (chance {1 / (args.mqar_vocab - args.mqar_vocab // 2):.4f}); "
+             f"params: the text model's (the MQAR models differ only in the smaller embedding and head); "
+             f"minutes: wall time of each training on a shared machine; steps: those run (fewer than "
+             f"planned: stopped early, recall from its last checkpoint, no held-out MQAR loss)", "",
+             "| arch | pattern | repeats | params | steps text / MQAR | held-out loss | MQAR loss | MQAR recall "
+             "| minutes text / MQAR |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['arch']} | `{r['pattern']}` | {r['repeats']} | {r['params']:,} | {r['tokens']:,} | "
-                     f"{r['val_loss']:.4f} | {r['mqar_val_loss']:.4f} | {r['mqar_recall']:.3f} | "
-                     f"{r['minutes']:.1f} |")
+        lines.append(f"| {r['arch']} | `{r['pattern']}` | {r['repeats']} | {r['params']:,} | "
+                     f"{_fmt(r['lm_steps'], 'd')} / {_fmt(r['mqar_steps'], 'd')} | "
+                     f"{_fmt(r['val_loss'], '.4f')} | {_fmt(r['mqar_val_loss'], '.4f')} | "
+                     f"{_fmt(r['mqar_recall'], '.3f')} | {_fmt(r['lm_minutes'], '.1f')} / {_fmt(r['mqar_minutes'], '.1f')} |")
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def write_numbers(rows: list[dict], out: Path, args) -> None:
+    """The rows as JSON (with the settings) and CSV."""
+    import csv
+
+    (out / "sweep_arch.json").write_text(json.dumps({"settings": {k: v for k, v in vars(args).items()
+                                                                   if k not in ("out", "results", "only")},
+                                                      "rows": rows}, indent=1))
+    with open(out / "sweep_arch.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plot(rows: list[dict], path: Path, chance: float, equal: bool = True) -> None:
     try:
         from pretrain.report import _pyplot
         plt = _pyplot()
@@ -166,19 +229,21 @@ def plot(rows: list[dict], path: Path) -> None:
         return
     names = [r["arch"] for r in rows]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    a1.bar(names, [r["val_loss"] for r in rows], color="tab:blue")
+    losses = [r["val_loss"] for r in rows if r["val_loss"] is not None]
+    a1.bar(names, [r["val_loss"] or 0 for r in rows], color="tab:blue")  # 0: not run
     a1.set_ylabel("held-out loss (text)")
-    lo = min(r["val_loss"] for r in rows)
-    a1.set_ylim(lo * 0.97, max(r["val_loss"] for r in rows) * 1.01)
-    a2.bar(names, [r["mqar_recall"] for r in rows], color="tab:orange")
-    a2.axhline(rows[0]["mqar_chance"], color="gray", ls="--", lw=1, label="chance")
+    if losses:
+        a1.set_ylim(min(losses) * 0.97, max(losses) * 1.01)
+    a2.bar(names, [r["mqar_recall"] or 0 for r in rows], color="tab:orange")
+    a2.axhline(chance, color="gray", ls="--", lw=1, label="chance")
     a2.set_ylabel("MQAR recall")
     a2.set_ylim(0, 1)
     a2.legend(fontsize=8)
     for ax in (a1, a2):
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
         ax.grid(alpha=0.3, axis="y")
-    fig.suptitle("equal parameters (approx.) and equal training tokens")
+    fig.suptitle("equal parameters (approx.) and equal training tokens" if equal else
+                 "equal parameters (approx.); some runs stopped early (steps in the table)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -190,23 +255,40 @@ def main() -> int:
     torch.set_num_threads(1)  # small models: more threads only spin on a shared CPU
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/bench_sweep_arch")
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--dense-layers", type=int, default=2, help="the dense reference's '*-' repeats")
+    ap.add_argument("--steps", type=int, default=150, help="text training steps")
+    ap.add_argument("--mqar-steps", type=int, default=200)
+    ap.add_argument("--mqar-batch", type=int, default=64)
+    ap.add_argument("--mqar-lr", type=float, default=3e-3)
+    ap.add_argument("--dense-layers", type=int, default=4, help="the dense reference's '*-' repeats")
     ap.add_argument("--mqar-pairs", type=int, default=4)
     ap.add_argument("--mqar-seq-len", type=int, default=32)
     ap.add_argument("--mqar-vocab", type=int, default=64)
     ap.add_argument("--only", default="", help="comma-separated candidate names")
+    ap.add_argument("--task", default="both", choices=("both", "lm", "mqar", "gather"),
+                    help="train only one half (parallel processes; a last run with both gathers); "
+                         "gather: train nothing, tabulate the finished runs")
+    ap.add_argument("--results", default="", help="also copy the table, numbers and plot to this directory")
     args = ap.parse_args()
     t0 = time.time()
     rows = run(args)
+    if args.task in ("lm", "mqar"):
+        return 0
     if not rows:
         print("no candidate could be built", file=sys.stderr)
         return 1
     out = Path(args.out)
     print()
     print(write_table(rows, out / "table.md", args))
-    plot(rows, out / "sweep_arch.png")
-    print(f"wrote {out / 'table.md'} and {out / 'sweep_arch.png'} ({(time.time() - t0) / 60:.1f} min)")
+    equal = all(r["lm_steps"] == args.steps and r["mqar_steps"] == args.mqar_steps for r in rows)
+    plot(rows, out / "sweep_arch.png", 1 / (args.mqar_vocab - args.mqar_vocab // 2), equal)
+    write_numbers(rows, out, args)
+    if args.results:
+        dest = Path(args.results)
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in ("table.md", "sweep_arch.png", "sweep_arch.json", "sweep_arch.csv"):
+            if (out / f).is_file():
+                shutil.copy(out / f, dest / (f if f.startswith("sweep") else "sweep_arch.md"))
+    print(f"wrote {out / 'table.md'}, sweep_arch.png/json/csv ({(time.time() - t0) / 60:.1f} min)")
     return 0
 
 

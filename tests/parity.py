@@ -61,6 +61,11 @@ FAMILIES = {
     "attn_opts": dict(qk_norm=True, attn_output_gate=True, partial_rotary_factor=0.5),
     # DeepSeek-V3 multi-token prediction: two depths after the dense stack (models/mtp.py)
     "mtp": dict(mtp_depth=2),
+    # DeepSeek-V3-shaped: the "deepseek" routing with one MTP depth whose block is MoE too
+    "mtp_moe": dict(pattern="*E", moe=dict(n_experts=16, top_k=4, ffn_hidden=48, score_fn="sigmoid",
+                                          n_groups=4, topk_groups=2, n_shared_experts=1,
+                                          bias_update_rate=1e-3, aux_loss_coef=1e-4, z_loss_coef=0.0),
+                    mtp_depth=1, mtp_pattern="*E"),
 }
 # parallelize options that do not change the computed numbers (share the reference)
 NUMERICS_FREE = ("ac", "ac_every", "compile")

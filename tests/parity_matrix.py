@@ -73,7 +73,8 @@ EXTRAS = [
 
 # Multi-token prediction (family "mtp"): run by their own test (tests/test_parity.py, -k mtp),
 # outside ci_jobs; the MTP modules' parameters are among the compared ones. (Also passed once,
-# left out to keep CI short: dp_replicate=2, and ladder residual under pp=2.)
+# left out to keep CI short: dp_replicate=2, and ladder residual under pp=2.) The "ci": False
+# ones (the other pipeline schedules, MoE under ep, ladder) run under `make parity`.
 MTP_JOBS = [
     {"name": "mtp_tp2", "family": "mtp", "layout": TP2},
     {"name": "mtp_tp2_fused_zloss", "family": "mtp", "layout": TP2, "kw": {"fused_loss": True, "z_loss": 0.01}},
@@ -81,12 +82,19 @@ MTP_JOBS = [
     {"name": "mtp_pp2_1f1b", "family": "mtp", "layout": {"pp": 2, "pp_schedule": "1f1b"}},
     {"name": "mtp_tp2_sp", "family": "mtp", "layout": SP,
      "refuse": "model.mtp_depth: not supported with parallel.sequence_parallel"},
+    {"ci": False, "name": "mtp_pp2_interleaved", "family": "mtp",
+     "layout": {"pp": 2, "pp_schedule": "interleaved_1f1b", "pp_virtual_stages": 2}},
+    {"ci": False, "name": "mtp_pp2_zbv", "family": "mtp", "layout": {"pp": 2, "pp_schedule": "zbv"}},
+    {"ci": False, "name": "mtp_moe_ep2", "family": "mtp_moe", "layout": EP2},
+    {"ci": False, "name": "mtp_ladder_tp2", "family": "mtp", "model": {"residual": "ladder"}, "layout": TP2},
 ]
 
 
-def mtp_jobs() -> list[dict]:
+def mtp_jobs(ci: bool = True) -> list[dict]:
+    """The MTP jobs (``ci``: only those CI runs; the others, ``"ci": False``, run under
+    ``make parity`` from tests/test_mtp.py: tens of seconds each, too slow for CI)."""
     return [{**j, "layout": {"dp_shard": 1, **j["layout"]}, "world": world_of({"dp_shard": 1, **j["layout"]})}
-            for j in MTP_JOBS]
+            for j in MTP_JOBS if not ci or j.get("ci", True)]
 
 
 def layout_of(elements: tuple[str, ...]) -> dict:

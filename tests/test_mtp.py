@@ -236,3 +236,56 @@ def test_last_stage_without_attention_still_gets_rope():
     got = last(*first(x, doc_ids=doc_ids, mtp_labels=labels), doc_ids=doc_ids, mtp_labels=labels)
     assert torch.equal(want, got)
     assert torch.equal(full.mtp_depth_losses[0], last.mtp_depth_losses[0])
+
+
+MORE_LAYOUTS = None  # the "ci": False MTP jobs of tests/parity_matrix.py (filled on first use)
+
+
+def _more_layouts() -> list[dict]:
+    global MORE_LAYOUTS
+    if MORE_LAYOUTS is None:
+        import sys
+
+        from conftest import ROOT
+
+        sys.path.insert(0, str(ROOT / "tests"))
+        import parity_matrix
+
+        ci = {j["name"] for j in parity_matrix.mtp_jobs()}
+        MORE_LAYOUTS = [j for j in parity_matrix.mtp_jobs(ci=False) if j["name"] not in ci]
+    return MORE_LAYOUTS
+
+
+@pytest.fixture(scope="module")
+def more_layout_results(parity_tokens, tmp_path_factory, request):
+    import parity
+    from torchrun_jobs import run_jobs
+
+    wanted = {item.callspec.params.get("name") for item in request.session.items if hasattr(item, "callspec")}
+    refs = parity.References(tmp_path_factory.mktemp("mtp_refs"), parity_tokens)
+    jobs = [{**j, "tokens": refs.tokens, "ref": str(refs.path(j))} for j in _more_layouts() if j["name"] in wanted]
+    out = {}
+    for world in sorted({j["world"] for j in jobs}):
+        batch = [j for j in jobs if j["world"] == world]
+        out.update(run_jobs("parity_worker.py", world, batch, tmp_path_factory.mktemp("mtp_more"),
+                            timeout=120 + 240 * len(batch)))
+    return refs, out
+
+
+@pytest.mark.parity
+@pytest.mark.timeout(2400)
+@pytest.mark.parametrize("name", [j["name"] for j in _more_layouts()])
+def test_mtp_more_layouts_match_one_process(more_layout_results, name):
+    """``make parity``: MTP under the interleaved and zero-bubble pipeline schedules, a
+    DeepSeek-V3-shaped MoE model with an MoE MTP block under ep=2, and ladder residual
+    under tp=2: per-step loss, every step-1 gradient by name (the MTP modules' among them)
+    and the final weights match one process (tests/parity.py's tolerances)."""
+    import parity
+
+    refs, results = more_layout_results
+    job = next(j for j in _more_layouts() if j["name"] == name)
+    res = results[name]
+    assert "refused" not in res, f"{name}: the trainer refused {job['layout']}: {res['refused']}"
+    assert "error" not in res, res.get("trace", res)
+    parity.check(name, res, refs.floor(job))
+    assert any(k.startswith("mtp.0.") for k in refs.ref(job)["grads"])
