@@ -78,7 +78,7 @@ def bench_one(name: str, data: Path, out: Path, args, cpu: list[float]) -> dict:
     tokens = args.batch * args.seq
     return {"preset": name, "pattern": cfg.model.pattern, "params": summary["params"],
             "step_ms": 1000 * step, "tokens_per_s": tokens / step, "wall_step_ms": 1000 * wall_step,
-            "first_loss": recs[0]["loss"], "last_loss": summary["final_train_loss"], "wall_s": wall}
+            "first_loss": recs[0]["loss"], "last_loss": recs[-1]["loss"], "wall_s": wall}
 
 
 def table(rows: list[dict], args) -> str:
