@@ -193,7 +193,8 @@ class TokenBatches(RowCursor):
             block = read_block(self.sources[s].store, b)
             self._blocks[key] = block
             self.read_stats["blocks"] += 1
-            self.read_stats["bytes"] += int(np.asarray(block).nbytes)
+            # a lazy block (Megatron reader) reads on slicing: only materialised blocks count
+            self.read_stats["bytes"] += int(block.nbytes) if isinstance(block, np.ndarray) else 0
             if len(self._blocks) > _BLOCK_CACHE:
                 self._blocks.popitem(last=False)
         else:
