@@ -66,6 +66,13 @@ FAMILIES = {
                                           n_groups=4, topk_groups=2, n_shared_experts=1,
                                           bias_update_rate=1e-3, aux_loss_coef=1e-4, z_loss_coef=0.0),
                     mtp_depth=1, mtp_pattern="*E"),
+    # Qwen3-Next-shaped: Gated DeltaNet and gated attention (q/k norm, partial RoPE), each
+    # followed by softmax-routed experts with a sigmoid-gated shared expert
+    "qwen3_next": dict(pattern="GE*E", n_layers=1, qk_norm=True, attn_output_gate=True,
+                       partial_rotary_factor=0.5,
+                       gdn=dict(n_heads=2, n_v_heads=4, head_k_dim=16, head_v_dim=16, chunk_size=32),
+                       moe=dict(n_experts=8, top_k=2, ffn_hidden=32, n_shared_experts=1,
+                                shared_expert_gate=True, aux_loss_coef=1e-2, z_loss_coef=1e-3)),
 }
 # parallelize options that do not change the computed numbers (share the reference)
 NUMERICS_FREE = ("ac", "ac_every", "compile")

@@ -67,6 +67,10 @@ EXTRAS = [
     {"name": "mla_pp2", "family": "mla", "layout": {"pp": 2, "dp_shard": 1}},
     {"ci": False, "name": "mla_ladder_tp2", "family": "mla", "model": {"residual": "ladder"}, "layout": TP2},
     {"name": "attn_opts_tp2_sp", "family": "attn_opts", "layout": SP},
+    # Qwen3-Next shape (G + gated attention + MoE with a gated shared expert): experts over ep,
+    # heads over tp
+    {"ci": False, "name": "qwen3_next_ep2", "family": "qwen3_next", "layout": EP2},
+    {"ci": False, "name": "qwen3_next_tp2_ep2", "family": "qwen3_next", "layout": {**EP2, **TP2, "dp_shard": 2}},
     {"ci": False, "name": "attn_opts_tp4_replicated_kv", "family": "attn_opts", "layout": {"tp": 4, "dp_shard": 1}},
 ]
 
