@@ -23,7 +23,7 @@ import pytest
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "tests"))
-import cp_parity as P  # noqa: E402
+import cp_parity  # noqa: E402
 from torchrun_jobs import job_result, run_jobs  # noqa: E402
 
 TOL = 1e-5
@@ -36,7 +36,7 @@ FUSED = {"fused_loss": True, "z_loss": Z_LOSS, "compile": True}
 @pytest.fixture(scope="module")
 def work(tiny_dataset, tmp_path_factory):
     work = tmp_path_factory.mktemp("cp_compose")
-    P.write_tokens(tiny_dataset, work / "tokens.pt")
+    cp_parity.write_tokens(tiny_dataset, work / "tokens.pt")
     return work
 
 
@@ -46,9 +46,9 @@ def _launch(work, job: dict, ref_kw: dict) -> dict:
 
     torch.set_num_threads(1)
     data = torch.load(work / "tokens.pt")
-    torch.save({"ref": P.train(data, {}, "dense", P.STEPS, kw=ref_kw)}, work / f"ref_{job['name']}.pt")
+    torch.save({"ref": cp_parity.train(data, {}, "dense", cp_parity.STEPS, kw=ref_kw)}, work / f"ref_{job['name']}.pt")
     spec = [{"kind": "train", "tokens": str(work / "tokens.pt"), "ref": str(work / f"ref_{job['name']}.pt"),
-             "steps": P.STEPS, "model": "dense", "ref_key": "ref", **job}]
+             "steps": cp_parity.STEPS, "model": "dense", "ref_key": "ref", **job}]
     return job_result(run_jobs("test_cp_worker.py", 2, spec, work, timeout=1500), job["name"])
 
 
@@ -60,12 +60,12 @@ def test_cp_fused_zloss_compile_matches_one_process(work):
     res = _launch(work, {"name": "cp2_fused_zloss_compile", "layout": CP2, "kw": FUSED}, {"z_loss": Z_LOSS})
     data = torch.load(work / "tokens.pt")
     ref = torch.load(work / "ref_cp2_fused_zloss_compile.pt")["ref"]
-    floor = P.compare(P.train(data, {}, "dense", P.STEPS, kw=FUSED, floor=True), ref)
+    floor = cp_parity.compare(cp_parity.train(data, {}, "dense", cp_parity.STEPS, kw=FUSED, floor=True), ref)
     tol = {k: max(TOL, 10 * floor[k]) for k in ("loss_diff", "grads_rel", "weights_diff")}
     print(f"cp2 fused+z-loss+compile: loss {res['loss_diff']:.2e} (floor {floor['loss_diff']:.2e}), "
           f"grads rel {res['grads_rel']:.2e} (floor {floor['grads_rel']:.2e}), weights "
           f"{res['weights_diff']:.2e} (floor {floor['weights_diff']:.2e})")
-    assert len(res["loss"]) == P.STEPS and len(res["names"]) > 10
+    assert len(res["loss"]) == cp_parity.STEPS and len(res["names"]) > 10
     assert res["loss"][-1] < res["loss"][0] - 0.5, res["loss"]  # it learns the text
     for key, t in tol.items():
         assert res[key] <= t, (key, res[key], t)
@@ -77,7 +77,7 @@ def test_cp_bf16_close_to_fp32_but_not_equal(work):
                          "probe_reduce": True}, {})
     print(f"cp2 bf16: loss rel {res['loss_rel']:.2e}, grads rel (L2) {res['grads_l2']:.2e}, "
           f"weights {res['weights_diff']:.2e} (u = {BF16_U:.2e}); reduce {res['reduce_dtypes']}")
-    assert len(res["loss"]) == P.STEPS and len(res["names"]) > 10
+    assert len(res["loss"]) == cp_parity.STEPS and len(res["names"]) > 10
     assert res["loss"][-1] < res["loss"][0] - 0.5, res["loss"]
     assert res["loss_rel"] <= BF16_U and res["grads_l2"] <= 8 * BF16_U, res
     assert res["grads_l2"] > 100 * TOL, res  # bf16 compute really ran

@@ -19,7 +19,7 @@ import pytest
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "tests"))
-import cp_parity as P  # noqa: E402
+import cp_parity  # noqa: E402
 from torchrun_jobs import job_result, run_jobs  # noqa: E402
 
 TOL = 1e-5
@@ -37,17 +37,17 @@ FLOOR_CHUNK = 20  # the recurrent scan's chunk size in the floor run (48 in the 
 def _floor_model(name: str) -> str:
     """A copy of model ``name`` whose recurrent scan uses another chunk size."""
     key = f"{name}@chunk{FLOOR_CHUNK}"
-    if key not in P.MODELS:
-        kw = copy.deepcopy(P.MODELS[name])
+    if key not in cp_parity.MODELS:
+        kw = copy.deepcopy(cp_parity.MODELS[name])
         kw["gdn" if "gdn" in kw else "mamba"]["chunk_size"] = FLOOR_CHUNK
-        P.MODELS[key] = kw
+        cp_parity.MODELS[key] = kw
     return key
 
 
 @pytest.fixture(scope="module")
 def work(tiny_dataset, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cp_sp_rec")
-    P.write_tokens(tiny_dataset, tmp / "tokens.pt")
+    cp_parity.write_tokens(tiny_dataset, tmp / "tokens.pt")
     return tmp
 
 
@@ -59,13 +59,13 @@ def _launch(work, jobs: dict) -> tuple[dict, dict]:
     data = torch.load(work / "tokens.pt")
     refs, floors = {}, {}
     for m in sorted({j["model"] for js in jobs.values() for j in js}):
-        refs[m] = P.train(data, {}, m, P.STEPS)
-        floors[m] = P.compare(P.train(data, {}, _floor_model(m), P.STEPS, floor=True), refs[m])
+        refs[m] = cp_parity.train(data, {}, m, cp_parity.STEPS)
+        floors[m] = cp_parity.compare(cp_parity.train(data, {}, _floor_model(m), cp_parity.STEPS, floor=True), refs[m])
     torch.save(refs, work / "ref.pt")
     out = {}
     for n, js in jobs.items():
         spec = [{"kind": "train", "tokens": str(work / "tokens.pt"), "ref": str(work / "ref.pt"),
-                 "steps": P.STEPS, **j} for j in js]
+                 "steps": cp_parity.STEPS, **j} for j in js]
         out.update(run_jobs("test_cp_worker.py", n, spec, work, timeout=1500))
     return out, floors
 
@@ -85,7 +85,7 @@ def _check(res: dict, floor: dict, name: str) -> None:
     print(f"{name}: loss {res['loss_diff']:.2e} (floor {floor['loss_diff']:.2e}), grads rel "
           f"{res['grads_rel']:.2e} (floor {floor['grads_rel']:.2e}), weights {res['weights_diff']:.2e} "
           f"(floor {floor['weights_diff']:.2e})")
-    assert len(res["loss"]) == P.STEPS and len(res["names"]) > 10
+    assert len(res["loss"]) == cp_parity.STEPS and len(res["names"]) > 10
     assert res["loss"][-1] < res["loss"][0] - 0.5, res["loss"]  # it learns the text
     for key, t in tol.items():
         assert res[key] <= t, (name, key, res[key], t)
