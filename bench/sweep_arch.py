@@ -20,8 +20,8 @@ A step costs ~0.06 s of one core, so the whole sweep trains in ~4 CPU-minutes; o
 machine (load 8-35) its wall time was 36 minutes. Zoology trains far longer: here the dense
 model gets above chance and above 1/4 (it looks values up) but does not solve the task (longer
 dense runs: recall 0.35 after 200 x 64 sequences, 0.37 after 600 x 64, 0.35 after 1,500 x 32,
-loss stuck near ln 4),
-so the table compares how fast each architecture learns recall, not what it can finally store.
+loss stuck near ln 4), so the table compares how fast each architecture learns recall, not
+what it can finally store.
 The previous setting (32 tokens, V 64, 4 pairs) left every model near chance.
 
 Writes ``<out>/table.md``, ``sweep_arch.json``/``.csv`` and ``sweep_arch.png`` (and copies them
