@@ -113,7 +113,8 @@ def layout_of(elements: tuple[str, ...]) -> dict:
 
 
 def world_of(layout: dict) -> int:
-    return layout.get("dp_replicate", 1) * layout["dp_shard"] * layout.get("tp", 1) * layout.get("pp", 1)
+    return (layout.get("dp_replicate", 1) * layout["dp_shard"] * layout.get("tp", 1) * layout.get("pp", 1)
+            * layout.get("cp", 1))
 
 
 def expected_refusal(layout: dict, family: str = "dense") -> str | None:
@@ -145,7 +146,30 @@ def all_jobs() -> list[dict]:
     """The whole matrix (``make parity``): the DeepSeek-style MoE joins for layouts with ep."""
     jobs = [_job(f, c) for f in FAMILY_ORDER for c in combos(f)]
     jobs += [_job("deepseek", c) for c in combos("deepseek") if "ep" in c]
-    return jobs + extras()
+    return jobs + extras() + cp_jobs()
+
+
+# Context parallelism (cp2, ring attention) alone and paired with every element, per family,
+# at the harness's 128-token rows: ``make parity`` only ("ci": False; CI's cp coverage is
+# tests/test_context_parallel.py at 1024 tokens). Kept out of ELEMENTS so that ci_jobs and
+# its every-pair check stay as they are.
+CP = {"cp": 2}
+
+
+def cp_jobs() -> list[dict]:
+    """``FAMILY__cp`` and ``FAMILY__cp+ELEMENT`` (ep ones for the MoE families), with the
+    trainer's refusal where it gives one."""
+    out = []
+    for fam in FAMILY_ORDER + ("deepseek",):
+        for c in [()] + [(e,) for e in ELEMENTS if e != "ep" or fam in MOE_FAMILIES]:
+            if fam == "deepseek" and c != ("ep",):
+                continue  # as in all_jobs: DeepSeek routing joins for ep
+            layout = {**layout_of(c), **CP}
+            job = {"ci": False, "name": f"{fam}__{'+'.join(('cp',) + c)}", "family": fam, "layout": layout,
+                   "world": world_of(layout)}
+            refusal = expected_refusal(layout, fam)
+            out.append({**job, "refuse": refusal} if refusal else job)
+    return out
 
 
 def extras(ci: bool = False) -> list[dict]:
