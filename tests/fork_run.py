@@ -25,12 +25,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _rank(mod, rank: int, n: int, store: Path, spec: str, out: str) -> None:
+def _rank(mod, rank: int, n: int, store: Path, spec: str, out: str, parent: int) -> None:
     """Child side: never returns (``os._exit``: the parent's exit handlers must not run)."""
     code = 1
     try:
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:  # the parent died before prctl took effect
+        if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(n), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(n),
                           JOBS_INIT_METHOD=f"file://{store}?rank={rank}&world_size={n}")
@@ -55,11 +55,11 @@ def main(n: int, worker: str, spec: str, out: str) -> int:
     store.unlink(missing_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
-    pids = []
+    pids, parent = [], os.getpid()
     for r in range(n):
         pid = os.fork()
         if pid == 0:
-            _rank(mod, r, n, store, spec, out)
+            _rank(mod, r, n, store, spec, out, parent)
         pids.append(pid)
     code = 0
     live = set(pids)
