@@ -1,4 +1,5 @@
-"""Worker for the context-parallel tests (run under torchrun; holds no tests itself).
+"""Worker for the context-parallel tests (ranks forked by tests/fork_run.py, or under torchrun;
+holds no tests itself).
 
 Jobs: ``attn`` compares ring / all-to-all attention (forward and every input gradient)
 with single-process attention on the whole sequence; ``train`` runs a layout for a few

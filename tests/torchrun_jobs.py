@@ -47,7 +47,7 @@ def run_jobs(worker: str, nproc: int, jobs: list[dict], tmp: Path, timeout: floa
         {"wall": round(time.perf_counter() - t0, 2), "cpu": round(_children_cpu() - cpu0, 2)}))
     if code == 0 and out.is_file():
         return json.loads(out.read_text())
-    why = f"torchrun exited with {code} ({log}):\n{failures(log.read_text())}"
+    why = f"{'fork_run' if fork else 'torchrun'} exited with {code} ({log}):\n{failures(log.read_text())}"
     if not partial:
         raise AssertionError(why)
     done = Path(f"{out}.partial")
