@@ -5,7 +5,8 @@ parallel), ``pp`` (each schedule) and ``ep`` (carved out of ``dp_shard``, so it 
 :func:`all_jobs` is every element alone (2 ranks), every pair of elements of different
 dimensions (4 ranks) and a set of 3-D/4-D combinations (8 ranks), for each architecture
 family of ``parity.FAMILIES`` (``ep`` only for MoE families: it shards experts), plus the
-named variants (:data:`EXTRAS`). Layouts the trainer cannot run carry the message it must
+named variants (:data:`EXTRAS`) and cp2 alone and with each element (:func:`cp_jobs`,
+``make parity`` only). Layouts the trainer cannot run carry the message it must
 refuse them with (:func:`expected_refusal`). :func:`ci_jobs` is the subset CI runs: every
 element and every pair once (families in rotation) and every family, plus the extras.
 """
