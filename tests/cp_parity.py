@@ -133,20 +133,27 @@ def blockwise_attention(runner) -> None:
 
 
 def train(data: dict, layout: dict, model: str, steps: int, kw: dict | None = None,
-          floor: bool = False, probe=None) -> dict:
+          floor: bool = False, probe=None, save: tuple[str, int] | None = None) -> dict:
     """Loss per step, gradients after step 1 and final weights (full tensors by name).
-    ``probe``: a ``parity_worker.ReduceDtypes`` recording step 1's gradient reduce dtypes."""
+    ``probe``: a ``parity_worker.ReduceDtypes`` recording step 1's gradient reduce dtypes;
+    ``save = (dir, step)``: also checkpoint into ``dir`` after ``step`` steps (the resume
+    tests load it: the run goes on unchanged, no second run just to write it)."""
+    import time
+
+    t0 = time.process_time()
     runner, opt, world = build(layout, model, kw or {})
     if floor:
         blockwise_attention(runner)
-    losses, grads = [], None
+    losses, grads, times = [], None, {"build": time.process_time() - t0, "gather": 0.0}
     for step in range(steps):
         if probe is not None:
             probe.active = step == 0
         loss = runner.forward_backward(batches(data, step, world.dp_rank, world.dp_size))
         losses.append(runner.reduce_loss(loss))
         if step == 0:
+            t1 = time.process_time()
             grads = named(runner.parts, grads=True)
+            times["gather"] += time.process_time() - t1
             if probe is not None:  # and the gradients handed to the optimizer
                 probe.seen.update(f"grad:{p.grad.dtype}" for part in runner.parts
                                   for p in part.parameters() if p.grad is not None)
@@ -154,13 +161,21 @@ def train(data: dict, layout: dict, model: str, steps: int, kw: dict | None = No
         opt.step()
         opt.zero_grad(set_to_none=True)
         runner.after_optimizer_step()
-    return {"loss": losses, "grads": grads, "weights": named(runner.parts, grads=False)}
+        if save is not None and step + 1 == save[1]:
+            from pretrain import checkpoint as ckpt
+
+            ckpt.save_checkpoint(save[0], save[1], runner.parts, opt, {"step": save[1]}, world, "x: 1\n")
+    t1 = time.process_time()
+    weights = named(runner.parts, grads=False)
+    times["gather"] += time.process_time() - t1
+    times["steps"] = time.process_time() - t0 - times["build"] - times["gather"]
+    return {"loss": losses, "grads": grads, "weights": weights, "cpu": times}
 
 
 def compare(got: dict, ref: dict) -> dict:
     """Largest loss difference and largest gradient / weight differences (absolute, and
     relative to the largest reference entry of the same tensor) over this rank's tensors."""
-    out = {"loss": got["loss"], "names": sorted(got["grads"])}
+    out = {"loss": got["loss"], "names": sorted(got["grads"]), "cpu": got.get("cpu")}
     out["loss_diff"] = max(abs(a - b) for a, b in zip(got["loss"], ref["loss"]))
     # the parity harness's relative measures (tests/parity.py: bf16 tolerances are in these)
     out["loss_rel"] = max(abs(a - b) / abs(b) for a, b in zip(got["loss"], ref["loss"]))
@@ -176,25 +191,28 @@ def compare(got: dict, ref: dict) -> dict:
     return out
 
 
-def reference(tokens: str, model: str) -> tuple[dict, dict]:
+def reference(tokens: str, model: str, save: tuple[str, int] | None = None) -> tuple[dict, dict]:
     """One process: the reference run of ``model`` and its noise floor (the same run with
-    attention summed in the ring's block order) as ``(ref, floor numbers)``."""
+    attention summed in the ring's block order) as ``(ref, floor numbers)``; ``save``: see
+    :func:`train`."""
     torch.set_num_threads(1)
     data = torch.load(tokens)
-    ref = train(data, {}, model, STEPS)
+    ref = train(data, {}, model, STEPS, save=save)
     return ref, compare(train(data, {}, model, STEPS, floor=True), ref)
 
 
-def references(tokens: str, models: list[str], workers: int = 2) -> dict:
+def references(tokens: str, models: list[str], workers: int = 2, save: dict | None = None) -> dict:
     """``{model: (ref, floor)}``, ``workers`` models at a time (one thread each: the
-    machine's cores would otherwise idle while one process runs)."""
+    machine's cores would otherwise idle while one process runs); ``save``: ``{model: (dir,
+    step)}``, checkpoints the reference runs write on the way (see :func:`train`)."""
+    save = save or {}
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     if len(models) < 2:
-        return {m: reference(tokens, m) for m in models}
+        return {m: reference(tokens, m, save.get(m)) for m in models}
     with ProcessPoolExecutor(min(workers, len(models)), mp_context=mp.get_context("spawn")) as ex:
-        futures = {m: ex.submit(reference, tokens, m) for m in models}
+        futures = {m: ex.submit(reference, tokens, m, save.get(m)) for m in models}
         return {m: f.result() for m, f in futures.items()}
 
 
@@ -208,7 +226,8 @@ def train_job(job: dict) -> dict:
 
         probe = ReduceDtypes()
     try:
-        got = train(data, job["layout"], model, job.get("steps", STEPS), job.get("kw"), probe=probe)
+        got = train(data, job["layout"], model, job.get("steps", STEPS), job.get("kw"), probe=probe,
+                    save=(job["save_dir"], job["save_at"]) if job.get("save_dir") else None)
     finally:
         if probe is not None:
             probe.restore()

@@ -5,7 +5,8 @@ parallel), ``pp`` (each schedule) and ``ep`` (carved out of ``dp_shard``, so it 
 :func:`all_jobs` is every element alone (2 ranks), every pair of elements of different
 dimensions (4 ranks) and a set of 3-D/4-D combinations (8 ranks), for each architecture
 family of ``parity.FAMILIES`` (``ep`` only for MoE families: it shards experts), plus the
-named variants (:data:`EXTRAS`). Layouts the trainer cannot run carry the message it must
+named variants (:data:`EXTRAS`) and cp2 alone and with each element (:func:`cp_jobs`,
+``make parity`` only). Layouts the trainer cannot run carry the message it must
 refuse them with (:func:`expected_refusal`). :func:`ci_jobs` is the subset CI runs: every
 element and every pair once (families in rotation) and every family, plus the extras.
 """
@@ -113,7 +114,8 @@ def layout_of(elements: tuple[str, ...]) -> dict:
 
 
 def world_of(layout: dict) -> int:
-    return layout.get("dp_replicate", 1) * layout["dp_shard"] * layout.get("tp", 1) * layout.get("pp", 1)
+    return (layout.get("dp_replicate", 1) * layout["dp_shard"] * layout.get("tp", 1) * layout.get("pp", 1)
+            * layout.get("cp", 1))
 
 
 def expected_refusal(layout: dict, family: str = "dense") -> str | None:
@@ -145,7 +147,30 @@ def all_jobs() -> list[dict]:
     """The whole matrix (``make parity``): the DeepSeek-style MoE joins for layouts with ep."""
     jobs = [_job(f, c) for f in FAMILY_ORDER for c in combos(f)]
     jobs += [_job("deepseek", c) for c in combos("deepseek") if "ep" in c]
-    return jobs + extras()
+    return jobs + extras() + cp_jobs()
+
+
+# Context parallelism (cp2, ring attention) alone and paired with every element, per family,
+# at the harness's 128-token rows: ``make parity`` only ("ci": False; CI's cp coverage is
+# tests/test_context_parallel.py at 1024 tokens). Kept out of ELEMENTS so that ci_jobs and
+# its every-pair check stay as they are.
+CP = {"cp": 2}
+
+
+def cp_jobs() -> list[dict]:
+    """``FAMILY__cp`` and ``FAMILY__cp+ELEMENT`` (ep ones for the MoE families), with the
+    trainer's refusal where it gives one."""
+    out = []
+    for fam in FAMILY_ORDER + ("deepseek",):
+        for c in [()] + [(e,) for e in ELEMENTS if e != "ep" or fam in MOE_FAMILIES]:
+            if fam == "deepseek" and c != ("ep",):
+                continue  # as in all_jobs: DeepSeek routing joins for ep
+            layout = {**layout_of(c), **CP}
+            job = {"ci": False, "name": f"{fam}__{'+'.join(('cp',) + c)}", "family": fam, "layout": layout,
+                   "world": world_of(layout)}
+            refusal = expected_refusal(layout, fam)
+            out.append({**job, "refuse": refusal} if refusal else job)
+    return out
 
 
 def extras(ci: bool = False) -> list[dict]:

@@ -27,7 +27,7 @@ CP2 = {"cp": 2, "dp_shard": 1}
 SP = {**CP2, "tp": 2, "sequence_parallel": True}
 JOBS = {4: [{"name": "cp2_tp2_sp_hybrid", "layout": SP, "model": "hybrid"},  # CI
             {"name": "cp2_tp2_sp_gdn", "layout": SP, "model": "gdn"}]}
-# pytest -m parity (``P`` at cp2 alone is test_context_parallel's parity job cp2_heads)
+# pytest -m parity (``P`` at cp2 alone is test_context_parallel's CI job cp2_heads)
 PARITY_JOBS = {2: [{"name": "cp2_gdn", "layout": CP2, "model": "gdn"}],
                4: [{"name": "cp4_gdn", "layout": {"cp": 4, "dp_shard": 1}, "model": "gdn"},
                    {"name": "cp2_tp2_sp_heads", "layout": SP, "model": "heads"}]}

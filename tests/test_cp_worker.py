@@ -1,4 +1,5 @@
-"""Worker for the context-parallel tests (run under torchrun; holds no tests itself).
+"""Worker for the context-parallel tests (ranks forked by tests/fork_run.py, or under torchrun;
+holds no tests itself).
 
 Jobs: ``attn`` compares ring / all-to-all attention (forward and every input gradient)
 with single-process attention on the whole sequence; ``train`` runs a layout for a few
@@ -76,9 +77,24 @@ def run_job(job: dict) -> dict:
     return resume_job(job) if job["kind"] == "resume" else train_job(job)
 
 
-if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT / "tests"))
+def preload() -> None:
+    """What the jobs import (tests/fork_run.py imports it once before forking the ranks)."""
+    import cp_parity  # noqa: F401
+    import kernels.reference  # noqa: F401
+    import parallel.context_parallel  # noqa: F401
+    import parallel.ring_attention  # noqa: F401
+    import pretrain.checkpoint  # noqa: F401
+    import pretrain.optim  # noqa: F401
+    from models.transformer import build_model  # noqa: F401
+
+
+def main(spec: str, out: str) -> None:
     from torchrun_jobs import serve_jobs
 
+    serve_jobs(run_job, spec, out)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT / "tests"))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    serve_jobs(run_job, sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2])
