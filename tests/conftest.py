@@ -61,3 +61,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# The longest modules (one torchrun launch for many layouts) start first, so that under
+# `make test`'s xdist workers (a module stays on one worker) neither waits for them at the end.
+LONGEST_FIRST = ("test_parity.py", "test_context_parallel.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: otherwise as collected
