@@ -16,8 +16,11 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/pretrain demo
 
+# Test files run on TEST_WORKERS pytest-xdist workers (a file stays on one worker: its
+# module fixtures launch torchrun once); most tests leave a core idle on their own.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The whole layout matrix: every pair of parallel dimensions x every architecture family.
 parity: $(STAMP)

@@ -14,11 +14,14 @@ order. Each process opens a given (remote, local, split) once and then reuses it
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
+import tempfile
 import urllib.parse
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,12 +89,38 @@ class Dataset:
         return str(Path(self.local) / ("tokenizer.json" if "tokenizer.json" in names else names[0]))
 
 
+@contextmanager
+def _one_registration_per_node():
+    """Serialise ``StreamingDataset`` openings of all jobs on this node.
+
+    streaming picks a node-wide shared-memory prefix by scanning for the first free one; the
+    local leader then registers it between two barriers, and the other ranks look it up with the
+    prefix they scanned. Two jobs opening at once can scan the same free prefix, and the other
+    job's ranks then fail ("shared memory registered does not match local leader"). The local
+    leader holds a node-wide file lock until its registration is done, and every rank of the job
+    waits for it (one barrier) before scanning, so each scan sees the earlier job's prefix."""
+    import torch.distributed as dist
+
+    lock = None
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        lock = open(os.path.join(tempfile.gettempdir(), "pretrain_streaming_prefix.lock"), "a")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        yield
+    finally:
+        if lock is not None:
+            lock.close()  # releases the lock
+
+
 def _open_streaming(ds: Dataset, split: str):
     from streaming import StreamingDataset
 
     try:
-        sd = StreamingDataset(remote=ds.remote, local=ds.local, split=split, shuffle=False,
-                              predownload=None, batch_size=None)
+        with _one_registration_per_node():
+            sd = StreamingDataset(remote=ds.remote, local=ds.local, split=split, shuffle=False,
+                                  predownload=None, batch_size=None)
     except ValueError as e:
         if "Reused local directory" in str(e):
             raise UserError(
