@@ -1,6 +1,6 @@
 """Worker of the parity harness (tests/parity.py); run under torchrun, holds no tests.
 
-``python -m torch.distributed.run --nproc_per_node N tests/parity_worker.py SPEC OUT`` runs
+``python tests/fork_run.py N parity_worker.py SPEC OUT`` (or under torchrun) runs
 every job of SPEC on one process group (tests/torchrun_jobs.py) and rank 0 writes, per job,
 its parity numbers against the job's cached one-process reference (``job["ref"]``), or
 ``{"refused": message}`` when the trainer's layout check refused the job (a UserError), or the error.
@@ -81,6 +81,14 @@ def run_parity(job: dict) -> dict:
         want = torch.load(job["ref"])["ref"]
         out.update(parity.compare(got, want))
     return out
+
+
+def preload() -> None:
+    """What the jobs import (tests/fork_run.py imports it once before forking the ranks)."""
+    import parallel  # noqa: F401
+    import pretrain.layout_check  # noqa: F401
+    import pretrain.optim  # noqa: F401
+    from models.transformer import build_model  # noqa: F401
 
 
 def main(spec_path: str, out_path: str) -> None:

@@ -44,7 +44,7 @@ def launch(jobs: list[dict], refs: parity.References, tmp) -> dict:
         # compiled tp sublayer ("device_mesh._get_submesh is not an OpOverload"; known gap)
         batch.sort(key=lambda j: not j.get("kw", {}).get("compile"))
         out.update(run_jobs("parity_worker.py", world, batch, tmp, timeout=120 + SECONDS_PER_JOB[world] * len(batch),
-                            partial=True))
+                            partial=True, fork=True))
     return out
 
 
