@@ -1,4 +1,4 @@
-"""``pretrain plan CONFIG --gpus N --gpu-type h100``: predict per-rank memory and step time of
+"""``pretrain plan CONFIG [--gpus N] [--gpu-type h100]``: predict per-rank memory and step time of
 parallel layouts before spending GPU hours, and rank the layouts that fit.
 
 The cost model lives in ``pretrain/planner/``; this module is the command line.
@@ -22,8 +22,10 @@ def parser() -> Parser:
         prog="pretrain plan", description=__doc__.split("\n\n")[0],
         epilog="Extra --section.key=value arguments override the config, as for `pretrain train`.")
     p.add_argument("config", type=name(), help="YAML config or preset name")
-    p.add_argument("--gpus", type=integer(ge=1), required=True, help="world size (GPUs, or processes for cpu)")
-    p.add_argument("--gpu-type", default="h100", type=name(), help="h100 | a100 | h200 | b200 | cpu")
+    p.add_argument("--gpus", type=integer(ge=1), default=0,
+                   help="world size (GPUs, or processes for cpu); default: the config's hardware.gpus")
+    p.add_argument("--gpu-type", default=None, type=name(),
+                   help="h100 | a100 | h200 | b200 | cpu; default: the config's hardware.gpu_type")
     p.add_argument("--nodes", type=integer(ge=0, note="0: 8 GPUs per node"), default=0,
                    help="nodes the GPUs spread over (default: 8 per node)")
     p.add_argument("--gpus-per-node", type=integer(ge=0), default=0)
@@ -64,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         raise UserError(f"unexpected argument '{bad[0]}'")
     cfg = load_config(args.config, overrides)
+    # a preset names what it is sized for (its `hardware:` section); the flags override it
+    args.gpus = args.gpus or cfg.hardware.gpus
+    args.gpu_type = args.gpu_type or cfg.hardware.gpu_type
+    if not args.gpus:
+        raise UserError(f"--gpus: required ({args.config} names no hardware.gpus)")
     gpn = _gpus_per_node(args)
     dev = hw.get_device(args.gpu_type, gpn)
     recipe = project_recipe(cfg) if args.recipe == "project" else megatron_recipe()

@@ -152,6 +152,19 @@ def test_dry_run_reports_what_cannot_divide(capsys, args, needle):
     assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
 
 
+def test_plan_defaults_to_the_hardware_a_preset_names(capsys):
+    """A preset's `hardware:` section is what `pretrain plan` plans for unless flags say otherwise;
+    a config that names none needs --gpus (one error line)."""
+    assert cli.main(["plan", "gdn_hybrid", "--json"]) == 0
+    named = capsys.readouterr().out
+    assert cli.main(["plan", "gdn_hybrid", "--gpus", "8", "--gpu-type", "h100", "--json"]) == 0
+    assert capsys.readouterr().out == named and json.loads(named)["configured"]["fits"]
+    assert cli.main(["plan", "gdn_hybrid", "--gpus", "16", "--json"]) == 0
+    assert capsys.readouterr().out != named
+    assert cli.main(["plan", "tiny"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --gpus: required (tiny names no hardware.gpus)"
+
+
 def test_dry_run_error_through_the_cli_exits_2():
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     p = subprocess.run([sys.executable, "-m", "pretrain", "plan", "tiny", "--gpus", "6",
