@@ -427,6 +427,20 @@ def test_remote_source_is_cached_locally(dataset, tmp_path):
 
 # ---- several processes, as torchrun starts them ------------------------------------------------
 
+def _run_all(procs, timeout: float) -> None:
+    """Start ``procs``, wait for each up to ``timeout`` s, and kill any still alive (a hang fails fast)."""
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(timeout=timeout)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+
+
 def _rank_main(rank, world, port, paths, cache, out):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -455,16 +469,7 @@ def test_two_processes_read_local_and_remote_sources(dataset, dataset2, tmp_path
     ctx = torch.multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_rank_main, args=(r, 2, port, paths, str(tmp_path / "cache"), str(tmp_path)))
              for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(timeout=150)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+    _run_all(procs, timeout=150)
     assert [p.exitcode for p in procs] == [0, 0]
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert got[0]["state"] == got[1]["state"]
@@ -523,15 +528,6 @@ def test_two_jobs_on_one_node_open_datasets_at_once(dataset, dataset2, tmp_path)
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         procs += [ctx.Process(target=_open_at_once, args=(r, port, paths, start, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(timeout=180)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+    _run_all(procs, timeout=180)
     results = sorted(f.read_text() for f in tmp_path.iterdir() if f.is_file())
     assert results == ["ok"] * 4, results
