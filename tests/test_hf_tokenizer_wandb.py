@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import struct
+import time
 
 import pytest
 
@@ -93,6 +94,9 @@ def test_train_resume_wandb_generate_export_autotokenizer(hf_data, tmp_path):
     ov = {"logging.wandb": "true", "logging.wandb_mode": "offline", "logging.wandb_project": "proj",
           "logging.wandb_tags": "[hf, test]", "checkpoint.every": 2}
     train(load_config("tiny", tiny_overrides(hf_data, run, **{"train.steps": 3, **ov})))
+    # W&B names an offline run's folder by its start second and run id: a resume that starts
+    # in the same second as the first run would write into the first run's folder
+    time.sleep(1.1)
     train(load_config("tiny", tiny_overrides(hf_data, run, **{"train.steps": 5, "checkpoint.resume": "auto",
                                                                **ov})))
     runs, steps = wandb_history(run)

@@ -91,25 +91,48 @@ class Dataset:
 
 @contextmanager
 def _one_registration_per_node():
-    """Serialise ``StreamingDataset`` openings of all jobs on this node.
+    """Make ``StreamingDataset``'s shared-memory registration safe beside other jobs on the node.
 
     streaming picks a node-wide shared-memory prefix by scanning for the first free one; the
-    local leader then registers it between two barriers, and the other ranks look it up with the
-    prefix they scanned. Two jobs opening at once can scan the same free prefix, and the other
-    job's ranks then fail ("shared memory registered does not match local leader"). The local
-    leader holds a node-wide file lock until its registration is done, and every rank of the job
-    waits for it (one barrier) before scanning, so each scan sees the earlier job's prefix."""
+    local leader registers it between two barriers and the other ranks look it up with the
+    prefix *they* scanned. Two jobs opening at once scan the same free prefix, and memory
+    another job frees between two ranks' scans gives them different ones: either way a rank
+    fails ("File exists: '/000004_locals'", "prefix=85 was not registered by local leader").
+    So the local leader holds a node-wide file lock until its registration is done, and every
+    rank uses its node leader's scan (an all-gather) instead of its own."""
     import torch.distributed as dist
+    from streaming.base.shared import prefix as shm_prefix
 
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    distributed = dist.is_available() and dist.is_initialized()
     lock = None
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    if local_rank == 0:
         lock = open(os.path.join(tempfile.gettempdir(), "pretrain_streaming_prefix.lock"), "a")
         fcntl.flock(lock, fcntl.LOCK_EX)
+    scan = shm_prefix._check_and_find_retrying
+
+    def leaders_scan(*args, **kwargs):
+        mine = None
+        if local_rank == 0:
+            try:
+                mine = ("prefix", scan(*args, **kwargs))
+            except ValueError as e:  # a reused local directory: every rank raises it
+                mine = ("error", e)
+        got = [None] * dist.get_world_size()
+        dist.all_gather_object(got, mine)
+        kind, value = got[dist.get_rank() - local_rank]  # torchrun numbers a node's ranks contiguously
+        if kind == "error":
+            raise value
+        return value
+
+    if distributed:
+        shm_prefix._check_and_find_retrying = leaders_scan
     try:
-        if dist.is_available() and dist.is_initialized():
+        if distributed:
             dist.barrier()
         yield
     finally:
+        shm_prefix._check_and_find_retrying = scan
         if lock is not None:
             lock.close()  # releases the lock
 
