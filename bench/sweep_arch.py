@@ -29,6 +29,8 @@ same loop reaches recall 0.84 after 200 x 64 and 1.00 after 300 x 64 at lr 1e-3 
 but stays at 0.25 at lr 3e-3. The data and eval were checked and are as intended (keys at 0, 2,
 4, 6, values at 1, 3, 5, 7, queries at 8..14 with the paired value as the label at the query's
 own position, scored unshifted in training and eval; attention causal).
+With these defaults the dense reference (4 ``*-`` repeats, this script's trainer) reaches
+recall 0.999 (held-out MQAR loss 0.0073) in 28.6 CPU-seconds.
 The previous setting (32 tokens, V 64, 4 pairs) left every model near chance.
 
 Writes ``<out>/table.md``, ``sweep_arch.json``/``.csv`` and ``sweep_arch.png`` (and copies them
