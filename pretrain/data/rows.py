@@ -3,10 +3,12 @@ stream of rows, read a global batch at a time, each data-parallel rank its own s
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from pretrain.errors import UserError
 
 
-class RowCursor:
+class RowCursor(ABC):
     """The global batch at ``cursor`` is rows ``cursor .. cursor + global_batch - 1`` of the
     stream; data-parallel rank r reads its ``local_batch`` rows from ``cursor + r * local_batch``.
     ``next`` returns the subclass's ``local_at(cursor)`` and advances ``cursor`` by the global
@@ -28,8 +30,9 @@ class RowCursor:
         start = cursor + self.dp_rank * self.local_batch
         return range(start, start + self.local_batch)
 
+    @abstractmethod
     def batch_at(self, cursor: int) -> dict:
-        raise NotImplementedError
+        """This rank's rows (``rank_rows(cursor)``) of the global batch at ``cursor``."""
 
     def local_at(self, cursor: int) -> dict:
         """What this rank trains on at ``cursor`` (a subclass may read less than its rows)."""
